@@ -1,0 +1,85 @@
+# align — build, test and run on a fresh machine with nothing installed by hand.
+#
+#   make quickstart   the main job (see README)
+#   make test         every test, CPU only
+#   make bench        align against transformers on this machine
+#   make fixtures     regenerate the transformers parity fixtures (needs the venv)
+#
+# libtorch comes from PyTorch 2.11.0: the system python3 when it already has
+# that torch (the GPU machines), otherwise a project-local venv (.venv).
+
+SHELL := /bin/bash
+.ONESHELL:
+.SHELLFLAGS := -eu -o pipefail -c
+
+VENV    := .venv
+STAMPS  := .stamps
+TORCH_VERSION := 2.11.0
+CARGO   ?= cargo
+BIN     := target/release/align
+
+# Which python provides torch: recorded once in $(STAMPS)/python.
+HAVE_SYS_TORCH := $(shell python3 -c "import sys, torch; sys.exit(0 if torch.__version__.split('+')[0] == '$(TORCH_VERSION)' else 1)" >/dev/null 2>&1 && echo yes)
+ifeq ($(HAVE_SYS_TORCH),yes)
+PYTHON := $(shell command -v python3)
+else
+PYTHON := $(CURDIR)/$(VENV)/bin/python
+endif
+
+# Evaluated when a recipe runs, after $(STAMPS)/torch exists.
+export LIBTORCH = $(shell cat $(STAMPS)/libtorch 2>/dev/null)
+ORIG_LD_LIBRARY_PATH := $(LD_LIBRARY_PATH)
+export LD_LIBRARY_PATH = $(LIBTORCH)/lib:$(ORIG_LD_LIBRARY_PATH)
+export ALIGN_PYTHON := $(PYTHON)
+
+.PHONY: all build test quickstart bench fixtures pydeps fmt clippy clean
+
+all: build
+
+$(STAMPS)/torch:
+	mkdir -p $(STAMPS)
+	if [ "$(HAVE_SYS_TORCH)" != yes ]; then
+	  if ! $(PYTHON) -c "import torch" >/dev/null 2>&1; then
+	    echo ">> creating $(VENV) with torch==$(TORCH_VERSION) (about a minute, 4.6 GB)"
+	    python3 -m venv $(VENV)
+	    $(VENV)/bin/pip install --quiet --disable-pip-version-check torch==$(TORCH_VERSION)
+	  fi
+	fi
+	$(PYTHON) -c "import torch, os; print(os.path.dirname(torch.__file__))" 2>/dev/null > $(STAMPS)/libtorch
+	echo ">> libtorch: $$(cat $(STAMPS)/libtorch)"
+	touch $@
+
+# transformers (and numpy) for the reference side of benchmarks and fixtures only.
+$(STAMPS)/pydeps: $(STAMPS)/torch
+	$(PYTHON) -c "import transformers, numpy" >/dev/null 2>&1 || \
+	  $(PYTHON) -m pip install --quiet --disable-pip-version-check "transformers>=4.50" numpy
+	touch $@
+pydeps: $(STAMPS)/pydeps
+
+build: $(STAMPS)/torch
+	$(CARGO) build --release --bin align
+
+test: $(STAMPS)/torch
+	$(CARGO) test --release --workspace
+
+quickstart: build
+	mkdir -p runs/quickstart
+	$(BIN) tokenizer train --input recipes/data/tiny_corpus.txt --vocab-size 1024 --out runs/quickstart/tokenizer.json
+	$(BIN) init --preset tiny --tokenizer runs/quickstart/tokenizer.json --out runs/quickstart/model --seed 0
+	$(BIN) generate --model runs/quickstart/model --prompt "Reverse the word: gemma" --max-new-tokens 24 --device cpu --json
+
+bench: build $(STAMPS)/pydeps
+	$(BIN) bench generate --python $(PYTHON)
+
+fixtures: $(STAMPS)/pydeps
+	$(PYTHON) scripts/make_fixtures.py
+
+fmt:
+	$(CARGO) fmt --all
+
+clippy: $(STAMPS)/torch
+	$(CARGO) clippy --release --workspace --all-targets -- -D warnings
+
+clean:
+	$(CARGO) clean
+	rm -rf $(STAMPS) runs

@@ -1,0 +1,339 @@
+//! Hugging Face checkpoint directories: `config.json`, `model.safetensors` (or
+//! shards with `model.safetensors.index.json`), `tokenizer.json`,
+//! `tokenizer_config.json`, `generation_config.json`.
+//!
+//! Loading checks every tensor's name and shape against the model and names
+//! what is missing, unexpected or mis-shaped. Every file is written
+//! atomically (temp file + rename), and a whole directory is assembled beside
+//! its destination and renamed into place.
+
+use crate::chat::CHAT_TEMPLATE;
+use crate::config::GemmaConfig;
+use crate::model::Gemma;
+use crate::tokenizer::Tokenizer;
+use anyhow::{anyhow, bail, Context, Result};
+use safetensors::{Dtype, SafeTensors};
+use std::collections::{BTreeMap, HashMap};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use tch::{nn, Device, Kind, Tensor};
+
+pub const CONFIG: &str = "config.json";
+pub const WEIGHTS: &str = "model.safetensors";
+pub const WEIGHTS_INDEX: &str = "model.safetensors.index.json";
+pub const TOKENIZER: &str = "tokenizer.json";
+pub const TOKENIZER_CONFIG: &str = "tokenizer_config.json";
+pub const GENERATION_CONFIG: &str = "generation_config.json";
+
+/// Writes `bytes` to `path` through a temp file in the same directory and a
+/// rename, so a crash never leaves a half-written file.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create directory {}", dir.display()))?;
+    let mut tmp = tempfile::NamedTempFile::new_in(dir)
+        .with_context(|| format!("cannot create a temp file in {}", dir.display()))?;
+    tmp.write_all(bytes)
+        .and_then(|_| tmp.as_file().sync_all())
+        .with_context(|| format!("cannot write {}", path.display()))?;
+    tmp.persist(path)
+        .map_err(|e| anyhow!("cannot move the temp file to {}: {}", path.display(), e.error))?;
+    Ok(())
+}
+
+/// Builds a directory with `fill` in a sibling temp directory, then renames
+/// it to `dir` (replacing an older one).
+pub fn write_dir_atomic(dir: &Path, fill: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
+    let parent = dir.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    std::fs::create_dir_all(parent).with_context(|| format!("cannot create directory {}", parent.display()))?;
+    let name = dir.file_name().ok_or_else(|| anyhow!("{} is not a directory name", dir.display()))?;
+    let tmp = tempfile::Builder::new()
+        .prefix(&format!(".{}.partial-", name.to_string_lossy()))
+        .tempdir_in(parent)
+        .with_context(|| format!("cannot create a temp directory in {}", parent.display()))?;
+    fill(tmp.path())?;
+    let staged = tmp.keep();
+    if dir.exists() {
+        let old = parent.join(format!(".{}.old-{}", name.to_string_lossy(), std::process::id()));
+        std::fs::rename(dir, &old).with_context(|| format!("cannot move aside {}", dir.display()))?;
+        std::fs::rename(&staged, dir).with_context(|| format!("cannot move {} into place", dir.display()))?;
+        std::fs::remove_dir_all(&old).ok();
+    } else {
+        std::fs::rename(&staged, dir).with_context(|| format!("cannot move {} into place", dir.display()))?;
+    }
+    Ok(())
+}
+
+fn kind_of(dtype: Dtype) -> Result<Kind> {
+    Ok(match dtype {
+        Dtype::F32 => Kind::Float,
+        Dtype::F16 => Kind::Half,
+        Dtype::BF16 => Kind::BFloat16,
+        Dtype::F64 => Kind::Double,
+        Dtype::I64 => Kind::Int64,
+        Dtype::I32 => Kind::Int,
+        other => bail!("unsupported safetensors dtype {other:?}"),
+    })
+}
+
+fn dtype_of(kind: Kind) -> Result<Dtype> {
+    Ok(match kind {
+        Kind::Float => Dtype::F32,
+        Kind::Half => Dtype::F16,
+        Kind::BFloat16 => Dtype::BF16,
+        Kind::Double => Dtype::F64,
+        Kind::Int64 => Dtype::I64,
+        Kind::Int => Dtype::I32,
+        other => bail!("cannot save tensors of kind {other:?}"),
+    })
+}
+
+/// The safetensors files of a checkpoint: the shards named by the index, or
+/// the single `model.safetensors`.
+pub fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
+    let index = dir.join(WEIGHTS_INDEX);
+    if index.exists() {
+        let text = std::fs::read_to_string(&index).with_context(|| format!("cannot read {}", index.display()))?;
+        let v: serde_json::Value =
+            serde_json::from_str(&text).with_context(|| format!("{} is not valid JSON", index.display()))?;
+        let map = v
+            .get("weight_map")
+            .and_then(|m| m.as_object())
+            .ok_or_else(|| anyhow!("{} has no \"weight_map\" object", index.display()))?;
+        let mut files: Vec<String> = map
+            .values()
+            .map(|f| f.as_str().map(String::from).ok_or_else(|| anyhow!("{}: a weight_map value is not a string", index.display())))
+            .collect::<Result<_>>()?;
+        files.sort();
+        files.dedup();
+        return Ok(files.into_iter().map(|f| dir.join(f)).collect());
+    }
+    let single = dir.join(WEIGHTS);
+    if single.exists() {
+        return Ok(vec![single]);
+    }
+    bail!(
+        "{} has neither {WEIGHTS} nor {WEIGHTS_INDEX}; is it a Hugging Face model directory?",
+        dir.display()
+    )
+}
+
+/// Reads every tensor of the checkpoint's safetensors files onto the CPU.
+pub fn read_tensors(dir: &Path) -> Result<BTreeMap<String, Tensor>> {
+    let mut out = BTreeMap::new();
+    for file in weight_files(dir)? {
+        let bytes = std::fs::read(&file).with_context(|| format!("cannot read {}", file.display()))?;
+        let st = SafeTensors::deserialize(&bytes)
+            .map_err(|e| anyhow!("{} is not a valid safetensors file: {e}", file.display()))?;
+        for (name, view) in st.tensors() {
+            let shape: Vec<i64> = view.shape().iter().map(|&d| d as i64).collect();
+            let kind = kind_of(view.dtype()).with_context(|| format!("{}: tensor {name}", file.display()))?;
+            let t = Tensor::f_from_data_size(view.data(), &shape, kind)
+                .with_context(|| format!("{}: tensor {name}", file.display()))?;
+            if out.insert(name.clone(), t).is_some() {
+                bail!("tensor {name} appears twice in the checkpoint {}", dir.display());
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Copies `tensors` into the variables of `vs`, checking names and shapes.
+/// `ignore` names tensors that may be present without a variable (a tied
+/// `lm_head.weight`).
+pub fn load_into(vs: &nn::VarStore, mut tensors: BTreeMap<String, Tensor>, ignore: &[&str], origin: &Path) -> Result<()> {
+    let vars = vs.variables();
+    let mut names: Vec<&String> = vars.keys().collect();
+    names.sort();
+    let missing: Vec<&str> = names.iter().filter(|n| !tensors.contains_key(n.as_str())).map(|n| n.as_str()).collect();
+    let unexpected: Vec<&str> = tensors
+        .keys()
+        .filter(|k| !vars.contains_key(k.as_str()) && !ignore.contains(&k.as_str()))
+        .map(|k| k.as_str())
+        .collect();
+    if !missing.is_empty() || !unexpected.is_empty() {
+        let mut msg = format!("checkpoint {} does not match the model:", origin.display());
+        if !missing.is_empty() {
+            msg.push_str(&format!("\n  missing tensors: {}", missing.join(", ")));
+        }
+        if !unexpected.is_empty() {
+            msg.push_str(&format!("\n  unexpected tensors: {}", unexpected.join(", ")));
+        }
+        msg.push_str("\n  check that config.json describes these weights");
+        bail!(msg);
+    }
+    tch::no_grad(|| -> Result<()> {
+        for name in names {
+            let mut var = vars[name].shallow_clone();
+            let src = tensors.remove(name).expect("checked above");
+            if var.size() != src.size() {
+                bail!(
+                    "checkpoint {}: tensor {name} has shape {:?}, the model expects {:?}",
+                    origin.display(),
+                    src.size(),
+                    var.size()
+                );
+            }
+            var.f_copy_(&src).with_context(|| format!("copying tensor {name}"))?;
+        }
+        Ok(())
+    })
+}
+
+/// A loaded causal LM with its tokenizer.
+pub struct Loaded {
+    pub vs: nn::VarStore,
+    pub model: Gemma,
+    pub tokenizer: Tokenizer,
+}
+
+/// Reads `config.json` of a checkpoint directory.
+pub fn read_config(dir: &Path) -> Result<GemmaConfig> {
+    if !dir.is_dir() {
+        bail!("model directory {} does not exist", dir.display());
+    }
+    GemmaConfig::from_file(&dir.join(CONFIG))
+}
+
+/// Loads a `GemmaForCausalLM` directory onto `device` in `kind`.
+pub fn load_causal_lm(dir: &Path, device: Device, kind: Kind) -> Result<Loaded> {
+    let cfg = read_config(dir)?;
+    let tokenizer = Tokenizer::from_file(&dir.join(TOKENIZER))?;
+    if tokenizer.vocab_size() > cfg.vocab_size {
+        bail!(
+            "{}: the tokenizer has {} tokens but vocab_size is {}",
+            dir.display(),
+            tokenizer.vocab_size(),
+            cfg.vocab_size
+        );
+    }
+    let mut vs = nn::VarStore::new(device);
+    let model = Gemma::new(&vs.root(), &cfg)?;
+    let tensors = read_tensors(dir)?;
+    let ignore: &[&str] = if cfg.tie_word_embeddings { &["lm_head.weight"] } else { &[] };
+    load_into(&vs, tensors, ignore, dir)?;
+    if kind != Kind::Float {
+        vs.set_kind(kind);
+    }
+    Ok(Loaded { vs, model, tokenizer })
+}
+
+/// Serialises the named tensors into safetensors bytes-on-disk, splitting into
+/// shards of at most `max_shard_bytes` (one file when everything fits).
+pub fn write_tensors(dir: &Path, tensors: &BTreeMap<String, Tensor>, max_shard_bytes: usize) -> Result<()> {
+    // Gather bytes on the CPU first.
+    let mut items: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = Vec::new();
+    for (name, t) in tensors {
+        let t = t.to_device(Device::Cpu).contiguous();
+        let dtype = dtype_of(t.kind()).with_context(|| format!("tensor {name}"))?;
+        let numel = t.numel();
+        let mut bytes = vec![0u8; numel * t.kind().elt_size_in_bytes()];
+        t.f_copy_data_u8(&mut bytes, numel)?;
+        let shape = t.size().iter().map(|&d| d as usize).collect();
+        items.push((name.clone(), dtype, shape, bytes));
+    }
+    let mut shards: Vec<Vec<usize>> = vec![vec![]];
+    let mut size = 0usize;
+    for (i, it) in items.iter().enumerate() {
+        if size > 0 && size + it.3.len() > max_shard_bytes {
+            shards.push(vec![]);
+            size = 0;
+        }
+        size += it.3.len();
+        shards.last_mut().expect("non-empty").push(i);
+    }
+    let meta: HashMap<String, String> = [("format".to_string(), "pt".to_string())].into();
+    let n = shards.len();
+    let mut weight_map = BTreeMap::new();
+    for (s, idx) in shards.iter().enumerate() {
+        let fname = if n == 1 { WEIGHTS.to_string() } else { format!("model-{:05}-of-{:05}.safetensors", s + 1, n) };
+        let views: Vec<(String, safetensors::tensor::TensorView)> = idx
+            .iter()
+            .map(|&i| {
+                let (name, dtype, shape, bytes) = &items[i];
+                weight_map.insert(name.clone(), fname.clone());
+                safetensors::tensor::TensorView::new(*dtype, shape.clone(), bytes)
+                    .map(|v| (name.clone(), v))
+                    .map_err(|e| anyhow!("tensor {name}: {e}"))
+            })
+            .collect::<Result<_>>()?;
+        let bytes = safetensors::tensor::serialize(views, Some(meta.clone()))
+            .map_err(|e| anyhow!("cannot serialise {fname}: {e}"))?;
+        write_atomic(&dir.join(&fname), &bytes)?;
+    }
+    if n > 1 {
+        let total: usize = items.iter().map(|i| i.3.len()).sum();
+        let index = serde_json::json!({"metadata": {"total_size": total}, "weight_map": weight_map});
+        write_atomic(&dir.join(WEIGHTS_INDEX), serde_json::to_string_pretty(&index)?.as_bytes())?;
+    }
+    Ok(())
+}
+
+/// `tokenizer_config.json` for a Gemma tokenizer with our chat template.
+pub fn tokenizer_config_json(max_len: i64) -> serde_json::Value {
+    serde_json::json!({
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": "<bos>",
+        "eos_token": "<eos>",
+        "pad_token": "<pad>",
+        "unk_token": "<unk>",
+        "additional_special_tokens": ["<start_of_turn>", "<end_of_turn>"],
+        "add_bos_token": true,
+        "add_eos_token": false,
+        "padding_side": "left",
+        "model_max_length": max_len,
+        "clean_up_tokenization_spaces": false,
+        "chat_template": CHAT_TEMPLATE,
+    })
+}
+
+/// `generation_config.json`: stop at `<eos>` or `<end_of_turn>`.
+pub fn generation_config_json(tok: &Tokenizer) -> serde_json::Value {
+    serde_json::json!({
+        "bos_token_id": tok.special.bos,
+        "eos_token_id": [tok.special.eos, tok.special.end_of_turn],
+        "pad_token_id": tok.special.pad,
+    })
+}
+
+/// What to write besides the weights.
+pub struct SaveOptions {
+    /// Largest shard in bytes; more weights than this are split.
+    pub max_shard_bytes: usize,
+    /// `architectures` entry (`GemmaForCausalLM` or `GemmaForSequenceClassification`).
+    pub architecture: String,
+}
+
+impl Default for SaveOptions {
+    fn default() -> Self {
+        SaveOptions { max_shard_bytes: 4 << 30, architecture: "GemmaForCausalLM".into() }
+    }
+}
+
+/// Writes a complete checkpoint directory atomically. Weights are stored in
+/// the dtype they have in `vs`.
+pub fn save(dir: &Path, vs: &nn::VarStore, cfg: &GemmaConfig, tok: &Tokenizer, opts: &SaveOptions) -> Result<()> {
+    let tensors: BTreeMap<String, Tensor> = vs.variables().into_iter().collect();
+    let mut cfg = cfg.clone();
+    cfg.architectures = Some(vec![opts.architecture.clone()]);
+    cfg.pad_token_id = Some(tok.special.pad);
+    cfg.bos_token_id = Some(tok.special.bos);
+    cfg.eos_token_id = Some(serde_json::json!(tok.special.eos));
+    let dtype = match vs.kind() {
+        Kind::BFloat16 => "bfloat16",
+        Kind::Half => "float16",
+        _ => "float32",
+    };
+    cfg.extra.insert("torch_dtype".into(), serde_json::json!(dtype));
+    cfg.extra.insert("dtype".into(), serde_json::json!(dtype));
+    write_dir_atomic(dir, |tmp| {
+        write_tensors(tmp, &tensors, opts.max_shard_bytes)?;
+        write_atomic(&tmp.join(CONFIG), cfg.to_json()?.as_bytes())?;
+        tok.save(&tmp.join(TOKENIZER))?;
+        let tc = tokenizer_config_json(cfg.max_position_embeddings);
+        write_atomic(&tmp.join(TOKENIZER_CONFIG), serde_json::to_string_pretty(&tc)?.as_bytes())?;
+        let gc = generation_config_json(tok);
+        write_atomic(&tmp.join(GENERATION_CONFIG), serde_json::to_string_pretty(&gc)?.as_bytes())?;
+        Ok(())
+    })
+    .with_context(|| format!("saving checkpoint to {}", dir.display()))
+}

@@ -1,0 +1,220 @@
+//! Batched generation with a KV cache.
+//!
+//! Prompts of different lengths are left-padded into one batch; positions
+//! restart at 0 on each prompt's first real token and padding is never
+//! attended to, so a batch gives the same tokens as one prompt at a time.
+//! Decoding is greedy (`temperature == 0`) or sampled with temperature,
+//! top-k and top-p; the random draws come from a ChaCha stream seeded by the
+//! caller, so results are reproducible on every device. Each sequence stops at
+//! its first stop token (`<end_of_turn>` or `<eos>`).
+
+use crate::model::{padded_causal_mask, Gemma, KvCache};
+use anyhow::{bail, Result};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use serde::Serialize;
+use tch::{Kind, Tensor};
+
+/// Decoding settings.
+#[derive(Debug, Clone)]
+pub struct GenerationConfig {
+    pub max_new_tokens: usize,
+    /// 0 = greedy.
+    pub temperature: f64,
+    pub top_k: Option<i64>,
+    pub top_p: Option<f64>,
+    pub seed: u64,
+    /// `<eos>`: always ends a sequence.
+    pub eos_id: i64,
+    /// `<end_of_turn>`: ends a sequence in dialogue mode (None for plain text).
+    pub end_of_turn_id: Option<i64>,
+    /// Id fed for finished sequences and used for left padding.
+    pub pad_id: i64,
+}
+
+impl GenerationConfig {
+    pub fn validate(&self) -> Result<()> {
+        if !(self.temperature >= 0.0) || !self.temperature.is_finite() {
+            bail!("temperature must be a finite number >= 0, got {}", self.temperature);
+        }
+        if let Some(k) = self.top_k {
+            if k < 1 {
+                bail!("top_k must be at least 1, got {k}");
+            }
+        }
+        if let Some(p) = self.top_p {
+            if !(p > 0.0 && p <= 1.0) {
+                bail!("top_p must be in (0, 1], got {p}");
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Why a sequence stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StopReason {
+    Eos,
+    EndOfTurn,
+    Length,
+}
+
+/// One generated sequence.
+#[derive(Debug, Clone)]
+pub struct Generation {
+    /// Generated ids, the stop token (if any) included as the last one.
+    pub tokens: Vec<i64>,
+    /// log π(token) under the model's unmodified distribution (temperature
+    /// 1, no top-k/top-p), one per entry of `tokens`.
+    pub logprobs: Vec<f32>,
+    pub stop_reason: StopReason,
+}
+
+impl Generation {
+    /// The generated ids without the stop token.
+    pub fn content(&self) -> &[i64] {
+        match self.stop_reason {
+            StopReason::Length => &self.tokens,
+            _ => &self.tokens[..self.tokens.len() - 1],
+        }
+    }
+}
+
+/// Keeps the `k` largest logits of each row, the rest −inf. `logits` (B, V).
+pub fn top_k_filter(logits: &Tensor, k: i64) -> Tensor {
+    let v = logits.size()[1];
+    if k >= v {
+        return logits.shallow_clone();
+    }
+    let (vals, _) = logits.topk(k, -1, true, true); // (B, k)
+    let thresh = vals.narrow(1, k - 1, 1); // (B, 1)
+    logits.masked_fill(&logits.lt_tensor(&thresh), f64::NEG_INFINITY)
+}
+
+/// Nucleus filter: keeps the smallest set of most likely tokens whose
+/// probability reaches `p` (at least one). `logits` (B, V).
+pub fn top_p_filter(logits: &Tensor, p: f64) -> Tensor {
+    let (sorted, idx) = logits.sort(-1, true); // (B, V) descending
+    let probs = sorted.softmax(-1, Kind::Float);
+    let cum = probs.cumsum(-1, Kind::Float);
+    // Remove a token when the mass before it already reaches p.
+    let remove_sorted = (cum - &probs).ge(p); // (B, V)
+    let remove = remove_sorted.scatter(-1, &idx, &remove_sorted);
+    logits.masked_fill(&remove, f64::NEG_INFINITY)
+}
+
+/// Picks the next token of each row. `logits` (B, V) f32; `uniform` one draw
+/// in [0, 1) per row, used only when sampling.
+fn choose(logits: &Tensor, cfg: &GenerationConfig, uniform: &[f64]) -> Tensor {
+    if cfg.temperature == 0.0 {
+        return logits.argmax(-1, false); // (B,)
+    }
+    let mut l = logits / cfg.temperature;
+    if let Some(k) = cfg.top_k {
+        l = top_k_filter(&l, k);
+    }
+    if let Some(p) = cfg.top_p {
+        if p < 1.0 {
+            l = top_p_filter(&l, p);
+        }
+    }
+    let probs = l.softmax(-1, Kind::Float); // (B, V)
+    let cdf = probs.cumsum(-1, Kind::Float);
+    let u = Tensor::from_slice(uniform).to_kind(Kind::Float).to_device(logits.device()).unsqueeze(1); // (B, 1)
+    let u = u * cdf.narrow(1, cdf.size()[1] - 1, 1); // scale by the total mass (≈ 1)
+    let idx = cdf.lt_tensor(&u).sum_dim_intlist(-1, false, Kind::Int64); // (B,)
+    // Never pick a token the filters removed (cdf flat at the end).
+    let last_allowed = probs.gt(0.0).to_kind(Kind::Int64).cumsum(-1, Kind::Int64).argmax(-1, false);
+    idx.minimum(&last_allowed)
+}
+
+/// Generates continuations of `prompts` (token ids, each non-empty) in one
+/// batch. Runs without gradients.
+pub fn generate(model: &Gemma, prompts: &[Vec<i64>], cfg: &GenerationConfig) -> Result<Vec<Generation>> {
+    cfg.validate()?;
+    if prompts.is_empty() {
+        return Ok(vec![]);
+    }
+    if let Some(i) = prompts.iter().position(|p| p.is_empty()) {
+        bail!("prompt {i} is empty; a prompt needs at least one token");
+    }
+    let vocab = model.cfg.vocab_size;
+    for (i, p) in prompts.iter().enumerate() {
+        if let Some(&bad) = p.iter().find(|&&t| t < 0 || t >= vocab) {
+            bail!("prompt {i} has token id {bad} outside the vocabulary (0..{vocab})");
+        }
+    }
+    let _guard = tch::no_grad_guard();
+    let dev = model.device();
+    let b = prompts.len() as i64;
+    let plen = prompts.iter().map(Vec::len).max().unwrap_or(0) as i64;
+    let max_new = cfg.max_new_tokens as i64;
+    let capacity = plen + max_new;
+    if capacity > model.cfg.max_position_embeddings {
+        bail!(
+            "prompt ({plen} tokens) + max_new_tokens ({max_new}) exceeds the model's max_position_embeddings ({})",
+            model.cfg.max_position_embeddings
+        );
+    }
+
+    // Left-pad: (B, P) ids and validity.
+    let mut ids = vec![cfg.pad_id; (b * plen) as usize];
+    let mut valid = vec![false; (b * plen) as usize];
+    for (r, p) in prompts.iter().enumerate() {
+        let off = r * plen as usize + (plen as usize - p.len());
+        ids[off..off + p.len()].copy_from_slice(p);
+        valid[off..off + p.len()].iter_mut().for_each(|v| *v = true);
+    }
+    let ids = Tensor::from_slice(&ids).view([b, plen]).to_device(dev); // (B, P)
+    let valid_p = Tensor::from_slice(&valid).view([b, plen]).to_device(dev); // (B, P)
+    // Key validity over the whole cache; generated tokens are always valid.
+    let valid_all = Tensor::cat(&[valid_p.shallow_clone(), Tensor::ones([b, max_new], (Kind::Bool, dev))], 1); // (B, P+N)
+    let positions = (valid_p.to_kind(Kind::Int64).cumsum(1, Kind::Int64) - 1).clamp_min(0); // (B, P)
+    let mut next_pos = positions.narrow(1, plen - 1, 1) + 1; // (B, 1)
+
+    let mut cache = KvCache::new(&model.cfg, b, capacity, model.kind(), dev);
+    let mask = padded_causal_mask(&valid_p, plen)?; // (B, 1, P, P)
+    let hidden = model.forward_hidden(&ids, &positions, Some(&mask), Some(&mut cache))?;
+    let mut logits = model.logits(&hidden.narrow(1, plen - 1, 1)).squeeze_dim(1).to_kind(Kind::Float); // (B, V)
+
+    let mut rng = ChaCha8Rng::seed_from_u64(cfg.seed);
+    let mut out: Vec<Generation> = (0..b)
+        .map(|_| Generation { tokens: vec![], logprobs: vec![], stop_reason: StopReason::Length })
+        .collect();
+    let mut done = vec![false; b as usize];
+    for step in 0..max_new {
+        let uniform: Vec<f64> = (0..b).map(|_| rng.random::<f64>()).collect();
+        let next = choose(&logits, cfg, &uniform); // (B,)
+        let lp = logits.log_softmax(-1, Kind::Float).gather(1, &next.unsqueeze(1), false).squeeze_dim(1); // (B,)
+        let next_v: Vec<i64> = Vec::<i64>::try_from(next.to_device(tch::Device::Cpu))?;
+        let lp_v: Vec<f32> = Vec::<f32>::try_from(lp.to_device(tch::Device::Cpu))?;
+        let mut feed = next_v.clone();
+        for r in 0..b as usize {
+            if done[r] {
+                feed[r] = cfg.pad_id;
+                continue;
+            }
+            let t = next_v[r];
+            out[r].tokens.push(t);
+            out[r].logprobs.push(lp_v[r]);
+            if t == cfg.eos_id {
+                done[r] = true;
+                out[r].stop_reason = StopReason::Eos;
+            } else if Some(t) == cfg.end_of_turn_id {
+                done[r] = true;
+                out[r].stop_reason = StopReason::EndOfTurn;
+            }
+        }
+        if done.iter().all(|&d| d) || step + 1 == max_new {
+            break;
+        }
+        let x = Tensor::from_slice(&feed).view([b, 1]).to_device(dev); // (B, 1)
+        let s = cache.len + 1;
+        let step_mask = valid_all.narrow(1, 0, s).view([b, 1, 1, s]); // (B, 1, 1, S)
+        let hidden = model.forward_hidden(&x, &next_pos, Some(&step_mask), Some(&mut cache))?; // (B, 1, H)
+        logits = model.logits(&hidden).squeeze_dim(1).to_kind(Kind::Float);
+        next_pos += 1;
+    }
+    Ok(out)
+}

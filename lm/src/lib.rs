@@ -1,0 +1,29 @@
+//! `lm`: everything about the language model that the stages share.
+//!
+//! - [`GemmaConfig`] — hyper-parameters with Hugging Face `config.json` names,
+//!   and presets (`gemma-2b`, `gemma-7b`, small ones for tests and the demo).
+//! - [`Gemma`] — the decoder, exact to transformers' `GemmaForCausalLM`
+//!   (`model.rs`), with a [`KvCache`] for generation.
+//! - [`Tokenizer`] — `tokenizer.json` with Gemma's special tokens found by
+//!   their strings; byte-level BPE training for the built-in demo.
+//! - [`chat`] — the dialogue formatter: Gemma's chat template, token ids and
+//!   the loss mask over the model's turns.
+//! - [`checkpoint`] — Hugging Face checkpoint directories, read with name and
+//!   shape checks and written atomically (optionally sharded).
+//! - [`generate()`] — batched, seeded generation: greedy, temperature, top-k,
+//!   top-p, per-sequence stopping, per-token log-probabilities.
+//! - [`device`] — `--device` / `--dtype` parsing.
+
+pub mod chat;
+pub mod checkpoint;
+pub mod config;
+pub mod device;
+pub mod generate;
+pub mod model;
+pub mod tokenizer;
+
+pub use chat::{Encoded, Message};
+pub use config::GemmaConfig;
+pub use generate::{generate, GenerationConfig, Generation, StopReason};
+pub use model::{Gemma, KvCache};
+pub use tokenizer::Tokenizer;

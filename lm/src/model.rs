@@ -1,0 +1,371 @@
+//! The Gemma decoder, exact to transformers' `GemmaForCausalLM`.
+//!
+//! Struct fields and `nn::Path` segments equal the checkpoint keys
+//! (`model.layers.{i}.self_attn.q_proj.weight`, …) so loading needs no rename
+//! table. Every component is `new(p, cfg)` + `forward`.
+//!
+//! Numerics follow transformers exactly:
+//! - embeddings × sqrt(hidden_size), the scale rounded to the activation dtype;
+//! - RMSNorm in fp32: `x * rsqrt(mean(x²) + eps) * (1 + w)`, cast back;
+//! - rotate-half RoPE with `inv_freq = 1/θ^(2i/head_dim)` computed in fp32;
+//! - MLP `down(gelu_tanh(gate(x)) * up(x))`;
+//! - attention scale 1/sqrt(head_dim), softmax in fp32 (SDPA), MQA/GQA/MHA;
+//! - LM head tied to the embedding matrix.
+
+use crate::config::GemmaConfig;
+use anyhow::{ensure, Result};
+use tch::{nn, nn::Module, Device, Kind, Tensor};
+
+/// `Linear` without bias; weight [out, in] named `weight`.
+#[derive(Debug)]
+pub struct Linear {
+    pub weight: Tensor,
+}
+
+impl Linear {
+    pub fn new(p: nn::Path, in_dim: i64, out_dim: i64, std: f64) -> Self {
+        let weight = p.var("weight", &[out_dim, in_dim], nn::Init::Randn { mean: 0.0, stdev: std });
+        Linear { weight }
+    }
+}
+
+impl Module for Linear {
+    fn forward(&self, x: &Tensor) -> Tensor {
+        x.matmul(&self.weight.tr())
+    }
+}
+
+/// Gemma's RMSNorm: computed in fp32, scaled by `(1 + weight)`.
+#[derive(Debug)]
+pub struct RmsNorm {
+    pub weight: Tensor,
+    eps: f64,
+}
+
+impl RmsNorm {
+    pub fn new(p: nn::Path, dim: i64, eps: f64) -> Self {
+        RmsNorm { weight: p.zeros("weight", &[dim]), eps }
+    }
+}
+
+impl Module for RmsNorm {
+    fn forward(&self, x: &Tensor) -> Tensor {
+        let kind = x.kind();
+        let xf = x.to_kind(Kind::Float);
+        let var = xf.pow_tensor_scalar(2).mean_dim(-1, true, Kind::Float);
+        let normed = xf * (var + self.eps).rsqrt();
+        let out = normed * (self.weight.to_kind(Kind::Float) + 1.0);
+        out.to_kind(kind)
+    }
+}
+
+/// Rotary position embedding tables for given positions.
+pub struct Rope {
+    inv_freq: Tensor, // (D/2,) f32
+}
+
+impl Rope {
+    pub fn new(cfg: &GemmaConfig, device: Device) -> Self {
+        let dim = cfg.head_dim();
+        let exponent = Tensor::arange_start_step(0, dim, 2, (Kind::Int64, device))
+            .to_kind(Kind::Float)
+            / dim as f64;
+        let inv_freq = Tensor::pow_scalar(cfg.rope_theta(), &exponent).reciprocal();
+        Rope { inv_freq }
+    }
+
+    /// cos and sin for `positions` (B, T), each (B, 1, T, D) in `kind`.
+    pub fn tables(&self, positions: &Tensor, kind: Kind) -> (Tensor, Tensor) {
+        let pos = positions.to_kind(Kind::Float).unsqueeze(-1); // (B, T, 1)
+        let freqs = pos * self.inv_freq.view([1, 1, -1]); // (B, T, D/2)
+        let emb = Tensor::cat(&[&freqs, &freqs], -1); // (B, T, D)
+        let cos = emb.cos().to_kind(kind).unsqueeze(1); // (B, 1, T, D)
+        let sin = emb.sin().to_kind(kind).unsqueeze(1);
+        (cos, sin)
+    }
+}
+
+fn rotate_half(x: &Tensor) -> Tensor {
+    let half = x.size()[x.dim() - 1] / 2;
+    let x1 = x.narrow(-1, 0, half);
+    let x2 = x.narrow(-1, half, half);
+    Tensor::cat(&[&x2.neg(), &x1], -1)
+}
+
+fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Tensor {
+    x * cos + rotate_half(x) * sin
+}
+
+/// Per-layer key/value cache, preallocated to `capacity` positions.
+pub struct KvCache {
+    /// (k, v) per layer, each (B, KVH, capacity, D).
+    layers: Vec<(Tensor, Tensor)>,
+    /// Number of positions filled.
+    pub len: i64,
+    pub capacity: i64,
+}
+
+impl KvCache {
+    pub fn new(cfg: &GemmaConfig, batch: i64, capacity: i64, kind: Kind, device: Device) -> Self {
+        let shape = [batch, cfg.num_kv_heads(), capacity, cfg.head_dim()];
+        let layers = (0..cfg.num_hidden_layers)
+            .map(|_| {
+                (
+                    Tensor::zeros(shape, (kind, device)),
+                    Tensor::zeros(shape, (kind, device)),
+                )
+            })
+            .collect();
+        KvCache { layers, len: 0, capacity }
+    }
+}
+
+#[derive(Debug)]
+pub struct Attention {
+    pub q_proj: Linear,
+    pub k_proj: Linear,
+    pub v_proj: Linear,
+    pub o_proj: Linear,
+    n_heads: i64,
+    n_kv: i64,
+    head_dim: i64,
+}
+
+impl Attention {
+    pub fn new(p: nn::Path, cfg: &GemmaConfig) -> Self {
+        let h = cfg.hidden_size;
+        let (nh, nkv, d) = (cfg.num_attention_heads, cfg.num_kv_heads(), cfg.head_dim());
+        let std = cfg.initializer_range;
+        Attention {
+            q_proj: Linear::new(&p / "q_proj", h, nh * d, std),
+            k_proj: Linear::new(&p / "k_proj", h, nkv * d, std),
+            v_proj: Linear::new(&p / "v_proj", h, nkv * d, std),
+            o_proj: Linear::new(&p / "o_proj", nh * d, h, std),
+            n_heads: nh,
+            n_kv: nkv,
+            head_dim: d,
+        }
+    }
+
+    /// `x` (B, T, H); `mask` (B, 1, T, S) bool, true = may attend, or None for
+    /// plain causal attention without a cache.
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        mask: Option<&Tensor>,
+        cache: Option<(&mut (Tensor, Tensor), i64)>,
+    ) -> Tensor {
+        let (b, t, _) = x.size3().expect("attention input is (B, T, H)");
+        let d = self.head_dim;
+        let q = self.q_proj.forward(x).view([b, t, self.n_heads, d]).transpose(1, 2); // (B, NH, T, D)
+        let k = self.k_proj.forward(x).view([b, t, self.n_kv, d]).transpose(1, 2); // (B, KVH, T, D)
+        let v = self.v_proj.forward(x).view([b, t, self.n_kv, d]).transpose(1, 2); // (B, KVH, T, D)
+        let q = apply_rope(&q, cos, sin);
+        let k = apply_rope(&k, cos, sin);
+        let (k, v) = match cache {
+            Some((kv, start)) => {
+                kv.0.narrow(2, start, t).copy_(&k);
+                kv.1.narrow(2, start, t).copy_(&v);
+                (kv.0.narrow(2, 0, start + t), kv.1.narrow(2, 0, start + t)) // (B, KVH, S, D)
+            }
+            None => (k, v),
+        };
+        let s = k.size()[2];
+        let rep = self.n_heads / self.n_kv;
+        let (k, v) = if rep == 1 {
+            (k, v)
+        } else if self.n_kv == 1 {
+            (k.expand([b, self.n_heads, s, d], false), v.expand([b, self.n_heads, s, d], false))
+        } else {
+            let k = k.unsqueeze(2).expand([b, self.n_kv, rep, s, d], false).reshape([b, self.n_heads, s, d]);
+            let v = v.unsqueeze(2).expand([b, self.n_kv, rep, s, d], false).reshape([b, self.n_heads, s, d]);
+            (k, v)
+        };
+        let scale = 1.0 / (d as f64).sqrt();
+        let y = match mask {
+            Some(m) => Tensor::scaled_dot_product_attention(&q, &k, &v, Some(m), 0.0, false, scale, false),
+            None => Tensor::scaled_dot_product_attention::<Tensor>(&q, &k, &v, None, 0.0, t > 1, scale, false),
+        }; // (B, NH, T, D)
+        let y = y.transpose(1, 2).reshape([b, t, self.n_heads * d]); // (B, T, NH*D)
+        self.o_proj.forward(&y)
+    }
+}
+
+#[derive(Debug)]
+pub struct Mlp {
+    pub gate_proj: Linear,
+    pub up_proj: Linear,
+    pub down_proj: Linear,
+}
+
+impl Mlp {
+    pub fn new(p: nn::Path, cfg: &GemmaConfig) -> Self {
+        let (h, i, std) = (cfg.hidden_size, cfg.intermediate_size, cfg.initializer_range);
+        Mlp {
+            gate_proj: Linear::new(&p / "gate_proj", h, i, std),
+            up_proj: Linear::new(&p / "up_proj", h, i, std),
+            down_proj: Linear::new(&p / "down_proj", i, h, std),
+        }
+    }
+}
+
+impl Module for Mlp {
+    fn forward(&self, x: &Tensor) -> Tensor {
+        let gate = self.gate_proj.forward(x).gelu("tanh");
+        self.down_proj.forward(&(gate * self.up_proj.forward(x)))
+    }
+}
+
+#[derive(Debug)]
+pub struct DecoderLayer {
+    pub input_layernorm: RmsNorm,
+    pub self_attn: Attention,
+    pub post_attention_layernorm: RmsNorm,
+    pub mlp: Mlp,
+}
+
+impl DecoderLayer {
+    pub fn new(p: nn::Path, cfg: &GemmaConfig) -> Self {
+        DecoderLayer {
+            input_layernorm: RmsNorm::new(&p / "input_layernorm", cfg.hidden_size, cfg.rms_norm_eps),
+            self_attn: Attention::new(&p / "self_attn", cfg),
+            post_attention_layernorm: RmsNorm::new(
+                &p / "post_attention_layernorm",
+                cfg.hidden_size,
+                cfg.rms_norm_eps,
+            ),
+            mlp: Mlp::new(&p / "mlp", cfg),
+        }
+    }
+}
+
+/// The backbone (`model.*` in checkpoints).
+#[derive(Debug)]
+pub struct GemmaModel {
+    pub embed_tokens: Tensor, // (V, H), `model.embed_tokens.weight`
+    pub layers: Vec<DecoderLayer>,
+    pub norm: RmsNorm,
+}
+
+/// `GemmaForCausalLM`: the backbone and a head tied to the embeddings.
+pub struct Gemma {
+    pub model: GemmaModel,
+    /// Present only when `tie_word_embeddings` is false.
+    pub lm_head: Option<Linear>,
+    pub cfg: GemmaConfig,
+    rope: Rope,
+    device: Device,
+}
+
+impl Gemma {
+    /// Builds the model under `p` (the root of a `VarStore`), randomly
+    /// initialised as transformers does (normal(0, initializer_range), norms 0).
+    pub fn new(p: &nn::Path, cfg: &GemmaConfig) -> Result<Self> {
+        cfg.validate()?;
+        let m = p / "model";
+        let embed_tokens = (&m / "embed_tokens").var(
+            "weight",
+            &[cfg.vocab_size, cfg.hidden_size],
+            nn::Init::Randn { mean: 0.0, stdev: cfg.initializer_range },
+        );
+        if let Some(pad) = cfg.pad_token_id.filter(|&id| id >= 0 && id < cfg.vocab_size) {
+            tch::no_grad(|| {
+                let _ = embed_tokens.get(pad).zero_();
+            });
+        }
+        let layers = (0..cfg.num_hidden_layers)
+            .map(|i| DecoderLayer::new(&m / "layers" / i, cfg))
+            .collect();
+        let norm = RmsNorm::new(&m / "norm", cfg.hidden_size, cfg.rms_norm_eps);
+        let lm_head = (!cfg.tie_word_embeddings)
+            .then(|| Linear::new(p / "lm_head", cfg.hidden_size, cfg.vocab_size, cfg.initializer_range));
+        Ok(Gemma {
+            model: GemmaModel { embed_tokens, layers, norm },
+            lm_head,
+            cfg: cfg.clone(),
+            rope: Rope::new(cfg, p.device()),
+            device: p.device(),
+        })
+    }
+
+    pub fn device(&self) -> Device {
+        self.device
+    }
+
+    /// The activation dtype (that of the embedding matrix).
+    pub fn kind(&self) -> Kind {
+        self.model.embed_tokens.kind()
+    }
+
+    /// Final hidden states (B, T, H) after the last norm.
+    ///
+    /// `input_ids` (B, T) int64; `positions` (B, T) int64; `mask` (B, 1, T, S)
+    /// bool (true = may attend) or None for causal attention over `input_ids`
+    /// alone; `cache` receives the new keys/values at positions
+    /// `cache.len .. cache.len + T` and `cache.len` advances.
+    pub fn forward_hidden(
+        &self,
+        input_ids: &Tensor,
+        positions: &Tensor,
+        mask: Option<&Tensor>,
+        mut cache: Option<&mut KvCache>,
+    ) -> Result<Tensor> {
+        let (b, t) = input_ids.size2()?;
+        ensure!(positions.size() == [b, t], "positions must be (B, T) = ({b}, {t}), got {:?}", positions.size());
+        let start = cache.as_ref().map_or(0, |c| c.len);
+        if let Some(c) = cache.as_ref() {
+            ensure!(start + t <= c.capacity, "KV cache full: {} + {t} > capacity {}", start, c.capacity);
+        }
+        let kind = self.kind();
+        let x = Tensor::f_embedding(&self.model.embed_tokens, input_ids, -1, false, false)?; // (B, T, H)
+        let normalizer = Tensor::from((self.cfg.hidden_size as f64).sqrt()).to_kind(kind).to_device(self.device);
+        let mut x = x * normalizer;
+        let (cos, sin) = self.rope.tables(positions, kind);
+        for (i, layer) in self.model.layers.iter().enumerate() {
+            let h = layer.input_layernorm.forward(&x);
+            let kv = cache.as_mut().map(|c| (&mut c.layers[i], start));
+            let h = layer.self_attn.forward(&h, &cos, &sin, mask, kv);
+            x = x + h;
+            let h = layer.mlp.forward(&layer.post_attention_layernorm.forward(&x));
+            x = x + h;
+        }
+        if let Some(c) = cache {
+            c.len = start + t;
+        }
+        Ok(self.model.norm.forward(&x))
+    }
+
+    /// Logits (…, V) from final hidden states (…, H).
+    pub fn logits(&self, hidden: &Tensor) -> Tensor {
+        match &self.lm_head {
+            Some(head) => head.forward(hidden),
+            None => hidden.matmul(&self.model.embed_tokens.tr()),
+        }
+    }
+
+    /// Logits (B, T, V) for a batch without padding (causal attention).
+    pub fn forward(&self, input_ids: &Tensor) -> Result<Tensor> {
+        let (b, t) = input_ids.size2()?;
+        let positions = Tensor::arange(t, (Kind::Int64, self.device)).unsqueeze(0).expand([b, t], true);
+        let hidden = self.forward_hidden(input_ids, &positions, None, None)?;
+        Ok(self.logits(&hidden))
+    }
+}
+
+/// The attention mask for a left-padded batch: `valid` (B, S) bool marks real
+/// tokens among all S key positions; the T queries sit at the last T key
+/// positions. Returns (B, 1, T, S) bool: causal, real keys only, and each
+/// query may always see itself (so a padding query's softmax is defined).
+pub fn padded_causal_mask(valid: &Tensor, t: i64) -> Result<Tensor> {
+    let (b, s) = valid.size2()?;
+    let dev = valid.device();
+    let q_pos = Tensor::arange_start(s - t, s, (Kind::Int64, dev)).view([t, 1]); // (T, 1)
+    let k_pos = Tensor::arange(s, (Kind::Int64, dev)).view([1, s]); // (1, S)
+    let causal = k_pos.le_tensor(&q_pos); // (T, S)
+    let diag = k_pos.eq_tensor(&q_pos); // (T, S)
+    let keys = valid.to_kind(Kind::Bool).view([b, 1, 1, s]); // (B, 1, 1, S)
+    let m = causal.view([1, 1, t, s]).logical_and(&keys).logical_or(&diag.view([1, 1, t, s])); // (B, 1, T, S)
+    Ok(m)
+}

@@ -1,0 +1,146 @@
+//! `Tokenizer`: the `tokenizers` crate over a `tokenizer.json`, with Gemma's
+//! special tokens looked up by their strings, and BPE training for the demo.
+
+use anyhow::{anyhow, bail, Context, Result};
+use std::path::Path;
+use tokenizers::decoders::byte_level::ByteLevel as ByteLevelDecoder;
+use tokenizers::models::bpe::{BpeTrainerBuilder, BPE};
+use tokenizers::models::TrainerWrapper;
+use tokenizers::pre_tokenizers::byte_level::ByteLevel;
+use tokenizers::processors::template::TemplateProcessing;
+use tokenizers::{AddedToken, Encoding, ModelWrapper};
+
+/// The special tokens of Gemma, in the id order Gemma's vocabulary has them
+/// (`<pad>` 0, `<eos>` 1, `<bos>` 2, `<unk>` 3), then the turn markers.
+pub const SPECIAL_TOKENS: [&str; 6] = [
+    "<pad>",
+    "<eos>",
+    "<bos>",
+    "<unk>",
+    "<start_of_turn>",
+    "<end_of_turn>",
+];
+
+/// Ids of the special tokens, read from the tokenizer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SpecialIds {
+    pub pad: i64,
+    pub eos: i64,
+    pub bos: i64,
+    pub start_of_turn: i64,
+    pub end_of_turn: i64,
+}
+
+/// A tokenizer with Gemma's special tokens.
+pub struct Tokenizer {
+    pub inner: tokenizers::Tokenizer,
+    pub special: SpecialIds,
+}
+
+impl Tokenizer {
+    pub fn from_file(path: &Path) -> Result<Self> {
+        if !path.exists() {
+            bail!("tokenizer file {} does not exist", path.display());
+        }
+        let inner = tokenizers::Tokenizer::from_file(path)
+            .map_err(|e| anyhow!("cannot load tokenizer {}: {e}", path.display()))?;
+        Self::new(inner).with_context(|| format!("tokenizer {}", path.display()))
+    }
+
+    pub fn new(inner: tokenizers::Tokenizer) -> Result<Self> {
+        let id = |s: &str| -> Result<i64> {
+            inner.token_to_id(s).map(i64::from).ok_or_else(|| {
+                anyhow!("the tokenizer has no {s:?} token; Gemma's dialogue format needs it")
+            })
+        };
+        let special = SpecialIds {
+            pad: id("<pad>")?,
+            eos: id("<eos>")?,
+            bos: id("<bos>")?,
+            start_of_turn: id("<start_of_turn>")?,
+            end_of_turn: id("<end_of_turn>")?,
+        };
+        Ok(Tokenizer { inner, special })
+    }
+
+    pub fn vocab_size(&self) -> i64 {
+        self.inner.get_vocab_size(true) as i64
+    }
+
+    /// Encodes text as is: special-token strings in it become their ids, no
+    /// `<bos>` is added.
+    pub fn encode_raw(&self, text: &str) -> Result<Encoding> {
+        self.inner
+            .encode(text, false)
+            .map_err(|e| anyhow!("tokenizer failed to encode text: {e}"))
+    }
+
+    pub fn encode(&self, text: &str) -> Result<Vec<i64>> {
+        Ok(self.encode_raw(text)?.get_ids().iter().map(|&i| i as i64).collect())
+    }
+
+    /// Decodes ids; special tokens are skipped when `skip_special`.
+    pub fn decode(&self, ids: &[i64], skip_special: bool) -> Result<String> {
+        let ids: Vec<u32> = ids.iter().map(|&i| i as u32).collect();
+        self.inner
+            .decode(&ids, skip_special)
+            .map_err(|e| anyhow!("tokenizer failed to decode: {e}"))
+    }
+
+    pub fn id_to_token(&self, id: i64) -> String {
+        self.inner.id_to_token(id as u32).unwrap_or_else(|| format!("<id {id}>"))
+    }
+
+    /// Writes `tokenizer.json`.
+    pub fn save(&self, path: &Path) -> Result<()> {
+        let text = self
+            .inner
+            .to_string(true)
+            .map_err(|e| anyhow!("cannot serialise tokenizer: {e}"))?;
+        crate::checkpoint::write_atomic(path, text.as_bytes())
+    }
+
+    /// Trains a byte-level BPE tokenizer on `texts` with Gemma's special
+    /// tokens at ids 0..6 and a post-processor that prepends `<bos>` when
+    /// special tokens are requested (as Gemma's does).
+    pub fn train_bpe<I, S>(texts: I, vocab_size: usize) -> Result<Self>
+    where
+        I: Iterator<Item = S> + Send,
+        S: AsRef<str> + Send,
+    {
+        let specials: Vec<AddedToken> = SPECIAL_TOKENS
+            .iter()
+            .map(|s| AddedToken::from(s.to_string(), true))
+            .collect();
+        let min_vocab = 256 + SPECIAL_TOKENS.len();
+        if vocab_size < min_vocab {
+            bail!("vocab_size {vocab_size} is too small: a byte-level BPE needs at least {min_vocab}");
+        }
+        let mut trainer: TrainerWrapper = BpeTrainerBuilder::new()
+            .vocab_size(vocab_size)
+            .min_frequency(2)
+            .show_progress(false)
+            .special_tokens(specials)
+            .initial_alphabet(ByteLevel::alphabet().into_iter().collect())
+            .build()
+            .into();
+        let mut tok = tokenizers::Tokenizer::new(ModelWrapper::BPE(BPE::default()));
+        tok.with_pre_tokenizer(Some(ByteLevel::new(false, true, true)));
+        tok.with_decoder(Some(ByteLevelDecoder::default()));
+        tok.train(&mut trainer, texts)
+            .map_err(|e| anyhow!("BPE training failed: {e}"))?;
+        let bos_id = tok
+            .token_to_id("<bos>")
+            .ok_or_else(|| anyhow!("training lost the <bos> token"))?;
+        let post = TemplateProcessing::builder()
+            .try_single("<bos> $A")
+            .map_err(|e| anyhow!("{e}"))?
+            .try_pair("<bos> $A $B")
+            .map_err(|e| anyhow!("{e}"))?
+            .special_tokens(vec![("<bos>", bos_id)])
+            .build()
+            .map_err(|e| anyhow!("{e}"))?;
+        tok.with_post_processor(Some(post));
+        Self::new(tok)
+    }
+}

@@ -1,0 +1,58 @@
+//! Shared helpers for the lm integration tests: the transformers fixtures.
+#![allow(dead_code)]
+
+use lm::checkpoint::{self, Loaded};
+use std::path::PathBuf;
+use tch::{Device, Kind, Tensor};
+
+pub fn fixture_dir(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name)
+}
+
+pub fn expected(name: &str) -> serde_json::Value {
+    let text = std::fs::read_to_string(fixture_dir(name).join("expected.json")).unwrap();
+    serde_json::from_str(&text).unwrap()
+}
+
+pub fn load(name: &str) -> Loaded {
+    checkpoint::load_causal_lm(&fixture_dir(name), Device::Cpu, Kind::Float).unwrap()
+}
+
+pub fn ids(v: &serde_json::Value) -> Vec<i64> {
+    v.as_array().unwrap().iter().map(|x| x.as_i64().unwrap()).collect()
+}
+
+pub fn floats(v: &serde_json::Value) -> Vec<f32> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|x| match x {
+            serde_json::Value::Array(_) => floats(x),
+            _ => vec![x.as_f64().unwrap() as f32],
+        })
+        .collect()
+}
+
+pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
+    (a - b).abs().max().double_value(&[])
+}
+
+/// Last-position logits (V,) for one unpadded prompt.
+pub fn last_logits(model: &lm::Gemma, prompt: &[i64]) -> Tensor {
+    let x = Tensor::from_slice(prompt).unsqueeze(0);
+    let logits = tch::no_grad(|| model.forward(&x).unwrap());
+    logits.get(0).get(prompt.len() as i64 - 1)
+}
+
+pub fn greedy(max_new: usize) -> lm::GenerationConfig {
+    lm::GenerationConfig {
+        max_new_tokens: max_new,
+        temperature: 0.0,
+        top_k: None,
+        top_p: None,
+        seed: 0,
+        eos_id: 1,
+        end_of_turn_id: Some(5),
+        pad_id: 0,
+    }
+}

@@ -1,0 +1,183 @@
+//! The model commands: generate, chat, inspect, init, tokenizer train.
+
+use crate::{RunOpts, SamplingOpts};
+use anyhow::{bail, Context, Result};
+use lm::chat::{self, Message};
+use lm::checkpoint::{self, Loaded};
+use lm::device::{parse_device, parse_dtype};
+use lm::{GemmaConfig, GenerationConfig, Tokenizer};
+use std::io::{BufRead, Write};
+use std::path::{Path, PathBuf};
+
+fn load(model: &Path, run: &RunOpts) -> Result<Loaded> {
+    let device = parse_device(&run.device)?;
+    let kind = parse_dtype(&run.dtype)?;
+    checkpoint::load_causal_lm(model, device, kind)
+}
+
+fn gen_config(s: &SamplingOpts, tok: &Tokenizer) -> GenerationConfig {
+    GenerationConfig {
+        max_new_tokens: s.max_new_tokens,
+        temperature: s.temperature,
+        top_k: s.top_k,
+        top_p: s.top_p,
+        seed: s.seed,
+        eos_id: tok.special.eos,
+        end_of_turn_id: Some(tok.special.end_of_turn),
+        pad_id: tok.special.pad,
+    }
+}
+
+pub fn generate(
+    model: &Path,
+    prompt: &str,
+    system: Option<&str>,
+    sampling: &SamplingOpts,
+    run: &RunOpts,
+    json: bool,
+) -> Result<()> {
+    let m = load(model, run)?;
+    let prompt_ids = chat::prompt_ids(&m.tokenizer, &chat::single_turn(system, prompt))?;
+    let cfg = gen_config(sampling, &m.tokenizer);
+    let out = lm::generate(&m.model, std::slice::from_ref(&prompt_ids), &cfg)?;
+    let g = &out[0];
+    let text = m.tokenizer.decode(g.content(), true)?;
+    if json {
+        let v = serde_json::json!({
+            "prompt_ids": prompt_ids,
+            "token_ids": g.content(),
+            "text": text,
+            "stop_reason": g.stop_reason,
+        });
+        println!("{v}");
+    } else {
+        println!("{text}");
+    }
+    Ok(())
+}
+
+pub fn chat(model: &Path, system: Option<&str>, sampling: &SamplingOpts, run: &RunOpts) -> Result<()> {
+    let m = load(model, run)?;
+    let cfg = gen_config(sampling, &m.tokenizer);
+    let mut history: Vec<Message> = system.map(|s| vec![Message::new("system", s)]).unwrap_or_default();
+    let start = history.len();
+    let stdin = std::io::stdin();
+    let mut out = std::io::stdout();
+    eprintln!("align chat with {} — /reset clears the history, /quit leaves", model.display());
+    let mut turn = 0u64;
+    loop {
+        write!(out, "you> ")?;
+        out.flush()?;
+        let mut line = String::new();
+        if stdin.lock().read_line(&mut line)? == 0 {
+            break;
+        }
+        let line = line.trim();
+        match line {
+            "" => continue,
+            "/quit" | "/exit" => break,
+            "/reset" => {
+                history.truncate(start);
+                println!("(history cleared)");
+                continue;
+            }
+            _ => {}
+        }
+        history.push(Message::user(line));
+        let ids = chat::prompt_ids(&m.tokenizer, &history)?;
+        let mut c = cfg.clone();
+        c.seed = cfg.seed.wrapping_add(turn);
+        turn += 1;
+        let g = lm::generate(&m.model, std::slice::from_ref(&ids), &c)?.remove(0);
+        let text = m.tokenizer.decode(g.content(), true)?;
+        println!("model> {text}");
+        history.push(Message::model(&text));
+    }
+    Ok(())
+}
+
+/// Reads a conversation: a JSON list of messages or an object with `messages`.
+pub fn read_messages(path: &Path) -> Result<Vec<Message>> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let v: serde_json::Value =
+        serde_json::from_str(&text).with_context(|| format!("{} is not valid JSON", path.display()))?;
+    let list = match &v {
+        serde_json::Value::Object(o) => o
+            .get("messages")
+            .cloned()
+            .with_context(|| format!("{}: the object has no \"messages\" field", path.display()))?,
+        other => other.clone(),
+    };
+    serde_json::from_value(list).with_context(|| {
+        format!("{}: expected a list of {{\"role\": ..., \"content\": ...}} messages", path.display())
+    })
+}
+
+pub fn inspect(model: &Path, messages: &Path, tokens: bool) -> Result<()> {
+    let tok = Tokenizer::from_file(&model.join(checkpoint::TOKENIZER))?;
+    let msgs = read_messages(messages)?;
+    let rendered = chat::render(&msgs, false).with_context(|| format!("conversation in {}", messages.display()))?;
+    let enc = chat::encode(&tok, &msgs, false)?;
+    println!("── rendered (trained spans between ⟦ and ⟧) ──");
+    let mut text = String::new();
+    let mut pos = 0;
+    for sp in &rendered.trained {
+        text.push_str(&rendered.text[pos..sp.start]);
+        text.push('⟦');
+        text.push_str(&rendered.text[sp.clone()]);
+        text.push('⟧');
+        pos = sp.end;
+    }
+    text.push_str(&rendered.text[pos..]);
+    println!("{text}");
+    let trained = enc.loss_mask.iter().filter(|&&m| m).count();
+    println!("── {} tokens, {} trained, {} not trained ──", enc.ids.len(), trained, enc.ids.len() - trained);
+    if tokens {
+        for (i, (&id, &m)) in enc.ids.iter().zip(&enc.loss_mask).enumerate() {
+            println!("{i:>5} {id:>7} {} {:?}", if m { "T" } else { "." }, tok.id_to_token(id));
+        }
+    }
+    Ok(())
+}
+
+pub fn init(preset: &str, tokenizer: &Path, out: &Path, seed: i64) -> Result<()> {
+    let tok = Tokenizer::from_file(tokenizer)?;
+    let mut cfg = GemmaConfig::preset(preset)?;
+    let n = tok.vocab_size();
+    if preset.starts_with("gemma-") {
+        if n > cfg.vocab_size {
+            bail!("the tokenizer has {n} tokens, more than {preset}'s vocab_size {}", cfg.vocab_size);
+        }
+    } else {
+        cfg.vocab_size = (n + 63) / 64 * 64;
+    }
+    cfg.pad_token_id = Some(tok.special.pad);
+    cfg.bos_token_id = Some(tok.special.bos);
+    cfg.eos_token_id = Some(serde_json::json!(tok.special.eos));
+    tch::manual_seed(seed);
+    let vs = tch::nn::VarStore::new(tch::Device::Cpu);
+    let _model = lm::Gemma::new(&vs.root(), &cfg)?;
+    checkpoint::save(out, &vs, &cfg, &tok, &Default::default())?;
+    eprintln!(
+        "wrote {} ({preset}, {:.2}M parameters, vocab {})",
+        out.display(),
+        cfg.num_parameters() as f64 / 1e6,
+        cfg.vocab_size
+    );
+    Ok(())
+}
+
+pub fn train_tokenizer(inputs: &[PathBuf], vocab_size: usize, out: &Path) -> Result<()> {
+    let mut lines = Vec::new();
+    for p in inputs {
+        let text = std::fs::read_to_string(p).with_context(|| format!("cannot read {}", p.display()))?;
+        lines.extend(text.lines().filter(|l| !l.trim().is_empty()).map(String::from));
+    }
+    if lines.is_empty() {
+        bail!("no text to train on in {:?}", inputs);
+    }
+    let tok = Tokenizer::train_bpe(lines.iter(), vocab_size)?;
+    tok.save(out)?;
+    eprintln!("wrote {} ({} tokens, trained on {} lines)", out.display(), tok.vocab_size(), lines.len());
+    Ok(())
+}

@@ -1,0 +1,149 @@
+//! `align`: the command line. Arguments are parsed once into typed values
+//! here and handed to the library crates; no stage logic lives in this crate.
+
+mod bench;
+mod commands;
+
+use clap::{Args, Parser, Subcommand};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+#[derive(Parser)]
+#[command(name = "align", version, about = "Alignment pipeline for Gemma-architecture language models")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+/// Device and dtype, shared by every command that runs a model.
+#[derive(Args, Clone, Debug)]
+pub struct RunOpts {
+    /// auto, cpu, cuda or cuda:N.
+    #[arg(long, default_value = "auto")]
+    pub device: String,
+    /// f32 or bf16.
+    #[arg(long, default_value = "f32")]
+    pub dtype: String,
+}
+
+/// Decoding settings.
+#[derive(Args, Clone, Debug)]
+pub struct SamplingOpts {
+    #[arg(long, default_value_t = 128)]
+    pub max_new_tokens: usize,
+    /// 0 means greedy.
+    #[arg(long, default_value_t = 0.0)]
+    pub temperature: f64,
+    #[arg(long)]
+    pub top_k: Option<i64>,
+    #[arg(long)]
+    pub top_p: Option<f64>,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Answer one user prompt (rendered with Gemma's dialogue format).
+    Generate {
+        #[arg(long)]
+        model: PathBuf,
+        #[arg(long)]
+        prompt: String,
+        #[arg(long)]
+        system: Option<String>,
+        #[command(flatten)]
+        sampling: SamplingOpts,
+        #[command(flatten)]
+        run: RunOpts,
+        /// Print one JSON object: prompt_ids, token_ids, text, stop_reason.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Interactive multi-turn chat (/reset clears the history, /quit leaves).
+    Chat {
+        #[arg(long)]
+        model: PathBuf,
+        #[arg(long)]
+        system: Option<String>,
+        #[command(flatten)]
+        sampling: SamplingOpts,
+        #[command(flatten)]
+        run: RunOpts,
+    },
+    /// Show a conversation as the model sees it, trained spans marked.
+    Inspect {
+        /// A model directory (its tokenizer is used).
+        #[arg(long)]
+        model: PathBuf,
+        /// JSON: a list of {role, content} or {"messages": [...]}.
+        #[arg(long)]
+        messages: PathBuf,
+        /// Also list every token with its id and whether it is trained.
+        #[arg(long)]
+        tokens: bool,
+    },
+    /// Write a freshly initialised checkpoint directory.
+    Init {
+        /// gemma-2b, gemma-7b, tiny, small-20m or test-mqa.
+        #[arg(long)]
+        preset: String,
+        /// tokenizer.json to ship with the model.
+        #[arg(long)]
+        tokenizer: PathBuf,
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, default_value_t = 0)]
+        seed: i64,
+    },
+    /// Tokenizer tools.
+    Tokenizer {
+        #[command(subcommand)]
+        command: TokenizerCommand,
+    },
+    /// Speed benchmarks against the PyTorch/transformers reference.
+    Bench {
+        #[command(subcommand)]
+        command: bench::BenchCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum TokenizerCommand {
+    /// Train a byte-level BPE with Gemma's special tokens on text files.
+    Train {
+        /// Text files (one document per line).
+        #[arg(long, required = true, num_args = 1..)]
+        input: Vec<PathBuf>,
+        #[arg(long, default_value_t = 1024)]
+        vocab_size: usize,
+        #[arg(long)]
+        out: PathBuf,
+    },
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Generate { model, prompt, system, sampling, run, json } => {
+            commands::generate(&model, &prompt, system.as_deref(), &sampling, &run, json)
+        }
+        Command::Chat { model, system, sampling, run } => commands::chat(&model, system.as_deref(), &sampling, &run),
+        Command::Inspect { model, messages, tokens } => commands::inspect(&model, &messages, tokens),
+        Command::Init { preset, tokenizer, out, seed } => commands::init(&preset, &tokenizer, &out, seed),
+        Command::Tokenizer { command: TokenizerCommand::Train { input, vocab_size, out } } => {
+            commands::train_tokenizer(&input, vocab_size, &out)
+        }
+        Command::Bench { command } => bench::run(command),
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
