@@ -32,7 +32,7 @@ ORIG_LD_LIBRARY_PATH := $(LD_LIBRARY_PATH)
 export LD_LIBRARY_PATH = $(LIBTORCH)/lib:$(ORIG_LD_LIBRARY_PATH)
 export ALIGN_PYTHON := $(PYTHON)
 
-.PHONY: all build test quickstart bench fixtures pydeps fmt clippy clean
+.PHONY: all build test quickstart bench fixtures pydeps fmt clippy clean verify-hf
 
 all: build
 
@@ -83,3 +83,14 @@ clippy: $(STAMPS)/torch
 clean:
 	$(CARGO) clean
 	rm -rf $(STAMPS) runs
+
+# A checkpoint align writes loads in transformers unchanged and generates the
+# same greedy tokens.
+verify-hf: build $(STAMPS)/pydeps
+	mkdir -p runs/verify-hf
+	$(BIN) tokenizer train --input recipes/data/tiny_corpus.txt --vocab-size 800 --out runs/verify-hf/tokenizer.json
+	$(BIN) init --preset tiny --tokenizer runs/verify-hf/tokenizer.json --out runs/verify-hf/model --seed 3
+	$(BIN) generate --model runs/verify-hf/model --prompt "Sort the numbers 5 2 9" --max-new-tokens 16 --device cpu --json \
+	  | $(PYTHON) -c 'import json,sys; d=json.load(sys.stdin); print(json.dumps({"prompt_ids": d["prompt_ids"], "token_ids": d["token_ids"]}))' > runs/verify-hf/align.json
+	$(PYTHON) scripts/check_hf_load.py runs/verify-hf/model "Sort the numbers 5 2 9" 16 > runs/verify-hf/transformers.json
+	cmp runs/verify-hf/align.json runs/verify-hf/transformers.json && echo "verify-hf: transformers loads the align checkpoint and agrees token for token"

@@ -116,7 +116,8 @@ pub fn read_messages(path: &Path) -> Result<Vec<Message>> {
 pub fn inspect(model: &Path, messages: &Path, tokens: bool) -> Result<()> {
     let tok = Tokenizer::from_file(&model.join(checkpoint::TOKENIZER))?;
     let msgs = read_messages(messages)?;
-    let rendered = chat::render(&msgs, false).with_context(|| format!("conversation in {}", messages.display()))?;
+    let rendered =
+        chat::render(&msgs, false).with_context(|| format!("conversation in {}", messages.display()))?;
     let enc = chat::encode(&tok, &msgs, false)?;
     println!("── rendered (trained spans between ⟦ and ⟧) ──");
     let mut text = String::new();

@@ -127,7 +127,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Generate { model, prompt, system, sampling, run, json } => {
             commands::generate(&model, &prompt, system.as_deref(), &sampling, &run, json)
         }
-        Command::Chat { model, system, sampling, run } => commands::chat(&model, system.as_deref(), &sampling, &run),
+        Command::Chat { model, system, sampling, run } => {
+            commands::chat(&model, system.as_deref(), &sampling, &run)
+        }
         Command::Inspect { model, messages, tokens } => commands::inspect(&model, &messages, tokens),
         Command::Init { preset, tokenizer, out, seed } => commands::init(&preset, &tokenizer, &out, seed),
         Command::Tokenizer { command: TokenizerCommand::Train { input, vocab_size, out } } => {

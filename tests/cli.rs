@@ -26,8 +26,18 @@ fn fails_cleanly(out: &Output, needle: &str) {
 
 #[test]
 fn generate_json_prompt_ids_follow_the_chat_template() {
-    let out = align(&["generate", "--model", fixture("mqa").to_str().unwrap(), "--prompt", "Hello there",
-        "--max-new-tokens", "8", "--device", "cpu", "--json"]);
+    let out = align(&[
+        "generate",
+        "--model",
+        fixture("mqa").to_str().unwrap(),
+        "--prompt",
+        "Hello there",
+        "--max-new-tokens",
+        "8",
+        "--device",
+        "cpu",
+        "--json",
+    ]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["prompt_ids"], expected()["chats"][0]["ids"]);
@@ -37,18 +47,57 @@ fn generate_json_prompt_ids_follow_the_chat_template() {
     assert!(if reason == "length" { n == 8 } else { n < 8 });
     assert!(v["text"].is_string());
     // Greedy is deterministic; sampling is reproducible from --seed.
-    let again = align(&["generate", "--model", fixture("mqa").to_str().unwrap(), "--prompt", "Hello there",
-        "--max-new-tokens", "8", "--device", "cpu", "--json"]);
+    let again = align(&[
+        "generate",
+        "--model",
+        fixture("mqa").to_str().unwrap(),
+        "--prompt",
+        "Hello there",
+        "--max-new-tokens",
+        "8",
+        "--device",
+        "cpu",
+        "--json",
+    ]);
     assert_eq!(out.stdout, again.stdout);
-    let s = |seed: &str| align(&["generate", "--model", fixture("mqa").to_str().unwrap(), "--prompt", "hi",
-        "--temperature", "1.0", "--top-p", "0.9", "--seed", seed, "--json", "--device", "cpu"]).stdout;
+    let s = |seed: &str| {
+        align(&[
+            "generate",
+            "--model",
+            fixture("mqa").to_str().unwrap(),
+            "--prompt",
+            "hi",
+            "--temperature",
+            "1.0",
+            "--top-p",
+            "0.9",
+            "--seed",
+            seed,
+            "--json",
+            "--device",
+            "cpu",
+        ])
+        .stdout
+    };
     assert_eq!(s("5"), s("5"));
 }
 
 #[test]
 fn generate_with_system_folds_it_into_the_first_turn() {
-    let out = align(&["generate", "--model", fixture("mqa").to_str().unwrap(), "--prompt", "Sort: 3 1 2",
-        "--system", "You are terse.", "--max-new-tokens", "2", "--json", "--dtype", "bf16"]);
+    let out = align(&[
+        "generate",
+        "--model",
+        fixture("mqa").to_str().unwrap(),
+        "--prompt",
+        "Sort: 3 1 2",
+        "--system",
+        "You are terse.",
+        "--max-new-tokens",
+        "2",
+        "--json",
+        "--dtype",
+        "bf16",
+    ]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let want = &expected()["chats"][2]["ids"];
@@ -76,30 +125,50 @@ fn broken_copy(edit: impl FnOnce(&Path)) -> tempfile::TempDir {
 #[test]
 fn corrupt_safetensors_fails_cleanly() {
     let d = broken_copy(|p| std::fs::write(p.join("model.safetensors"), b"garbage").unwrap());
-    fails_cleanly(&align(&["generate", "--model", d.path().to_str().unwrap(), "--prompt", "x"]), "not a valid safetensors file");
+    fails_cleanly(
+        &align(&["generate", "--model", d.path().to_str().unwrap(), "--prompt", "x"]),
+        "not a valid safetensors file",
+    );
 }
 
 #[test]
 fn config_with_wrong_field_fails_cleanly() {
     let d = broken_copy(|p| {
-        let c = std::fs::read_to_string(p.join("config.json")).unwrap().replace("\"num_hidden_layers\": 2", "\"num_hidden_layers\": -2");
+        let c = std::fs::read_to_string(p.join("config.json"))
+            .unwrap()
+            .replace("\"num_hidden_layers\": 2", "\"num_hidden_layers\": -2");
         std::fs::write(p.join("config.json"), c).unwrap();
     });
-    fails_cleanly(&align(&["generate", "--model", d.path().to_str().unwrap(), "--prompt", "x"]), "num_hidden_layers must be positive");
+    fails_cleanly(
+        &align(&["generate", "--model", d.path().to_str().unwrap(), "--prompt", "x"]),
+        "num_hidden_layers must be positive",
+    );
 }
 
 #[test]
 fn inspect_marks_trained_spans_and_rejects_roles_out_of_order() {
     let tmp = tempfile::tempdir().unwrap();
     let good = tmp.path().join("good.json");
-    std::fs::write(&good, r#"{"messages":[{"role":"user","content":"Reverse: ab"},{"role":"assistant","content":"ba"}]}"#).unwrap();
-    let out = align(&["inspect", "--model", fixture("mqa").to_str().unwrap(), "--messages", good.to_str().unwrap(), "--tokens"]);
+    std::fs::write(
+        &good,
+        r#"{"messages":[{"role":"user","content":"Reverse: ab"},{"role":"assistant","content":"ba"}]}"#,
+    )
+    .unwrap();
+    let out = align(&[
+        "inspect",
+        "--model",
+        fixture("mqa").to_str().unwrap(),
+        "--messages",
+        good.to_str().unwrap(),
+        "--tokens",
+    ]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("<start_of_turn>model\n⟦ba<end_of_turn>\n⟧"), "{text}");
     let bad = tmp.path().join("bad.json");
     std::fs::write(&bad, r#"[{"role":"assistant","content":"hi"},{"role":"user","content":"x"}]"#).unwrap();
-    let out = align(&["inspect", "--model", fixture("mqa").to_str().unwrap(), "--messages", bad.to_str().unwrap()]);
+    let out =
+        align(&["inspect", "--model", fixture("mqa").to_str().unwrap(), "--messages", bad.to_str().unwrap()]);
     fails_cleanly(&out, "roles must alternate");
 }
 
@@ -108,18 +177,54 @@ fn tokenizer_train_then_init_then_generate() {
     let tmp = tempfile::tempdir().unwrap();
     let corpus = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("recipes/data/tiny_corpus.txt");
     let tok = tmp.path().join("tokenizer.json");
-    let out = align(&["tokenizer", "train", "--input", corpus.to_str().unwrap(), "--vocab-size", "600", "--out", tok.to_str().unwrap()]);
+    let out = align(&[
+        "tokenizer",
+        "train",
+        "--input",
+        corpus.to_str().unwrap(),
+        "--vocab-size",
+        "600",
+        "--out",
+        tok.to_str().unwrap(),
+    ]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let model = tmp.path().join("model");
-    let out = align(&["init", "--preset", "tiny", "--tokenizer", tok.to_str().unwrap(), "--out", model.to_str().unwrap()]);
+    let out = align(&[
+        "init",
+        "--preset",
+        "tiny",
+        "--tokenizer",
+        tok.to_str().unwrap(),
+        "--out",
+        model.to_str().unwrap(),
+    ]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(model.join("config.json")).unwrap()).unwrap();
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(model.join("config.json")).unwrap()).unwrap();
     assert_eq!(cfg["vocab_size"], 640);
-    let tc: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(model.join("tokenizer_config.json")).unwrap()).unwrap();
+    let tc: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(model.join("tokenizer_config.json")).unwrap()).unwrap();
     assert!(tc["chat_template"].as_str().unwrap().contains("<start_of_turn>"));
-    let out = align(&["generate", "--model", model.to_str().unwrap(), "--prompt", "Add 1 and 2.", "--max-new-tokens", "5", "--json"]);
+    let out = align(&[
+        "generate",
+        "--model",
+        model.to_str().unwrap(),
+        "--prompt",
+        "Add 1 and 2.",
+        "--max-new-tokens",
+        "5",
+        "--json",
+    ]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let out = align(&["init", "--preset", "nope", "--tokenizer", tok.to_str().unwrap(), "--out", model.to_str().unwrap()]);
+    let out = align(&[
+        "init",
+        "--preset",
+        "nope",
+        "--tokenizer",
+        tok.to_str().unwrap(),
+        "--out",
+        model.to_str().unwrap(),
+    ]);
     fails_cleanly(&out, "unknown model preset \"nope\"");
 }
 

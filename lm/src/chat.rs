@@ -134,11 +134,8 @@ pub fn encode(tok: &Tokenizer, messages: &[Message], add_generation_prompt: bool
     let r = render(messages, add_generation_prompt)?;
     let enc = tok.encode_raw(&r.text)?;
     let ids: Vec<i64> = enc.get_ids().iter().map(|&i| i as i64).collect();
-    let loss_mask = enc
-        .get_offsets()
-        .iter()
-        .map(|&(s, _)| r.trained.iter().any(|sp| sp.contains(&s)))
-        .collect();
+    let loss_mask =
+        enc.get_offsets().iter().map(|&(s, _)| r.trained.iter().any(|sp| sp.contains(&s))).collect();
     Ok(Encoded { ids, loss_mask })
 }
 

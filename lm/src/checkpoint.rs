@@ -35,8 +35,7 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     tmp.write_all(bytes)
         .and_then(|_| tmp.as_file().sync_all())
         .with_context(|| format!("cannot write {}", path.display()))?;
-    tmp.persist(path)
-        .map_err(|e| anyhow!("cannot move the temp file to {}: {}", path.display(), e.error))?;
+    tmp.persist(path).map_err(|e| anyhow!("cannot move the temp file to {}: {}", path.display(), e.error))?;
     Ok(())
 }
 
@@ -44,7 +43,8 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
 /// it to `dir` (replacing an older one).
 pub fn write_dir_atomic(dir: &Path, fill: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
     let parent = dir.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    std::fs::create_dir_all(parent).with_context(|| format!("cannot create directory {}", parent.display()))?;
+    std::fs::create_dir_all(parent)
+        .with_context(|| format!("cannot create directory {}", parent.display()))?;
     let name = dir.file_name().ok_or_else(|| anyhow!("{} is not a directory name", dir.display()))?;
     let tmp = tempfile::Builder::new()
         .prefix(&format!(".{}.partial-", name.to_string_lossy()))
@@ -92,7 +92,8 @@ fn dtype_of(kind: Kind) -> Result<Dtype> {
 pub fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
     let index = dir.join(WEIGHTS_INDEX);
     if index.exists() {
-        let text = std::fs::read_to_string(&index).with_context(|| format!("cannot read {}", index.display()))?;
+        let text =
+            std::fs::read_to_string(&index).with_context(|| format!("cannot read {}", index.display()))?;
         let v: serde_json::Value =
             serde_json::from_str(&text).with_context(|| format!("{} is not valid JSON", index.display()))?;
         let map = v
@@ -101,7 +102,11 @@ pub fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
             .ok_or_else(|| anyhow!("{} has no \"weight_map\" object", index.display()))?;
         let mut files: Vec<String> = map
             .values()
-            .map(|f| f.as_str().map(String::from).ok_or_else(|| anyhow!("{}: a weight_map value is not a string", index.display())))
+            .map(|f| {
+                f.as_str()
+                    .map(String::from)
+                    .ok_or_else(|| anyhow!("{}: a weight_map value is not a string", index.display()))
+            })
             .collect::<Result<_>>()?;
         files.sort();
         files.dedup();
@@ -140,11 +145,17 @@ pub fn read_tensors(dir: &Path) -> Result<BTreeMap<String, Tensor>> {
 /// Copies `tensors` into the variables of `vs`, checking names and shapes.
 /// `ignore` names tensors that may be present without a variable (a tied
 /// `lm_head.weight`).
-pub fn load_into(vs: &nn::VarStore, mut tensors: BTreeMap<String, Tensor>, ignore: &[&str], origin: &Path) -> Result<()> {
+pub fn load_into(
+    vs: &nn::VarStore,
+    mut tensors: BTreeMap<String, Tensor>,
+    ignore: &[&str],
+    origin: &Path,
+) -> Result<()> {
     let vars = vs.variables();
     let mut names: Vec<&String> = vars.keys().collect();
     names.sort();
-    let missing: Vec<&str> = names.iter().filter(|n| !tensors.contains_key(n.as_str())).map(|n| n.as_str()).collect();
+    let missing: Vec<&str> =
+        names.iter().filter(|n| !tensors.contains_key(n.as_str())).map(|n| n.as_str()).collect();
     let unexpected: Vec<&str> = tensors
         .keys()
         .filter(|k| !vars.contains_key(k.as_str()) && !ignore.contains(&k.as_str()))
@@ -245,7 +256,8 @@ pub fn write_tensors(dir: &Path, tensors: &BTreeMap<String, Tensor>, max_shard_b
     let n = shards.len();
     let mut weight_map = BTreeMap::new();
     for (s, idx) in shards.iter().enumerate() {
-        let fname = if n == 1 { WEIGHTS.to_string() } else { format!("model-{:05}-of-{:05}.safetensors", s + 1, n) };
+        let fname =
+            if n == 1 { WEIGHTS.to_string() } else { format!("model-{:05}-of-{:05}.safetensors", s + 1, n) };
         let views: Vec<(String, safetensors::tensor::TensorView)> = idx
             .iter()
             .map(|&i| {
@@ -311,7 +323,13 @@ impl Default for SaveOptions {
 
 /// Writes a complete checkpoint directory atomically. Weights are stored in
 /// the dtype they have in `vs`.
-pub fn save(dir: &Path, vs: &nn::VarStore, cfg: &GemmaConfig, tok: &Tokenizer, opts: &SaveOptions) -> Result<()> {
+pub fn save(
+    dir: &Path,
+    vs: &nn::VarStore,
+    cfg: &GemmaConfig,
+    tok: &Tokenizer,
+    opts: &SaveOptions,
+) -> Result<()> {
     let tensors: BTreeMap<String, Tensor> = vs.variables().into_iter().collect();
     let mut cfg = cfg.clone();
     cfg.architectures = Some(vec![opts.architecture.clone()]);

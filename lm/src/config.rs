@@ -89,15 +89,7 @@ fn default_init_range() -> f64 {
 pub const PRESETS: &[&str] = &["gemma-2b", "gemma-7b", "tiny", "small-20m", "test-mqa"];
 
 impl GemmaConfig {
-    fn base(
-        vocab: i64,
-        hidden: i64,
-        inter: i64,
-        layers: i64,
-        heads: i64,
-        kv: i64,
-        head_dim: i64,
-    ) -> Self {
+    fn base(vocab: i64, hidden: i64, inter: i64, layers: i64, heads: i64, kv: i64, head_dim: i64) -> Self {
         GemmaConfig {
             model_type: "gemma".into(),
             architectures: Some(vec!["GemmaForCausalLM".into()]),
@@ -149,10 +141,7 @@ impl GemmaConfig {
                 c.max_position_embeddings = 256;
                 c
             }
-            other => bail!(
-                "unknown model preset {other:?}; known presets: {}",
-                PRESETS.join(", ")
-            ),
+            other => bail!("unknown model preset {other:?}; known presets: {}", PRESETS.join(", ")),
         })
     }
 
@@ -161,25 +150,16 @@ impl GemmaConfig {
         let text = std::fs::read_to_string(path)
             .with_context(|| format!("cannot read model config {}", path.display()))?;
         let cfg: GemmaConfig = serde_json::from_str(&text).map_err(|e| {
-            anyhow::anyhow!(
-                "{}:{}:{}: invalid model config: {e}",
-                path.display(),
-                e.line(),
-                e.column()
-            )
+            anyhow::anyhow!("{}:{}:{}: invalid model config: {e}", path.display(), e.line(), e.column())
         })?;
-        cfg.validate()
-            .with_context(|| format!("invalid model config {}", path.display()))?;
+        cfg.validate().with_context(|| format!("invalid model config {}", path.display()))?;
         Ok(cfg)
     }
 
     /// Checks the values make a model align can build.
     pub fn validate(&self) -> Result<()> {
         if self.model_type != "gemma" {
-            bail!(
-                "model_type is {:?}; align supports Gemma (model_type \"gemma\") only",
-                self.model_type
-            );
+            bail!("model_type is {:?}; align supports Gemma (model_type \"gemma\") only", self.model_type);
         }
         for (name, v) in [
             ("vocab_size", self.vocab_size),
@@ -212,7 +192,7 @@ impl GemmaConfig {
         if !matches!(act, "gelu_pytorch_tanh" | "gelu_new" | "gelu" | "gelu_fast") {
             bail!("hidden activation {act:?} is not supported; use \"gelu_pytorch_tanh\"");
         }
-        if !(self.rms_norm_eps > 0.0) {
+        if self.rms_norm_eps.is_nan() || self.rms_norm_eps <= 0.0 {
             bail!("rms_norm_eps must be positive, got {}", self.rms_norm_eps);
         }
         if let Some(t) = self.rope_parameters.as_ref().and_then(|r| r.rope_type.as_deref()) {
@@ -228,16 +208,11 @@ impl GemmaConfig {
     }
 
     pub fn head_dim(&self) -> i64 {
-        self.head_dim
-            .unwrap_or(self.hidden_size / self.num_attention_heads.max(1))
+        self.head_dim.unwrap_or(self.hidden_size / self.num_attention_heads.max(1))
     }
 
     pub fn rope_theta(&self) -> f64 {
-        self.rope_parameters
-            .as_ref()
-            .and_then(|r| r.rope_theta)
-            .or(self.rope_theta)
-            .unwrap_or(10000.0)
+        self.rope_parameters.as_ref().and_then(|r| r.rope_theta).or(self.rope_theta).unwrap_or(10000.0)
     }
 
     /// The MLP activation: `hidden_activation` (Gemma 1 legacy) wins over

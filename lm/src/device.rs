@@ -16,7 +16,9 @@ pub fn parse_device(s: &str) -> Result<Device> {
         }
         other => match other.strip_prefix("cuda:").and_then(|n| n.parse::<usize>().ok()) {
             Some(n) if tch::Cuda::is_available() && (n as i64) < tch::Cuda::device_count() => Device::Cuda(n),
-            Some(n) => bail!("--device cuda:{n}: no such CUDA device ({} visible)", tch::Cuda::device_count()),
+            Some(n) => {
+                bail!("--device cuda:{n}: no such CUDA device ({} visible)", tch::Cuda::device_count())
+            }
             None => bail!("unknown device {other:?}; use auto, cpu, cuda or cuda:N"),
         },
     })

@@ -34,7 +34,7 @@ pub struct GenerationConfig {
 
 impl GenerationConfig {
     pub fn validate(&self) -> Result<()> {
-        if !(self.temperature >= 0.0) || !self.temperature.is_finite() {
+        if self.temperature.is_nan() || self.temperature < 0.0 || !self.temperature.is_finite() {
             bail!("temperature must be a finite number >= 0, got {}", self.temperature);
         }
         if let Some(k) = self.top_k {
@@ -124,7 +124,7 @@ fn choose(logits: &Tensor, cfg: &GenerationConfig, uniform: &[f64]) -> Tensor {
     let u = Tensor::from_slice(uniform).to_kind(Kind::Float).to_device(logits.device()).unsqueeze(1); // (B, 1)
     let u = u * cdf.narrow(1, cdf.size()[1] - 1, 1); // scale by the total mass (≈ 1)
     let idx = cdf.lt_tensor(&u).sum_dim_intlist(-1, false, Kind::Int64); // (B,)
-    // Never pick a token the filters removed (cdf flat at the end).
+                                                                         // Never pick a token the filters removed (cdf flat at the end).
     let last_allowed = probs.gt(0.0).to_kind(Kind::Int64).cumsum(-1, Kind::Int64).argmax(-1, false);
     idx.minimum(&last_allowed)
 }
@@ -168,7 +168,7 @@ pub fn generate(model: &Gemma, prompts: &[Vec<i64>], cfg: &GenerationConfig) -> 
     }
     let ids = Tensor::from_slice(&ids).view([b, plen]).to_device(dev); // (B, P)
     let valid_p = Tensor::from_slice(&valid).view([b, plen]).to_device(dev); // (B, P)
-    // Key validity over the whole cache; generated tokens are always valid.
+                                                                             // Key validity over the whole cache; generated tokens are always valid.
     let valid_all = Tensor::cat(&[valid_p.shallow_clone(), Tensor::ones([b, max_new], (Kind::Bool, dev))], 1); // (B, P+N)
     let positions = (valid_p.to_kind(Kind::Int64).cumsum(1, Kind::Int64) - 1).clamp_min(0); // (B, P)
     let mut next_pos = positions.narrow(1, plen - 1, 1) + 1; // (B, 1)

@@ -24,6 +24,6 @@ pub mod tokenizer;
 
 pub use chat::{Encoded, Message};
 pub use config::GemmaConfig;
-pub use generate::{generate, GenerationConfig, Generation, StopReason};
+pub use generate::{generate, Generation, GenerationConfig, StopReason};
 pub use model::{Gemma, KvCache};
 pub use tokenizer::Tokenizer;

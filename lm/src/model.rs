@@ -67,9 +67,8 @@ pub struct Rope {
 impl Rope {
     pub fn new(cfg: &GemmaConfig, device: Device) -> Self {
         let dim = cfg.head_dim();
-        let exponent = Tensor::arange_start_step(0, dim, 2, (Kind::Int64, device))
-            .to_kind(Kind::Float)
-            / dim as f64;
+        let exponent =
+            Tensor::arange_start_step(0, dim, 2, (Kind::Int64, device)).to_kind(Kind::Float) / dim as f64;
         let inv_freq = Tensor::pow_scalar(cfg.rope_theta(), &exponent).reciprocal();
         Rope { inv_freq }
     }
@@ -109,12 +108,7 @@ impl KvCache {
     pub fn new(cfg: &GemmaConfig, batch: i64, capacity: i64, kind: Kind, device: Device) -> Self {
         let shape = [batch, cfg.num_kv_heads(), capacity, cfg.head_dim()];
         let layers = (0..cfg.num_hidden_layers)
-            .map(|_| {
-                (
-                    Tensor::zeros(shape, (kind, device)),
-                    Tensor::zeros(shape, (kind, device)),
-                )
-            })
+            .map(|_| (Tensor::zeros(shape, (kind, device)), Tensor::zeros(shape, (kind, device))))
             .collect();
         KvCache { layers, len: 0, capacity }
     }
@@ -186,7 +180,9 @@ impl Attention {
         let scale = 1.0 / (d as f64).sqrt();
         let y = match mask {
             Some(m) => Tensor::scaled_dot_product_attention(&q, &k, &v, Some(m), 0.0, false, scale, false),
-            None => Tensor::scaled_dot_product_attention::<Tensor>(&q, &k, &v, None, 0.0, t > 1, scale, false),
+            None => {
+                Tensor::scaled_dot_product_attention::<Tensor>(&q, &k, &v, None, 0.0, t > 1, scale, false)
+            }
         }; // (B, NH, T, D)
         let y = y.transpose(1, 2).reshape([b, t, self.n_heads * d]); // (B, T, NH*D)
         self.o_proj.forward(&y)
@@ -275,9 +271,7 @@ impl Gemma {
                 let _ = embed_tokens.get(pad).zero_();
             });
         }
-        let layers = (0..cfg.num_hidden_layers)
-            .map(|i| DecoderLayer::new(&m / "layers" / i, cfg))
-            .collect();
+        let layers = (0..cfg.num_hidden_layers).map(|i| DecoderLayer::new(&m / "layers" / i, cfg)).collect();
         let norm = RmsNorm::new(&m / "norm", cfg.hidden_size, cfg.rms_norm_eps);
         let lm_head = (!cfg.tie_word_embeddings)
             .then(|| Linear::new(p / "lm_head", cfg.hidden_size, cfg.vocab_size, cfg.initializer_range));
@@ -313,23 +307,28 @@ impl Gemma {
         mut cache: Option<&mut KvCache>,
     ) -> Result<Tensor> {
         let (b, t) = input_ids.size2()?;
-        ensure!(positions.size() == [b, t], "positions must be (B, T) = ({b}, {t}), got {:?}", positions.size());
+        ensure!(
+            positions.size() == [b, t],
+            "positions must be (B, T) = ({b}, {t}), got {:?}",
+            positions.size()
+        );
         let start = cache.as_ref().map_or(0, |c| c.len);
         if let Some(c) = cache.as_ref() {
             ensure!(start + t <= c.capacity, "KV cache full: {} + {t} > capacity {}", start, c.capacity);
         }
         let kind = self.kind();
         let x = Tensor::f_embedding(&self.model.embed_tokens, input_ids, -1, false, false)?; // (B, T, H)
-        let normalizer = Tensor::from((self.cfg.hidden_size as f64).sqrt()).to_kind(kind).to_device(self.device);
+        let normalizer =
+            Tensor::from((self.cfg.hidden_size as f64).sqrt()).to_kind(kind).to_device(self.device);
         let mut x = x * normalizer;
         let (cos, sin) = self.rope.tables(positions, kind);
         for (i, layer) in self.model.layers.iter().enumerate() {
             let h = layer.input_layernorm.forward(&x);
             let kv = cache.as_mut().map(|c| (&mut c.layers[i], start));
             let h = layer.self_attn.forward(&h, &cos, &sin, mask, kv);
-            x = x + h;
+            x = x.f_add(&h)?; // residual (not in place: autograd keeps x)
             let h = layer.mlp.forward(&layer.post_attention_layernorm.forward(&x));
-            x = x + h;
+            x = x.f_add(&h)?; // residual (not in place: autograd keeps x)
         }
         if let Some(c) = cache {
             c.len = start + t;

@@ -12,14 +12,8 @@ use tokenizers::{AddedToken, Encoding, ModelWrapper};
 
 /// The special tokens of Gemma, in the id order Gemma's vocabulary has them
 /// (`<pad>` 0, `<eos>` 1, `<bos>` 2, `<unk>` 3), then the turn markers.
-pub const SPECIAL_TOKENS: [&str; 6] = [
-    "<pad>",
-    "<eos>",
-    "<bos>",
-    "<unk>",
-    "<start_of_turn>",
-    "<end_of_turn>",
-];
+pub const SPECIAL_TOKENS: [&str; 6] =
+    ["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>"];
 
 /// Ids of the special tokens, read from the tokenizer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -49,9 +43,10 @@ impl Tokenizer {
 
     pub fn new(inner: tokenizers::Tokenizer) -> Result<Self> {
         let id = |s: &str| -> Result<i64> {
-            inner.token_to_id(s).map(i64::from).ok_or_else(|| {
-                anyhow!("the tokenizer has no {s:?} token; Gemma's dialogue format needs it")
-            })
+            inner
+                .token_to_id(s)
+                .map(i64::from)
+                .ok_or_else(|| anyhow!("the tokenizer has no {s:?} token; Gemma's dialogue format needs it"))
         };
         let special = SpecialIds {
             pad: id("<pad>")?,
@@ -70,9 +65,7 @@ impl Tokenizer {
     /// Encodes text as is: special-token strings in it become their ids, no
     /// `<bos>` is added.
     pub fn encode_raw(&self, text: &str) -> Result<Encoding> {
-        self.inner
-            .encode(text, false)
-            .map_err(|e| anyhow!("tokenizer failed to encode text: {e}"))
+        self.inner.encode(text, false).map_err(|e| anyhow!("tokenizer failed to encode text: {e}"))
     }
 
     pub fn encode(&self, text: &str) -> Result<Vec<i64>> {
@@ -82,9 +75,7 @@ impl Tokenizer {
     /// Decodes ids; special tokens are skipped when `skip_special`.
     pub fn decode(&self, ids: &[i64], skip_special: bool) -> Result<String> {
         let ids: Vec<u32> = ids.iter().map(|&i| i as u32).collect();
-        self.inner
-            .decode(&ids, skip_special)
-            .map_err(|e| anyhow!("tokenizer failed to decode: {e}"))
+        self.inner.decode(&ids, skip_special).map_err(|e| anyhow!("tokenizer failed to decode: {e}"))
     }
 
     pub fn id_to_token(&self, id: i64) -> String {
@@ -93,10 +84,7 @@ impl Tokenizer {
 
     /// Writes `tokenizer.json`.
     pub fn save(&self, path: &Path) -> Result<()> {
-        let text = self
-            .inner
-            .to_string(true)
-            .map_err(|e| anyhow!("cannot serialise tokenizer: {e}"))?;
+        let text = self.inner.to_string(true).map_err(|e| anyhow!("cannot serialise tokenizer: {e}"))?;
         crate::checkpoint::write_atomic(path, text.as_bytes())
     }
 
@@ -108,10 +96,8 @@ impl Tokenizer {
         I: Iterator<Item = S> + Send,
         S: AsRef<str> + Send,
     {
-        let specials: Vec<AddedToken> = SPECIAL_TOKENS
-            .iter()
-            .map(|s| AddedToken::from(s.to_string(), true))
-            .collect();
+        let specials: Vec<AddedToken> =
+            SPECIAL_TOKENS.iter().map(|s| AddedToken::from(s.to_string(), true)).collect();
         let min_vocab = 256 + SPECIAL_TOKENS.len();
         if vocab_size < min_vocab {
             bail!("vocab_size {vocab_size} is too small: a byte-level BPE needs at least {min_vocab}");
@@ -127,11 +113,8 @@ impl Tokenizer {
         let mut tok = tokenizers::Tokenizer::new(ModelWrapper::BPE(BPE::default()));
         tok.with_pre_tokenizer(Some(ByteLevel::new(false, true, true)));
         tok.with_decoder(Some(ByteLevelDecoder::default()));
-        tok.train(&mut trainer, texts)
-            .map_err(|e| anyhow!("BPE training failed: {e}"))?;
-        let bos_id = tok
-            .token_to_id("<bos>")
-            .ok_or_else(|| anyhow!("training lost the <bos> token"))?;
+        tok.train(&mut trainer, texts).map_err(|e| anyhow!("BPE training failed: {e}"))?;
+        let bos_id = tok.token_to_id("<bos>").ok_or_else(|| anyhow!("training lost the <bos> token"))?;
         let post = TemplateProcessing::builder()
             .try_single("<bos> $A")
             .map_err(|e| anyhow!("{e}"))?

@@ -24,10 +24,17 @@ fn saved_checkpoint_reloads_with_identical_logits() {
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("ckpt");
     checkpoint::save(&out, &m.vs, &m.model.cfg, &m.tokenizer, &SaveOptions::default()).unwrap();
-    for f in ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "generation_config.json"] {
+    for f in [
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "generation_config.json",
+    ] {
         assert!(out.join(f).exists(), "{f} missing");
     }
-    let cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
     assert_eq!(cfg["architectures"][0], "GemmaForCausalLM");
     assert_eq!(cfg["model_type"], "gemma");
     let again = checkpoint::load_causal_lm(&out, Device::Cpu, Kind::Float).unwrap();
@@ -62,7 +69,8 @@ fn sharded_checkpoint_loads() {
     let files = checkpoint::weight_files(&out).unwrap();
     assert!(files.len() >= 3, "expected several shards, got {files:?}");
     let index: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(out.join("model.safetensors.index.json")).unwrap()).unwrap();
+        serde_json::from_str(&std::fs::read_to_string(out.join("model.safetensors.index.json")).unwrap())
+            .unwrap();
     assert_eq!(index["weight_map"].as_object().unwrap().len(), m.vs.variables().len());
     let again = checkpoint::load_causal_lm(&out, Device::Cpu, Kind::Float).unwrap();
     assert!(last_logits(&m.model, &probe()).equal(&last_logits(&again.model, &probe())));
@@ -106,17 +114,24 @@ fn unexpected_tensor_is_named() {
 #[test]
 fn misshaped_tensor_is_named_with_both_shapes() {
     let d = edited(|t| {
-        t.insert("model.layers.0.self_attn.k_proj.weight".into(), Tensor::zeros([64, 64], (Kind::Float, Device::Cpu)));
+        t.insert(
+            "model.layers.0.self_attn.k_proj.weight".into(),
+            Tensor::zeros([64, 64], (Kind::Float, Device::Cpu)),
+        );
     });
     let e = load_err(d.path());
-    assert!(e.contains("model.layers.0.self_attn.k_proj.weight has shape [64, 64], the model expects [32, 64]"), "{e}");
+    assert!(
+        e.contains("model.layers.0.self_attn.k_proj.weight has shape [64, 64], the model expects [32, 64]"),
+        "{e}"
+    );
 }
 
 #[test]
 fn corrupt_safetensors_is_a_clear_error() {
     let tmp = tempfile::tempdir().unwrap();
     copy_dir(&fixture_dir("mqa"), tmp.path());
-    std::fs::write(tmp.path().join("model.safetensors"), b"\x10\x00\x00\x00\x00\x00\x00\x00{not json").unwrap();
+    std::fs::write(tmp.path().join("model.safetensors"), b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
+        .unwrap();
     let e = load_err(tmp.path());
     assert!(e.contains("is not a valid safetensors file"), "{e}");
     // Truncated: a valid header promising more bytes than there are.
@@ -141,7 +156,10 @@ fn config_with_a_wrong_field_is_a_clear_error() {
     std::fs::write(&p, text).unwrap();
     let e = load_err(tmp.path());
     assert!(e.contains("config.json") && e.contains("invalid type: string \"64\""), "{e}");
-    let text = std::fs::read_to_string(&p).unwrap().replace("\"hidden_size\": \"64\"", "\"hidden_size\": 64").replace("\"model_type\": \"gemma\"", "\"model_type\": \"llama\"");
+    let text = std::fs::read_to_string(&p)
+        .unwrap()
+        .replace("\"hidden_size\": \"64\"", "\"hidden_size\": 64")
+        .replace("\"model_type\": \"gemma\"", "\"model_type\": \"llama\"");
     std::fs::write(&p, text).unwrap();
     let e = load_err(tmp.path());
     assert!(e.contains("model_type is \"llama\""), "{e}");

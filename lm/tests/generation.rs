@@ -7,7 +7,12 @@ use lm::{GenerationConfig, StopReason};
 use tch::{Kind, Tensor};
 
 fn prompts() -> Vec<Vec<i64>> {
-    vec![vec![2, 40, 41, 42], vec![2, 300, 12, 9, 77, 150, 88, 61, 19, 7, 250], vec![2], vec![2, 8, 8, 8, 8, 8, 8]]
+    vec![
+        vec![2, 40, 41, 42],
+        vec![2, 300, 12, 9, 77, 150, 88, 61, 19, 7, 250],
+        vec![2],
+        vec![2, 8, 8, 8, 8, 8, 8],
+    ]
 }
 
 #[test]
@@ -23,7 +28,11 @@ fn kv_cache_gives_the_same_tokens_as_recomputing_the_sequence() {
             let want = logits.argmax(-1, false).int64_value(&[]);
             assert_eq!(t, want, "step {i} of prompt {p:?}");
             let lp = logits.log_softmax(-1, Kind::Float).double_value(&[want]);
-            assert!((lp - g.logprobs[i] as f64).abs() < 1e-4, "logprob at step {i}: {lp} vs {}", g.logprobs[i]);
+            assert!(
+                (lp - g.logprobs[i] as f64).abs() < 1e-4,
+                "logprob at step {i}: {lp} vs {}",
+                g.logprobs[i]
+            );
             seq.push(t);
         }
     }
@@ -64,7 +73,15 @@ fn sequences_stop_independently_at_their_stop_token() {
 }
 
 fn sampling(seed: u64) -> GenerationConfig {
-    GenerationConfig { temperature: 0.9, top_k: Some(50), top_p: Some(0.95), seed, eos_id: -1, end_of_turn_id: None, ..greedy(20) }
+    GenerationConfig {
+        temperature: 0.9,
+        top_k: Some(50),
+        top_p: Some(0.95),
+        seed,
+        eos_id: -1,
+        end_of_turn_id: None,
+        ..greedy(20)
+    }
 }
 
 #[test]
@@ -82,8 +99,15 @@ fn sampling_is_reproducible_from_the_seed() {
 #[test]
 fn top_k_one_sampling_equals_greedy() {
     let m = load("mqa");
-    let g = lm::generate(&m.model, &prompts(), &GenerationConfig { eos_id: -1, end_of_turn_id: None, ..greedy(20) }).unwrap();
-    let s = lm::generate(&m.model, &prompts(), &GenerationConfig { top_k: Some(1), top_p: None, ..sampling(3) }).unwrap();
+    let g = lm::generate(
+        &m.model,
+        &prompts(),
+        &GenerationConfig { eos_id: -1, end_of_turn_id: None, ..greedy(20) },
+    )
+    .unwrap();
+    let s =
+        lm::generate(&m.model, &prompts(), &GenerationConfig { top_k: Some(1), top_p: None, ..sampling(3) })
+            .unwrap();
     for (a, b) in g.iter().zip(&s) {
         assert_eq!(a.tokens, b.tokens);
     }

@@ -81,7 +81,12 @@ fn formatter_matches_apply_chat_template_byte_for_byte() {
 #[test]
 fn loss_mask_covers_model_content_and_end_of_turn_but_not_header() {
     let m = load("mqa");
-    let msgs = vec![Message::user("Reverse: abc"), Message::model("  cba "), Message::user("again"), Message::model("cba")];
+    let msgs = vec![
+        Message::user("Reverse: abc"),
+        Message::model("  cba "),
+        Message::user("again"),
+        Message::model("cba"),
+    ];
     let enc = chat::encode(&m.tokenizer, &msgs, false).unwrap();
     let trained: Vec<i64> = enc.ids.iter().zip(&enc.loss_mask).filter(|(_, &t)| t).map(|(&i, _)| i).collect();
     let text = m.tokenizer.decode(&trained, false).unwrap();
