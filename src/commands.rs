@@ -182,3 +182,12 @@ pub fn train_tokenizer(inputs: &[PathBuf], vocab_size: usize, out: &Path) -> Res
     eprintln!("wrote {} ({} tokens, trained on {} lines)", out.display(), tok.vocab_size(), lines.len());
     Ok(())
 }
+
+pub fn sft(config: &Path) -> Result<()> {
+    let mut cfg = sft::SftConfig::from_toml_file(config)?;
+    let base = config.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new(".")).to_path_buf();
+    cfg.resolve_paths(&base);
+    let s = sft::run(&cfg, &base)?;
+    println!("{}", serde_json::to_string_pretty(&s)?);
+    Ok(())
+}

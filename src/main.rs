@@ -3,6 +3,7 @@
 
 mod bench;
 mod commands;
+mod data_cmd;
 
 use clap::{Args, Parser, Subcommand};
 use std::path::PathBuf;
@@ -96,6 +97,16 @@ enum Command {
         #[arg(long, default_value_t = 0)]
         seed: i64,
     },
+    /// Supervised fine-tuning (or pretraining) from a TOML config.
+    Sft {
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Data tools: inspect, filter, mix.
+    Data {
+        #[command(subcommand)]
+        command: data_cmd::DataCommand,
+    },
     /// Tokenizer tools.
     Tokenizer {
         #[command(subcommand)]
@@ -136,6 +147,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             commands::train_tokenizer(&input, vocab_size, &out)
         }
         Command::Bench { command } => bench::run(command),
+        Command::Sft { config } => commands::sft(&config),
+        Command::Data { command } => data_cmd::run(command),
     }
 }
 

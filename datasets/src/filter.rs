@@ -559,7 +559,7 @@ impl Filters {
     }
 }
 
-fn scoped<'a>(record: &'a Record, scope: TextScope) -> impl Iterator<Item = &'a Message> {
+fn scoped(record: &Record, scope: TextScope) -> impl Iterator<Item = &Message> {
     record.all_messages().into_iter().filter(move |m| scope.includes(m))
 }
 

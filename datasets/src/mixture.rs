@@ -15,7 +15,7 @@
 //!    that file's and the sources are not split.
 //! 3. Sampling one epoch, for source i with n_i training rows and weight w_i:
 //!    - without `total`, the weight is a number of passes: source i gives
-//!      round(w_i · n_i) rows: ⌊w_i⌋ full passes plus a random
+//!      round(w_i · n_i) rows (at least 1): ⌊w_i⌋ full passes plus a random
 //!      (w_i − ⌊w_i⌋) fraction of its rows without replacement (2.0 = every
 //!      row twice, 0.5 = a random half, 1.5 = all once and a random half again);
 //!    - with `total = N`, the weights are proportions: source i gives
@@ -214,7 +214,7 @@ pub struct Mixture {
     report: MixtureReport,
 }
 
-const SALT_SPLIT: u64 = 0x5350_4c49_54;
+const SALT_SPLIT: u64 = 0x0053_504c_4954;
 const SALT_SAMPLE: u64 = 0x5341_4d50;
 const SALT_SHUFFLE: u64 = 0x5348_5546;
 
@@ -234,6 +234,9 @@ impl Mixture {
         let held_cfg = cfg.held_out.clone().unwrap_or_default();
         if held_cfg.fraction.is_some() && held_cfg.path.is_some() {
             bail!("mixture.held_out: set `fraction` or `path`, not both");
+        }
+        if cfg.held_out.is_some() && held_cfg.fraction.is_none() && held_cfg.path.is_none() {
+            bail!("mixture.held_out: set `fraction` (a share of each source) or `path` (a separate file)");
         }
         let mut reads = Vec::new();
         let mut skipped = Vec::new();

@@ -394,10 +394,13 @@ impl Renames {
     }
 }
 
+/// One row before typing: its 1-based number and the row, or why it is bad.
+type RawRow = (usize, Result<Map<String, Value>, FieldError>);
+
 /// Rows of one file before typing: (1-based number, row or why it is bad).
 struct RawRows {
     columns: BTreeSet<String>,
-    rows: Vec<(usize, Result<Map<String, Value>, FieldError>)>,
+    rows: Vec<RawRow>,
 }
 
 fn read_rows(path: &Path, format: Format, renames: &Renames) -> Result<RawRows> {
@@ -447,7 +450,9 @@ fn read_jsonl(path: &Path) -> Result<RawRows> {
 
 fn read_json(path: &Path) -> Result<RawRows> {
     let reader = BufReader::new(fs::File::open(path)?);
-    let top: Value = serde_json::from_reader(reader).context("the file is not valid JSON")?;
+    let top: Value = serde_json::from_reader(reader).context(
+        "the file is not valid JSON (if it holds one object per line, name it .jsonl or set format = \"jsonl\")",
+    )?;
     let items: Vec<Value> = match top {
         Value::Array(items) => items,
         Value::Object(obj) => object_rows(obj)?,
@@ -538,8 +543,7 @@ fn frame_rows(df: &polars::prelude::DataFrame, wanted: &dyn Fn(&str) -> bool) ->
     };
     let columns: BTreeSet<String> = df.get_column_names().iter().map(|s| s.to_string()).collect();
     let height = df.height();
-    let mut rows: Vec<(usize, Result<Map<String, Value>, FieldError>)> =
-        (0..height).map(|i| (i + 1, Ok(Map::new()))).collect();
+    let mut rows: Vec<RawRow> = (0..height).map(|i| (i + 1, Ok(Map::new()))).collect();
     for col in df.columns() {
         let name = col.name().to_string();
         if !wanted(&name) {

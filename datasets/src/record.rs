@@ -64,7 +64,11 @@ pub enum RecordKind {
     /// `instruction` + optional `input` + `output`.
     PromptCompletion,
     /// `prompt` + `chosen` + `rejected` (+ optional `margin`), or HH-RLHF
-    /// transcripts in `chosen`/`rejected` alone.
+    /// transcripts in `chosen`/`rejected` alone. When `chosen` and `rejected`
+    /// are whole dialogues (message lists or transcripts), their shared
+    /// leading turns are the prompt (up to the last non-model turn) and the
+    /// `prompt` column is used only when they share none. A pair with an
+    /// empty side, or with identical responses, is a bad row.
     Preference,
     /// `prompt` or `messages`, for RL and the judge.
     PromptOnly,
@@ -709,7 +713,7 @@ fn parse_preference(row: &Map<String, Value>) -> Result<Record, FieldError> {
         }
     }
     // Whole dialogues (message lists, transcripts): the shared prefix is the prompt.
-    let (mut prompt, mut chosen, mut rejected) = if chosen_full || rejected_full {
+    let (mut prompt, chosen, rejected) = if chosen_full || rejected_full {
         let mut common = chosen.iter().zip(&rejected).take_while(|(a, b)| a == b).count();
         // A response never starts inside the shared prefix's model turns.
         while common > 0 && chosen[common - 1].is_model() {
@@ -737,7 +741,7 @@ fn parse_preference(row: &Map<String, Value>) -> Result<Record, FieldError> {
             "is identical to `chosen`; a preference pair needs two different responses",
         ));
     }
-    for (side, msgs) in [("chosen", &mut chosen), ("rejected", &mut rejected)] {
+    for (side, msgs) in [("chosen", &chosen), ("rejected", &rejected)] {
         if msgs.is_empty() || msgs.iter().all(|m| m.content.trim().is_empty()) {
             return Err(FieldError::at(side, "has an empty response after the shared prompt"));
         }
@@ -754,7 +758,6 @@ fn parse_preference(row: &Map<String, Value>) -> Result<Record, FieldError> {
     if prompt.iter().all(|m| m.content.trim().is_empty()) {
         return Err(FieldError::at("prompt", "expected a non-empty prompt"));
     }
-    prompt.shrink_to_fit();
     Ok(Record::Preference { prompt, chosen, rejected, margin })
 }
 

@@ -229,6 +229,11 @@ fn load_reads_sources_filters_across_them_and_reports_each_source() {
     assert!(text.contains("60 rows per epoch, 4 held out"), "{text}");
     assert_eq!(m.epoch(0).len(), 60);
 
+    let mut no_split = cfg.clone();
+    no_split.held_out = Some(Default::default());
+    let e = format!("{:#}", Mixture::load(&no_split, dir.path()).unwrap_err());
+    assert!(e.contains("held_out: set `fraction`"), "{e}");
+
     let mut cfg2 = cfg.clone();
     cfg2.sources[1].name = "a".into();
     let e = format!("{:#}", Mixture::load(&cfg2, dir.path()).unwrap_err());

@@ -370,6 +370,10 @@ fn csv_parquet_and_json_bad_rows_give_row_numbers() {
     let e = err(&json, &opts());
     assert!(e.contains("b.json: row 3: expected a JSON object, found text \"oops\""), "{e}");
 
+    let lines_in_json = write(dir.path(), "lines.json", "{\"prompt\": \"a\"}\n{\"prompt\": \"b\"}\n");
+    let e = err(&lines_in_json, &opts());
+    assert!(e.contains("lines.json") && e.contains("name it .jsonl"), "{e}");
+
     let pq = write_parquet(
         dir.path(),
         "b.parquet",

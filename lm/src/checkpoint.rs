@@ -122,24 +122,68 @@ pub fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
     )
 }
 
+/// Reads one safetensors file onto the CPU.
+pub fn read_tensors_file(file: &Path) -> Result<BTreeMap<String, Tensor>> {
+    let bytes = std::fs::read(file).with_context(|| format!("cannot read {}", file.display()))?;
+    let st = SafeTensors::deserialize(&bytes)
+        .map_err(|e| anyhow!("{} is not a valid safetensors file: {e}", file.display()))?;
+    let mut out = BTreeMap::new();
+    for (name, view) in st.tensors() {
+        let shape: Vec<i64> = view.shape().iter().map(|&d| d as i64).collect();
+        let kind = kind_of(view.dtype()).with_context(|| format!("{}: tensor {name}", file.display()))?;
+        let t = Tensor::f_from_data_size(view.data(), &shape, kind)
+            .with_context(|| format!("{}: tensor {name}", file.display()))?;
+        out.insert(name, t);
+    }
+    Ok(out)
+}
+
 /// Reads every tensor of the checkpoint's safetensors files onto the CPU.
 pub fn read_tensors(dir: &Path) -> Result<BTreeMap<String, Tensor>> {
     let mut out = BTreeMap::new();
     for file in weight_files(dir)? {
-        let bytes = std::fs::read(&file).with_context(|| format!("cannot read {}", file.display()))?;
-        let st = SafeTensors::deserialize(&bytes)
-            .map_err(|e| anyhow!("{} is not a valid safetensors file: {e}", file.display()))?;
-        for (name, view) in st.tensors() {
-            let shape: Vec<i64> = view.shape().iter().map(|&d| d as i64).collect();
-            let kind = kind_of(view.dtype()).with_context(|| format!("{}: tensor {name}", file.display()))?;
-            let t = Tensor::f_from_data_size(view.data(), &shape, kind)
-                .with_context(|| format!("{}: tensor {name}", file.display()))?;
+        for (name, t) in read_tensors_file(&file)? {
             if out.insert(name.clone(), t).is_some() {
                 bail!("tensor {name} appears twice in the checkpoint {}", dir.display());
             }
         }
     }
     Ok(out)
+}
+
+/// A tensor's dtype, shape and bytes, copied to the CPU.
+fn tensor_bytes(name: &str, t: &Tensor) -> Result<(Dtype, Vec<usize>, Vec<u8>)> {
+    let t = t.to_device(Device::Cpu).contiguous();
+    let dtype = dtype_of(t.kind()).with_context(|| format!("tensor {name}"))?;
+    let numel = t.numel();
+    let mut bytes = vec![0u8; numel * t.kind().elt_size_in_bytes()];
+    t.f_copy_data_u8(&mut bytes, numel)?;
+    Ok((dtype, t.size().iter().map(|&d| d as usize).collect(), bytes))
+}
+
+type Item = (String, Dtype, Vec<usize>, Vec<u8>);
+
+fn serialize_items(items: &[&Item], label: &str) -> Result<Vec<u8>> {
+    let meta: HashMap<String, String> = [("format".to_string(), "pt".to_string())].into();
+    let views: Vec<(String, safetensors::tensor::TensorView)> = items
+        .iter()
+        .map(|(name, dtype, shape, bytes)| {
+            safetensors::tensor::TensorView::new(*dtype, shape.clone(), bytes)
+                .map(|v| (name.clone(), v))
+                .map_err(|e| anyhow!("tensor {name}: {e}"))
+        })
+        .collect::<Result<_>>()?;
+    safetensors::tensor::serialize(views, Some(meta)).map_err(|e| anyhow!("cannot serialise {label}: {e}"))
+}
+
+/// Writes named tensors to one safetensors file, atomically.
+pub fn write_tensors_file(path: &Path, tensors: &BTreeMap<String, Tensor>) -> Result<()> {
+    let items: Vec<Item> = tensors
+        .iter()
+        .map(|(n, t)| tensor_bytes(n, t).map(|(d, s, b)| (n.clone(), d, s, b)))
+        .collect::<Result<_>>()?;
+    let refs: Vec<&Item> = items.iter().collect();
+    write_atomic(path, &serialize_items(&refs, &path.display().to_string())?)
 }
 
 /// Copies `tensors` into the variables of `vs`, checking names and shapes.
@@ -228,49 +272,31 @@ pub fn load_causal_lm(dir: &Path, device: Device, kind: Kind) -> Result<Loaded> 
     Ok(Loaded { vs, model, tokenizer })
 }
 
-/// Serialises the named tensors into safetensors bytes-on-disk, splitting into
-/// shards of at most `max_shard_bytes` (one file when everything fits).
+/// Writes the named tensors as the checkpoint's weights in `dir`, split into
+/// shards of at most `max_shard_bytes` (one `model.safetensors` when all fit).
 pub fn write_tensors(dir: &Path, tensors: &BTreeMap<String, Tensor>, max_shard_bytes: usize) -> Result<()> {
-    // Gather bytes on the CPU first.
-    let mut items: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = Vec::new();
-    for (name, t) in tensors {
-        let t = t.to_device(Device::Cpu).contiguous();
-        let dtype = dtype_of(t.kind()).with_context(|| format!("tensor {name}"))?;
-        let numel = t.numel();
-        let mut bytes = vec![0u8; numel * t.kind().elt_size_in_bytes()];
-        t.f_copy_data_u8(&mut bytes, numel)?;
-        let shape = t.size().iter().map(|&d| d as usize).collect();
-        items.push((name.clone(), dtype, shape, bytes));
-    }
-    let mut shards: Vec<Vec<usize>> = vec![vec![]];
+    let items: Vec<Item> = tensors
+        .iter()
+        .map(|(n, t)| tensor_bytes(n, t).map(|(d, s, b)| (n.clone(), d, s, b)))
+        .collect::<Result<_>>()?;
+    let mut shards: Vec<Vec<&Item>> = vec![vec![]];
     let mut size = 0usize;
-    for (i, it) in items.iter().enumerate() {
+    for it in &items {
         if size > 0 && size + it.3.len() > max_shard_bytes {
             shards.push(vec![]);
             size = 0;
         }
         size += it.3.len();
-        shards.last_mut().expect("non-empty").push(i);
+        shards.last_mut().expect("non-empty").push(it);
     }
-    let meta: HashMap<String, String> = [("format".to_string(), "pt".to_string())].into();
     let n = shards.len();
     let mut weight_map = BTreeMap::new();
-    for (s, idx) in shards.iter().enumerate() {
-        let fname =
-            if n == 1 { WEIGHTS.to_string() } else { format!("model-{:05}-of-{:05}.safetensors", s + 1, n) };
-        let views: Vec<(String, safetensors::tensor::TensorView)> = idx
-            .iter()
-            .map(|&i| {
-                let (name, dtype, shape, bytes) = &items[i];
-                weight_map.insert(name.clone(), fname.clone());
-                safetensors::tensor::TensorView::new(*dtype, shape.clone(), bytes)
-                    .map(|v| (name.clone(), v))
-                    .map_err(|e| anyhow!("tensor {name}: {e}"))
-            })
-            .collect::<Result<_>>()?;
-        let bytes = safetensors::tensor::serialize(views, Some(meta.clone()))
-            .map_err(|e| anyhow!("cannot serialise {fname}: {e}"))?;
-        write_atomic(&dir.join(&fname), &bytes)?;
+    for (s, shard) in shards.iter().enumerate() {
+        let fname = if n == 1 { WEIGHTS.to_string() } else { format!("model-{:05}-of-{:05}.safetensors", s + 1, n) };
+        for it in shard {
+            weight_map.insert(it.0.clone(), fname.clone());
+        }
+        write_atomic(&dir.join(&fname), &serialize_items(shard, &fname)?)?;
     }
     if n > 1 {
         let total: usize = items.iter().map(|i| i.3.len()).sum();
@@ -349,6 +375,7 @@ pub fn save(
         tok.save(&tmp.join(TOKENIZER))?;
         let tc = tokenizer_config_json(cfg.max_position_embeddings);
         write_atomic(&tmp.join(TOKENIZER_CONFIG), serde_json::to_string_pretty(&tc)?.as_bytes())?;
+        write_atomic(&tmp.join("chat_template.jinja"), CHAT_TEMPLATE.as_bytes())?;
         let gc = generation_config_json(tok);
         write_atomic(&tmp.join(GENERATION_CONFIG), serde_json::to_string_pretty(&gc)?.as_bytes())?;
         Ok(())

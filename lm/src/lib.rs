@@ -12,6 +12,8 @@
 //!   shape checks and written atomically (optionally sharded).
 //! - [`generate()`] — batched, seeded generation: greedy, temperature, top-k,
 //!   top-p, per-sequence stopping, per-token log-probabilities.
+//! - [`train`] — what every training stage shares: AdamW, the LR schedule,
+//!   clipping, resumable training checkpoints, metrics and progress.
 //! - [`device`] — `--device` / `--dtype` parsing.
 
 pub mod chat;
@@ -21,6 +23,7 @@ pub mod device;
 pub mod generate;
 pub mod model;
 pub mod tokenizer;
+pub mod train;
 
 pub use chat::{Encoded, Message};
 pub use config::GemmaConfig;

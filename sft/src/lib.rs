@@ -1,5 +1,21 @@
 //! `sft`: the supervised fine-tuning stage.
 //!
-//! Not built yet: masked next-token cross-entropy over the dialogue
-//! formatter's trained spans, packing, AdamW with warmup + cosine decay,
-//! checkpoints that resume bit-identically.
+//! - [`SftConfig`] — the typed `[sft]` section: start checkpoint, data (a
+//!   `datasets` mixture of dialogues, or plain text in `pretrain` mode),
+//!   sequence length, batching (length-grouped padding or packing),
+//!   truncation policy, optimiser and schedule, evaluation and checkpoints.
+//! - [`run`] — trains and writes `output_dir/{metrics.jsonl, summary.json,
+//!   checkpoints/step-N, model/}`; resumes bit-identically on the CPU from
+//!   the newest checkpoint.
+//! - [`masked_cross_entropy_sum`] — the loss: next-token cross-entropy over
+//!   the formatter's trained spans, averaged per token over the batch.
+//! - [`batch`] — sequences, packing with block-diagonal attention and
+//!   per-example positions, and the deterministic epoch plan.
+
+pub mod batch;
+pub mod loss;
+pub mod stage;
+
+pub use batch::{Sequence, Truncation};
+pub use loss::masked_cross_entropy_sum;
+pub use stage::{batch_loss, evaluate, load_data, run, Mode, SftConfig, SftSummary};

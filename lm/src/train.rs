@@ -1,0 +1,467 @@
+//! The training machinery every stage shares: AdamW with decoupled weight
+//! decay, the learning-rate schedule, global-norm clipping, training
+//! checkpoints that resume bit-identically, metrics as JSON lines and a
+//! progress bar.
+//!
+//! A training checkpoint is a directory `step-NNNNNNNN/` holding a complete
+//! Hugging Face model directory plus `optimizer.safetensors` (the AdamW
+//! moments, fp32) and `trainer_state.json` (step, data position, RNG word
+//! position, config hash). It is written atomically; the last K are kept.
+
+use crate::checkpoint::{self, SaveOptions};
+use crate::config::GemmaConfig;
+use crate::tokenizer::Tokenizer;
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use tch::{nn, Kind, Tensor};
+
+/// Optimiser and schedule settings (a recipe's `[stage.optim]` table).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OptimConfig {
+    /// Peak learning rate.
+    pub lr: f64,
+    /// Final learning rate as a fraction of `lr` at the end of cosine decay.
+    pub min_lr_ratio: f64,
+    pub warmup_steps: u64,
+    pub weight_decay: f64,
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    /// Global gradient-norm clip; 0 disables.
+    pub grad_clip: f64,
+}
+
+impl Default for OptimConfig {
+    fn default() -> Self {
+        OptimConfig {
+            lr: 1e-4,
+            min_lr_ratio: 0.1,
+            warmup_steps: 0,
+            weight_decay: 0.0,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            grad_clip: 1.0,
+        }
+    }
+}
+
+impl OptimConfig {
+    pub fn validate(&self) -> Result<()> {
+        if !(self.lr.is_finite() && self.lr > 0.0) {
+            bail!("optim.lr must be a positive number, got {}", self.lr);
+        }
+        if !(0.0..=1.0).contains(&self.min_lr_ratio) {
+            bail!("optim.min_lr_ratio must be in [0, 1], got {}", self.min_lr_ratio);
+        }
+        if !(0.0..1.0).contains(&self.beta1) || !(0.0..1.0).contains(&self.beta2) {
+            bail!("optim.beta1 and optim.beta2 must be in [0, 1)");
+        }
+        if self.weight_decay < 0.0 || self.grad_clip < 0.0 || self.eps <= 0.0 {
+            bail!("optim.weight_decay and optim.grad_clip must be >= 0 and optim.eps > 0");
+        }
+        Ok(())
+    }
+}
+
+/// Learning rate at optimiser step `step` (0-based) of `total`: linear
+/// warmup from 0 to `lr`, then cosine decay to `lr * min_lr_ratio`.
+pub fn lr_at(step: u64, total: u64, c: &OptimConfig) -> f64 {
+    if step < c.warmup_steps {
+        return c.lr * (step + 1) as f64 / c.warmup_steps as f64;
+    }
+    let decay_steps = total.saturating_sub(c.warmup_steps).max(1);
+    let progress = ((step - c.warmup_steps) as f64 / decay_steps as f64).min(1.0);
+    let cosine = 0.5 * (1.0 + (std::f64::consts::PI * progress).cos());
+    c.lr * (c.min_lr_ratio + (1.0 - c.min_lr_ratio) * cosine)
+}
+
+/// Whether a parameter gets weight decay: not norms, not embeddings (nor
+/// the tied head), as is usual for transformer training.
+pub fn decays(name: &str) -> bool {
+    !(name.contains("norm") || name.contains("embed_tokens"))
+}
+
+/// AdamW (Loshchilov & Hutter, "Decoupled Weight Decay Regularization",
+/// ICLR 2019), computed exactly as `torch.optim.AdamW` does.
+pub struct AdamW {
+    /// (name, variable, exp_avg, exp_avg_sq, decays), sorted by name.
+    params: Vec<(String, Tensor, Tensor, Tensor, bool)>,
+    /// Number of updates done.
+    pub t: u64,
+    pub cfg: OptimConfig,
+}
+
+impl AdamW {
+    pub fn new(vs: &nn::VarStore, cfg: &OptimConfig) -> Self {
+        let mut vars: Vec<(String, Tensor)> =
+            vs.variables().into_iter().filter(|(_, t)| t.requires_grad()).collect();
+        vars.sort_by(|a, b| a.0.cmp(&b.0));
+        let params = vars
+            .into_iter()
+            .map(|(name, v)| {
+                let m = v.zeros_like().to_kind(Kind::Float);
+                let s = v.zeros_like().to_kind(Kind::Float);
+                let d = decays(&name);
+                (name, v, m, s, d)
+            })
+            .collect();
+        AdamW { params, t: 0, cfg: cfg.clone() }
+    }
+
+    pub fn zero_grad(&mut self) {
+        for (_, v, ..) in &mut self.params {
+            v.zero_grad();
+        }
+    }
+
+    /// Global L2 norm of all gradients; when `max_norm > 0` and the norm
+    /// exceeds it, gradients are scaled by `max_norm / (norm + 1e-6)`.
+    pub fn clip_grad_norm(&mut self, max_norm: f64) -> Result<f64> {
+        let grads: Vec<Tensor> = self.params.iter().map(|p| p.1.grad()).filter(|g| g.defined()).collect();
+        if grads.is_empty() {
+            return Ok(0.0);
+        }
+        let norms: Vec<Tensor> = grads.iter().map(|g| g.to_kind(Kind::Float).norm()).collect();
+        let total = Tensor::stack(&norms, 0).norm().double_value(&[]);
+        if max_norm > 0.0 && total > max_norm {
+            let coef = max_norm / (total + 1e-6);
+            tch::no_grad(|| {
+                for mut g in grads {
+                    let _ = g.f_mul_scalar_(coef);
+                }
+            });
+        }
+        Ok(total)
+    }
+
+    /// One update with learning rate `lr`.
+    pub fn step(&mut self, lr: f64) -> Result<()> {
+        self.t += 1;
+        let c = &self.cfg;
+        let bc1 = 1.0 - c.beta1.powi(self.t as i32);
+        let bc2_sqrt = (1.0 - c.beta2.powi(self.t as i32)).sqrt();
+        tch::no_grad(|| -> Result<()> {
+            for (name, p, m, v, decay) in &mut self.params {
+                let g = p.grad();
+                if !g.defined() {
+                    continue;
+                }
+                let g = g.to_kind(Kind::Float);
+                if *decay && c.weight_decay > 0.0 {
+                    let _ = p.f_mul_scalar_(1.0 - lr * c.weight_decay)?;
+                }
+                let _ = m.f_mul_scalar_(c.beta1)?.f_add_(&(&g * (1.0 - c.beta1)))?;
+                let _ = v.f_mul_scalar_(c.beta2)?.f_addcmul_(&g, &(&g * (1.0 - c.beta2)))?;
+                let denom = (v.sqrt() / bc2_sqrt) + c.eps;
+                let update = (&*m / &denom) * (-lr / bc1);
+                let _ = p.f_add_(&update.to_kind(p.kind())).with_context(|| format!("updating {name}"))?;
+            }
+            Ok(())
+        })
+    }
+
+    /// The moments as named tensors (`{name}.exp_avg`, `{name}.exp_avg_sq`).
+    pub fn state_tensors(&self) -> BTreeMap<String, Tensor> {
+        let mut out = BTreeMap::new();
+        for (name, _, m, v, _) in &self.params {
+            out.insert(format!("{name}.exp_avg"), m.shallow_clone());
+            out.insert(format!("{name}.exp_avg_sq"), v.shallow_clone());
+        }
+        out
+    }
+
+    /// Restores the moments saved by [`AdamW::state_tensors`].
+    pub fn load_state(&mut self, mut t: BTreeMap<String, Tensor>, steps: u64) -> Result<()> {
+        tch::no_grad(|| -> Result<()> {
+            for (name, _, m, v, _) in &mut self.params {
+                for (suffix, dst) in [("exp_avg", m), ("exp_avg_sq", v)] {
+                    let key = format!("{name}.{suffix}");
+                    let src = t.remove(&key).with_context(|| format!("optimizer state lacks {key}"))?;
+                    if src.size() != dst.size() {
+                        bail!("optimizer state {key} has shape {:?}, expected {:?}", src.size(), dst.size());
+                    }
+                    dst.f_copy_(&src)?;
+                }
+            }
+            Ok(())
+        })?;
+        self.t = steps;
+        Ok(())
+    }
+}
+
+/// What a training checkpoint records besides the weights and moments.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct TrainerState {
+    /// Optimiser steps done.
+    pub step: u64,
+    pub total_steps: u64,
+    /// Where the data iterator stands: epoch and batch index within it.
+    pub epoch: u64,
+    pub batch_in_epoch: u64,
+    /// Word position of the stage's ChaCha RNG.
+    pub rng_word_pos: String,
+    /// Hash of the resolved stage config; resuming under another config is refused.
+    pub config_hash: String,
+    /// Any stage-specific values (a KL controller, best eval loss, …).
+    #[serde(default)]
+    pub extra: serde_json::Value,
+}
+
+pub const OPTIMIZER_FILE: &str = "optimizer.safetensors";
+pub const STATE_FILE: &str = "trainer_state.json";
+
+fn step_dir(root: &Path, step: u64) -> PathBuf {
+    root.join(format!("step-{step:08}"))
+}
+
+/// Training checkpoints under `root`, oldest first.
+pub fn list_checkpoints(root: &Path) -> Result<Vec<(u64, PathBuf)>> {
+    let mut out = vec![];
+    if !root.exists() {
+        return Ok(out);
+    }
+    for e in std::fs::read_dir(root).with_context(|| format!("cannot list {}", root.display()))? {
+        let e = e?;
+        let name = e.file_name().to_string_lossy().to_string();
+        if let Some(n) = name.strip_prefix("step-").and_then(|s| s.parse::<u64>().ok()) {
+            if e.path().join(STATE_FILE).exists() {
+                out.push((n, e.path()));
+            }
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+/// Saves a training checkpoint atomically and keeps the newest `keep_last`.
+#[allow(clippy::too_many_arguments)]
+pub fn save_checkpoint(
+    root: &Path,
+    vs: &nn::VarStore,
+    cfg: &GemmaConfig,
+    tok: &Tokenizer,
+    opt: &AdamW,
+    state: &TrainerState,
+    architecture: &str,
+    keep_last: usize,
+) -> Result<PathBuf> {
+    let dir = step_dir(root, state.step);
+    let opts = SaveOptions { architecture: architecture.to_string(), ..Default::default() };
+    checkpoint::save(&dir, vs, cfg, tok, &opts)?;
+    // Optimizer and state go in after the model; the state file is the
+    // marker of a complete checkpoint, written last.
+    checkpoint::write_tensors_file(&dir.join(OPTIMIZER_FILE), &opt.state_tensors())?;
+    checkpoint::write_atomic(&dir.join(STATE_FILE), serde_json::to_string_pretty(state)?.as_bytes())?;
+    let all = list_checkpoints(root)?;
+    if all.len() > keep_last.max(1) {
+        for (_, old) in &all[..all.len() - keep_last.max(1)] {
+            std::fs::remove_dir_all(old).with_context(|| format!("cannot remove old checkpoint {}", old.display()))?;
+        }
+    }
+    Ok(dir)
+}
+
+/// Reads the state and optimizer moments of a training checkpoint.
+pub fn read_checkpoint_state(dir: &Path) -> Result<(TrainerState, BTreeMap<String, Tensor>)> {
+    let p = dir.join(STATE_FILE);
+    let text = std::fs::read_to_string(&p).with_context(|| format!("cannot read {}", p.display()))?;
+    let state: TrainerState = serde_json::from_str(&text).with_context(|| format!("{} is not a trainer state", p.display()))?;
+    let opt = checkpoint::read_tensors_file(&dir.join(OPTIMIZER_FILE))?;
+    Ok((state, opt))
+}
+
+/// Starts a run, or resumes it from the newest checkpoint under `root`:
+/// loads the weights into `vs` and the moments into `opt`, and returns the
+/// saved state with the step resumed from. A checkpoint of another
+/// configuration (`config_hash` differs) is refused rather than mixed in.
+pub fn resume_or_start(
+    root: &Path,
+    vs: &nn::VarStore,
+    opt: &mut AdamW,
+    fresh: TrainerState,
+    ignore: &[&str],
+) -> Result<(TrainerState, Option<u64>)> {
+    let Some((step, dir)) = list_checkpoints(root)?.pop() else {
+        return Ok((fresh, None));
+    };
+    let (st, moments) = read_checkpoint_state(&dir)?;
+    if st.config_hash != fresh.config_hash {
+        bail!(
+            "{} holds a checkpoint of a different configuration (hash {} ≠ {}); use a new output_dir or delete it",
+            root.display(),
+            st.config_hash,
+            fresh.config_hash
+        );
+    }
+    let tensors = checkpoint::read_tensors(&dir)?;
+    checkpoint::load_into(vs, tensors, ignore, &dir)?;
+    opt.load_state(moments, st.step)?;
+    eprintln!("resuming from {} (step {step})", dir.display());
+    Ok((st, Some(step)))
+}
+
+/// The error for a non-finite loss: names the step and the last good
+/// checkpoint, which is left intact.
+pub fn non_finite_loss(value: f64, step: u64, root: &Path) -> anyhow::Error {
+    let last = list_checkpoints(root).ok().and_then(|mut v| v.pop()).map(|(_, d)| d.display().to_string());
+    anyhow::anyhow!(
+        "non-finite loss ({value}) at step {step}; stopped without saving. The last good checkpoint is {}. Lower optim.lr or check the data",
+        last.unwrap_or_else(|| "none (no checkpoint was saved yet)".into())
+    )
+}
+
+/// A stable hash of a serialisable config (FNV-1a over its JSON).
+pub fn config_hash<T: Serialize>(cfg: &T) -> Result<String> {
+    let text = serde_json::to_string(cfg)?;
+    let mut h: u64 = 0xcbf29ce484222325;
+    for b in text.as_bytes() {
+        h ^= *b as u64;
+        h = h.wrapping_mul(0x100000001b3);
+    }
+    Ok(format!("{h:016x}"))
+}
+
+/// Metrics as JSON lines, one object per record, flushed as written.
+pub struct MetricsLog {
+    file: std::fs::File,
+}
+
+impl MetricsLog {
+    /// Opens `path`; when resuming at `resume_step`, rows of later steps (from
+    /// the interrupted run) are dropped first so the log has no duplicates.
+    pub fn open(path: &Path, resume_step: Option<u64>) -> Result<Self> {
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        let kept: Vec<String> = match (resume_step, std::fs::read_to_string(path)) {
+            (Some(s), Ok(text)) => text
+                .lines()
+                .filter(|l| {
+                    serde_json::from_str::<serde_json::Value>(l)
+                        .ok()
+                        .and_then(|v| v["step"].as_u64())
+                        .is_some_and(|st| st <= s)
+                })
+                .map(String::from)
+                .collect(),
+            _ => vec![],
+        };
+        let mut body = kept.join("\n");
+        if !body.is_empty() {
+            body.push('\n');
+        }
+        checkpoint::write_atomic(path, body.as_bytes())?;
+        let file = std::fs::OpenOptions::new()
+            .append(true)
+            .open(path)
+            .with_context(|| format!("cannot open {}", path.display()))?;
+        Ok(MetricsLog { file })
+    }
+
+    pub fn write(&mut self, v: &serde_json::Value) -> Result<()> {
+        writeln!(self.file, "{v}")?;
+        self.file.flush()?;
+        Ok(())
+    }
+}
+
+/// Reads a JSON-lines metrics file.
+pub fn read_metrics(path: &Path) -> Result<Vec<serde_json::Value>> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    text.lines()
+        .enumerate()
+        .map(|(i, l)| serde_json::from_str(l).with_context(|| format!("{}:{}: not JSON", path.display(), i + 1)))
+        .collect()
+}
+
+/// A progress bar for `total` steps (hidden when stderr is not a terminal
+/// unless `ALIGN_PROGRESS=1`).
+pub fn progress_bar(total: u64, start: u64) -> indicatif::ProgressBar {
+    let pb = indicatif::ProgressBar::new(total);
+    let visible = std::io::IsTerminal::is_terminal(&std::io::stderr()) || std::env::var("ALIGN_PROGRESS").is_ok();
+    if !visible {
+        pb.set_draw_target(indicatif::ProgressDrawTarget::hidden());
+    }
+    pb.set_style(
+        indicatif::ProgressStyle::with_template("{prefix} [{bar:30}] {pos}/{len} {msg} ETA {eta}")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+            .progress_chars("=> "),
+    );
+    pb.set_position(start);
+    pb
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lr_schedule_warms_up_linearly_then_decays_by_cosine() {
+        let c = OptimConfig { lr: 1.0, warmup_steps: 4, min_lr_ratio: 0.1, ..Default::default() };
+        assert_eq!(lr_at(0, 14, &c), 0.25);
+        assert_eq!(lr_at(3, 14, &c), 1.0);
+        assert!((lr_at(4, 14, &c) - 1.0).abs() < 1e-12);
+        assert!((lr_at(9, 14, &c) - 0.55).abs() < 1e-12); // half way: 0.1 + 0.9 * 0.5
+        assert!((lr_at(14, 14, &c) - 0.1).abs() < 1e-12);
+        assert!((lr_at(100, 14, &c) - 0.1).abs() < 1e-12);
+    }
+
+    #[test]
+    fn no_weight_decay_on_norms_and_embeddings() {
+        assert!(!decays("model.embed_tokens.weight"));
+        assert!(!decays("model.layers.0.input_layernorm.weight"));
+        assert!(!decays("model.norm.weight"));
+        assert!(decays("model.layers.0.mlp.up_proj.weight"));
+    }
+
+    #[test]
+    fn adamw_matches_a_hand_computation() {
+        // One scalar parameter, two steps, as torch.optim.AdamW computes them.
+        let vs = nn::VarStore::new(tch::Device::Cpu);
+        let w = vs.root().sub("layer").var("weight", &[1], nn::Init::Const(1.0));
+        let c = OptimConfig { lr: 0.1, weight_decay: 0.5, beta1: 0.9, beta2: 0.99, eps: 1e-8, ..Default::default() };
+        let mut opt = AdamW::new(&vs, &c);
+        let (mut p, mut m, mut v) = (1.0f64, 0.0f64, 0.0f64);
+        for t in 1..=2 {
+            opt.zero_grad();
+            let loss = (&w * &w * 3.0).sum(Kind::Float); // grad = 6w
+            loss.backward();
+            opt.step(0.1).unwrap();
+            let g = 6.0 * p;
+            p *= 1.0 - 0.1 * 0.5;
+            m = 0.9 * m + 0.1 * g;
+            v = 0.99 * v + 0.01 * g * g;
+            let bc1 = 1.0 - 0.9f64.powi(t);
+            let bc2 = 1.0 - 0.99f64.powi(t);
+            p -= 0.1 / bc1 * m / (v.sqrt() / bc2.sqrt() + 1e-8);
+            assert!((w.double_value(&[0]) - p).abs() < 1e-6, "step {t}: {} vs {p}", w.double_value(&[0]));
+        }
+    }
+
+    #[test]
+    fn clipping_scales_the_global_norm() {
+        let vs = nn::VarStore::new(tch::Device::Cpu);
+        let a = vs.root().var("a", &[2], nn::Init::Const(1.0));
+        let mut opt = AdamW::new(&vs, &OptimConfig::default());
+        (&a * Tensor::from_slice(&[3.0f32, 4.0])).sum(Kind::Float).backward();
+        let n = opt.clip_grad_norm(1.0).unwrap();
+        assert!((n - 5.0).abs() < 1e-6);
+        let g: Vec<f32> = Vec::try_from(a.grad()).unwrap();
+        assert!((g[0] - 0.6).abs() < 1e-5 && (g[1] - 0.8).abs() < 1e-5);
+    }
+
+    #[test]
+    fn config_hash_is_stable_and_sensitive() {
+        let a = OptimConfig::default();
+        let mut b = a.clone();
+        assert_eq!(config_hash(&a).unwrap(), config_hash(&b).unwrap());
+        b.lr = 2e-4;
+        assert_ne!(config_hash(&a).unwrap(), config_hash(&b).unwrap());
+    }
+}

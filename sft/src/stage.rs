@@ -1,0 +1,457 @@
+//! The SFT stage: config → data → train → checkpoints → final model.
+
+use crate::batch::{apply_truncation, make_batch, plan_epoch, Batch, Row, Sequence, Truncation};
+use crate::loss::masked_cross_entropy_sum;
+use anyhow::{bail, Context, Result};
+use datasets::{Mixture, MixtureConfig};
+use lm::checkpoint::{self, SaveOptions};
+use lm::train::{self, AdamW, MetricsLog, OptimConfig, TrainerState};
+use lm::{Gemma, Tokenizer};
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+use tch::{nn, Device, Kind, Tensor};
+
+/// What the stage trains on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// Dialogues through the formatter; loss on the model's turns only.
+    #[default]
+    Chat,
+    /// Plain text; loss on every token (for building a base model).
+    Pretrain,
+}
+
+/// The `[sft]` section of a recipe (or a standalone `align sft` config).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SftConfig {
+    /// The checkpoint to start from (a Hugging Face directory).
+    pub model: PathBuf,
+    /// Where checkpoints, metrics and the final `model/` go.
+    pub output_dir: PathBuf,
+    #[serde(default)]
+    pub mode: Mode,
+    /// Chat mode: a mixture of conversational or prompt–completion sources.
+    #[serde(default)]
+    pub data: Option<MixtureConfig>,
+    /// Pretrain mode: text files, one document per line (`.txt`), or JSONL
+    /// with a `text` field.
+    #[serde(default)]
+    pub text_files: Vec<PathBuf>,
+    /// Pretrain mode: the fraction of documents held out for evaluation.
+    #[serde(default = "default_eval_fraction")]
+    pub eval_fraction: f64,
+    #[serde(default = "default_max_seq_len")]
+    pub max_seq_len: usize,
+    /// Rows per micro-batch.
+    #[serde(default = "default_batch_size")]
+    pub batch_size: usize,
+    /// Micro-batches per optimiser step.
+    #[serde(default = "one")]
+    pub grad_accum: usize,
+    #[serde(default)]
+    pub packing: bool,
+    #[serde(default)]
+    pub truncation: Truncation,
+    #[serde(default = "one_u64")]
+    pub epochs: u64,
+    /// Stop after this many optimiser steps (0: run `epochs`).
+    #[serde(default)]
+    pub max_steps: u64,
+    #[serde(default)]
+    pub optim: OptimConfig,
+    /// Evaluate on the held-out split every N steps (0: only at the end).
+    #[serde(default)]
+    pub eval_every: u64,
+    /// Save a resumable checkpoint every N steps (0: only at the end).
+    #[serde(default)]
+    pub save_every: u64,
+    #[serde(default = "default_keep")]
+    pub keep_last: usize,
+    #[serde(default)]
+    pub seed: u64,
+    #[serde(default = "default_device")]
+    pub device: String,
+    /// f32 (CPU and CUDA) or bf16 (weights in bf16; CUDA).
+    #[serde(default = "default_dtype")]
+    pub dtype: String,
+}
+
+fn default_eval_fraction() -> f64 {
+    0.02
+}
+fn default_max_seq_len() -> usize {
+    512
+}
+fn default_batch_size() -> usize {
+    8
+}
+fn one() -> usize {
+    1
+}
+fn one_u64() -> u64 {
+    1
+}
+fn default_keep() -> usize {
+    2
+}
+fn default_device() -> String {
+    "auto".into()
+}
+fn default_dtype() -> String {
+    "f32".into()
+}
+
+impl SftConfig {
+    /// Reads a TOML config; a top-level `[sft]` table or the fields alone.
+    pub fn from_toml_file(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+        let value: toml::Value = toml::from_str(&text).with_context(|| format!("{} is not valid TOML", path.display()))?;
+        let table = match value.get("sft") {
+            Some(t) => t.clone(),
+            None => value,
+        };
+        let cfg: SftConfig = table.try_into().map_err(|e: toml::de::Error| anyhow::anyhow!("{}: {e}", path.display()))?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        self.optim.validate()?;
+        if self.batch_size == 0 || self.grad_accum == 0 || self.max_seq_len < 2 {
+            bail!("batch_size and grad_accum must be at least 1 and max_seq_len at least 2");
+        }
+        match self.mode {
+            Mode::Chat if self.data.is_none() => bail!("mode = \"chat\" needs a [data] mixture"),
+            Mode::Pretrain if self.text_files.is_empty() => bail!("mode = \"pretrain\" needs text_files"),
+            _ => {}
+        }
+        if self.epochs == 0 && self.max_steps == 0 {
+            bail!("set epochs or max_steps");
+        }
+        if !(0.0..1.0).contains(&self.eval_fraction) {
+            bail!("eval_fraction must be in [0, 1)");
+        }
+        Ok(())
+    }
+
+    /// Resolves relative paths against `base` (the config file's directory).
+    pub fn resolve_paths(&mut self, base: &Path) {
+        let fix = |p: &mut PathBuf| {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        };
+        fix(&mut self.model);
+        fix(&mut self.output_dir);
+        self.text_files.iter_mut().for_each(fix);
+    }
+}
+
+/// What a finished run reports (also written as `summary.json`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SftSummary {
+    pub steps: u64,
+    pub first_losses: Vec<f64>,
+    pub final_loss: f64,
+    pub eval_loss: Option<f64>,
+    pub eval_ppl: Option<f64>,
+    pub train_examples: usize,
+    pub eval_examples: usize,
+    pub truncated: usize,
+    pub dropped: usize,
+    pub tokens_per_s: f64,
+    pub resumed_from: Option<u64>,
+    pub model_dir: PathBuf,
+    #[serde(default)]
+    pub sources: serde_json::Value,
+}
+
+/// Training and held-out sequences, with what the data report says.
+pub struct Data {
+    pub train: Vec<Sequence>,
+    pub eval: Vec<Sequence>,
+    pub truncated: usize,
+    pub dropped: usize,
+    pub sources: serde_json::Value,
+}
+
+fn to_lm_messages(m: &[datasets::Message]) -> Vec<lm::Message> {
+    m.iter().map(|x| lm::Message::new(&x.role, &x.content)).collect()
+}
+
+fn encode_examples(tok: &Tokenizer, examples: &[&datasets::Example]) -> Result<Vec<Sequence>> {
+    let mut out = Vec::with_capacity(examples.len());
+    for ex in examples {
+        let msgs = to_lm_messages(&ex.record.messages());
+        let enc = lm::chat::encode(tok, &msgs, false)
+            .with_context(|| format!("{} row {}", ex.origin.file.display(), ex.origin.row))?;
+        if let Some(s) = Sequence::from_ids(&enc.ids, &enc.loss_mask) {
+            out.push(s);
+        }
+    }
+    Ok(out)
+}
+
+fn read_text_docs(files: &[PathBuf]) -> Result<Vec<String>> {
+    let mut docs = vec![];
+    for f in files {
+        let text = std::fs::read_to_string(f).with_context(|| format!("cannot read {}", f.display()))?;
+        let jsonl = f.extension().is_some_and(|e| e == "jsonl");
+        for (i, line) in text.lines().enumerate() {
+            if line.trim().is_empty() {
+                continue;
+            }
+            if jsonl {
+                let v: serde_json::Value = serde_json::from_str(line)
+                    .with_context(|| format!("{}:{}: not a JSON object", f.display(), i + 1))?;
+                let t = v["text"]
+                    .as_str()
+                    .with_context(|| format!("{}:{}: field \"text\" missing or not a string", f.display(), i + 1))?;
+                docs.push(t.to_string());
+            } else {
+                docs.push(line.to_string());
+            }
+        }
+    }
+    if docs.is_empty() {
+        bail!("no text in {:?}", files);
+    }
+    Ok(docs)
+}
+
+/// Loads and tokenizes the data of `cfg` (relative paths in the mixture are
+/// resolved against `base`). Returns the per-epoch sampler too (chat mode).
+pub fn load_data(cfg: &SftConfig, tok: &Tokenizer, base: &Path) -> Result<(Data, Option<(Mixture, HashMap<(usize, usize), usize>)>)> {
+    match cfg.mode {
+        Mode::Pretrain => {
+            let docs = read_text_docs(&cfg.text_files)?;
+            let n_eval = ((docs.len() as f64) * cfg.eval_fraction).round() as usize;
+            let encode = |d: &String| -> Result<Option<Sequence>> {
+                let mut ids = vec![tok.special.bos];
+                ids.extend(tok.encode(d)?);
+                ids.push(tok.special.eos);
+                let mask = vec![true; ids.len()];
+                Ok(Sequence::from_ids(&ids, &mask))
+            };
+            let mut all = vec![];
+            for d in &docs {
+                all.extend(encode(d)?);
+            }
+            let eval: Vec<Sequence> = all.split_off(all.len() - n_eval.min(all.len()));
+            let (train, t1, d1) = apply_truncation(all, cfg.max_seq_len, cfg.truncation);
+            let (eval, _, _) = apply_truncation(eval, cfg.max_seq_len, Truncation::Truncate);
+            if train.is_empty() {
+                bail!("no training text left after truncation");
+            }
+            let sources = serde_json::json!({"text_files": cfg.text_files, "documents": docs.len()});
+            Ok((Data { train, eval, truncated: t1, dropped: d1, sources }, None))
+        }
+        Mode::Chat => {
+            let mcfg = cfg.data.as_ref().context("chat mode needs data")?;
+            let mix = Mixture::load(mcfg, base)?;
+            // Tokenize every distinct training row once.
+            let mut index = HashMap::new();
+            let mut rows: Vec<&datasets::Example> = vec![];
+            for (s, _) in mix.source_names().iter().enumerate() {
+                for (i, ex) in mix.train_rows(s).iter().enumerate() {
+                    index.insert((s, i), rows.len());
+                    rows.push(ex);
+                }
+            }
+            let seqs = encode_examples(tok, &rows)?;
+            if seqs.len() != rows.len() {
+                bail!("{} training rows are too short to train on", rows.len() - seqs.len());
+            }
+            let held: Vec<&datasets::Example> = mix.held_out().iter().collect();
+            let eval = encode_examples(tok, &held)?;
+            let (eval, _, _) = apply_truncation(eval, cfg.max_seq_len, Truncation::Truncate);
+            // Truncation is applied per row, keeping indices stable: dropped
+            // rows are marked empty and skipped when epochs are planned.
+            let mut train = Vec::with_capacity(seqs.len());
+            let (mut truncated, mut dropped) = (0, 0);
+            for s in seqs {
+                let (mut kept, t, d) = apply_truncation(vec![s], cfg.max_seq_len, cfg.truncation);
+                truncated += t;
+                dropped += d;
+                train.push(kept.pop().unwrap_or(Sequence { input: vec![], target: vec![], mask: vec![] }));
+            }
+            if train.iter().all(|s| s.is_empty()) {
+                bail!("no training example left after truncation (max_seq_len {})", cfg.max_seq_len);
+            }
+            let sources = serde_json::to_value(&mix.report().sources).unwrap_or_default();
+            Ok((Data { train, eval, truncated, dropped, sources }, Some((mix, index))))
+        }
+    }
+}
+
+/// Mean per-token loss over `batch` rows for one micro-batch, normalised by
+/// `denom` trained tokens (the whole accumulated batch's count).
+pub fn batch_loss(model: &Gemma, batch: &Batch, denom: f64) -> Result<Tensor> {
+    let hidden = model.forward_hidden(&batch.input, &batch.positions, Some(&batch.attn), None)?; // (B, T, H)
+    let logits = model.logits(&hidden); // (B, T, V)
+    Ok(masked_cross_entropy_sum(&logits, &batch.target, &batch.mask)? / denom)
+}
+
+/// Mean per-token loss on `seqs` (no gradients).
+pub fn evaluate(model: &Gemma, seqs: &[Sequence], batch_size: usize, pad: i64) -> Result<f64> {
+    let _g = tch::no_grad_guard();
+    let (mut sum, mut n) = (0.0, 0usize);
+    let idx: Vec<usize> = (0..seqs.len()).collect();
+    for chunk in idx.chunks(batch_size) {
+        let rows: Vec<Row> = chunk.iter().map(|&i| vec![i]).collect();
+        let b = make_batch(seqs, &rows, pad, model.device())?;
+        sum += batch_loss(model, &b, 1.0)?.double_value(&[]);
+        n += b.trained;
+    }
+    Ok(if n == 0 { f64::NAN } else { sum / n as f64 })
+}
+
+/// The training order of one epoch as sequence indices.
+fn epoch_order(data: &Data, sampler: &Option<(Mixture, HashMap<(usize, usize), usize>)>, epoch: u64, seed: u64) -> Vec<usize> {
+    match sampler {
+        Some((mix, index)) => mix
+            .epoch(epoch)
+            .into_iter()
+            .map(|d| index[&(d.source, d.index)])
+            .filter(|&i| !data.train[i].is_empty())
+            .collect(),
+        None => {
+            use rand::seq::SliceRandom;
+            use rand::SeedableRng;
+            let mut order: Vec<usize> = (0..data.train.len()).collect();
+            let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed ^ epoch.wrapping_mul(0x9e37_79b9_7f4a_7c15));
+            order.shuffle(&mut rng);
+            order
+        }
+    }
+}
+
+/// Runs the stage. Resumes from the newest checkpoint in
+/// `output_dir/checkpoints` when its config hash matches.
+pub fn run(cfg: &SftConfig, base: &Path) -> Result<SftSummary> {
+    cfg.validate()?;
+    let device = lm::device::parse_device(&cfg.device)?;
+    let kind = lm::device::parse_dtype(&cfg.dtype)?;
+    if kind == Kind::BFloat16 && device == Device::Cpu {
+        bail!("dtype = \"bf16\" training is for CUDA; use f32 on the CPU");
+    }
+    let loaded = checkpoint::load_causal_lm(&cfg.model, device, Kind::Float)?;
+    let (mut vs, model, tok) = (loaded.vs, loaded.model, loaded.tokenizer);
+    if kind != Kind::Float {
+        vs.set_kind(kind);
+    }
+    let (data, sampler) = load_data(cfg, &tok, base)?;
+
+    // Plan: batches per epoch are a pure function of (seed, epoch).
+    let plan = |epoch: u64| -> Vec<Vec<Row>> {
+        let order = epoch_order(&data, &sampler, epoch, cfg.seed);
+        plan_epoch(&data.train, &order, cfg.batch_size, cfg.max_seq_len, cfg.packing, cfg.seed ^ (epoch << 20))
+    };
+    let batches_per_epoch = plan(0).len() as u64;
+    let steps_per_epoch = batches_per_epoch.div_ceil(cfg.grad_accum as u64).max(1);
+    let total_steps = if cfg.max_steps > 0 { cfg.max_steps } else { cfg.epochs * steps_per_epoch };
+    let hash = train::config_hash(cfg)?;
+
+    let ckpt_root = cfg.output_dir.join("checkpoints");
+    let mut opt = AdamW::new(&vs, &cfg.optim);
+    let fresh = TrainerState {
+        step: 0,
+        total_steps,
+        epoch: 0,
+        batch_in_epoch: 0,
+        rng_word_pos: "0".into(),
+        config_hash: hash,
+        extra: serde_json::json!({}),
+    };
+    let (mut state, resumed_from) = train::resume_or_start(&ckpt_root, &vs, &mut opt, fresh, &["lm_head.weight"])?;
+
+    std::fs::create_dir_all(&cfg.output_dir)?;
+    let mut log = MetricsLog::open(&cfg.output_dir.join("metrics.jsonl"), Some(state.step))?;
+    let pb = train::progress_bar(total_steps, state.step);
+    pb.set_prefix("sft");
+    let mut first_losses = vec![];
+    let mut last_loss = f64::NAN;
+    let (mut tok_count, t0) = (0usize, Instant::now());
+    let mut epoch_batches = plan(state.epoch);
+    let save = |vs: &nn::VarStore, opt: &AdamW, st: &TrainerState| -> Result<PathBuf> {
+        train::save_checkpoint(&ckpt_root, vs, &model.cfg, &tok, opt, st, "GemmaForCausalLM", cfg.keep_last)
+    };
+
+    while state.step < total_steps {
+        // Gather this step's micro-batches, crossing epochs as needed.
+        let mut micro = vec![];
+        while micro.len() < cfg.grad_accum {
+            if state.batch_in_epoch as usize >= epoch_batches.len() {
+                state.epoch += 1;
+                state.batch_in_epoch = 0;
+                epoch_batches = plan(state.epoch);
+            }
+            micro.push(make_batch(&data.train, &epoch_batches[state.batch_in_epoch as usize], tok.special.pad, device)?);
+            state.batch_in_epoch += 1;
+        }
+        let denom = micro.iter().map(|b| b.trained).sum::<usize>().max(1) as f64;
+        opt.zero_grad();
+        let mut loss_sum = 0.0;
+        for b in &micro {
+            let loss = batch_loss(&model, b, denom)?;
+            let v = loss.double_value(&[]);
+            if !v.is_finite() {
+                return Err(train::non_finite_loss(v, state.step + 1, &ckpt_root));
+            }
+            loss.backward();
+            loss_sum += v;
+            tok_count += b.tokens;
+        }
+        let gnorm = opt.clip_grad_norm(cfg.optim.grad_clip)?;
+        let lr = train::lr_at(state.step, total_steps, &cfg.optim);
+        opt.step(lr)?;
+        state.step += 1;
+        last_loss = loss_sum;
+        if first_losses.len() < 5 && resumed_from.is_none() {
+            first_losses.push(loss_sum);
+        }
+        let tps = tok_count as f64 / t0.elapsed().as_secs_f64().max(1e-9);
+        log.write(&serde_json::json!({"step": state.step, "loss": loss_sum, "lr": lr, "grad_norm": gnorm, "tokens_per_s": tps, "epoch": state.epoch}))?;
+        pb.set_position(state.step);
+        pb.set_message(format!("loss {loss_sum:.4} lr {lr:.2e} {tps:.0} tok/s"));
+        if cfg.eval_every > 0 && state.step % cfg.eval_every == 0 && !data.eval.is_empty() {
+            let el = evaluate(&model, &data.eval, cfg.batch_size, tok.special.pad)?;
+            log.write(&serde_json::json!({"step": state.step, "eval_loss": el, "eval_ppl": el.exp()}))?;
+        }
+        if cfg.save_every > 0 && state.step % cfg.save_every == 0 && state.step < total_steps {
+            save(&vs, &opt, &state)?;
+        }
+    }
+    pb.finish_and_clear();
+    let (eval_loss, eval_ppl) = if data.eval.is_empty() {
+        (None, None)
+    } else {
+        let el = evaluate(&model, &data.eval, cfg.batch_size, tok.special.pad)?;
+        log.write(&serde_json::json!({"step": state.step, "eval_loss": el, "eval_ppl": el.exp()}))?;
+        (Some(el), Some(el.exp()))
+    };
+    save(&vs, &opt, &state)?;
+    let model_dir = cfg.output_dir.join("model");
+    checkpoint::save(&model_dir, &vs, &model.cfg, &tok, &SaveOptions::default())?;
+    let summary = SftSummary {
+        steps: state.step,
+        first_losses,
+        final_loss: last_loss,
+        eval_loss,
+        eval_ppl,
+        train_examples: data.train.iter().filter(|s| !s.is_empty()).count(),
+        eval_examples: data.eval.len(),
+        truncated: data.truncated,
+        dropped: data.dropped,
+        tokens_per_s: tok_count as f64 / t0.elapsed().as_secs_f64().max(1e-9),
+        resumed_from,
+        model_dir,
+        sources: data.sources.clone(),
+    };
+    checkpoint::write_atomic(&cfg.output_dir.join("summary.json"), serde_json::to_string_pretty(&summary)?.as_bytes())?;
+    Ok(summary)
+}
