@@ -132,6 +132,9 @@ pub struct ReadReport {
     pub rows: usize,
     pub kept: usize,
     pub skipped: Vec<BadRow>,
+    /// The columns the files have, by their canonical names where renamed
+    /// (union over shards).
+    pub columns: BTreeSet<String>,
 }
 
 impl fmt::Display for ReadReport {
@@ -228,11 +231,13 @@ pub fn read_dataset(path: &Path, opts: &ReadOptions) -> Result<Dataset> {
     let mut skipped = Vec::new();
     let mut rows_total = 0;
     let mut detected: Option<(RecordKind, PathBuf)> = None;
+    let mut all_columns = BTreeSet::new();
     for (file, format) in &files {
         let raw = read_rows(file, *format, &renames)
             .with_context(|| format!("cannot read {} as {format}", file.display()))?;
         let file_arc: Arc<Path> = Arc::from(file.as_path());
         let columns = renames.columns(&raw.columns, file)?;
+        all_columns.extend(columns.iter().cloned());
         let file_kind = detect_kind(&columns).map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
         match &detected {
             None => detected = Some((file_kind, file.clone())),
@@ -294,6 +299,7 @@ pub fn read_dataset(path: &Path, opts: &ReadOptions) -> Result<Dataset> {
         rows: rows_total,
         kept: examples.len(),
         skipped,
+        columns: all_columns,
     };
     if examples.is_empty() {
         bail!(
@@ -320,6 +326,70 @@ pub fn write_jsonl(path: &Path, examples: &[Example]) -> Result<()> {
     }
     w.flush().with_context(|| format!("cannot write {}", path.display()))?;
     Ok(())
+}
+
+/// Write examples in `format`, or the one `path`'s extension names: JSONL,
+/// a JSON array, CSV or Parquet, in canonical columns (see
+/// [`Example::to_json`]). In CSV and Parquet a message list is JSON text in
+/// its cell and `margin` a number; [`read_dataset`] reads every format back
+/// to the same records.
+pub fn write_dataset(path: &Path, examples: &[Example], format: Option<Format>) -> Result<()> {
+    let Some(format) = format.or_else(|| Format::from_path(path)) else {
+        bail!(
+            "{}: cannot tell the output format from the extension; use .jsonl, .json, .csv or .parquet",
+            path.display()
+        );
+    };
+    match format {
+        Format::Jsonl => write_jsonl(path, examples),
+        Format::Json => {
+            let rows = Value::Array(examples.iter().map(Example::to_json).collect());
+            let file = fs::File::create(path).with_context(|| format!("cannot create {}", path.display()))?;
+            let mut w = std::io::BufWriter::new(file);
+            serde_json::to_writer_pretty(&mut w, &rows)
+                .with_context(|| format!("cannot write {}", path.display()))?;
+            std::io::Write::flush(&mut w).with_context(|| format!("cannot write {}", path.display()))
+        }
+        Format::Csv | Format::Parquet => {
+            use polars::prelude::{Column, CsvWriter, DataFrame, NamedFrom, ParquetWriter, SerWriter, Series};
+            let rows: Vec<Value> = examples.iter().map(Example::to_json).collect();
+            let mut columns: Vec<Column> = Vec::new();
+            for &name in CANONICAL_COLUMNS {
+                if !rows.iter().any(|r| r.get(name).is_some()) {
+                    continue;
+                }
+                let column: Column = if name == "margin" {
+                    let cells: Vec<Option<f64>> = rows.iter().map(|r| r.get(name).and_then(Value::as_f64)).collect();
+                    Series::new(name.into(), cells).into()
+                } else {
+                    let cells: Vec<Option<String>> = rows
+                        .iter()
+                        .map(|r| match r.get(name) {
+                            None | Some(Value::Null) => None,
+                            Some(Value::String(s)) => Some(s.clone()),
+                            Some(other) => Some(other.to_string()),
+                        })
+                        .collect();
+                    Series::new(name.into(), cells).into()
+                };
+                columns.push(column);
+            }
+            let mut df = DataFrame::new_infer_height(columns)
+                .with_context(|| format!("cannot build the table for {}", path.display()))?;
+            let file = fs::File::create(path).with_context(|| format!("cannot create {}", path.display()))?;
+            if format == Format::Csv {
+                CsvWriter::new(file)
+                    .include_header(true)
+                    .finish(&mut df)
+                    .with_context(|| format!("cannot write {}", path.display()))?;
+            } else {
+                ParquetWriter::new(file)
+                    .finish(&mut df)
+                    .with_context(|| format!("cannot write {}", path.display()))?;
+            }
+            Ok(())
+        }
+    }
 }
 
 /// Column renaming, checked.

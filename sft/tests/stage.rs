@@ -1,0 +1,206 @@
+//! The SFT stage on the tiny transformers fixture model: the loss against a
+//! hand computation, packing against padding, a smoke run, NaN handling.
+
+use lm::checkpoint;
+use sft::batch::{make_batch, Sequence};
+use sft::{batch_loss, Mode, SftConfig};
+use std::path::{Path, PathBuf};
+use tch::{Device, Kind, Tensor};
+
+fn fixture() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../lm/tests/fixtures/mqa")
+}
+
+/// Writes `n` reverse-the-word dialogues as JSONL.
+fn write_data(dir: &Path, n: usize) -> PathBuf {
+    let words = ["gemma", "align", "model", "reward", "policy", "judge", "token", "batch", "sort", "count"];
+    let mut lines = vec![];
+    for i in 0..n {
+        let w = format!("{}{}", words[i % words.len()], i % 7);
+        let r: String = w.chars().rev().collect();
+        let v = serde_json::json!({"messages": [
+            {"role": "user", "content": format!("Reverse the word: {w}")},
+            {"role": "assistant", "content": r}]});
+        lines.push(v.to_string());
+    }
+    let p = dir.join("train.jsonl");
+    std::fs::write(&p, lines.join("\n")).unwrap();
+    p
+}
+
+fn config(dir: &Path, data: &Path) -> SftConfig {
+    let toml = format!(
+        r#"
+model = "{}"
+output_dir = "{}"
+max_seq_len = 64
+batch_size = 4
+max_steps = 12
+seed = 3
+device = "cpu"
+[optim]
+lr = 3e-3
+warmup_steps = 2
+[data]
+seed = 1
+held_out = {{ fraction = 0.1 }}
+[[data.sources]]
+name = "reverse"
+path = "{}"
+"#,
+        fixture().display(),
+        dir.join("out").display(),
+        data.display()
+    );
+    let p = dir.join("sft.toml");
+    std::fs::write(&p, toml).unwrap();
+    SftConfig::from_toml_file(&p).unwrap()
+}
+
+fn seqs(tok: &lm::Tokenizer) -> Vec<Sequence> {
+    let convs = [
+        vec![lm::Message::user("Reverse: abc"), lm::Message::model("cba")],
+        vec![lm::Message::user("Add 2 and 3"), lm::Message::model("5"), lm::Message::user("and 4?"), lm::Message::model("9")],
+    ];
+    convs
+        .iter()
+        .map(|c| {
+            let e = lm::chat::encode(tok, c, false).unwrap();
+            Sequence::from_ids(&e.ids, &e.loss_mask).unwrap()
+        })
+        .collect()
+}
+
+#[test]
+fn stage_loss_equals_a_hand_computation_on_two_examples() {
+    let m = checkpoint::load_causal_lm(&fixture(), Device::Cpu, Kind::Float).unwrap();
+    let s = seqs(&m.tokenizer);
+    let batch = make_batch(&s, &[vec![0], vec![1]], m.tokenizer.special.pad, Device::Cpu).unwrap();
+    let got = tch::no_grad(|| batch_loss(&m.model, &batch, batch.trained as f64).unwrap()).double_value(&[]);
+    // By hand: each example alone, −log softmax at every trained position,
+    // summed over both examples and divided by the number of trained tokens.
+    let (mut sum, mut n) = (0.0, 0);
+    for q in &s {
+        let logits = tch::no_grad(|| m.model.forward(&Tensor::from_slice(&q.input).unsqueeze(0)).unwrap()).squeeze_dim(0);
+        let lp = logits.log_softmax(-1, Kind::Float);
+        for (i, (&t, &k)) in q.target.iter().zip(&q.mask).enumerate() {
+            if k {
+                sum -= lp.double_value(&[i as i64, t]);
+                n += 1;
+            }
+        }
+    }
+    assert_eq!(n, batch.trained);
+    assert!(n >= 6, "both model turns and their <end_of_turn>\\n are trained");
+    assert!((got - sum / n as f64).abs() < 1e-5, "{got} vs {}", sum / n as f64);
+}
+
+fn grads(vs: &tch::nn::VarStore) -> Vec<(String, Tensor)> {
+    let mut v: Vec<(String, Tensor)> = vs.variables().into_iter().map(|(k, t)| (k, t.grad().copy())).collect();
+    v.sort_by(|a, b| a.0.cmp(&b.0));
+    v
+}
+
+#[test]
+fn packed_and_padded_batches_give_the_same_loss_and_gradients() {
+    let m = checkpoint::load_causal_lm(&fixture(), Device::Cpu, Kind::Float).unwrap();
+    let s = seqs(&m.tokenizer);
+    let pad = m.tokenizer.special.pad;
+    let padded = make_batch(&s, &[vec![0], vec![1]], pad, Device::Cpu).unwrap();
+    let packed = make_batch(&s, &[vec![0, 1]], pad, Device::Cpu).unwrap();
+    assert_eq!(packed.input.size()[0], 1);
+    let n = padded.trained as f64;
+    let l1 = batch_loss(&m.model, &padded, n).unwrap();
+    l1.backward();
+    let g1 = grads(&m.vs);
+    for (_, mut t) in m.vs.variables() {
+        t.zero_grad();
+    }
+    let l2 = batch_loss(&m.model, &packed, n).unwrap();
+    l2.backward();
+    let g2 = grads(&m.vs);
+    assert!((l1.double_value(&[]) - l2.double_value(&[])).abs() < 1e-5);
+    for ((name, a), (_, b)) in g1.iter().zip(&g2) {
+        let d = (a - b).abs().max().double_value(&[]);
+        assert!(d < 1e-5, "gradient of {name} differs by {d}");
+    }
+}
+
+#[test]
+fn smoke_run_lowers_the_loss_and_first_losses_are_as_recorded() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = write_data(tmp.path(), 80);
+    let cfg = config(tmp.path(), &data);
+    assert_eq!(cfg.mode, Mode::Chat);
+    let s = sft::run(&cfg, tmp.path()).unwrap();
+    assert_eq!(s.steps, 12);
+    assert!(s.final_loss < s.first_losses[0] * 0.8, "{:?} → {}", s.first_losses, s.final_loss);
+    // Recorded on the reference CPU with this exact config (f32, libtorch 2.11).
+    let recorded = [10.0539, 7.9952, 8.5635];
+    for (got, want) in s.first_losses.iter().zip(recorded) {
+        assert!((got - want).abs() < 2e-3, "first losses {:?} differ from recorded {recorded:?}", s.first_losses);
+    }
+    let out = tmp.path().join("out");
+    for f in ["metrics.jsonl", "summary.json", "model/config.json", "model/model.safetensors"] {
+        assert!(out.join(f).exists(), "{f}");
+    }
+    let metrics = lm::train::read_metrics(&out.join("metrics.jsonl")).unwrap();
+    assert_eq!(metrics.iter().filter(|m| m.get("loss").is_some()).count(), 12);
+    assert!(metrics.iter().any(|m| m.get("eval_loss").is_some()));
+    assert!(s.eval_loss.unwrap().is_finite() && s.eval_examples == 8);
+    // The final model loads as a causal LM.
+    checkpoint::load_causal_lm(&s.model_dir, Device::Cpu, Kind::Float).unwrap();
+}
+
+#[test]
+fn non_finite_loss_stops_with_a_clear_error_and_keeps_the_last_checkpoint() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = write_data(tmp.path(), 40);
+    let mut cfg = config(tmp.path(), &data);
+    cfg.optim.lr = 1e38;
+    cfg.optim.warmup_steps = 0;
+    cfg.optim.grad_clip = 0.0;
+    cfg.max_steps = 30;
+    cfg.save_every = 1;
+    let e = format!("{:#}", sft::run(&cfg, tmp.path()).unwrap_err());
+    assert!(e.contains("non-finite loss"), "{e}");
+    assert!(e.contains("last good checkpoint is"), "{e}");
+    let ckpts = lm::train::list_checkpoints(&tmp.path().join("out/checkpoints")).unwrap();
+    assert!(!ckpts.is_empty());
+    let (_, last) = ckpts.last().unwrap();
+    checkpoint::read_tensors(last).unwrap();
+    assert!(!tmp.path().join("out/model").exists(), "no final model after a failed run");
+}
+
+#[test]
+fn pretrain_mode_trains_on_every_token_of_plain_text() {
+    let tmp = tempfile::tempdir().unwrap();
+    let text = tmp.path().join("text.txt");
+    std::fs::write(&text, (0..60).map(|i| format!("the quick brown fox {i} jumps over the lazy dog")).collect::<Vec<_>>().join("\n"))
+        .unwrap();
+    let toml = format!(
+        "model = \"{}\"\noutput_dir = \"{}\"\nmode = \"pretrain\"\ntext_files = [\"{}\"]\nmax_seq_len = 32\nbatch_size = 4\nmax_steps = 6\npacking = true\ndevice = \"cpu\"\neval_fraction = 0.1\n[optim]\nlr = 3e-3\n",
+        fixture().display(),
+        tmp.path().join("out").display(),
+        text.display()
+    );
+    let p = tmp.path().join("pt.toml");
+    std::fs::write(&p, toml).unwrap();
+    let cfg = SftConfig::from_toml_file(&p).unwrap();
+    let s = sft::run(&cfg, tmp.path()).unwrap();
+    assert_eq!(s.steps, 6);
+    assert!(s.final_loss < s.first_losses[0]);
+    assert_eq!(s.eval_examples, 6);
+}
+
+#[test]
+fn unknown_config_keys_are_errors_naming_the_key() {
+    let tmp = tempfile::tempdir().unwrap();
+    let p = tmp.path().join("bad.toml");
+    std::fs::write(&p, "model = \"m\"\noutput_dir = \"o\"\nbatch_sise = 4\n").unwrap();
+    let e = format!("{:#}", SftConfig::from_toml_file(&p).unwrap_err());
+    assert!(e.contains("batch_sise"), "{e}");
+    std::fs::write(&p, "model = \"m\"\noutput_dir = \"o\"\n[optim]\nlr = \"fast\"\n").unwrap();
+    let e = format!("{:#}", SftConfig::from_toml_file(&p).unwrap_err());
+    assert!(e.contains("lr") || e.contains("optim"), "{e}");
+}

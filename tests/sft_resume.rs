@@ -1,0 +1,114 @@
+//! Resume after a real kill: `align sft` killed with SIGKILL mid-run and run
+//! again gives bit-identical weights to an uninterrupted run (CPU).
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn write_config(dir: &Path, data: &Path) -> PathBuf {
+    let toml = format!(
+        r#"[sft]
+model = "{}"
+output_dir = "out"
+max_seq_len = 64
+batch_size = 8
+grad_accum = 2
+packing = true
+max_steps = 300
+save_every = 10
+keep_last = 2
+eval_every = 100
+seed = 5
+device = "cpu"
+[sft.optim]
+lr = 2e-3
+warmup_steps = 10
+weight_decay = 0.1
+[sft.data]
+seed = 2
+held_out = {{ fraction = 0.05 }}
+[[sft.data.sources]]
+name = "reverse"
+path = "{}"
+"#,
+        root().join("lm/tests/fixtures/mqa").display(),
+        data.display()
+    );
+    let p = dir.join("sft.toml");
+    std::fs::write(&p, toml).unwrap();
+    p
+}
+
+fn write_data(dir: &Path) -> PathBuf {
+    let lines: Vec<String> = (0..200)
+        .map(|i| {
+            let w = format!("word{i}x{}", i * 7 % 13);
+            let r: String = w.chars().rev().collect();
+            serde_json::json!({"messages": [{"role": "user", "content": format!("Reverse: {w}")},
+                                             {"role": "model", "content": r}]})
+            .to_string()
+        })
+        .collect();
+    let p = dir.join("data.jsonl");
+    std::fs::write(&p, lines.join("\n")).unwrap();
+    p
+}
+
+fn sft(config: &Path) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_align"));
+    c.args(["sft", "--config", config.to_str().unwrap()]).stdout(std::process::Stdio::null()).stderr(std::process::Stdio::piped());
+    c
+}
+
+#[test]
+fn sft_resume_after_kill_is_bit_identical() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = write_data(tmp.path());
+    let a = tmp.path().join("a");
+    let b = tmp.path().join("b");
+    std::fs::create_dir_all(&a).unwrap();
+    std::fs::create_dir_all(&b).unwrap();
+    let ca = write_config(&a, &data);
+    let cb = write_config(&b, &data);
+
+    // Uninterrupted run.
+    let out = sft(&ca).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+
+    // Interrupted run: SIGKILL once a mid-run checkpoint exists.
+    let mut child = sft(&cb).spawn().unwrap();
+    let ckpts = b.join("out/checkpoints");
+    let t0 = Instant::now();
+    loop {
+        let n = lm::train::list_checkpoints(&ckpts).map(|v| v.last().map_or(0, |c| c.0)).unwrap_or(0);
+        if n >= 40 {
+            break;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(120), "no checkpoint appeared");
+        assert!(child.try_wait().unwrap().is_none(), "run finished before it could be killed");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    assert!(!b.join("out/model").exists(), "the run was killed before it finished");
+
+    // Resume to the end.
+    let out = sft(&cb).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains("resuming from"), "{err}");
+
+    let wa = std::fs::read(a.join("out/model/model.safetensors")).unwrap();
+    let wb = std::fs::read(b.join("out/model/model.safetensors")).unwrap();
+    assert!(wa == wb, "weights after kill + resume differ from the uninterrupted run");
+    // Metrics have one row per step, no duplicates from the killed run.
+    let m = lm::train::read_metrics(&b.join("out/metrics.jsonl")).unwrap();
+    let steps: Vec<u64> = m.iter().filter(|r| r.get("loss").is_some()).map(|r| r["step"].as_u64().unwrap()).collect();
+    assert_eq!(steps, (1..=300).collect::<Vec<_>>());
+    // Only the last `keep_last` checkpoints remain.
+    assert!(lm::train::list_checkpoints(&ckpts).unwrap().len() <= 2);
+}
