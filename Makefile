@@ -70,6 +70,7 @@ quickstart: build
 
 bench: build $(STAMPS)/pydeps
 	$(BIN) bench generate --python $(PYTHON)
+	$(BIN) bench sft --python $(PYTHON)
 
 fixtures: $(STAMPS)/pydeps
 	$(PYTHON) scripts/make_fixtures.py

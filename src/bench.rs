@@ -32,16 +32,157 @@ pub struct GenerateBench {
     pub python: Option<String>,
 }
 
+#[derive(Args, Clone, Debug)]
+pub struct SftBench {
+    #[arg(long, default_value = "bench-50m")]
+    pub preset: String,
+    #[arg(long, default_value_t = 4)]
+    pub batch: i64,
+    #[arg(long, default_value_t = 512)]
+    pub seq: i64,
+    /// Timed optimiser steps after one warm-up step; the median is reported.
+    #[arg(long, default_value_t = 3)]
+    pub steps: usize,
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// Python with torch + transformers for the reference; `none` skips it.
+    #[arg(long)]
+    pub python: Option<String>,
+}
+
 #[derive(Subcommand)]
 pub enum BenchCommand {
     /// Tokens/s of batched greedy generation with the KV cache.
     Generate(GenerateBench),
+    /// Training tokens/s, peak memory and achieved FLOP/s of SFT steps.
+    Sft(SftBench),
 }
 
 pub fn run(cmd: BenchCommand) -> Result<()> {
     match cmd {
         BenchCommand::Generate(b) => bench_generate(&b),
+        BenchCommand::Sft(b) => bench_sft(&b),
     }
+}
+
+/// Peak resident memory of this process in MiB (Linux `VmHWM`).
+fn peak_rss_mib() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1).and_then(|kb| kb.parse::<f64>().ok()))
+        })
+        .map_or(f64::NAN, |kb| kb / 1024.0)
+}
+
+/// The machine's f32 matmul rate in GFLOP/s (2048³, best of 5).
+fn matmul_peak_gflops(device: tch::Device) -> f64 {
+    let n = 2048;
+    let a = tch::Tensor::randn([n, n], (tch::Kind::Float, device));
+    let b = tch::Tensor::randn([n, n], (tch::Kind::Float, device));
+    let _ = a.matmul(&b);
+    let mut best = f64::INFINITY;
+    for _ in 0..5 {
+        let t0 = Instant::now();
+        let c = a.matmul(&b);
+        let _ = c.double_value(&[0, 0]);
+        best = best.min(t0.elapsed().as_secs_f64());
+    }
+    2.0 * (n as f64).powi(3) / best / 1e9
+}
+
+/// Runs the reference script with one JSON argument; returns its JSON output.
+fn reference(py: &str, script: &str, args: &serde_json::Value) -> Result<serde_json::Value> {
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("scripts").join(script);
+    let out = std::process::Command::new(py)
+        .arg(&script)
+        .arg(args.to_string())
+        .output()
+        .with_context(|| format!("cannot run the reference with {py}"))?;
+    if !out.status.success() {
+        bail!("the PyTorch reference failed ({}):\n{}", out.status, String::from_utf8_lossy(&out.stderr));
+    }
+    serde_json::from_slice(&out.stdout)
+        .with_context(|| format!("reference output is not JSON: {}", String::from_utf8_lossy(&out.stdout)))
+}
+
+fn bench_sft(b: &SftBench) -> Result<()> {
+    let device = parse_device(&b.device)?;
+    let cfg = GemmaConfig::preset(&b.preset)?;
+    if b.steps == 0 || b.batch < 1 || b.seq < 2 {
+        bail!("--steps, --batch must be at least 1 and --seq at least 2");
+    }
+    let peak = matmul_peak_gflops(device);
+    tch::manual_seed(0);
+    let vs = tch::nn::VarStore::new(device);
+    let model = lm::Gemma::new(&vs.root(), &cfg)?;
+    let optim = lm::train::OptimConfig { lr: 1e-4, ..Default::default() };
+    let mut opt = lm::train::AdamW::new(&vs, &optim);
+    let seqs: Vec<sft::Sequence> = (0..b.batch)
+        .map(|r| {
+            let ids: Vec<i64> = (0..=b.seq).map(|i| 10 + (r * 7919 + i * 104729) % (cfg.vocab_size - 10)).collect();
+            sft::Sequence::from_ids(&ids, &vec![true; ids.len()]).expect("seq >= 2")
+        })
+        .collect();
+    let rows: Vec<Vec<usize>> = (0..seqs.len()).map(|i| vec![i]).collect();
+    let batch = sft::batch::make_batch(&seqs, &rows, 0, device)?;
+    let mut step = || -> Result<f64> {
+        let t0 = Instant::now();
+        opt.zero_grad();
+        let loss = sft::batch_loss(&model, &batch, batch.trained as f64)?;
+        loss.backward();
+        opt.clip_grad_norm(1.0)?;
+        opt.step(1e-4)?;
+        let _ = loss.double_value(&[]);
+        Ok(t0.elapsed().as_secs_f64())
+    };
+    step()?; // warm-up
+    let times = (0..b.steps).map(|_| step()).collect::<Result<Vec<_>>>()?;
+    let tokens = (b.batch * b.seq) as f64;
+    let tps = tokens / median(times);
+    let n = cfg.num_parameters() as f64;
+    let gflops = 6.0 * n * tps / 1e9;
+    println!(
+        "model {} ({:.1}M params), batch {}, seq {}, {:?} f32, threads {}; matmul peak {:.0} GFLOP/s",
+        b.preset,
+        n / 1e6,
+        b.batch,
+        b.seq,
+        device,
+        tch::get_num_threads(),
+        peak
+    );
+    println!(
+        "align        {:>9.1} tokens/s  {:>6.1} GFLOP/s ({:.0}% of peak)  peak RSS {:.0} MiB",
+        tps,
+        gflops,
+        100.0 * gflops / peak,
+        peak_rss_mib()
+    );
+    if b.python.as_deref() == Some("none") {
+        return Ok(());
+    }
+    let py = python(b.python.as_deref());
+    let args = serde_json::json!({
+        "config": cfg, "batch": b.batch, "seq": b.seq, "steps": b.steps,
+        "device": if device.is_cuda() { "cuda" } else { "cpu" }, "threads": tch::get_num_threads(),
+    });
+    let v = reference(&py, "bench_sft.py", &args)?;
+    let ref_tps = v["tokens_per_s"].as_f64().context("reference output has no tokens_per_s")?;
+    let ref_gflops = 6.0 * n * ref_tps / 1e9;
+    println!(
+        "pytorch      {:>9.1} tokens/s  {:>6.1} GFLOP/s ({:.0}% of peak)  peak RSS {:.0} MiB  (transformers {}, torch {})",
+        ref_tps,
+        ref_gflops,
+        100.0 * ref_gflops / peak,
+        v["peak_rss_mib"].as_f64().unwrap_or(f64::NAN),
+        v["transformers"].as_str().unwrap_or("?"),
+        v["torch"].as_str().unwrap_or("?")
+    );
+    println!("ratio        {:>9.2}x", tps / ref_tps);
+    Ok(())
 }
 
 fn median(mut v: Vec<f64>) -> f64 {

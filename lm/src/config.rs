@@ -86,7 +86,7 @@ fn default_init_range() -> f64 {
 }
 
 /// Names of the presets `GemmaConfig::preset` knows.
-pub const PRESETS: &[&str] = &["gemma-2b", "gemma-7b", "tiny", "small-20m", "test-mqa"];
+pub const PRESETS: &[&str] = &["gemma-2b", "gemma-7b", "tiny", "small-20m", "bench-50m", "test-mqa"];
 
 impl GemmaConfig {
     fn base(vocab: i64, hidden: i64, inter: i64, layers: i64, heads: i64, kv: i64, head_dim: i64) -> Self {
@@ -132,6 +132,12 @@ impl GemmaConfig {
             // ~20M parameters with a 8k vocabulary: the benchmarks.
             "small-20m" => {
                 let mut c = Self::base(8192, 384, 1536, 8, 6, 2, 64);
+                c.max_position_embeddings = 2048;
+                c
+            }
+            // ~53M parameters: the training benchmark.
+            "bench-50m" => {
+                let mut c = Self::base(8192, 576, 2304, 10, 9, 3, 64);
                 c.max_position_embeddings = 2048;
                 c
             }

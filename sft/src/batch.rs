@@ -134,7 +134,9 @@ pub struct Batch {
     pub target: Tensor,    // (B, T) int64
     pub mask: Tensor,      // (B, T) bool: trained positions
     pub positions: Tensor, // (B, T) int64, restarting per example
-    pub attn: Tensor,      // (B, 1, T, T) bool
+    /// (B, 1, T, T) bool; None when every row is one unpadded example
+    /// (plain causal attention, the fast path).
+    pub attn: Option<Tensor>,
     pub tokens: usize,     // real (non-pad) tokens
     pub trained: usize,    // trained tokens
 }
@@ -171,13 +173,14 @@ pub fn make_batch(seqs: &[Sequence], rows: &[Row], pad_id: i64, device: Device) 
         }
     }
     let (bi, ti) = (b as i64, t as i64);
+    let plain = rows.iter().all(|r| r.len() == 1 && seqs[r[0]].len() == t);
     let seg = Tensor::from_slice(&seg).view([bi, ti]).to_device(device); // (B, T)
     let q = seg.unsqueeze(2); // (B, T, 1)
     let k = seg.unsqueeze(1); // (B, 1, T)
     let same = q.eq_tensor(&k).logical_and(&q.ne(0)); // (B, T, T)
     let causal = Tensor::ones([ti, ti], (Kind::Bool, device)).tril(0); // (T, T)
     let diag = Tensor::eye(ti, (Kind::Bool, device)); // (T, T)
-    let attn = same.logical_and(&causal).logical_or(&diag).unsqueeze(1); // (B, 1, T, T)
+    let attn = (!plain).then(|| same.logical_and(&causal).logical_or(&diag).unsqueeze(1)); // (B, 1, T, T)
     Ok(Batch {
         input: Tensor::from_slice(&input).view([bi, ti]).to_device(device),
         target: Tensor::from_slice(&target).view([bi, ti]).to_device(device),
@@ -208,9 +211,10 @@ mod tests {
     fn packed_attention_is_block_diagonal_and_positions_restart() {
         let s = vec![seq(2), seq(3)];
         let b = make_batch(&s, &[vec![0, 1]], 0, Device::Cpu).unwrap();
+        assert!(make_batch(&s, &[vec![1]], 0, Device::Cpu).unwrap().attn.is_none());
         let pos: Vec<i64> = Vec::try_from(b.positions.view([-1])).unwrap();
         assert_eq!(pos, vec![0, 1, 0, 1, 2]);
-        let a: Vec<bool> = Vec::try_from(b.attn.view([-1])).unwrap();
+        let a: Vec<bool> = Vec::try_from(b.attn.unwrap().view([-1])).unwrap();
         #[rustfmt::skip]
         let want = [
             true,  false, false, false, false,

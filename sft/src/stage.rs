@@ -291,7 +291,7 @@ pub fn load_data(cfg: &SftConfig, tok: &Tokenizer, base: &Path) -> Result<(Data,
 /// Mean per-token loss over `batch` rows for one micro-batch, normalised by
 /// `denom` trained tokens (the whole accumulated batch's count).
 pub fn batch_loss(model: &Gemma, batch: &Batch, denom: f64) -> Result<Tensor> {
-    let hidden = model.forward_hidden(&batch.input, &batch.positions, Some(&batch.attn), None)?; // (B, T, H)
+    let hidden = model.forward_hidden(&batch.input, &batch.positions, batch.attn.as_ref(), None)?; // (B, T, H)
     let logits = model.logits(&hidden); // (B, T, V)
     Ok(masked_cross_entropy_sum(&logits, &batch.target, &batch.mask)? / denom)
 }
