@@ -28,7 +28,8 @@ inp, tgt = ids[:, :-1], ids[:, 1:]
 def step():
     t0 = time.perf_counter()
     opt.zero_grad(set_to_none=True)
-    logits = model(input_ids=inp).logits
+    with torch.autocast(device_type=args["device"], dtype=torch.bfloat16, enabled=args.get("dtype") == "bf16"):
+        logits = model(input_ids=inp).logits
     loss = torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), tgt.reshape(-1))
     loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

@@ -45,6 +45,9 @@ pub struct SftBench {
     pub steps: usize,
     #[arg(long, default_value = "cpu")]
     pub device: String,
+    /// f32, or bf16 (align: bf16 weights with fp32 masters; PyTorch: bf16 autocast).
+    #[arg(long, default_value = "f32")]
+    pub dtype: String,
     /// Python with torch + transformers for the reference; `none` skips it.
     #[arg(long)]
     pub python: Option<String>,
@@ -114,10 +117,12 @@ fn bench_sft(b: &SftBench) -> Result<()> {
     if b.steps == 0 || b.batch < 1 || b.seq < 2 {
         bail!("--steps, --batch must be at least 1 and --seq at least 2");
     }
+    let kind = parse_dtype(&b.dtype)?;
     let peak = matmul_peak_gflops(device);
     tch::manual_seed(0);
-    let vs = tch::nn::VarStore::new(device);
+    let mut vs = tch::nn::VarStore::new(device);
     let model = lm::Gemma::new(&vs.root(), &cfg)?;
+    vs.set_kind(kind);
     let optim = lm::train::OptimConfig { lr: 1e-4, ..Default::default() };
     let mut opt = lm::train::AdamW::new(&vs, &optim);
     let seqs: Vec<sft::Sequence> = (0..b.batch)
@@ -145,12 +150,13 @@ fn bench_sft(b: &SftBench) -> Result<()> {
     let n = cfg.num_parameters() as f64;
     let gflops = 6.0 * n * tps / 1e9;
     println!(
-        "model {} ({:.1}M params), batch {}, seq {}, {:?} f32, threads {}; matmul peak {:.0} GFLOP/s",
+        "model {} ({:.1}M params), batch {}, seq {}, {:?} {}, threads {}; f32 matmul peak {:.0} GFLOP/s",
         b.preset,
         n / 1e6,
         b.batch,
         b.seq,
         device,
+        b.dtype,
         tch::get_num_threads(),
         peak
     );
@@ -168,6 +174,7 @@ fn bench_sft(b: &SftBench) -> Result<()> {
     let args = serde_json::json!({
         "config": cfg, "batch": b.batch, "seq": b.seq, "steps": b.steps,
         "device": if device.is_cuda() { "cuda" } else { "cpu" }, "threads": tch::get_num_threads(),
+        "dtype": b.dtype,
     });
     let v = reference(&py, "bench_sft.py", &args)?;
     let ref_tps = v["tokens_per_s"].as_f64().context("reference output has no tokens_per_s")?;

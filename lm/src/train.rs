@@ -88,12 +88,27 @@ pub fn decays(name: &str) -> bool {
 
 /// AdamW (Loshchilov & Hutter, "Decoupled Weight Decay Regularization",
 /// ICLR 2019), computed exactly as `torch.optim.AdamW` does.
+///
+/// When the model's variables are not f32 (bf16 training), the optimiser
+/// keeps fp32 master copies: gradients are read from the bf16 variables, the
+/// update is applied to the masters, and the variables receive the rounded
+/// result — mixed-precision training as in Micikevicius et al., "Mixed
+/// Precision Training", ICLR 2018.
 pub struct AdamW {
-    /// (name, variable, exp_avg, exp_avg_sq, decays), sorted by name.
-    params: Vec<(String, Tensor, Tensor, Tensor, bool)>,
+    params: Vec<Param>,
     /// Number of updates done.
     pub t: u64,
     pub cfg: OptimConfig,
+}
+
+struct Param {
+    name: String,
+    var: Tensor,
+    /// fp32 master weights when `var` is not f32.
+    master: Option<Tensor>,
+    exp_avg: Tensor,
+    exp_avg_sq: Tensor,
+    decay: bool,
 }
 
 impl AdamW {
@@ -103,26 +118,45 @@ impl AdamW {
         vars.sort_by(|a, b| a.0.cmp(&b.0));
         let params = vars
             .into_iter()
-            .map(|(name, v)| {
-                let m = v.zeros_like().to_kind(Kind::Float);
-                let s = v.zeros_like().to_kind(Kind::Float);
-                let d = decays(&name);
-                (name, v, m, s, d)
+            .map(|(name, var)| {
+                let master = (var.kind() != Kind::Float).then(|| var.detach().to_kind(Kind::Float));
+                let exp_avg = var.zeros_like().to_kind(Kind::Float);
+                let exp_avg_sq = var.zeros_like().to_kind(Kind::Float);
+                let decay = decays(&name);
+                Param { name, var, master, exp_avg, exp_avg_sq, decay }
             })
             .collect();
         AdamW { params, t: 0, cfg: cfg.clone() }
     }
 
+    /// Replaces the fp32 masters with exact values (e.g. the f32 weights the
+    /// model had before it was cast to bf16).
+    pub fn set_masters(&mut self, mut exact: BTreeMap<String, Tensor>) -> Result<()> {
+        tch::no_grad(|| -> Result<()> {
+            for p in &mut self.params {
+                if let (Some(m), Some(src)) = (p.master.as_mut(), exact.remove(&p.name)) {
+                    m.f_copy_(&src)?;
+                }
+            }
+            Ok(())
+        })
+    }
+
+    /// Whether fp32 master weights are kept (the model is not f32).
+    pub fn has_masters(&self) -> bool {
+        self.params.iter().any(|p| p.master.is_some())
+    }
+
     pub fn zero_grad(&mut self) {
-        for (_, v, ..) in &mut self.params {
-            v.zero_grad();
+        for p in &mut self.params {
+            p.var.zero_grad();
         }
     }
 
     /// Global L2 norm of all gradients; when `max_norm > 0` and the norm
     /// exceeds it, gradients are scaled by `max_norm / (norm + 1e-6)`.
     pub fn clip_grad_norm(&mut self, max_norm: f64) -> Result<f64> {
-        let grads: Vec<Tensor> = self.params.iter().map(|p| p.1.grad()).filter(|g| g.defined()).collect();
+        let grads: Vec<Tensor> = self.params.iter().map(|p| p.var.grad()).filter(|g| g.defined()).collect();
         if grads.is_empty() {
             return Ok(0.0);
         }
@@ -146,46 +180,62 @@ impl AdamW {
         let bc1 = 1.0 - c.beta1.powi(self.t as i32);
         let bc2_sqrt = (1.0 - c.beta2.powi(self.t as i32)).sqrt();
         tch::no_grad(|| -> Result<()> {
-            for (name, p, m, v, decay) in &mut self.params {
-                let g = p.grad();
+            for p in &mut self.params {
+                let g = p.var.grad();
                 if !g.defined() {
                     continue;
                 }
                 let g = g.to_kind(Kind::Float);
-                if *decay && c.weight_decay > 0.0 {
-                    let _ = p.f_mul_scalar_(1.0 - lr * c.weight_decay)?;
+                let w = p.master.as_mut().unwrap_or(&mut p.var);
+                if p.decay && c.weight_decay > 0.0 {
+                    let _ = w.f_mul_scalar_(1.0 - lr * c.weight_decay)?;
                 }
-                let _ = m.f_mul_scalar_(c.beta1)?.f_add_(&(&g * (1.0 - c.beta1)))?;
-                let _ = v.f_mul_scalar_(c.beta2)?.f_addcmul_(&g, &(&g * (1.0 - c.beta2)))?;
-                let denom = (v.sqrt() / bc2_sqrt) + c.eps;
-                let update = (&*m / &denom) * (-lr / bc1);
-                let _ = p.f_add_(&update.to_kind(p.kind())).with_context(|| format!("updating {name}"))?;
+                let _ = p.exp_avg.f_mul_scalar_(c.beta1)?.f_add_(&(&g * (1.0 - c.beta1)))?;
+                let _ = p.exp_avg_sq.f_mul_scalar_(c.beta2)?.f_addcmul_(&g, &(&g * (1.0 - c.beta2)))?;
+                let denom = (p.exp_avg_sq.sqrt() / bc2_sqrt) + c.eps;
+                let update = (&p.exp_avg / &denom) * (-lr / bc1);
+                let _ = w.f_add_(&update).with_context(|| format!("updating {}", p.name))?;
+                if let Some(m) = &p.master {
+                    p.var.f_copy_(m)?;
+                }
             }
             Ok(())
         })
     }
 
-    /// The moments as named tensors (`{name}.exp_avg`, `{name}.exp_avg_sq`).
+    /// The optimiser state as named tensors: `{name}.exp_avg`,
+    /// `{name}.exp_avg_sq` and, with masters, `{name}.master`.
     pub fn state_tensors(&self) -> BTreeMap<String, Tensor> {
         let mut out = BTreeMap::new();
-        for (name, _, m, v, _) in &self.params {
-            out.insert(format!("{name}.exp_avg"), m.shallow_clone());
-            out.insert(format!("{name}.exp_avg_sq"), v.shallow_clone());
+        for p in &self.params {
+            out.insert(format!("{}.exp_avg", p.name), p.exp_avg.shallow_clone());
+            out.insert(format!("{}.exp_avg_sq", p.name), p.exp_avg_sq.shallow_clone());
+            if let Some(m) = &p.master {
+                out.insert(format!("{}.master", p.name), m.shallow_clone());
+            }
         }
         out
     }
 
-    /// Restores the moments saved by [`AdamW::state_tensors`].
+    /// Restores the state saved by [`AdamW::state_tensors`] (the masters,
+    /// when present, also overwrite the variables).
     pub fn load_state(&mut self, mut t: BTreeMap<String, Tensor>, steps: u64) -> Result<()> {
         tch::no_grad(|| -> Result<()> {
-            for (name, _, m, v, _) in &mut self.params {
-                for (suffix, dst) in [("exp_avg", m), ("exp_avg_sq", v)] {
-                    let key = format!("{name}.{suffix}");
+            for p in &mut self.params {
+                let mut slots = vec![("exp_avg", &mut p.exp_avg), ("exp_avg_sq", &mut p.exp_avg_sq)];
+                if let Some(m) = p.master.as_mut() {
+                    slots.push(("master", m));
+                }
+                for (suffix, dst) in slots {
+                    let key = format!("{}.{suffix}", p.name);
                     let src = t.remove(&key).with_context(|| format!("optimizer state lacks {key}"))?;
                     if src.size() != dst.size() {
                         bail!("optimizer state {key} has shape {:?}, expected {:?}", src.size(), dst.size());
                     }
                     dst.f_copy_(&src)?;
+                }
+                if let Some(m) = &p.master {
+                    p.var.f_copy_(m)?;
                 }
             }
             Ok(())
@@ -442,6 +492,29 @@ mod tests {
             p -= 0.1 / bc1 * m / (v.sqrt() / bc2.sqrt() + 1e-8);
             assert!((w.double_value(&[0]) - p).abs() < 1e-6, "step {t}: {} vs {p}", w.double_value(&[0]));
         }
+    }
+
+    #[test]
+    fn bf16_variables_are_updated_through_fp32_masters() {
+        let mut vs = nn::VarStore::new(tch::Device::Cpu);
+        let w = vs.root().sub("layer").var("weight", &[4], nn::Init::Const(1.0));
+        vs.set_kind(Kind::BFloat16);
+        let c = OptimConfig { lr: 1e-4, ..Default::default() };
+        let mut opt = AdamW::new(&vs, &c);
+        assert!(opt.has_masters());
+        // Steps of 1e-4 are below bf16's resolution at 1.0 (2^-7): without
+        // masters the weight would never move.
+        for _ in 0..200 {
+            opt.zero_grad();
+            let w = vs.variables()["layer.weight"].shallow_clone();
+            (w.to_kind(Kind::Float) * 1.0).sum(Kind::Float).backward();
+            opt.step(1e-4).unwrap();
+        }
+        let master = opt.state_tensors()["layer.weight.master"].double_value(&[0]);
+        assert!((master - (1.0 - 200.0 * 1e-4)).abs() < 1e-4, "master {master}");
+        let _ = w;
+        let v = vs.variables()["layer.weight"].to_kind(Kind::Float).double_value(&[0]);
+        assert!((v - master).abs() < 1e-2 && v < 1.0, "bf16 weight {v}");
     }
 
     #[test]

@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
-use tch::{nn, Device, Kind, Tensor};
+use tch::{nn, Kind, Tensor};
 
 /// What the stage trains on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -75,7 +75,8 @@ pub struct SftConfig {
     pub seed: u64,
     #[serde(default = "default_device")]
     pub device: String,
-    /// f32 (CPU and CUDA) or bf16 (weights in bf16; CUDA).
+    /// f32, or bf16: bf16 weights and activations with fp32 master weights
+    /// in the optimiser (CUDA, and CPUs with AVX512-BF16).
     #[serde(default = "default_dtype")]
     pub dtype: String,
 }
@@ -336,11 +337,10 @@ pub fn run(cfg: &SftConfig, base: &Path) -> Result<SftSummary> {
     cfg.validate()?;
     let device = lm::device::parse_device(&cfg.device)?;
     let kind = lm::device::parse_dtype(&cfg.dtype)?;
-    if kind == Kind::BFloat16 && device == Device::Cpu {
-        bail!("dtype = \"bf16\" training is for CUDA; use f32 on the CPU");
-    }
     let loaded = checkpoint::load_causal_lm(&cfg.model, device, Kind::Float)?;
     let (mut vs, model, tok) = (loaded.vs, loaded.model, loaded.tokenizer);
+    let exact: std::collections::BTreeMap<String, Tensor> =
+        if kind != Kind::Float { vs.variables().into_iter().map(|(k, v)| (k, v.copy())).collect() } else { Default::default() };
     if kind != Kind::Float {
         vs.set_kind(kind);
     }
@@ -358,6 +358,7 @@ pub fn run(cfg: &SftConfig, base: &Path) -> Result<SftSummary> {
 
     let ckpt_root = cfg.output_dir.join("checkpoints");
     let mut opt = AdamW::new(&vs, &cfg.optim);
+    opt.set_masters(exact)?;
     let fresh = TrainerState {
         step: 0,
         total_steps,

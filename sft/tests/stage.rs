@@ -204,3 +204,19 @@ fn unknown_config_keys_are_errors_naming_the_key() {
     let e = format!("{:#}", SftConfig::from_toml_file(&p).unwrap_err());
     assert!(e.contains("lr") || e.contains("optim"), "{e}");
 }
+
+#[test]
+fn bf16_training_with_fp32_masters_lowers_the_loss() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = write_data(tmp.path(), 80);
+    let mut cfg = config(tmp.path(), &data);
+    cfg.dtype = "bf16".into();
+    let s = sft::run(&cfg, tmp.path()).unwrap();
+    assert!(s.final_loss < s.first_losses[0] * 0.8, "{:?} → {}", s.first_losses, s.final_loss);
+    let cfg_json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(s.model_dir.join("config.json")).unwrap()).unwrap();
+    assert_eq!(cfg_json["torch_dtype"], "bfloat16");
+    let (_, opt) = lm::train::read_checkpoint_state(&lm::train::list_checkpoints(&tmp.path().join("out/checkpoints")).unwrap()[0].1).unwrap();
+    assert!(opt.keys().any(|k| k.ends_with(".master")));
+    assert!(opt.values().all(|t| t.kind() == Kind::Float));
+}
