@@ -191,3 +191,30 @@ pub fn sft(config: &Path) -> Result<()> {
     println!("{}", serde_json::to_string_pretty(&s)?);
     Ok(())
 }
+
+/// Prints the runtime: libtorch build, CUDA devices, threads; fails when
+/// `ALIGN_REQUIRE_CUDA=1` and CUDA is not usable (the GPU smoke check).
+pub fn info() -> Result<()> {
+    let cuda = tch::Cuda::is_available();
+    let v = serde_json::json!({
+        "align": env!("CARGO_PKG_VERSION"),
+        "cuda_available": cuda,
+        "cuda_devices": tch::Cuda::device_count(),
+        "cudnn_available": tch::Cuda::cudnn_is_available(),
+        "threads": tch::get_num_threads(),
+        "mkldnn": tch::utils::has_mkldnn(),
+        "libtorch_has_cuda": tch::utils::has_cuda(),
+    });
+    println!("{}", serde_json::to_string_pretty(&v)?);
+    if std::env::var("ALIGN_REQUIRE_CUDA").is_ok_and(|v| v == "1") && !cuda {
+        bail!("ALIGN_REQUIRE_CUDA=1 but libtorch sees no CUDA device (is libtorch_cuda.so linked?)");
+    }
+    if cuda {
+        let t = tch::Tensor::ones([2, 2], (tch::Kind::BFloat16, tch::Device::Cuda(0)));
+        let s = t.matmul(&t).sum(tch::Kind::Float).double_value(&[]);
+        if s != 8.0 {
+            bail!("a bf16 matmul on CUDA gave {s}, expected 8");
+        }
+    }
+    Ok(())
+}

@@ -107,6 +107,8 @@ enum Command {
         #[command(subcommand)]
         command: data_cmd::DataCommand,
     },
+    /// Where libtorch is, whether CUDA is usable, threads: a smoke check.
+    Info,
     /// Tokenizer tools.
     Tokenizer {
         #[command(subcommand)]
@@ -148,6 +150,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Bench { command } => bench::run(command),
         Command::Sft { config } => commands::sft(&config),
+        Command::Info => commands::info(),
         Command::Data { command } => data_cmd::run(command),
     }
 }
