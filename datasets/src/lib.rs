@@ -42,7 +42,8 @@ pub use mixture::{
     SourceReport,
 };
 pub use read::{
-    read_dataset, shard_files, write_dataset, write_jsonl, BadRow, Dataset, Format, OnBadRow, ReadOptions, ReadReport,
+    read_dataset, shard_files, write_dataset, write_jsonl, BadRow, Dataset, Format, OnBadRow, ReadOptions,
+    ReadReport,
 };
 pub use record::{
     detect_kind, parse_hh_transcript, Example, Message, Origin, Record, RecordKind, ROLE_ASSISTANT,

@@ -351,7 +351,9 @@ pub fn write_dataset(path: &Path, examples: &[Example], format: Option<Format>) 
             std::io::Write::flush(&mut w).with_context(|| format!("cannot write {}", path.display()))
         }
         Format::Csv | Format::Parquet => {
-            use polars::prelude::{Column, CsvWriter, DataFrame, NamedFrom, ParquetWriter, SerWriter, Series};
+            use polars::prelude::{
+                Column, CsvWriter, DataFrame, NamedFrom, ParquetWriter, SerWriter, Series,
+            };
             let rows: Vec<Value> = examples.iter().map(Example::to_json).collect();
             let mut columns: Vec<Column> = Vec::new();
             for &name in CANONICAL_COLUMNS {
@@ -359,7 +361,8 @@ pub fn write_dataset(path: &Path, examples: &[Example], format: Option<Format>) 
                     continue;
                 }
                 let column: Column = if name == "margin" {
-                    let cells: Vec<Option<f64>> = rows.iter().map(|r| r.get(name).and_then(Value::as_f64)).collect();
+                    let cells: Vec<Option<f64>> =
+                        rows.iter().map(|r| r.get(name).and_then(Value::as_f64)).collect();
                     Series::new(name.into(), cells).into()
                 } else {
                     let cells: Vec<Option<String>> = rows

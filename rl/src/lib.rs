@@ -1,4 +1,8 @@
 //! `rl`: the KL-regularised REINFORCE stage with a leave-one-out baseline.
 //!
-//! Not built yet: rollouts from the policy, scoring by the reward model,
-//! per-token KL to the frozen SFT reference, leave-one-out advantages.
+//! - [`loss`] — the pure pieces: k1/k3 KL estimators, sequence rewards with
+//!   the end-of-turn penalty, leave-one-out advantages, whitening, the
+//!   REINFORCE loss and its clipped importance-weighted variant.
+pub mod loss;
+
+pub use loss::{kl_per_token, reinforce_loss, rloo_advantages, sequence_rewards, whiten, KlEstimator};

@@ -171,6 +171,10 @@ pub struct SftSummary {
     pub sources: serde_json::Value,
 }
 
+/// The chat-mode sampler: the mixture and, per (source, row), the index of
+/// its tokenized sequence.
+pub type Sampler = (Mixture, HashMap<(usize, usize), usize>);
+
 /// Training and held-out sequences, with what the data report says.
 pub struct Data {
     pub train: Vec<Sequence>,
@@ -226,7 +230,7 @@ fn read_text_docs(files: &[PathBuf]) -> Result<Vec<String>> {
 
 /// Loads and tokenizes the data of `cfg` (relative paths in the mixture are
 /// resolved against `base`). Returns the per-epoch sampler too (chat mode).
-pub fn load_data(cfg: &SftConfig, tok: &Tokenizer, base: &Path) -> Result<(Data, Option<(Mixture, HashMap<(usize, usize), usize>)>)> {
+pub fn load_data(cfg: &SftConfig, tok: &Tokenizer, base: &Path) -> Result<(Data, Option<Sampler>)> {
     match cfg.mode {
         Mode::Pretrain => {
             let docs = read_text_docs(&cfg.text_files)?;
@@ -312,7 +316,7 @@ pub fn evaluate(model: &Gemma, seqs: &[Sequence], batch_size: usize, pad: i64) -
 }
 
 /// The training order of one epoch as sequence indices.
-fn epoch_order(data: &Data, sampler: &Option<(Mixture, HashMap<(usize, usize), usize>)>, epoch: u64, seed: u64) -> Vec<usize> {
+fn epoch_order(data: &Data, sampler: &Option<Sampler>, epoch: u64, seed: u64) -> Vec<usize> {
     match sampler {
         Some((mix, index)) => mix
             .epoch(epoch)
