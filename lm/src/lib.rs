@@ -15,6 +15,8 @@
 //! - [`train`] — what every training stage shares: AdamW, the LR schedule,
 //!   clipping, resumable training checkpoints, metrics and progress.
 //! - [`device`] — `--device` / `--dtype` parsing.
+//! - [`plot`] — PNG line charts (loss, reward, KL) and bar charts with
+//!   error whiskers (win rates), drawn without a plotting library.
 
 pub mod chat;
 pub mod checkpoint;
@@ -22,6 +24,7 @@ pub mod config;
 pub mod device;
 pub mod generate;
 pub mod model;
+pub mod plot;
 pub mod tokenizer;
 pub mod train;
 
