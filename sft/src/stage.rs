@@ -335,6 +335,20 @@ fn epoch_order(data: &Data, sampler: &Option<Sampler>, epoch: u64, seed: u64) ->
     }
 }
 
+/// Writes `loss.png` (train loss per step, eval loss points) from
+/// `metrics.jsonl` in `dir`.
+pub fn plot_losses(dir: &Path) -> Result<()> {
+    let rows = train::read_metrics(&dir.join("metrics.jsonl"))?;
+    let pick = |key: &str| -> Vec<(f64, f64)> {
+        rows.iter().filter_map(|r| Some((r["step"].as_f64()?, r.get(key)?.as_f64()?))).collect()
+    };
+    let series = [
+        lm::plot::Series::line("train loss", pick("loss")),
+        lm::plot::Series { style: lm::plot::SeriesStyle::LinePoints, ..lm::plot::Series::line("eval loss", pick("eval_loss")) },
+    ];
+    lm::plot::line_chart(&dir.join("loss.png"), "SFT loss", "step", "loss", &series)
+}
+
 /// Runs the stage. Resumes from the newest checkpoint in
 /// `output_dir/checkpoints` when its config hash matches.
 pub fn run(cfg: &SftConfig, base: &Path) -> Result<SftSummary> {
@@ -440,6 +454,7 @@ pub fn run(cfg: &SftConfig, base: &Path) -> Result<SftSummary> {
         (Some(el), Some(el.exp()))
     };
     save(&vs, &opt, &state)?;
+    plot_losses(&cfg.output_dir)?;
     let model_dir = cfg.output_dir.join("model");
     checkpoint::save(&model_dir, &vs, &model.cfg, &tok, &SaveOptions::default())?;
     let summary = SftSummary {

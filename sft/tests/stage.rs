@@ -141,7 +141,7 @@ fn smoke_run_lowers_the_loss_and_first_losses_are_as_recorded() {
         assert!((got - want).abs() < 2e-3, "first losses {:?} differ from recorded {recorded:?}", s.first_losses);
     }
     let out = tmp.path().join("out");
-    for f in ["metrics.jsonl", "summary.json", "model/config.json", "model/model.safetensors"] {
+    for f in ["metrics.jsonl", "summary.json", "loss.png", "model/config.json", "model/model.safetensors"] {
         assert!(out.join(f).exists(), "{f}");
     }
     let metrics = lm::train::read_metrics(&out.join("metrics.jsonl")).unwrap();
