@@ -102,6 +102,21 @@ enum Command {
         #[arg(long)]
         config: PathBuf,
     },
+    /// Train a Bradley-Terry reward model from a TOML config.
+    Reward {
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Score prompt/response rows or preference pairs with a reward model.
+    Score {
+        #[arg(long)]
+        reward_model: PathBuf,
+        #[arg(long)]
+        data: PathBuf,
+        /// A table with reward columns (.jsonl, .csv or .parquet); stdout when absent.
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
     /// Data tools: inspect, filter, mix.
     Data {
         #[command(subcommand)]
@@ -151,6 +166,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Bench { command } => bench::run(command),
         Command::Sft { config } => commands::sft(&config),
         Command::Info => commands::info(),
+        Command::Reward { config } => reward::cli_train(&config),
+        Command::Score { reward_model, data, out } => reward::cli_score(&reward_model, &data, out.as_deref()),
         Command::Data { command } => data_cmd::run(command),
     }
 }

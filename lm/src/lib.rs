@@ -14,6 +14,9 @@
 //!   top-p, per-sequence stopping, per-token log-probabilities.
 //! - [`train`] — what every training stage shares: AdamW, the LR schedule,
 //!   clipping, resumable training checkpoints, metrics and progress.
+//! - [`reward_model`] — a Gemma backbone with a `score` head
+//!   (`GemmaForSequenceClassification`): the reward model the reward stage
+//!   trains and the RL stage and the judge use.
 //! - [`device`] — `--device` / `--dtype` parsing.
 //! - [`plot`] — PNG line charts (loss, reward, KL) and bar charts with
 //!   error whiskers (win rates), drawn without a plotting library.
@@ -25,6 +28,7 @@ pub mod device;
 pub mod generate;
 pub mod model;
 pub mod plot;
+pub mod reward_model;
 pub mod tokenizer;
 pub mod train;
 

@@ -1,5 +1,6 @@
-//! Resume after a real kill: `align sft` killed with SIGKILL mid-run and run
-//! again gives bit-identical weights to an uninterrupted run (CPU).
+//! Resume after a real kill: `align sft` / `align reward` killed with SIGKILL
+//! mid-run and run again give bit-identical weights to an uninterrupted run
+//! (CPU).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -58,10 +59,75 @@ fn write_data(dir: &Path) -> PathBuf {
     p
 }
 
-fn sft(config: &Path) -> Command {
+fn stage(name: &str, config: &Path) -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_align"));
-    c.args(["sft", "--config", config.to_str().unwrap()]).stdout(std::process::Stdio::null()).stderr(std::process::Stdio::piped());
+    c.args([name, "--config", config.to_str().unwrap()])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped());
     c
+}
+
+fn sft(config: &Path) -> Command {
+    stage("sft", config)
+}
+
+/// Runs `cmd_a` to the end; runs `cmd_b`, kills it once a checkpoint at
+/// step >= `kill_at` exists, runs it again; returns the two final weights.
+fn run_kill_resume(name: &str, a: &Path, ca: &Path, b: &Path, cb: &Path, kill_at: u64) -> (Vec<u8>, Vec<u8>) {
+    let out = stage(name, ca).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let mut child = stage(name, cb).spawn().unwrap();
+    let ckpts = b.join("out/checkpoints");
+    let t0 = Instant::now();
+    loop {
+        let n = lm::train::list_checkpoints(&ckpts).map(|v| v.last().map_or(0, |c| c.0)).unwrap_or(0);
+        if n >= kill_at {
+            break;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(120), "no checkpoint appeared");
+        assert!(child.try_wait().unwrap().is_none(), "run finished before it could be killed");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    assert!(!b.join("out/model").exists(), "the run was killed before it finished");
+    let out = stage(name, cb).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains("resuming from"), "{err}");
+    (
+        std::fs::read(a.join("out/model/model.safetensors")).unwrap(),
+        std::fs::read(b.join("out/model/model.safetensors")).unwrap(),
+    )
+}
+
+#[test]
+fn reward_resume_after_kill_is_bit_identical() {
+    let tmp = tempfile::tempdir().unwrap();
+    let lines: Vec<String> = (0..240)
+        .map(|i| {
+            let chosen = format!("good answer {i}");
+            let rejected = format!("bad reply {}", i * 3 % 17);
+            serde_json::json!({"prompt": format!("question {i}"), "chosen": chosen, "rejected": rejected}).to_string()
+        })
+        .collect();
+    let data = tmp.path().join("pairs.jsonl");
+    std::fs::write(&data, lines.join("\n")).unwrap();
+    let (a, b) = (tmp.path().join("a"), tmp.path().join("b"));
+    let mut cfgs = vec![];
+    for d in [&a, &b] {
+        std::fs::create_dir_all(d).unwrap();
+        let toml = format!(
+            "[reward]\nmodel = \"{}\"\noutput_dir = \"out\"\nmax_seq_len = 64\nbatch_size = 4\ngrad_accum = 2\nmax_steps = 200\nsave_every = 10\nkeep_last = 2\nseed = 4\ndevice = \"cpu\"\n[reward.optim]\nlr = 1e-3\nwarmup_steps = 5\n[reward.data]\nseed = 1\nheld_out = {{ fraction = 0.1 }}\n[[reward.data.sources]]\nname = \"pairs\"\npath = \"{}\"\n",
+            root().join("lm/tests/fixtures/mqa").display(),
+            data.display()
+        );
+        let p = d.join("reward.toml");
+        std::fs::write(&p, toml).unwrap();
+        cfgs.push(p);
+    }
+    let (wa, wb) = run_kill_resume("reward", &a, &cfgs[0], &b, &cfgs[1], 30);
+    assert!(wa == wb, "reward weights after kill + resume differ from the uninterrupted run");
 }
 
 #[test]

@@ -1,0 +1,504 @@
+//! The reward stage: config → preference pairs → Bradley-Terry training →
+//! checkpoints → evaluation → final reward model with its statistics.
+
+use crate::data::{self, make_pair_batch, plan_epoch, EncodedPairs, PairTokens, Truncation};
+use crate::eval::{self, EvalReport};
+use crate::loss::reward_loss;
+use crate::model::{self, RewardStats, ARCHITECTURE};
+use anyhow::{bail, Context, Result};
+use datasets::{Mixture, MixtureConfig, RecordKind};
+use lm::train::{self, AdamW, MetricsLog, OptimConfig, TrainerState};
+use lm::Tokenizer;
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+use tch::{nn, Device, Kind};
+
+/// The `[reward]` section of a recipe (or a standalone `align reward` config).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RewardConfig {
+    /// The checkpoint to start from: a causal LM (an SFT model; the head is
+    /// new) or a reward model (trained further).
+    pub model: PathBuf,
+    /// Where checkpoints, metrics, the summary and the final `model/` go.
+    pub output_dir: PathBuf,
+    /// Preference pairs (`prompt`, `chosen`, `rejected`, optional `margin`
+    /// and `category`); the held-out split is the evaluation set.
+    pub data: MixtureConfig,
+    /// Longest sequence (prompt + response, in tokens) of either side.
+    #[serde(default = "default_max_seq_len")]
+    pub max_seq_len: usize,
+    /// Pairs per micro-batch (each pair is two rows).
+    #[serde(default = "default_batch_size")]
+    pub batch_size: usize,
+    /// Micro-batches per optimiser step.
+    #[serde(default = "one")]
+    pub grad_accum: usize,
+    /// Over-long pairs: `truncate_prompt` (default) or `drop`.
+    #[serde(default)]
+    pub truncation: Truncation,
+    #[serde(default = "one_u64")]
+    pub epochs: u64,
+    /// Stop after this many optimiser steps (0: run `epochs`).
+    #[serde(default)]
+    pub max_steps: u64,
+    /// Stop once this many steps are done, saving a checkpoint but no final
+    /// model, as an interrupted run would; running again resumes. Unlike
+    /// `max_steps` it changes neither the schedule nor the config hash.
+    #[serde(default)]
+    pub stop_after: Option<u64>,
+    #[serde(default)]
+    pub optim: OptimConfig,
+    /// Coefficient of the reward-centring term mean((r_c + r_r)²), as TRL's
+    /// `center_rewards_coefficient` (0 disables; 0.01 is TRL's suggestion).
+    #[serde(default)]
+    pub center_rewards_coefficient: f64,
+    /// Std of the new head's normal init (default: the model's `initializer_range`).
+    #[serde(default)]
+    pub head_init_std: Option<f64>,
+    /// Evaluate on the held-out pairs every N steps (0: only at the end).
+    #[serde(default)]
+    pub eval_every: u64,
+    /// Save a resumable checkpoint every N steps (0: only at the end).
+    #[serde(default)]
+    pub save_every: u64,
+    #[serde(default = "default_keep")]
+    pub keep_last: usize,
+    /// Seeds the head's init and the batch order.
+    #[serde(default)]
+    pub seed: u64,
+    #[serde(default = "default_device")]
+    pub device: String,
+    /// f32 (CPU and CUDA) or bf16 (weights in bf16; CUDA).
+    #[serde(default = "default_dtype")]
+    pub dtype: String,
+}
+
+fn default_max_seq_len() -> usize {
+    512
+}
+fn default_batch_size() -> usize {
+    8
+}
+fn one() -> usize {
+    1
+}
+fn one_u64() -> u64 {
+    1
+}
+fn default_keep() -> usize {
+    2
+}
+fn default_device() -> String {
+    "auto".into()
+}
+fn default_dtype() -> String {
+    "f32".into()
+}
+
+impl RewardConfig {
+    /// Reads a TOML config: a top-level `[reward]` table or the fields alone.
+    pub fn from_toml_file(path: &Path) -> Result<Self> {
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+        let value: toml::Value =
+            toml::from_str(&text).with_context(|| format!("{} is not valid TOML", path.display()))?;
+        let table = match value.get("reward") {
+            Some(t) => t.clone(),
+            None => value,
+        };
+        let cfg: RewardConfig =
+            table.try_into().map_err(|e: toml::de::Error| anyhow::anyhow!("{}: {e}", path.display()))?;
+        cfg.validate().with_context(|| format!("{}", path.display()))?;
+        Ok(cfg)
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        self.optim.validate()?;
+        if self.batch_size == 0 || self.grad_accum == 0 {
+            bail!("batch_size and grad_accum must be at least 1");
+        }
+        if self.max_seq_len < 8 {
+            bail!("max_seq_len must be at least 8 tokens, got {}", self.max_seq_len);
+        }
+        if self.epochs == 0 && self.max_steps == 0 {
+            bail!("set epochs or max_steps");
+        }
+        if !(self.center_rewards_coefficient.is_finite() && self.center_rewards_coefficient >= 0.0) {
+            bail!("center_rewards_coefficient must be >= 0, got {}", self.center_rewards_coefficient);
+        }
+        if let Some(s) = self.head_init_std {
+            if !(s.is_finite() && s > 0.0) {
+                bail!("head_init_std must be a positive number, got {s}");
+            }
+        }
+        if self.stop_after == Some(0) {
+            bail!("stop_after must be at least 1 (or absent)");
+        }
+        if let Some(k) = self.data.kind.filter(|&k| k != RecordKind::Preference) {
+            bail!("data.kind is {k}; the reward stage trains on preference pairs (kind = \"preference\")");
+        }
+        Ok(())
+    }
+
+    /// Resolves relative paths against `base` (the config file's
+    /// directory); the mixture's paths are resolved when it is loaded.
+    pub fn resolve_paths(&mut self, base: &Path) {
+        for p in [&mut self.model, &mut self.output_dir] {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        }
+    }
+
+    /// The hash that ties checkpoints to this configuration: every field
+    /// that shapes the training trajectory. Left out: `stop_after` (where
+    /// this invocation stops), `eval_every`, `save_every` and `keep_last`
+    /// (they change what is logged and kept, not the weights).
+    pub fn hash(&self) -> Result<String> {
+        let mut c = self.clone();
+        c.stop_after = None;
+        c.eval_every = 0;
+        c.save_every = 0;
+        c.keep_last = 0;
+        train::config_hash(&c)
+    }
+}
+
+/// What a run reports (also written as `summary.json`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RewardSummary {
+    /// Optimiser steps done.
+    pub steps: u64,
+    pub total_steps: u64,
+    /// False when the run stopped at `stop_after` (no final model yet).
+    pub completed: bool,
+    pub first_losses: Vec<f64>,
+    pub final_loss: f64,
+    /// Accuracy on the last step's training pairs.
+    pub final_train_accuracy: f64,
+    /// On the held-out pairs (absent without a held-out split or when stopped early).
+    pub eval: Option<EvalReport>,
+    /// Stored as `reward_stats.json` in `model_dir`.
+    pub reward_stats: Option<RewardStats>,
+    pub train_pairs: usize,
+    pub eval_pairs: usize,
+    /// Training pairs cut on the prompt side / left out for length.
+    pub truncated: usize,
+    pub dropped: usize,
+    pub eval_truncated: usize,
+    pub eval_dropped: usize,
+    /// Bad rows skipped by the readers (`on_bad_row = "skip"`).
+    pub skipped_bad_rows: usize,
+    /// Tensors initialised fresh (`score.weight` when starting from a causal LM).
+    pub new_tensors: Vec<String>,
+    pub pairs_per_s: f64,
+    pub tokens_per_s: f64,
+    pub resumed_from: Option<u64>,
+    pub model_dir: Option<PathBuf>,
+    #[serde(default)]
+    pub sources: serde_json::Value,
+}
+
+/// Encoded training and held-out pairs with the mixture that orders them.
+pub struct RewardData {
+    /// One entry per training row of the mixture (all sources, in order).
+    pub train: EncodedPairs,
+    pub eval: EncodedPairs,
+    pub mixture: Mixture,
+    /// (source, row within the source) → index into `train.pairs`.
+    pub index: HashMap<(usize, usize), usize>,
+    pub skipped_bad_rows: usize,
+}
+
+/// Reads the preference mixture of `cfg` (relative paths resolved against
+/// `base`), formats every pair and applies the length policy. Bad rows fail
+/// with the file, row and field, or are skipped and counted, per the
+/// mixture's `on_bad_row`.
+pub fn load_data(cfg: &RewardConfig, tok: &Tokenizer, base: &Path) -> Result<RewardData> {
+    let mut mcfg = cfg.data.clone();
+    mcfg.kind = Some(RecordKind::Preference);
+    let mixture = Mixture::load(&mcfg, base).context(
+        "reading the reward data: each row needs `chosen` and `rejected` (text or message lists), \
+         a `prompt` unless they are whole dialogues, and optionally `margin` and `category`",
+    )?;
+    let mut index = HashMap::new();
+    let mut rows = vec![];
+    for s in 0..mixture.source_names().len() {
+        for (i, ex) in mixture.train_rows(s).iter().enumerate() {
+            index.insert((s, i), rows.len());
+            rows.push(ex);
+        }
+    }
+    let train = data::encode_pairs(tok, &rows, cfg.max_seq_len, cfg.truncation)?;
+    if train.kept_count() == 0 {
+        bail!(
+            "no training pair fits in max_seq_len = {} ({} pairs, {} left out for length); raise max_seq_len",
+            cfg.max_seq_len,
+            rows.len(),
+            train.dropped
+        );
+    }
+    let held: Vec<&datasets::Example> = mixture.held_out().iter().collect();
+    let eval = data::encode_pairs(tok, &held, cfg.max_seq_len, Truncation::TruncatePrompt)?;
+    let skipped_bad_rows = mixture.report().skipped.len();
+    Ok(RewardData { train, eval, mixture, index, skipped_bad_rows })
+}
+
+/// The training order of one epoch as indices into `data.train.pairs`.
+fn epoch_order(data: &RewardData, epoch: u64) -> Vec<usize> {
+    data.mixture
+        .epoch(epoch)
+        .into_iter()
+        .map(|d| data.index[&(d.source, d.index)])
+        .filter(|&i| data.train.pairs[i].is_some())
+        .collect()
+}
+
+fn json_f64(v: f64) -> serde_json::Value {
+    serde_json::Number::from_f64(v).map_or(serde_json::Value::Null, serde_json::Value::Number)
+}
+
+fn eval_row(step: u64, r: &EvalReport) -> serde_json::Value {
+    serde_json::json!({
+        "step": step,
+        "eval_loss": json_f64(r.loss),
+        "eval_accuracy": json_f64(r.accuracy),
+        "eval_margin": json_f64(r.mean_margin),
+        "eval_reward_mean": json_f64(r.reward_mean),
+        "eval_reward_std": json_f64(r.reward_std),
+    })
+}
+
+/// Runs the stage. Resumes from the newest checkpoint in
+/// `output_dir/checkpoints` when its config hash matches; bit-identical to an
+/// uninterrupted run on the CPU with the same thread count.
+pub fn run(cfg: &RewardConfig, base: &Path) -> Result<RewardSummary> {
+    cfg.validate()?;
+    let device = lm::device::parse_device(&cfg.device)?;
+    let kind = lm::device::parse_dtype(&cfg.dtype)?;
+    if kind == Kind::BFloat16 && device == Device::Cpu {
+        bail!("dtype = \"bf16\" training is for CUDA; use f32 on the CPU");
+    }
+    tch::manual_seed(cfg.seed as i64);
+    let loaded = model::load(&cfg.model, device, Kind::Float, cfg.head_init_std)?;
+    let (mut vs, model, tok) = (loaded.vs, loaded.model, loaded.tokenizer);
+    if kind != Kind::Float {
+        vs.set_kind(kind);
+    }
+    let data = load_data(cfg, &tok, base)?;
+    eprintln!("{}", data.mixture.report());
+    eprintln!(
+        "reward data: {} training pairs ({} truncated on the prompt side, {} left out for length), {} held out ({} truncated, {} left out)",
+        data.train.kept_count(),
+        data.train.truncated,
+        data.train.dropped,
+        data.eval.kept_count(),
+        data.eval.truncated,
+        data.eval.dropped
+    );
+    let lens: Vec<usize> = data.train.pairs.iter().map(|p| p.as_ref().map_or(0, PairTokens::len)).collect();
+    let plan =
+        |epoch: u64| plan_epoch(&lens, &epoch_order(&data, epoch), cfg.batch_size, cfg.seed ^ (epoch << 20));
+    let batches_per_epoch = plan(0).len() as u64;
+    let steps_per_epoch = batches_per_epoch.div_ceil(cfg.grad_accum as u64).max(1);
+    let total_steps = if cfg.max_steps > 0 { cfg.max_steps } else { cfg.epochs * steps_per_epoch };
+
+    let ckpt_root = cfg.output_dir.join("checkpoints");
+    let mut opt = AdamW::new(&vs, &cfg.optim);
+    let fresh = TrainerState {
+        step: 0,
+        total_steps,
+        epoch: 0,
+        batch_in_epoch: 0,
+        rng_word_pos: "0".into(),
+        config_hash: cfg.hash()?,
+        extra: serde_json::json!({}),
+    };
+    let (mut state, resumed_from) = train::resume_or_start(&ckpt_root, &vs, &mut opt, fresh, &[])?;
+
+    std::fs::create_dir_all(&cfg.output_dir)
+        .with_context(|| format!("cannot create {}", cfg.output_dir.display()))?;
+    let mut log = MetricsLog::open(&cfg.output_dir.join("metrics.jsonl"), Some(state.step))?;
+    let pb = train::progress_bar(total_steps, state.step);
+    pb.set_prefix("reward");
+    let eval_pairs: Vec<&PairTokens> = data.eval.kept().collect();
+    let pad = tok.special.pad;
+    let coef = cfg.center_rewards_coefficient;
+    let mut first_losses = vec![];
+    let (mut last_loss, mut last_acc) = (f64::NAN, f64::NAN);
+    let (mut pair_count, mut tok_count, t0) = (0usize, 0usize, Instant::now());
+    let mut epoch_batches = plan(state.epoch);
+    let mut last_saved = None;
+    let save = |vs: &nn::VarStore, opt: &AdamW, st: &TrainerState| -> Result<PathBuf> {
+        train::save_checkpoint(&ckpt_root, vs, &model.cfg, &tok, opt, st, ARCHITECTURE, cfg.keep_last)
+    };
+    let stop_at = cfg.stop_after.filter(|&s| s < total_steps);
+
+    while state.step < total_steps {
+        if stop_at.is_some_and(|s| state.step >= s) {
+            break;
+        }
+        // This step's micro-batches, crossing epochs as needed.
+        let mut micro = vec![];
+        while micro.len() < cfg.grad_accum {
+            if state.batch_in_epoch as usize >= epoch_batches.len() {
+                state.epoch += 1;
+                state.batch_in_epoch = 0;
+                epoch_batches = plan(state.epoch);
+            }
+            let idx = &epoch_batches[state.batch_in_epoch as usize];
+            let pairs: Vec<&PairTokens> = idx.iter().filter_map(|&i| data.train.pairs[i].as_ref()).collect();
+            micro.push(make_pair_batch(&pairs, pad, device)?);
+            state.batch_in_epoch += 1;
+        }
+        let denom = micro.iter().map(|b| b.pairs).sum::<usize>().max(1) as f64;
+        opt.zero_grad();
+        let (mut loss_sum, mut correct, mut margin_sum) = (0.0, 0.0, 0.0);
+        for b in &micro {
+            let r = model.forward(&b.ids, &b.valid)?; // (2P,)
+            let p = b.pairs as i64;
+            let (rc, rr) = (r.narrow(0, 0, p), r.narrow(0, p, p)); // (P,), (P,)
+            let loss = reward_loss(&rc, &rr, Some(&b.margin), coef, denom)?;
+            let v = loss.double_value(&[]);
+            if !v.is_finite() {
+                return Err(train::non_finite_loss(v, state.step + 1, &ckpt_root));
+            }
+            loss.backward();
+            loss_sum += v;
+            let diff = (&rc - &rr).detach(); // (P,)
+            correct += diff.gt(0.0).to_kind(Kind::Float).sum(Kind::Float).double_value(&[]);
+            margin_sum += diff.sum(Kind::Float).double_value(&[]);
+            pair_count += b.pairs;
+            tok_count += b.tokens;
+        }
+        let gnorm = opt.clip_grad_norm(cfg.optim.grad_clip)?;
+        let lr = train::lr_at(state.step, total_steps, &cfg.optim);
+        opt.step(lr)?;
+        state.step += 1;
+        (last_loss, last_acc) = (loss_sum, correct / denom);
+        if first_losses.len() < 5 && resumed_from.is_none() {
+            first_losses.push(loss_sum);
+        }
+        let secs = t0.elapsed().as_secs_f64().max(1e-9);
+        let (pps, tps) = (pair_count as f64 / secs, tok_count as f64 / secs);
+        log.write(&serde_json::json!({
+            "step": state.step, "loss": loss_sum, "accuracy": last_acc, "margin": margin_sum / denom,
+            "lr": lr, "grad_norm": gnorm, "pairs_per_s": pps, "tokens_per_s": tps, "epoch": state.epoch,
+        }))?;
+        pb.set_position(state.step);
+        pb.set_message(format!("loss {loss_sum:.4} acc {last_acc:.2} lr {lr:.2e} {pps:.1} pairs/s"));
+        if cfg.eval_every > 0 && state.step % cfg.eval_every == 0 && !eval_pairs.is_empty() {
+            let (r, _) = eval::evaluate(&model, &eval_pairs, cfg.batch_size, pad, coef)?;
+            log.write(&eval_row(state.step, &r))?;
+        }
+        if cfg.save_every > 0 && state.step % cfg.save_every == 0 && state.step < total_steps {
+            save(&vs, &opt, &state)?;
+            last_saved = Some(state.step);
+        }
+    }
+    pb.finish_and_clear();
+    let secs = t0.elapsed().as_secs_f64().max(1e-9);
+    let mut summary = RewardSummary {
+        steps: state.step,
+        total_steps,
+        completed: state.step >= total_steps,
+        first_losses,
+        final_loss: last_loss,
+        final_train_accuracy: last_acc,
+        eval: None,
+        reward_stats: None,
+        train_pairs: data.train.kept_count(),
+        eval_pairs: eval_pairs.len(),
+        truncated: data.train.truncated,
+        dropped: data.train.dropped,
+        eval_truncated: data.eval.truncated,
+        eval_dropped: data.eval.dropped,
+        skipped_bad_rows: data.skipped_bad_rows,
+        new_tensors: loaded.new_tensors,
+        pairs_per_s: pair_count as f64 / secs,
+        tokens_per_s: tok_count as f64 / secs,
+        resumed_from,
+        model_dir: None,
+        sources: serde_json::to_value(&data.mixture.report().sources).unwrap_or_default(),
+    };
+    let summary_path = cfg.output_dir.join("summary.json");
+    if !summary.completed {
+        if last_saved != Some(state.step) {
+            save(&vs, &opt, &state)?;
+        }
+        eprintln!("stopped after step {} of {total_steps} (stop_after); run again to resume", state.step);
+        lm::checkpoint::write_atomic(&summary_path, serde_json::to_string_pretty(&summary)?.as_bytes())?;
+        return Ok(summary);
+    }
+
+    // Evaluation and the statistics stored with the model: on the held-out
+    // pairs, or on the training pairs when there are none.
+    let stats = if eval_pairs.is_empty() {
+        let train_pairs: Vec<&PairTokens> = data.train.kept().collect();
+        let (_, all) = eval::evaluate(&model, &train_pairs, cfg.batch_size, pad, coef)?;
+        RewardStats::of(&all, "train")
+    } else {
+        let (r, all) = eval::evaluate(&model, &eval_pairs, cfg.batch_size, pad, coef)?;
+        log.write(&eval_row(state.step, &r))?;
+        summary.eval = Some(r);
+        RewardStats::of(&all, "eval")
+    };
+    save(&vs, &opt, &state)?;
+    let model_dir = cfg.output_dir.join("model");
+    model::save(&model_dir, &vs, &model, &tok, stats.as_ref())?;
+    summary.reward_stats = stats;
+    summary.model_dir = Some(model_dir);
+    lm::checkpoint::write_atomic(&summary_path, serde_json::to_string_pretty(&summary)?.as_bytes())?;
+    Ok(summary)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg() -> RewardConfig {
+        toml::from_str(
+            r#"model = "m"
+output_dir = "o"
+[data]
+sources = [{ name = "s", path = "p.jsonl" }]
+"#,
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn hash_ignores_where_a_run_stops_and_what_it_keeps_but_not_training_settings() {
+        let a = cfg();
+        let mut b = a.clone();
+        b.stop_after = Some(3);
+        b.save_every = 7;
+        b.eval_every = 2;
+        b.keep_last = 9;
+        assert_eq!(a.hash().unwrap(), b.hash().unwrap());
+        b.optim.lr *= 2.0;
+        assert_ne!(a.hash().unwrap(), b.hash().unwrap());
+        let mut c = a.clone();
+        c.center_rewards_coefficient = 0.01;
+        assert_ne!(a.hash().unwrap(), c.hash().unwrap());
+    }
+
+    #[test]
+    fn defaults_and_validation() {
+        let c = cfg();
+        assert_eq!(
+            (c.batch_size, c.grad_accum, c.max_seq_len, c.truncation),
+            (8, 1, 512, Truncation::TruncatePrompt)
+        );
+        c.validate().unwrap();
+        let mut bad = c.clone();
+        bad.center_rewards_coefficient = -1.0;
+        assert!(bad.validate().unwrap_err().to_string().contains("center_rewards_coefficient"));
+        let mut bad = c;
+        bad.stop_after = Some(0);
+        assert!(bad.validate().is_err());
+    }
+}

@@ -1,0 +1,181 @@
+//! The training stage end to end: learning a synthetic preference, resume,
+//! bad input and the length policy.
+
+mod common;
+
+use common::*;
+use std::path::Path;
+
+fn read(path: &Path) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+}
+
+#[test]
+fn learns_a_synthetic_preference_to_90_percent_held_out() {
+    let dir = tempfile::tempdir().unwrap();
+    write_lm(&dir.path().join("init"), 7, true);
+    write_jsonl(&dir.path().join("pairs.jsonl"), &synthetic_rows(500, 11));
+    let cfg = load_config(&write_config(
+        dir.path(),
+        "epochs = 2\neval_every = 50\ncenter_rewards_coefficient = 0.01",
+    ));
+    let s = reward::run(&cfg, dir.path()).unwrap();
+    let eval = s.eval.as_ref().unwrap();
+    eprintln!(
+        "held-out accuracy {:.3} over {} pairs after {} steps; mean margin {:.3}; first losses {:?}, final {:.4}",
+        eval.accuracy, eval.pairs, s.steps, eval.mean_margin, s.first_losses, s.final_loss
+    );
+    assert_eq!((s.train_pairs, s.eval_pairs), (400, 100));
+    assert_eq!(s.new_tensors, vec!["score.weight".to_string()]);
+    assert!(eval.accuracy >= 0.9, "held-out accuracy {}", eval.accuracy);
+    assert!(eval.mean_margin > 0.0);
+    assert_eq!(eval.per_category.len(), 2);
+    assert_eq!(eval.per_category["a"].pairs + eval.per_category["b"].pairs, 100);
+    // The statistics stored with the model are the held-out ones.
+    let model_dir = s.model_dir.clone().unwrap();
+    let stats = reward::RewardStats::read(&model_dir).unwrap().unwrap();
+    assert_eq!(stats.split, "eval");
+    assert_eq!(stats.n, 200);
+    assert!((stats.mean - eval.reward_mean).abs() < 1e-12 && (stats.std - eval.reward_std).abs() < 1e-12);
+    let config = read(&model_dir.join("config.json"));
+    assert_eq!(config["architectures"][0], "GemmaForSequenceClassification");
+    // Metrics: one row per step plus the evaluations; the summary on disk.
+    let metrics = lm::train::read_metrics(&cfg.output_dir.join("metrics.jsonl")).unwrap();
+    let steps = metrics.iter().filter(|m| m.get("loss").is_some()).count() as u64;
+    assert_eq!(steps, s.steps);
+    assert!(metrics.iter().filter(|m| m.get("eval_accuracy").is_some()).count() >= 2);
+    assert_eq!(read(&cfg.output_dir.join("summary.json"))["steps"], s.steps);
+}
+
+fn weights(dir: &Path) -> Vec<u8> {
+    std::fs::read(dir.join("model.safetensors")).unwrap()
+}
+
+#[test]
+fn resume_after_an_interruption_is_bit_identical() {
+    let dir = tempfile::tempdir().unwrap();
+    write_lm(&dir.path().join("init"), 3, true);
+    write_jsonl(&dir.path().join("pairs.jsonl"), &synthetic_rows(60, 5));
+    let extra = "max_steps = 9\nsave_every = 3\nkeep_last = 5\ngrad_accum = 2\nbatch_size = 4";
+    // Uninterrupted, through the CLI entry point (paths relative to the config).
+    let config_path = write_config(dir.path(), extra);
+    reward::cli_train(&config_path).unwrap();
+    let cfg = load_config(&config_path);
+    let whole: reward::RewardSummary =
+        serde_json::from_value(read(&cfg.output_dir.join("summary.json"))).unwrap();
+    assert!(whole.completed && whole.steps == 9);
+    let want = weights(&whole.model_dir.unwrap());
+
+    // Interrupted: stop after step 5, then lose the step-5 checkpoint as a
+    // kill between saves would; the next run resumes from step 3.
+    let mut cut = cfg.clone();
+    cut.output_dir = dir.path().join("cut");
+    cut.stop_after = Some(5);
+    let first = reward::run(&cut, dir.path()).unwrap();
+    assert!(!first.completed && first.model_dir.is_none());
+    assert_eq!(first.steps, 5);
+    let ckpts = lm::train::list_checkpoints(&cut.output_dir.join("checkpoints")).unwrap();
+    assert_eq!(ckpts.iter().map(|c| c.0).collect::<Vec<_>>(), vec![3, 5]);
+    std::fs::remove_dir_all(&ckpts[1].1).unwrap();
+    cut.stop_after = None;
+    let resumed = reward::run(&cut, dir.path()).unwrap();
+    assert_eq!(resumed.resumed_from, Some(3));
+    assert_eq!(resumed.steps, 9);
+    assert!(
+        weights(&resumed.model_dir.unwrap()) == want,
+        "resumed weights differ from the uninterrupted run"
+    );
+    // The metrics log has each step once, and the same losses.
+    let loss_of = |root: &Path| -> Vec<(u64, f64)> {
+        lm::train::read_metrics(&root.join("metrics.jsonl"))
+            .unwrap()
+            .iter()
+            .filter(|m| m.get("loss").is_some())
+            .map(|m| (m["step"].as_u64().unwrap(), m["loss"].as_f64().unwrap()))
+            .collect()
+    };
+    assert_eq!(loss_of(&cut.output_dir), loss_of(&cfg.output_dir));
+
+    // Another configuration does not resume from these checkpoints.
+    let mut other = cut.clone();
+    other.optim.lr = 1e-2;
+    let e = reward::run(&other, dir.path()).unwrap_err().to_string();
+    assert!(e.contains("different configuration"), "{e}");
+}
+
+fn data_error(rows: &str, on_bad_row: &str) -> Result<reward::stage::RewardData, String> {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("pairs.jsonl"), rows).unwrap();
+    let mut cfg = load_config(&write_config(dir.path(), ""));
+    cfg.data.held_out = None;
+    cfg.data.on_bad_row = serde_json::from_value(serde_json::json!(on_bad_row)).unwrap();
+    reward::load_data(&cfg, &tokenizer(), dir.path()).map_err(|e| format!("{e:#}"))
+}
+
+#[test]
+fn bad_rows_are_errors_naming_row_and_field() {
+    let ok = r#"{"prompt": "p", "chosen": "yes", "rejected": "no"}"#;
+    let empty = r#"{"prompt": "p", "chosen": "  ", "rejected": "no"}"#;
+    let same = r#"{"prompt": "p", "chosen": "same", "rejected": "same "}"#;
+    let missing = r#"{"prompt": "p", "chosen": "yes"}"#;
+
+    let e = data_error(&format!("{ok}\n{ok}\n{empty}\n"), "fail").err().unwrap();
+    assert!(e.contains("line 3") && e.contains("`chosen`") && e.contains("empty"), "{e}");
+    let e = data_error(&format!("{ok}\n{same}\n"), "fail").err().unwrap();
+    assert!(e.contains("line 2") && e.contains("`rejected`") && e.contains("identical"), "{e}");
+    let e = data_error(&format!("{ok}\n{missing}\n"), "fail").err().unwrap();
+    assert!(e.contains("line 2") && e.contains("`rejected`"), "{e}");
+    let e = data_error(&format!("{missing}\n"), "fail").err().unwrap();
+    assert!(e.contains("`chosen` and `rejected`"), "{e}");
+    let e = data_error(r#"{"prompt": "p", "completion": "c"}"#, "fail").err().unwrap();
+    assert!(e.contains("line 1") && e.contains("preference"), "{e}");
+
+    // Skipped by policy: counted, the rest is used.
+    let d = data_error(&format!("{ok}\n{empty}\n{same}\n{ok}\n"), "skip").unwrap();
+    assert_eq!(d.skipped_bad_rows, 2);
+    assert_eq!(d.train.kept_count(), 2);
+}
+
+#[test]
+fn over_long_pairs_are_cut_on_the_prompt_side_or_dropped_and_counted() {
+    let dir = tempfile::tempdir().unwrap();
+    let long_prompt = "word ".repeat(100);
+    let rows = [
+        serde_json::json!({"prompt": "short", "chosen": "good", "rejected": "bad"}),
+        serde_json::json!({"prompt": long_prompt, "chosen": "good", "rejected": "bad"}),
+        serde_json::json!({"prompt": "short", "chosen": "good ".repeat(40), "rejected": "bad"}),
+    ];
+    write_jsonl(&dir.path().join("pairs.jsonl"), &rows);
+    let tok = tokenizer();
+    let mut cfg = load_config(&write_config(dir.path(), ""));
+    cfg.data.held_out = None;
+    cfg.max_seq_len = 64;
+    let d = reward::load_data(&cfg, &tok, dir.path()).unwrap();
+    assert_eq!((d.train.truncated, d.train.dropped, d.train.kept_count()), (1, 1, 2));
+    let cut = d.train.pairs[1].as_ref().unwrap();
+    assert_eq!(cut.chosen.len(), 64);
+    assert_eq!(cut.chosen[0], tok.special.bos);
+    // The response and its <end_of_turn>\n survive whole.
+    let text = tok.decode(&cut.chosen, false).unwrap();
+    assert!(text.ends_with("<start_of_turn>model\ngood<end_of_turn>\n"), "{text:?}");
+    assert!(d.train.pairs[2].is_none());
+
+    cfg.truncation = reward::Truncation::Drop;
+    let d = reward::load_data(&cfg, &tok, dir.path()).unwrap();
+    assert_eq!((d.train.truncated, d.train.dropped, d.train.kept_count()), (0, 2, 1));
+}
+
+#[test]
+fn config_rejects_unknown_keys_and_other_record_kinds() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = write_config(dir.path(), "learning_rate = 1.0");
+    let e = format!("{:#}", reward::RewardConfig::from_toml_file(&p).unwrap_err());
+    assert!(e.contains("learning_rate"), "{e}");
+    let p = write_config(dir.path(), "epochs = 1");
+    let text = std::fs::read_to_string(&p)
+        .unwrap()
+        .replace("[reward.data]\n", "[reward.data]\nkind = \"conversational\"\n");
+    std::fs::write(&p, text).unwrap();
+    let e = format!("{:#}", reward::RewardConfig::from_toml_file(&p).unwrap_err());
+    assert!(e.contains("preference"), "{e}");
+}
