@@ -127,7 +127,8 @@ fn bench_sft(b: &SftBench) -> Result<()> {
     let mut opt = lm::train::AdamW::new(&vs, &optim);
     let seqs: Vec<sft::Sequence> = (0..b.batch)
         .map(|r| {
-            let ids: Vec<i64> = (0..=b.seq).map(|i| 10 + (r * 7919 + i * 104729) % (cfg.vocab_size - 10)).collect();
+            let ids: Vec<i64> =
+                (0..=b.seq).map(|i| 10 + (r * 7919 + i * 104729) % (cfg.vocab_size - 10)).collect();
             sft::Sequence::from_ids(&ids, &vec![true; ids.len()]).expect("seq >= 2")
         })
         .collect();

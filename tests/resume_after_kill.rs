@@ -108,7 +108,8 @@ fn reward_resume_after_kill_is_bit_identical() {
         .map(|i| {
             let chosen = format!("good answer {i}");
             let rejected = format!("bad reply {}", i * 3 % 17);
-            serde_json::json!({"prompt": format!("question {i}"), "chosen": chosen, "rejected": rejected}).to_string()
+            serde_json::json!({"prompt": format!("question {i}"), "chosen": chosen, "rejected": rejected})
+                .to_string()
         })
         .collect();
     let data = tmp.path().join("pairs.jsonl");
@@ -173,7 +174,8 @@ fn sft_resume_after_kill_is_bit_identical() {
     assert!(wa == wb, "weights after kill + resume differ from the uninterrupted run");
     // Metrics have one row per step, no duplicates from the killed run.
     let m = lm::train::read_metrics(&b.join("out/metrics.jsonl")).unwrap();
-    let steps: Vec<u64> = m.iter().filter(|r| r.get("loss").is_some()).map(|r| r["step"].as_u64().unwrap()).collect();
+    let steps: Vec<u64> =
+        m.iter().filter(|r| r.get("loss").is_some()).map(|r| r["step"].as_u64().unwrap()).collect();
     assert_eq!(steps, (1..=300).collect::<Vec<_>>());
     // Only the last `keep_last` checkpoints remain.
     assert!(lm::train::list_checkpoints(&ckpts).unwrap().len() <= 2);

@@ -292,7 +292,8 @@ pub fn write_tensors(dir: &Path, tensors: &BTreeMap<String, Tensor>, max_shard_b
     let n = shards.len();
     let mut weight_map = BTreeMap::new();
     for (s, shard) in shards.iter().enumerate() {
-        let fname = if n == 1 { WEIGHTS.to_string() } else { format!("model-{:05}-of-{:05}.safetensors", s + 1, n) };
+        let fname =
+            if n == 1 { WEIGHTS.to_string() } else { format!("model-{:05}-of-{:05}.safetensors", s + 1, n) };
         for it in shard {
             weight_map.insert(it.0.clone(), fname.clone());
         }

@@ -6,10 +6,10 @@
 //! same for right, left or no padding (transformers finds it from
 //! `input_ids != pad_token_id`, which agrees for sequences without pad ids).
 
-use anyhow::{bail, Context, Result};
 use crate::checkpoint::{self, SaveOptions};
 use crate::model::{padded_causal_mask, Linear};
 use crate::{Gemma, GemmaConfig, Tokenizer};
+use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use std::path::Path;
 use tch::nn::{self, Module};

@@ -311,7 +311,8 @@ pub fn save_checkpoint(
     let all = list_checkpoints(root)?;
     if all.len() > keep_last.max(1) {
         for (_, old) in &all[..all.len() - keep_last.max(1)] {
-            std::fs::remove_dir_all(old).with_context(|| format!("cannot remove old checkpoint {}", old.display()))?;
+            std::fs::remove_dir_all(old)
+                .with_context(|| format!("cannot remove old checkpoint {}", old.display()))?;
         }
     }
     Ok(dir)
@@ -321,7 +322,8 @@ pub fn save_checkpoint(
 pub fn read_checkpoint_state(dir: &Path) -> Result<(TrainerState, BTreeMap<String, Tensor>)> {
     let p = dir.join(STATE_FILE);
     let text = std::fs::read_to_string(&p).with_context(|| format!("cannot read {}", p.display()))?;
-    let state: TrainerState = serde_json::from_str(&text).with_context(|| format!("{} is not a trainer state", p.display()))?;
+    let state: TrainerState =
+        serde_json::from_str(&text).with_context(|| format!("{} is not a trainer state", p.display()))?;
     let opt = checkpoint::read_tensors_file(&dir.join(OPTIMIZER_FILE))?;
     Ok((state, opt))
 }
@@ -426,7 +428,9 @@ pub fn read_metrics(path: &Path) -> Result<Vec<serde_json::Value>> {
     let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
     text.lines()
         .enumerate()
-        .map(|(i, l)| serde_json::from_str(l).with_context(|| format!("{}:{}: not JSON", path.display(), i + 1)))
+        .map(|(i, l)| {
+            serde_json::from_str(l).with_context(|| format!("{}:{}: not JSON", path.display(), i + 1))
+        })
         .collect()
 }
 
@@ -434,7 +438,8 @@ pub fn read_metrics(path: &Path) -> Result<Vec<serde_json::Value>> {
 /// unless `ALIGN_PROGRESS=1`).
 pub fn progress_bar(total: u64, start: u64) -> indicatif::ProgressBar {
     let pb = indicatif::ProgressBar::new(total);
-    let visible = std::io::IsTerminal::is_terminal(&std::io::stderr()) || std::env::var("ALIGN_PROGRESS").is_ok();
+    let visible =
+        std::io::IsTerminal::is_terminal(&std::io::stderr()) || std::env::var("ALIGN_PROGRESS").is_ok();
     if !visible {
         pb.set_draw_target(indicatif::ProgressDrawTarget::hidden());
     }
@@ -475,7 +480,14 @@ mod tests {
         // One scalar parameter, two steps, as torch.optim.AdamW computes them.
         let vs = nn::VarStore::new(tch::Device::Cpu);
         let w = vs.root().sub("layer").var("weight", &[1], nn::Init::Const(1.0));
-        let c = OptimConfig { lr: 0.1, weight_decay: 0.5, beta1: 0.9, beta2: 0.99, eps: 1e-8, ..Default::default() };
+        let c = OptimConfig {
+            lr: 0.1,
+            weight_decay: 0.5,
+            beta1: 0.9,
+            beta2: 0.99,
+            eps: 1e-8,
+            ..Default::default()
+        };
         let mut opt = AdamW::new(&vs, &c);
         let (mut p, mut m, mut v) = (1.0f64, 0.0f64, 0.0f64);
         for t in 1..=2 {

@@ -25,7 +25,11 @@ impl Sequence {
         if ids.len() < 2 {
             return None;
         }
-        Some(Sequence { input: ids[..ids.len() - 1].to_vec(), target: ids[1..].to_vec(), mask: loss_mask[1..].to_vec() })
+        Some(Sequence {
+            input: ids[..ids.len() - 1].to_vec(),
+            target: ids[1..].to_vec(),
+            mask: loss_mask[1..].to_vec(),
+        })
     }
 
     pub fn len(&self) -> usize {
@@ -54,7 +58,11 @@ pub enum Truncation {
 
 /// Applies the truncation policy. Returns the kept sequences and the numbers
 /// truncated and dropped (examples left with nothing to train are dropped).
-pub fn apply_truncation(seqs: Vec<Sequence>, max_len: usize, policy: Truncation) -> (Vec<Sequence>, usize, usize) {
+pub fn apply_truncation(
+    seqs: Vec<Sequence>,
+    max_len: usize,
+    policy: Truncation,
+) -> (Vec<Sequence>, usize, usize) {
     let (mut truncated, mut dropped) = (0, 0);
     let mut out = Vec::with_capacity(seqs.len());
     for mut s in seqs {
@@ -110,7 +118,14 @@ pub fn pack_rows(seqs: &[Sequence], order: &[usize], max_len: usize) -> Vec<Row>
 /// `64 × batch_size` so that padding is small, one sequence per row. Batch
 /// order is then shuffled from `seed` (a pure function of its inputs, so a
 /// resumed run sees the same batches).
-pub fn plan_epoch(seqs: &[Sequence], order: &[usize], batch_size: usize, max_len: usize, packing: bool, seed: u64) -> Vec<Vec<Row>> {
+pub fn plan_epoch(
+    seqs: &[Sequence],
+    order: &[usize],
+    batch_size: usize,
+    max_len: usize,
+    packing: bool,
+    seed: u64,
+) -> Vec<Vec<Row>> {
     let rows: Vec<Row> = if packing {
         pack_rows(seqs, order, max_len)
     } else {
@@ -137,8 +152,8 @@ pub struct Batch {
     /// (B, 1, T, T) bool; None when every row is one unpadded example
     /// (plain causal attention, the fast path).
     pub attn: Option<Tensor>,
-    pub tokens: usize,     // real (non-pad) tokens
-    pub trained: usize,    // trained tokens
+    pub tokens: usize,  // real (non-pad) tokens
+    pub trained: usize, // trained tokens
 }
 
 /// Builds the tensors for `rows` (each a list of sequence indices) padded on

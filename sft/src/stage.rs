@@ -109,13 +109,16 @@ fn default_dtype() -> String {
 impl SftConfig {
     /// Reads a TOML config; a top-level `[sft]` table or the fields alone.
     pub fn from_toml_file(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
-        let value: toml::Value = toml::from_str(&text).with_context(|| format!("{} is not valid TOML", path.display()))?;
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+        let value: toml::Value =
+            toml::from_str(&text).with_context(|| format!("{} is not valid TOML", path.display()))?;
         let table = match value.get("sft") {
             Some(t) => t.clone(),
             None => value,
         };
-        let cfg: SftConfig = table.try_into().map_err(|e: toml::de::Error| anyhow::anyhow!("{}: {e}", path.display()))?;
+        let cfg: SftConfig =
+            table.try_into().map_err(|e: toml::de::Error| anyhow::anyhow!("{}: {e}", path.display()))?;
         cfg.validate()?;
         Ok(cfg)
     }
@@ -213,9 +216,9 @@ fn read_text_docs(files: &[PathBuf]) -> Result<Vec<String>> {
             if jsonl {
                 let v: serde_json::Value = serde_json::from_str(line)
                     .with_context(|| format!("{}:{}: not a JSON object", f.display(), i + 1))?;
-                let t = v["text"]
-                    .as_str()
-                    .with_context(|| format!("{}:{}: field \"text\" missing or not a string", f.display(), i + 1))?;
+                let t = v["text"].as_str().with_context(|| {
+                    format!("{}:{}: field \"text\" missing or not a string", f.display(), i + 1)
+                })?;
                 docs.push(t.to_string());
             } else {
                 docs.push(line.to_string());
@@ -328,7 +331,8 @@ fn epoch_order(data: &Data, sampler: &Option<Sampler>, epoch: u64, seed: u64) ->
             use rand::seq::SliceRandom;
             use rand::SeedableRng;
             let mut order: Vec<usize> = (0..data.train.len()).collect();
-            let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed ^ epoch.wrapping_mul(0x9e37_79b9_7f4a_7c15));
+            let mut rng =
+                rand_chacha::ChaCha8Rng::seed_from_u64(seed ^ epoch.wrapping_mul(0x9e37_79b9_7f4a_7c15));
             order.shuffle(&mut rng);
             order
         }
@@ -344,7 +348,10 @@ pub fn plot_losses(dir: &Path) -> Result<()> {
     };
     let series = [
         lm::plot::Series::line("train loss", pick("loss")),
-        lm::plot::Series { style: lm::plot::SeriesStyle::LinePoints, ..lm::plot::Series::line("eval loss", pick("eval_loss")) },
+        lm::plot::Series {
+            style: lm::plot::SeriesStyle::LinePoints,
+            ..lm::plot::Series::line("eval loss", pick("eval_loss"))
+        },
     ];
     lm::plot::line_chart(&dir.join("loss.png"), "SFT loss", "step", "loss", &series)
 }
@@ -357,8 +364,11 @@ pub fn run(cfg: &SftConfig, base: &Path) -> Result<SftSummary> {
     let kind = lm::device::parse_dtype(&cfg.dtype)?;
     let loaded = checkpoint::load_causal_lm(&cfg.model, device, Kind::Float)?;
     let (mut vs, model, tok) = (loaded.vs, loaded.model, loaded.tokenizer);
-    let exact: std::collections::BTreeMap<String, Tensor> =
-        if kind != Kind::Float { vs.variables().into_iter().map(|(k, v)| (k, v.copy())).collect() } else { Default::default() };
+    let exact: std::collections::BTreeMap<String, Tensor> = if kind != Kind::Float {
+        vs.variables().into_iter().map(|(k, v)| (k, v.copy())).collect()
+    } else {
+        Default::default()
+    };
     if kind != Kind::Float {
         vs.set_kind(kind);
     }
@@ -367,7 +377,14 @@ pub fn run(cfg: &SftConfig, base: &Path) -> Result<SftSummary> {
     // Plan: batches per epoch are a pure function of (seed, epoch).
     let plan = |epoch: u64| -> Vec<Vec<Row>> {
         let order = epoch_order(&data, &sampler, epoch, cfg.seed);
-        plan_epoch(&data.train, &order, cfg.batch_size, cfg.max_seq_len, cfg.packing, cfg.seed ^ (epoch << 20))
+        plan_epoch(
+            &data.train,
+            &order,
+            cfg.batch_size,
+            cfg.max_seq_len,
+            cfg.packing,
+            cfg.seed ^ (epoch << 20),
+        )
     };
     let batches_per_epoch = plan(0).len() as u64;
     let steps_per_epoch = batches_per_epoch.div_ceil(cfg.grad_accum as u64).max(1);
@@ -386,7 +403,8 @@ pub fn run(cfg: &SftConfig, base: &Path) -> Result<SftSummary> {
         config_hash: hash,
         extra: serde_json::json!({}),
     };
-    let (mut state, resumed_from) = train::resume_or_start(&ckpt_root, &vs, &mut opt, fresh, &["lm_head.weight"])?;
+    let (mut state, resumed_from) =
+        train::resume_or_start(&ckpt_root, &vs, &mut opt, fresh, &["lm_head.weight"])?;
 
     std::fs::create_dir_all(&cfg.output_dir)?;
     let mut log = MetricsLog::open(&cfg.output_dir.join("metrics.jsonl"), Some(state.step))?;
@@ -409,7 +427,12 @@ pub fn run(cfg: &SftConfig, base: &Path) -> Result<SftSummary> {
                 state.batch_in_epoch = 0;
                 epoch_batches = plan(state.epoch);
             }
-            micro.push(make_batch(&data.train, &epoch_batches[state.batch_in_epoch as usize], tok.special.pad, device)?);
+            micro.push(make_batch(
+                &data.train,
+                &epoch_batches[state.batch_in_epoch as usize],
+                tok.special.pad,
+                device,
+            )?);
             state.batch_in_epoch += 1;
         }
         let denom = micro.iter().map(|b| b.trained).sum::<usize>().max(1) as f64;
@@ -472,6 +495,9 @@ pub fn run(cfg: &SftConfig, base: &Path) -> Result<SftSummary> {
         model_dir,
         sources: data.sources.clone(),
     };
-    checkpoint::write_atomic(&cfg.output_dir.join("summary.json"), serde_json::to_string_pretty(&summary)?.as_bytes())?;
+    checkpoint::write_atomic(
+        &cfg.output_dir.join("summary.json"),
+        serde_json::to_string_pretty(&summary)?.as_bytes(),
+    )?;
     Ok(summary)
 }

@@ -60,7 +60,12 @@ path = "{}"
 fn seqs(tok: &lm::Tokenizer) -> Vec<Sequence> {
     let convs = [
         vec![lm::Message::user("Reverse: abc"), lm::Message::model("cba")],
-        vec![lm::Message::user("Add 2 and 3"), lm::Message::model("5"), lm::Message::user("and 4?"), lm::Message::model("9")],
+        vec![
+            lm::Message::user("Add 2 and 3"),
+            lm::Message::model("5"),
+            lm::Message::user("and 4?"),
+            lm::Message::model("9"),
+        ],
     ];
     convs
         .iter()
@@ -81,7 +86,8 @@ fn stage_loss_equals_a_hand_computation_on_two_examples() {
     // summed over both examples and divided by the number of trained tokens.
     let (mut sum, mut n) = (0.0, 0);
     for q in &s {
-        let logits = tch::no_grad(|| m.model.forward(&Tensor::from_slice(&q.input).unsqueeze(0)).unwrap()).squeeze_dim(0);
+        let logits = tch::no_grad(|| m.model.forward(&Tensor::from_slice(&q.input).unsqueeze(0)).unwrap())
+            .squeeze_dim(0);
         let lp = logits.log_softmax(-1, Kind::Float);
         for (i, (&t, &k)) in q.target.iter().zip(&q.mask).enumerate() {
             if k {
@@ -96,7 +102,8 @@ fn stage_loss_equals_a_hand_computation_on_two_examples() {
 }
 
 fn grads(vs: &tch::nn::VarStore) -> Vec<(String, Tensor)> {
-    let mut v: Vec<(String, Tensor)> = vs.variables().into_iter().map(|(k, t)| (k, t.grad().copy())).collect();
+    let mut v: Vec<(String, Tensor)> =
+        vs.variables().into_iter().map(|(k, t)| (k, t.grad().copy())).collect();
     v.sort_by(|a, b| a.0.cmp(&b.0));
     v
 }
@@ -138,7 +145,11 @@ fn smoke_run_lowers_the_loss_and_first_losses_are_as_recorded() {
     // Recorded on the reference CPU with this exact config (f32, libtorch 2.11).
     let recorded = [10.0539, 7.9952, 8.5635];
     for (got, want) in s.first_losses.iter().zip(recorded) {
-        assert!((got - want).abs() < 2e-3, "first losses {:?} differ from recorded {recorded:?}", s.first_losses);
+        assert!(
+            (got - want).abs() < 2e-3,
+            "first losses {:?} differ from recorded {recorded:?}",
+            s.first_losses
+        );
     }
     let out = tmp.path().join("out");
     for f in ["metrics.jsonl", "summary.json", "loss.png", "model/config.json", "model/model.safetensors"] {
@@ -176,8 +187,14 @@ fn non_finite_loss_stops_with_a_clear_error_and_keeps_the_last_checkpoint() {
 fn pretrain_mode_trains_on_every_token_of_plain_text() {
     let tmp = tempfile::tempdir().unwrap();
     let text = tmp.path().join("text.txt");
-    std::fs::write(&text, (0..60).map(|i| format!("the quick brown fox {i} jumps over the lazy dog")).collect::<Vec<_>>().join("\n"))
-        .unwrap();
+    std::fs::write(
+        &text,
+        (0..60)
+            .map(|i| format!("the quick brown fox {i} jumps over the lazy dog"))
+            .collect::<Vec<_>>()
+            .join("\n"),
+    )
+    .unwrap();
     let toml = format!(
         "model = \"{}\"\noutput_dir = \"{}\"\nmode = \"pretrain\"\ntext_files = [\"{}\"]\nmax_seq_len = 32\nbatch_size = 4\nmax_steps = 6\npacking = true\ndevice = \"cpu\"\neval_fraction = 0.1\n[optim]\nlr = 3e-3\n",
         fixture().display(),
@@ -216,7 +233,10 @@ fn bf16_training_with_fp32_masters_lowers_the_loss() {
     let cfg_json: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(s.model_dir.join("config.json")).unwrap()).unwrap();
     assert_eq!(cfg_json["torch_dtype"], "bfloat16");
-    let (_, opt) = lm::train::read_checkpoint_state(&lm::train::list_checkpoints(&tmp.path().join("out/checkpoints")).unwrap()[0].1).unwrap();
+    let (_, opt) = lm::train::read_checkpoint_state(
+        &lm::train::list_checkpoints(&tmp.path().join("out/checkpoints")).unwrap()[0].1,
+    )
+    .unwrap();
     assert!(opt.keys().any(|k| k.ends_with(".master")));
     assert!(opt.values().all(|t| t.kind() == Kind::Float));
 }
