@@ -24,6 +24,10 @@
 //!   evaluation prompts, exact and near duplicates; a [`FilterReport`] counts
 //!   removals per filter and can keep the removed rows with their reasons.
 //!
+//! - [`tasks`] — the built-in verifiable instruction tasks (reverse, sort,
+//!   add, count, uppercase, format) with their oracle, addressed as
+//!   `builtin:sft|preferences|rl|eval?n=…&seed=…` wherever a data path goes.
+//!
 //! Configs are serde structs with `deny_unknown_fields`, so a recipe can
 //! embed them. This crate does not depend on libtorch.
 
@@ -31,6 +35,7 @@ pub mod filter;
 pub mod mixture;
 pub mod read;
 pub mod record;
+pub mod tasks;
 pub mod text;
 
 pub use filter::{

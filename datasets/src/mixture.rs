@@ -242,7 +242,7 @@ impl Mixture {
         let mut skipped = Vec::new();
         let mut sources = Vec::new();
         for s in &cfg.sources {
-            let path = base_dir.join(&s.path);
+            let path = crate::read::resolve(base_dir, &s.path);
             let data = read_dataset(
                 &path,
                 &ReadOptions {
@@ -260,7 +260,7 @@ impl Mixture {
         let held_out = match &held_cfg.path {
             None => None,
             Some(p) => {
-                let path = base_dir.join(p);
+                let path = crate::read::resolve(base_dir, p);
                 let data = read_dataset(
                     &path,
                     &ReadOptions {

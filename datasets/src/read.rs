@@ -167,6 +167,43 @@ pub struct Dataset {
     pub report: ReadReport,
 }
 
+/// Resolves a data path against a recipe's directory; `builtin:` specs are
+/// not paths and stay as they are.
+pub fn resolve(base: &Path, p: &Path) -> PathBuf {
+    if p.to_str().is_some_and(|s| s.starts_with("builtin:")) {
+        p.to_path_buf()
+    } else {
+        base.join(p)
+    }
+}
+
+/// The built-in tasks (see [`crate::tasks`]), converted to the wanted kind.
+fn read_builtin(spec: &str, opts: &ReadOptions) -> Result<Dataset> {
+    let examples = crate::tasks::builtin_examples(spec)?;
+    let detected = examples.first().map(|e| e.kind()).context("built-in data is empty")?;
+    let kind = opts.kind.unwrap_or(detected);
+    let examples = examples
+        .into_iter()
+        .map(|mut e| {
+            e.record = e.record.convert(kind).map_err(|m| anyhow::anyhow!("{spec}: {m}"))?;
+            Ok(e)
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let n = examples.len();
+    Ok(Dataset {
+        examples,
+        report: ReadReport {
+            files: vec![PathBuf::from(spec)],
+            kind,
+            detected,
+            rows: n,
+            kept: n,
+            skipped: vec![],
+            columns: BTreeSet::new(),
+        },
+    })
+}
+
 /// The files a path stands for: the file itself, or the files of a directory
 /// (not recursive, hidden files ignored) in the given format or, without
 /// one, in the one recognised format they share, sorted by name.
@@ -225,6 +262,9 @@ pub fn shard_files(path: &Path, format: Option<Format>) -> Result<Vec<(PathBuf, 
 /// agree across shards. Bad rows fail the read or are skipped and reported,
 /// per `opts.on_bad_row`. A read that keeps no example is an error.
 pub fn read_dataset(path: &Path, opts: &ReadOptions) -> Result<Dataset> {
+    if let Some(spec) = path.to_str().filter(|p| p.starts_with("builtin:")) {
+        return read_builtin(spec, opts);
+    }
     let renames = Renames::new(&opts.columns)?;
     let files = shard_files(path, opts.format)?;
     let mut examples = Vec::new();
