@@ -218,3 +218,48 @@ pub fn info() -> Result<()> {
     }
     Ok(())
 }
+
+/// Oracle accuracy of greedy answers to built-in task prompts, overall and
+/// per category.
+pub fn eval_tasks(
+    model: &Path,
+    prompts: &str,
+    max_new_tokens: usize,
+    batch: usize,
+    run: &RunOpts,
+    out: Option<&Path>,
+) -> Result<serde_json::Value> {
+    let m = load(model, run)?;
+    let opts = datasets::ReadOptions { kind: Some(datasets::RecordKind::PromptOnly), ..Default::default() };
+    let ds = datasets::read_dataset(Path::new(prompts), &opts)?;
+    let cfg = GenerationConfig { max_new_tokens, ..gen_config(&SamplingOpts { max_new_tokens, temperature: 0.0, top_k: None, top_p: None, seed: 0 }, &m.tokenizer) };
+    let mut per: std::collections::BTreeMap<String, (usize, usize)> = Default::default();
+    let mut rows = vec![];
+    for chunk in ds.examples.chunks(batch.max(1)) {
+        let msgs: Vec<Vec<Message>> = chunk
+            .iter()
+            .map(|e| e.record.messages().iter().map(|x| Message::new(&x.role, &x.content)).collect())
+            .collect();
+        let ids = msgs.iter().map(|c| chat::prompt_ids(&m.tokenizer, c)).collect::<Result<Vec<_>>>()?;
+        let gens = lm::generate(&m.model, &ids, &cfg)?;
+        for (e, g) in chunk.iter().zip(gens) {
+            let prompt = e.record.messages().last().map(|x| x.content.clone()).unwrap_or_default();
+            let answer = m.tokenizer.decode(g.content(), true)?;
+            let ok = datasets::tasks::check(&prompt, &answer)
+                .with_context(|| format!("{prompt:?} is not a built-in task prompt"))?;
+            let cat = e.category.clone().unwrap_or_else(|| "all".into());
+            let c = per.entry(cat.clone()).or_default();
+            c.0 += ok as usize;
+            c.1 += 1;
+            rows.push(serde_json::json!({"prompt": prompt, "answer": answer, "correct": ok, "category": cat}));
+        }
+    }
+    let (right, n) = per.values().fold((0, 0), |a, c| (a.0 + c.0, a.1 + c.1));
+    if let Some(p) = out {
+        let text: Vec<String> = rows.iter().map(|r| r.to_string()).collect();
+        checkpoint::write_atomic(p, (text.join("\n") + "\n").as_bytes())?;
+    }
+    let cats: serde_json::Map<String, serde_json::Value> =
+        per.iter().map(|(k, (r, n))| (k.clone(), serde_json::json!(*r as f64 / *n as f64))).collect();
+    Ok(serde_json::json!({"model": model, "n": n, "accuracy": right as f64 / n.max(1) as f64, "per_category": cats}))
+}

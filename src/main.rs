@@ -4,6 +4,8 @@
 mod bench;
 mod commands;
 mod data_cmd;
+mod recipe;
+mod recipe_ext;
 
 use clap::{Args, Parser, Subcommand};
 use std::path::PathBuf;
@@ -97,6 +99,31 @@ enum Command {
         #[arg(long, default_value_t = 0)]
         seed: i64,
     },
+    /// Run a recipe's stages in order (complete stages are skipped).
+    Run {
+        recipe: PathBuf,
+        /// Run only this stage.
+        #[arg(long)]
+        stage: Option<String>,
+        /// Run from this stage on.
+        #[arg(long)]
+        from: Option<String>,
+        /// Rerun stages even when complete.
+        #[arg(long)]
+        force: bool,
+        /// Print the resolved plan and stop.
+        #[arg(long)]
+        dry_run: bool,
+        /// Override a stage setting: stage.key=value (repeatable).
+        #[arg(long = "set")]
+        sets: Vec<String>,
+    },
+    /// Each stage's state, key figures and outputs.
+    Status {
+        recipe: PathBuf,
+        #[arg(long = "set")]
+        sets: Vec<String>,
+    },
     /// Supervised fine-tuning (or pretraining) from a TOML config.
     Sft {
         #[arg(long)]
@@ -117,6 +144,10 @@ enum Command {
         #[arg(long)]
         out: Option<PathBuf>,
     },
+    /// Compare two systems' answers side by side with a judge (both orders).
+    Judge(judge::JudgeArgs),
+    /// Serve a checkpoint with an OpenAI-compatible chat-completions API on loopback.
+    Serve(judge::ServeArgs),
     /// Data tools: inspect, filter, mix.
     Data {
         #[command(subcommand)]
@@ -124,6 +155,11 @@ enum Command {
     },
     /// Where libtorch is, whether CUDA is usable, threads: a smoke check.
     Info,
+    /// Evaluations.
+    Eval {
+        #[command(subcommand)]
+        command: EvalCommand,
+    },
     /// Tokenizer tools.
     Tokenizer {
         #[command(subcommand)]
@@ -133,6 +169,27 @@ enum Command {
     Bench {
         #[command(subcommand)]
         command: bench::BenchCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum EvalCommand {
+    /// Oracle accuracy on held-out built-in task prompts (greedy answers).
+    Tasks {
+        #[arg(long)]
+        model: PathBuf,
+        /// Prompts: a `builtin:eval?…` spec or a file of built-in task prompts.
+        #[arg(long, default_value = "builtin:eval?n=210&seed=6")]
+        prompts: String,
+        #[arg(long, default_value_t = 16)]
+        max_new_tokens: usize,
+        #[arg(long, default_value_t = 64)]
+        batch: usize,
+        #[command(flatten)]
+        run: RunOpts,
+        /// Also write every answer with its verdict (JSONL).
+        #[arg(long)]
+        out: Option<PathBuf>,
     },
 }
 
@@ -166,7 +223,19 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Bench { command } => bench::run(command),
         Command::Sft { config } => commands::sft(&config),
         Command::Info => commands::info(),
+        Command::Eval { command: EvalCommand::Tasks { model, prompts, max_new_tokens, batch, run, out } } => {
+            let r = commands::eval_tasks(&model, &prompts, max_new_tokens, batch, &run, out.as_deref())?;
+            println!("{}", serde_json::to_string_pretty(&r)?);
+            Ok(())
+        }
+        Command::Run { recipe, stage, from, force, dry_run, sets } => {
+            let l = recipe::load(&recipe, &sets)?;
+            recipe::run(&l, &recipe::RunOptions { stage, from, force, dry_run })
+        }
+        Command::Status { recipe, sets } => recipe::print_status(&recipe::load(&recipe, &sets)?),
         Command::Reward { config } => reward::cli_train(&config),
+        Command::Judge(args) => judge::cli_judge(args),
+        Command::Serve(args) => judge::cli_serve(args),
         Command::Score { reward_model, data, out } => reward::cli_score(&reward_model, &data, out.as_deref()),
         Command::Data { command } => data_cmd::run(command),
     }

@@ -1,4 +1,26 @@
-//! `judge`: the side-by-side harness.
+//! `judge`: side-by-side comparison of two systems' answers, an
+//! OpenAI-compatible server for a local checkpoint, and the memorization
+//! eval.
 //!
-//! Not built yet: candidate and baseline answer the same prompts, a judge
-//! compares both orders, win rates with bootstrap intervals per category.
+//! - [`verdict`] — verdicts and the `[[A]]`/`[[B]]`/`[[C]]` parser.
+//! - [`stats`] — win rate (wins + ties/2)/n with a seeded bootstrap interval.
+//! - [`template`] — the judge prompt templates (`judge/templates/`).
+//! - [`pairwise`] — the [`pairwise::Judge`] trait and the both-orders method.
+//! - [`oracle`] — programmatic checkers with a registry (`oracle:NAME`).
+//! - [`judges`] — `lm:DIR`, `reward:DIR`, `oracle:NAME` and `http:URL`.
+//! - [`http`] — the `http:URL` judge (an OpenAI-compatible client).
+//! - [`server`] — `align serve`: OpenAI-compatible chat completions.
+//! - [`harness`] — `align judge`: answers, judging, report.
+
+pub mod harness;
+pub mod http;
+pub mod judges;
+pub mod oracle;
+pub mod pairwise;
+pub mod server;
+pub mod stats;
+pub mod template;
+pub mod verdict;
+
+pub use harness::{cli_judge, JudgeArgs};
+pub use server::{cli_serve, ServeArgs};

@@ -1,0 +1,683 @@
+//! `align judge`: both systems answer the prompts (or their answers come
+//! from files), a judge compares every pair in both orders, and the results
+//! are written to the output directory:
+//!
+//! - `judgments.jsonl` and `judgments.parquet` — one row per prompt: prompt,
+//!   category, both answers, both orders' verdicts and raw outputs, outcome;
+//! - `summary.json` — win rates with 95% bootstrap intervals overall and per
+//!   category, counts (wins, losses, ties, unparseable), mean answer lengths,
+//!   order agreement, and agreement with an oracle when `--oracle` is given;
+//! - `report.md` — the win-rate table; `winrate.png` — per-category bars.
+
+use crate::judges::{JudgeSpec, LmJudge, LmMode, OracleJudge, RewardJudge};
+use crate::pairwise::{judge_pairs, Judge, Pair, PairResult};
+use crate::stats::{summarize, Outcome, WinRate};
+use crate::template::Template;
+use anyhow::{bail, Context, Result};
+use datasets::{Example, ReadOptions, RecordKind};
+use lm::{GenerationConfig, Message};
+use serde::Serialize;
+use serde_json::{json, Value};
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+
+/// `align judge` flags.
+#[derive(Debug, Clone, clap::Args)]
+pub struct JudgeArgs {
+    /// Candidate model directory (answers are generated).
+    #[arg(long)]
+    pub candidate: Option<PathBuf>,
+    /// Baseline model directory.
+    #[arg(long)]
+    pub baseline: Option<PathBuf>,
+    /// Candidate answers instead of a model: JSONL/JSON/Parquet/CSV with
+    /// `prompt` and `completion` (or `response`/`output`), matched to the
+    /// prompts by prompt text.
+    #[arg(long)]
+    pub candidate_answers: Option<PathBuf>,
+    /// Baseline answers instead of a model (as --candidate-answers).
+    #[arg(long)]
+    pub baseline_answers: Option<PathBuf>,
+    /// Prompts: `prompt` or `messages`, optional `category` and (JSONL/JSON)
+    /// `reference` for oracles.
+    #[arg(long)]
+    pub prompts: PathBuf,
+    /// lm:DIR, http:URL, reward:DIR or oracle:NAME.
+    #[arg(long)]
+    pub judge: String,
+    #[arg(long, default_value = "runs/judge")]
+    pub out: PathBuf,
+    /// A built-in template (pairwise, rubric, constitution, choice) or a file.
+    /// Default: choice for --lm-mode logprob, pairwise otherwise.
+    #[arg(long)]
+    pub template: Option<String>,
+    #[arg(long, value_enum, default_value = "reason")]
+    pub lm_mode: LmMode,
+    /// Tokens the lm: and http: judges may write.
+    #[arg(long, default_value_t = 512)]
+    pub judge_max_new_tokens: usize,
+    /// reward: judge — rewards this close are a tie.
+    #[arg(long, default_value_t = 0.0)]
+    pub tie_tolerance: f64,
+    /// Also score every pair with this oracle and report the judge's
+    /// agreement with it.
+    #[arg(long)]
+    pub oracle: Option<String>,
+    /// Generation: tokens per answer.
+    #[arg(long, default_value_t = 256)]
+    pub max_new_tokens: usize,
+    /// Generation: 0 = greedy.
+    #[arg(long, default_value_t = 0.0)]
+    pub temperature: f64,
+    #[arg(long)]
+    pub top_k: Option<i64>,
+    #[arg(long)]
+    pub top_p: Option<f64>,
+    /// Seed of generation, sampling judges and the bootstrap.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    #[arg(long, default_value_t = 8)]
+    pub batch_size: usize,
+    /// Bootstrap resamples.
+    #[arg(long, default_value_t = 2000)]
+    pub bootstrap: usize,
+    /// Judge only the first N prompts.
+    #[arg(long)]
+    pub limit: Option<usize>,
+    #[arg(long, default_value = "auto")]
+    pub device: String,
+    #[arg(long, default_value = "f32")]
+    pub dtype: String,
+    /// http: judge — the model name sent in requests.
+    #[arg(long, default_value = "default")]
+    pub http_model: String,
+    /// http: judge — the environment variable holding the API key (sent as
+    /// a bearer token when set).
+    #[arg(long, default_value = "OPENAI_API_KEY")]
+    pub api_key_env: String,
+    /// http: judge — seconds per request.
+    #[arg(long, default_value_t = 120)]
+    pub timeout_s: u64,
+    /// http: judge — retries of a failed request (with exponential backoff).
+    #[arg(long, default_value_t = 3)]
+    pub retries: u32,
+    /// http: judge — requests in flight at once.
+    #[arg(long, default_value_t = 4)]
+    pub max_in_flight: usize,
+}
+
+/// One prompt to judge.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PromptRow {
+    pub messages: Vec<Message>,
+    pub question: String,
+    pub category: Option<String>,
+    pub reference: Option<String>,
+}
+
+/// The prompt as text: a single user turn as is, otherwise every turn as
+/// `role: content` on its own paragraph.
+pub fn question_text(messages: &[Message]) -> String {
+    match messages {
+        [m] if m.role == "user" => m.content.clone(),
+        _ => messages.iter().map(|m| format!("{}: {}", m.role, m.content)).collect::<Vec<_>>().join("\n\n"),
+    }
+}
+
+fn to_lm(messages: &[datasets::Message]) -> Vec<Message> {
+    messages.iter().map(|m| Message::new(&m.role, &m.content)).collect()
+}
+
+/// Reference answers of a JSONL or JSON file by 1-based row: the
+/// `reference`, `answer` or `solution` field (numbers as text).
+fn read_references(path: &Path) -> Result<HashMap<usize, String>> {
+    let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("").to_ascii_lowercase();
+    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let rows: Vec<(usize, Value)> = match ext.as_str() {
+        "jsonl" | "ndjson" => text
+            .lines()
+            .enumerate()
+            .filter(|(_, l)| !l.trim().is_empty())
+            .filter_map(|(i, l)| serde_json::from_str(l).ok().map(|v| (i + 1, v)))
+            .collect(),
+        "json" => match serde_json::from_str::<Value>(&text) {
+            Ok(Value::Array(a)) => a.into_iter().enumerate().map(|(i, v)| (i + 1, v)).collect(),
+            _ => vec![],
+        },
+        _ => vec![],
+    };
+    let mut out = HashMap::new();
+    for (row, v) in rows {
+        for key in ["reference", "answer", "solution"] {
+            match v.get(key) {
+                Some(Value::String(s)) => {
+                    out.insert(row, s.clone());
+                    break;
+                }
+                Some(Value::Number(n)) => {
+                    out.insert(row, n.to_string());
+                    break;
+                }
+                _ => {}
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Reads the prompts file (any format the datasets crate reads; references
+/// from JSONL/JSON files).
+pub fn read_prompts(path: &Path) -> Result<Vec<PromptRow>> {
+    let ds = datasets::read_dataset(
+        path,
+        &ReadOptions { kind: Some(RecordKind::PromptOnly), ..Default::default() },
+    )
+    .with_context(|| format!("reading the prompts {}", path.display()))?;
+    let mut refs: HashMap<PathBuf, HashMap<usize, String>> = HashMap::new();
+    let mut out = vec![];
+    for ex in ds.examples {
+        let file = ex.origin.file.to_path_buf();
+        if !refs.contains_key(&file) {
+            refs.insert(file.clone(), read_references(&file)?);
+        }
+        let messages = to_lm(&ex.record.prompt_messages());
+        out.push(PromptRow {
+            question: question_text(&messages),
+            messages,
+            category: ex.category,
+            reference: refs.get(&file).and_then(|m| m.get(&ex.origin.row)).cloned(),
+        });
+    }
+    if out.is_empty() {
+        bail!("{} holds no prompts", path.display());
+    }
+    Ok(out)
+}
+
+/// Answers from a file, in the order of `prompts` (matched by prompt text).
+pub fn read_answers(path: &Path, prompts: &[PromptRow]) -> Result<Vec<String>> {
+    let ds = datasets::read_dataset(
+        path,
+        &ReadOptions { kind: Some(RecordKind::PromptCompletion), ..Default::default() },
+    )
+    .with_context(|| format!("reading the answers {}", path.display()))?;
+    let mut by_prompt: HashMap<String, String> = HashMap::new();
+    for ex in ds.examples {
+        let Example { record, .. } = ex;
+        if let datasets::Record::PromptCompletion { prompt, completion } = record {
+            let answer = completion.iter().map(|m| m.content.as_str()).collect::<Vec<_>>().join("\n\n");
+            by_prompt.entry(question_text(&to_lm(&prompt))).or_insert(answer);
+        }
+    }
+    prompts
+        .iter()
+        .enumerate()
+        .map(|(i, p)| {
+            by_prompt.get(&p.question).cloned().with_context(|| {
+                format!("{}: no answer for prompt {} ({:.60?})", path.display(), i + 1, p.question)
+            })
+        })
+        .collect()
+}
+
+/// Generation settings for answering prompts.
+#[derive(Debug, Clone)]
+pub struct AnswerSettings {
+    pub max_new_tokens: usize,
+    pub temperature: f64,
+    pub top_k: Option<i64>,
+    pub top_p: Option<f64>,
+    pub seed: u64,
+    pub batch_size: usize,
+}
+
+/// A model's answers to the prompts (batched; each batch seeded with
+/// `seed + batch index`).
+pub fn generate_answers(
+    dir: &Path,
+    prompts: &[PromptRow],
+    s: &AnswerSettings,
+    device: tch::Device,
+    kind: tch::Kind,
+) -> Result<Vec<String>> {
+    let l = lm::checkpoint::load_causal_lm(dir, device, kind)?;
+    let sp = l.tokenizer.special;
+    let ids: Vec<Vec<i64>> = prompts
+        .iter()
+        .enumerate()
+        .map(|(i, p)| {
+            lm::chat::prompt_ids(&l.tokenizer, &p.messages).with_context(|| format!("prompt {}", i + 1))
+        })
+        .collect::<Result<_>>()?;
+    let mut out = vec![];
+    for (b, chunk) in ids.chunks(s.batch_size.max(1)).enumerate() {
+        let cfg = GenerationConfig {
+            max_new_tokens: s.max_new_tokens,
+            temperature: s.temperature,
+            top_k: s.top_k,
+            top_p: s.top_p,
+            seed: s.seed.wrapping_add(b as u64),
+            eos_id: sp.eos,
+            end_of_turn_id: Some(sp.end_of_turn),
+            pad_id: sp.pad,
+        };
+        for g in lm::generate(&l.model, chunk, &cfg)
+            .with_context(|| format!("generating with {}", dir.display()))?
+        {
+            out.push(l.tokenizer.decode(g.content(), true)?);
+        }
+    }
+    Ok(out)
+}
+
+/// Mean answer lengths of one side.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Lengths {
+    pub candidate_chars: f64,
+    pub baseline_chars: f64,
+    pub candidate_words: f64,
+    pub baseline_words: f64,
+}
+
+fn mean(v: impl Iterator<Item = usize>) -> f64 {
+    let (s, n) = v.fold((0usize, 0usize), |(s, n), x| (s + x, n + 1));
+    if n == 0 {
+        f64::NAN
+    } else {
+        s as f64 / n as f64
+    }
+}
+
+/// The statistics of one group of pairs (all, or one category).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct GroupSummary {
+    pub prompts: usize,
+    /// Pairs left out because a verdict stayed unparseable.
+    pub excluded: usize,
+    #[serde(flatten)]
+    pub win_rate: WinRate,
+    /// Share of judged pairs whose two orders agreed (1 = no position bias
+    /// visible; a judge always picking the first position gives 0).
+    pub order_agreement: f64,
+    pub lengths: Lengths,
+    /// Agreement with the oracle (share of judged pairs with the same outcome).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub oracle_agreement: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub oracle_win_rate: Option<WinRate>,
+}
+
+/// One judged prompt.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Judgment {
+    pub index: usize,
+    pub category: Option<String>,
+    pub prompt: String,
+    pub reference: Option<String>,
+    pub candidate: String,
+    pub baseline: String,
+    #[serde(flatten)]
+    pub result: PairResult,
+    /// The outcome with an oracle, when `--oracle` is given.
+    pub oracle_outcome: Option<Outcome>,
+}
+
+/// Summarises judgments (the whole set, or one category's).
+pub fn summarize_group(js: &[&Judgment], resamples: usize, seed: u64) -> GroupSummary {
+    let outcomes: Vec<Outcome> = js.iter().filter_map(|j| j.result.outcome).collect();
+    let agree: Vec<bool> = js.iter().filter_map(|j| j.result.orders_agree).collect();
+    let has_oracle = js.iter().any(|j| j.oracle_outcome.is_some());
+    let (oracle_agreement, oracle_win_rate) = if has_oracle {
+        let both: Vec<bool> =
+            js.iter().filter_map(|j| Some(j.result.outcome? == j.oracle_outcome?)).collect();
+        let o: Vec<Outcome> = js.iter().filter_map(|j| j.oracle_outcome).collect();
+        (Some(mean(both.iter().map(|&b| usize::from(b)))), Some(summarize(&o, resamples, seed)))
+    } else {
+        (None, None)
+    };
+    GroupSummary {
+        prompts: js.len(),
+        excluded: js.len() - outcomes.len(),
+        win_rate: summarize(&outcomes, resamples, seed),
+        order_agreement: mean(agree.iter().map(|&b| usize::from(b))),
+        lengths: Lengths {
+            candidate_chars: mean(js.iter().map(|j| j.candidate.chars().count())),
+            baseline_chars: mean(js.iter().map(|j| j.baseline.chars().count())),
+            candidate_words: mean(js.iter().map(|j| j.candidate.split_whitespace().count())),
+            baseline_words: mean(js.iter().map(|j| j.baseline.split_whitespace().count())),
+        },
+        oracle_agreement,
+        oracle_win_rate,
+    }
+}
+
+/// The whole summary.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Summary {
+    pub judge: String,
+    pub candidate: String,
+    pub baseline: String,
+    pub oracle: Option<String>,
+    /// Verdicts (of 2 per prompt) that were unparseable at first and retried.
+    pub retried_verdicts: usize,
+    /// Verdicts still unparseable after the retry.
+    pub unparseable_verdicts: usize,
+    pub seed: u64,
+    pub bootstrap_resamples: usize,
+    pub overall: GroupSummary,
+    pub per_category: BTreeMap<String, GroupSummary>,
+}
+
+/// Runs the judge over answered prompts and builds the judgments.
+pub fn judge_answers(
+    judge: &dyn Judge,
+    prompts: &[PromptRow],
+    candidate: &[String],
+    baseline: &[String],
+    oracle: Option<&str>,
+) -> Result<Vec<Judgment>> {
+    if candidate.len() != prompts.len() || baseline.len() != prompts.len() {
+        bail!(
+            "{} prompts but {} candidate and {} baseline answers",
+            prompts.len(),
+            candidate.len(),
+            baseline.len()
+        );
+    }
+    let pairs: Vec<Pair> = prompts
+        .iter()
+        .zip(candidate.iter().zip(baseline))
+        .map(|(p, (c, b))| Pair {
+            question: &p.question,
+            prompt: &p.messages,
+            candidate: c,
+            baseline: b,
+            reference: p.reference.as_deref(),
+        })
+        .collect();
+    let results = judge_pairs(judge, &pairs)?;
+    let oracle_results = match oracle {
+        Some(name) => Some(judge_pairs(&OracleJudge::new(name)?, &pairs).context("scoring with the oracle")?),
+        None => None,
+    };
+    Ok(results
+        .into_iter()
+        .enumerate()
+        .map(|(i, result)| Judgment {
+            index: i,
+            category: prompts[i].category.clone(),
+            prompt: prompts[i].question.clone(),
+            reference: prompts[i].reference.clone(),
+            candidate: candidate[i].clone(),
+            baseline: baseline[i].clone(),
+            result,
+            oracle_outcome: oracle_results.as_ref().and_then(|o| o[i].outcome),
+        })
+        .collect())
+}
+
+/// The summary of judgments.
+pub fn summarize_all(
+    js: &[Judgment],
+    names: (&str, &str, &str),
+    oracle: Option<&str>,
+    resamples: usize,
+    seed: u64,
+) -> Summary {
+    let all: Vec<&Judgment> = js.iter().collect();
+    let mut cats: BTreeMap<String, Vec<&Judgment>> = BTreeMap::new();
+    for j in js {
+        cats.entry(j.category.clone().unwrap_or_else(|| "(none)".into())).or_default().push(j);
+    }
+    let orders = || js.iter().flat_map(|j| [&j.result.candidate_first, &j.result.baseline_first]);
+    Summary {
+        judge: names.0.into(),
+        candidate: names.1.into(),
+        baseline: names.2.into(),
+        oracle: oracle.map(String::from),
+        retried_verdicts: orders().filter(|o| o.first_raw.is_some()).count(),
+        unparseable_verdicts: orders().filter(|o| o.verdict.is_none()).count(),
+        seed,
+        bootstrap_resamples: resamples,
+        overall: summarize_group(&all, resamples, seed),
+        per_category: cats.into_iter().map(|(k, v)| (k, summarize_group(&v, resamples, seed))).collect(),
+    }
+}
+
+fn pct(x: f64) -> String {
+    if x.is_finite() {
+        format!("{:.1}%", 100.0 * x)
+    } else {
+        "n/a".into()
+    }
+}
+
+fn num(x: f64) -> String {
+    if x.is_finite() {
+        format!("{x:.1}")
+    } else {
+        "n/a".into()
+    }
+}
+
+/// `report.md`.
+pub fn report_markdown(s: &Summary) -> String {
+    let mut md = String::new();
+    md.push_str(&format!(
+        "# Side-by-side: {} vs {}\n\nJudge: `{}`. Every pair judged in both orders; disagreeing orders count as a tie. \
+         Win rate = (wins + ties/2)/n for the candidate, with a 95% bootstrap interval ({} resamples, seed {}).\n\n",
+        s.candidate, s.baseline, s.judge, s.bootstrap_resamples, s.seed
+    ));
+    md.push_str("| category | n | win rate | 95% CI | W / L / T | excluded | order agreement | cand. chars | base. chars |");
+    if s.oracle.is_some() {
+        md.push_str(" oracle agreement |");
+    }
+    md.push('\n');
+    md.push_str("|---|---|---|---|---|---|---|---|---|");
+    if s.oracle.is_some() {
+        md.push_str("---|");
+    }
+    md.push('\n');
+    let row = |name: &str, g: &GroupSummary| {
+        let w = &g.win_rate;
+        let mut r = format!(
+            "| {name} | {} | {} | {} – {} | {} / {} / {} | {} | {} | {} | {} |",
+            w.n,
+            pct(w.win_rate),
+            pct(w.lo),
+            pct(w.hi),
+            w.wins,
+            w.losses,
+            w.ties,
+            g.excluded,
+            pct(g.order_agreement),
+            num(g.lengths.candidate_chars),
+            num(g.lengths.baseline_chars)
+        );
+        if s.oracle.is_some() {
+            r.push_str(&format!(" {} |", g.oracle_agreement.map_or("n/a".into(), pct)));
+        }
+        r.push('\n');
+        r
+    };
+    for (k, g) in &s.per_category {
+        md.push_str(&row(k, g));
+    }
+    md.push_str(&row("**overall**", &s.overall));
+    md.push_str(&format!(
+        "\n{} verdicts were unparseable and retried; {} stayed unparseable (their pairs are excluded, never guessed).\n",
+        s.retried_verdicts, s.unparseable_verdicts
+    ));
+    md.push_str("\nLength bias: compare the answer lengths beside each win rate; a judge that favours the longer answer shows wins tracking length.\n");
+    md.push_str("\n![win rates](winrate.png)\n");
+    md
+}
+
+/// Writes `judgments.jsonl`, `judgments.parquet`, `summary.json`,
+/// `report.md` and `winrate.png` into `out`.
+pub fn write_outputs(out: &Path, js: &[Judgment], s: &Summary) -> Result<()> {
+    std::fs::create_dir_all(out)
+        .with_context(|| format!("cannot create the output directory {}", out.display()))?;
+    let mut jsonl = String::new();
+    for j in js {
+        jsonl.push_str(&serde_json::to_string(j)?);
+        jsonl.push('\n');
+    }
+    lm::checkpoint::write_atomic(&out.join("judgments.jsonl"), jsonl.as_bytes())?;
+    write_parquet(&out.join("judgments.parquet"), js)?;
+    lm::checkpoint::write_atomic(&out.join("summary.json"), serde_json::to_string_pretty(s)?.as_bytes())?;
+    lm::checkpoint::write_atomic(&out.join("report.md"), report_markdown(s).as_bytes())?;
+    let mut bars: Vec<lm::plot::Bar> = s
+        .per_category
+        .iter()
+        .map(|(k, g)| lm::plot::Bar {
+            label: k.clone(),
+            value: g.win_rate.win_rate,
+            lo: g.win_rate.lo,
+            hi: g.win_rate.hi,
+        })
+        .collect();
+    let o = &s.overall.win_rate;
+    bars.push(lm::plot::Bar { label: "overall".into(), value: o.win_rate, lo: o.lo, hi: o.hi });
+    lm::plot::bar_chart(
+        &out.join("winrate.png"),
+        &format!("{} vs {} (judge {})", s.candidate, s.baseline, s.judge),
+        "candidate win rate",
+        &bars,
+        Some(0.5),
+    )
+}
+
+fn verdict_str(v: Option<crate::verdict::Verdict>) -> Option<String> {
+    v.map(|v| v.letter().to_string())
+}
+
+fn outcome_str(o: Option<Outcome>) -> Option<String> {
+    o.map(|o| serde_json::to_value(o).ok().and_then(|v| v.as_str().map(String::from)).unwrap_or_default())
+}
+
+fn write_parquet(path: &Path, js: &[Judgment]) -> Result<()> {
+    use polars::prelude::{Column, DataFrame, NamedFrom, ParquetWriter, Series};
+    let s = |name: &str, v: Vec<Option<String>>| -> Column { Series::new(name.into(), v).into() };
+    let columns = vec![
+        Series::new("index".into(), js.iter().map(|j| j.index as u64).collect::<Vec<_>>()).into(),
+        s("category", js.iter().map(|j| j.category.clone()).collect()),
+        s("prompt", js.iter().map(|j| Some(j.prompt.clone())).collect()),
+        s("reference", js.iter().map(|j| j.reference.clone()).collect()),
+        s("candidate", js.iter().map(|j| Some(j.candidate.clone())).collect()),
+        s("baseline", js.iter().map(|j| Some(j.baseline.clone())).collect()),
+        s(
+            "verdict_candidate_first",
+            js.iter().map(|j| verdict_str(j.result.candidate_first.verdict)).collect(),
+        ),
+        s("raw_candidate_first", js.iter().map(|j| Some(j.result.candidate_first.raw.clone())).collect()),
+        s(
+            "verdict_baseline_first",
+            js.iter().map(|j| verdict_str(j.result.baseline_first.verdict)).collect(),
+        ),
+        s("raw_baseline_first", js.iter().map(|j| Some(j.result.baseline_first.raw.clone())).collect()),
+        s("outcome", js.iter().map(|j| outcome_str(j.result.outcome)).collect()),
+        Series::new("orders_agree".into(), js.iter().map(|j| j.result.orders_agree).collect::<Vec<_>>())
+            .into(),
+        s("oracle_outcome", js.iter().map(|j| outcome_str(j.oracle_outcome)).collect()),
+    ];
+    let mut df = DataFrame::new_infer_height(columns)
+        .with_context(|| format!("cannot build the table for {}", path.display()))?;
+    let tmp = path.with_extension("parquet.tmp");
+    let file = std::fs::File::create(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
+    ParquetWriter::new(file).finish(&mut df).with_context(|| format!("cannot write {}", path.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("cannot move {} into place", tmp.display()))?;
+    Ok(())
+}
+
+/// Builds the judge a spec names.
+pub fn build_judge(args: &JudgeArgs, device: tch::Device, kind: tch::Kind) -> Result<Box<dyn Judge>> {
+    let template = || -> Result<Template> {
+        let default = if args.lm_mode == LmMode::Logprob { "choice" } else { "pairwise" };
+        Template::load(args.template.as_deref().unwrap_or(default))
+    };
+    Ok(match JudgeSpec::parse(&args.judge)? {
+        JudgeSpec::Oracle(name) => Box::new(OracleJudge::new(&name)?),
+        JudgeSpec::Reward(dir) => {
+            Box::new(RewardJudge::load(&dir, device, kind, args.tie_tolerance, args.batch_size)?)
+        }
+        JudgeSpec::Lm(dir) => {
+            let mut j = LmJudge::load(&dir, device, kind, template()?, args.lm_mode)?;
+            j.max_new_tokens = args.judge_max_new_tokens;
+            j.batch_size = args.batch_size.max(1);
+            j.seed = args.seed;
+            Box::new(j)
+        }
+        JudgeSpec::Http(url) => {
+            let settings = crate::http::HttpSettings {
+                model: args.http_model.clone(),
+                api_key_env: args.api_key_env.clone(),
+                timeout: std::time::Duration::from_secs(args.timeout_s.max(1)),
+                retries: args.retries,
+                backoff: std::time::Duration::from_millis(500),
+                max_in_flight: args.max_in_flight.max(1),
+                max_tokens: args.judge_max_new_tokens,
+                seed: args.seed,
+            };
+            Box::new(crate::http::HttpJudge::new(&url, template()?, settings)?)
+        }
+    })
+}
+
+fn side(model: &Option<PathBuf>, answers: &Option<PathBuf>, which: &str) -> Result<String> {
+    match (model, answers) {
+        (Some(m), None) => Ok(m.display().to_string()),
+        (None, Some(a)) => Ok(a.display().to_string()),
+        (Some(_), Some(_)) => bail!("give either --{which} or --{which}-answers, not both"),
+        (None, None) => bail!("the {which} needs --{which} DIR (a model) or --{which}-answers FILE"),
+    }
+}
+
+/// `align judge`.
+pub fn cli_judge(args: JudgeArgs) -> Result<()> {
+    let cand_name = side(&args.candidate, &args.candidate_answers, "candidate")?;
+    let base_name = side(&args.baseline, &args.baseline_answers, "baseline")?;
+    let device = lm::device::parse_device(&args.device)?;
+    let kind = lm::device::parse_dtype(&args.dtype)?;
+    let mut prompts = read_prompts(&args.prompts)?;
+    if let Some(n) = args.limit {
+        prompts.truncate(n);
+    }
+    let settings = AnswerSettings {
+        max_new_tokens: args.max_new_tokens,
+        temperature: args.temperature,
+        top_k: args.top_k,
+        top_p: args.top_p,
+        seed: args.seed,
+        batch_size: args.batch_size,
+    };
+    let answers = |model: &Option<PathBuf>, file: &Option<PathBuf>| -> Result<Vec<String>> {
+        match (model, file) {
+            (Some(m), _) => generate_answers(m, &prompts, &settings, device, kind),
+            (None, Some(f)) => read_answers(f, &prompts),
+            (None, None) => bail!("no answers"),
+        }
+    };
+    eprintln!("answering {} prompts", prompts.len());
+    let cand = answers(&args.candidate, &args.candidate_answers)?;
+    let base = answers(&args.baseline, &args.baseline_answers)?;
+    let judge = build_judge(&args, device, kind)?;
+    eprintln!("judging {} pairs in both orders with {}", prompts.len(), judge.name());
+    let js = judge_answers(judge.as_ref(), &prompts, &cand, &base, args.oracle.as_deref())?;
+    let s = summarize_all(
+        &js,
+        (&judge.name(), &cand_name, &base_name),
+        args.oracle.as_deref(),
+        args.bootstrap,
+        args.seed,
+    );
+    write_outputs(&args.out, &js, &s)?;
+    let w = &s.overall.win_rate;
+    println!(
+        "{}",
+        json!({"win_rate": w.win_rate, "lo": w.lo, "hi": w.hi, "n": w.n, "excluded": s.overall.excluded,
+               "order_agreement": s.overall.order_agreement, "out": args.out.display().to_string()})
+    );
+    eprintln!("wrote {}", args.out.display());
+    Ok(())
+}

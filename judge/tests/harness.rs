@@ -1,0 +1,260 @@
+//! `align judge` end to end on small files and the fixture model.
+
+use clap::Parser;
+use judge::harness::{cli_judge, JudgeArgs};
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+
+fn fixture() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../lm/tests/fixtures/mqa")
+}
+
+#[derive(Parser)]
+struct Cli {
+    #[command(flatten)]
+    args: JudgeArgs,
+}
+
+fn args(extra: &[&str]) -> JudgeArgs {
+    let mut v = vec!["judge", "--device", "cpu", "--bootstrap", "300"];
+    v.extend_from_slice(extra);
+    Cli::parse_from(v).args
+}
+
+fn write(path: &Path, rows: &[Value]) {
+    let text: String = rows.iter().map(|r| format!("{r}\n")).collect();
+    std::fs::write(path, text).unwrap();
+}
+
+/// Prompts with categories and references, and two answer files: the
+/// candidate right on 3 of 4 math prompts and 1 of 2 trivia prompts, the
+/// baseline right on 1 math (also answered right by the candidate) and both
+/// trivia prompts.
+fn setup(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
+    let prompts = [
+        ("2+2?", "math", "4", "4", "5"),
+        ("3*3?", "math", "9", "9", "9"),
+        ("10-7?", "math", "3", "3", "4"),
+        ("8/2?", "math", "4", "5", "3"),
+        ("Capital of France?", "trivia", "Paris", "Paris.", "paris"),
+        ("Largest planet?", "trivia", "Jupiter", "Saturn", "Jupiter"),
+    ];
+    let p = dir.join("prompts.jsonl");
+    let c = dir.join("cand.jsonl");
+    let b = dir.join("base.jsonl");
+    write(
+        &p,
+        &prompts
+            .iter()
+            .map(|(q, cat, r, _, _)| serde_json::json!({"prompt": q, "category": cat, "reference": r}))
+            .collect::<Vec<_>>(),
+    );
+    write(
+        &c,
+        &prompts
+            .iter()
+            .rev()
+            .map(|(q, _, _, a, _)| serde_json::json!({"prompt": q, "completion": a}))
+            .collect::<Vec<_>>(),
+    );
+    write(
+        &b,
+        &prompts
+            .iter()
+            .map(|(q, _, _, _, a)| serde_json::json!({"prompt": q, "completion": a}))
+            .collect::<Vec<_>>(),
+    );
+    (p, c, b)
+}
+
+fn summary(out: &Path) -> Value {
+    serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).unwrap()).unwrap()
+}
+
+#[test]
+fn oracle_judge_on_answer_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let (p, c, b) = setup(dir.path());
+    let out = dir.path().join("out");
+    cli_judge(args(&[
+        "--prompts",
+        p.to_str().unwrap(),
+        "--candidate-answers",
+        c.to_str().unwrap(),
+        "--baseline-answers",
+        b.to_str().unwrap(),
+        "--judge",
+        "oracle:exact",
+        "--out",
+        out.to_str().unwrap(),
+    ]))
+    .unwrap();
+    let s = summary(&out);
+    // math: wins on 2+2, 10-7, 8/2 is a loss-free tie? 8/2: cand 5 (wrong), base 3 (wrong) -> tie;
+    // 3*3 both right -> tie. So math: 2 wins, 2 ties -> 0.75.
+    let math = &s["per_category"]["math"];
+    assert_eq!(
+        (math["wins"].as_u64(), math["ties"].as_u64(), math["losses"].as_u64()),
+        (Some(2), Some(2), Some(0))
+    );
+    assert_eq!(math["win_rate"].as_f64(), Some(0.75));
+    // trivia: France both right (normalised) -> tie; Jupiter -> loss. 0.25.
+    assert_eq!(s["per_category"]["trivia"]["win_rate"].as_f64(), Some(0.25));
+    // overall: 2 wins, 3 ties, 1 loss of 6 -> 3.5/6.
+    let o = &s["overall"];
+    assert!((o["win_rate"].as_f64().unwrap() - 3.5 / 6.0).abs() < 1e-12);
+    assert!(o["lo"].as_f64().unwrap() <= o["win_rate"].as_f64().unwrap());
+    assert!(o["hi"].as_f64().unwrap() >= o["win_rate"].as_f64().unwrap());
+    assert_eq!(o["order_agreement"].as_f64(), Some(1.0));
+    assert_eq!(o["excluded"].as_u64(), Some(0));
+    assert_eq!(s["unparseable_verdicts"].as_u64(), Some(0));
+    assert!(o["lengths"]["candidate_chars"].as_f64().unwrap() > 0.0);
+    for f in ["judgments.jsonl", "judgments.parquet", "summary.json", "report.md", "winrate.png"] {
+        assert!(std::fs::metadata(out.join(f)).unwrap().len() > 0, "{f}");
+    }
+    let lines = std::fs::read_to_string(out.join("judgments.jsonl")).unwrap();
+    let first: Value = serde_json::from_str(lines.lines().next().unwrap()).unwrap();
+    assert_eq!(first["outcome"], "win");
+    assert_eq!(first["candidate"], "4");
+    assert_eq!(first["category"], "math");
+    let md = std::fs::read_to_string(out.join("report.md")).unwrap();
+    assert!(md.contains("| math | 4 | 75.0% |"), "{md}");
+    // The table is also written as Parquet.
+    let bytes = std::fs::read(out.join("judgments.parquet")).unwrap();
+    assert_eq!(&bytes[..4], b"PAR1");
+}
+
+#[test]
+fn fixture_model_against_reference_answers() {
+    let dir = tempfile::tempdir().unwrap();
+    let (p, _, _) = setup(dir.path());
+    // The baseline answers with the references: always right.
+    let b = dir.path().join("refs.jsonl");
+    let text = std::fs::read_to_string(&p).unwrap();
+    let rows: Vec<Value> = text
+        .lines()
+        .map(|l| {
+            let v: Value = serde_json::from_str(l).unwrap();
+            serde_json::json!({"prompt": v["prompt"], "completion": v["reference"]})
+        })
+        .collect();
+    write(&b, &rows);
+    let out = dir.path().join("out");
+    cli_judge(args(&[
+        "--prompts",
+        p.to_str().unwrap(),
+        "--candidate",
+        fixture().to_str().unwrap(),
+        "--baseline-answers",
+        b.to_str().unwrap(),
+        "--judge",
+        "oracle:exact",
+        "--max-new-tokens",
+        "6",
+        "--batch-size",
+        "4",
+        "--out",
+        out.to_str().unwrap(),
+    ]))
+    .unwrap();
+    let s = summary(&out);
+    assert_eq!(s["overall"]["win_rate"].as_f64(), Some(0.0), "{s}");
+    assert_eq!(s["overall"]["n"].as_u64(), Some(6));
+}
+
+#[test]
+fn lm_judges_on_the_fixture() {
+    let dir = tempfile::tempdir().unwrap();
+    let (p, c, b) = setup(dir.path());
+    let fx = fixture();
+    let common = |out: &Path, extra: &[&str]| {
+        let mut v = vec![
+            "--prompts",
+            p.to_str().unwrap(),
+            "--candidate-answers",
+            c.to_str().unwrap(),
+            "--baseline-answers",
+            b.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+        ];
+        v.extend_from_slice(extra);
+        let a = args(&v.iter().map(|s| &**s).collect::<Vec<_>>());
+        a
+    };
+    // Log-probability of "A" vs "B": every verdict parses.
+    let out = dir.path().join("logprob");
+    let judge = format!("lm:{}", fx.display());
+    cli_judge(common(&out, &["--judge", &judge, "--lm-mode", "logprob", "--oracle", "exact"])).unwrap();
+    let s = summary(&out);
+    assert_eq!(s["unparseable_verdicts"].as_u64(), Some(0));
+    assert_eq!(s["overall"]["n"].as_u64(), Some(6));
+    assert!(s["overall"]["oracle_agreement"].as_f64().is_some());
+    let first: Value = serde_json::from_str(
+        std::fs::read_to_string(out.join("judgments.jsonl")).unwrap().lines().next().unwrap(),
+    )
+    .unwrap();
+    assert!(first["candidate_first"]["raw"].as_str().unwrap().starts_with("logp(A)="));
+
+    // Reason-then-verdict: a random tiny model writes no marker in 4 tokens,
+    // so every verdict is retried, stays unparseable and is excluded.
+    // A short template of our own (the fixture's context is 256 tokens).
+    let t = dir.path().join("short.txt");
+    std::fs::write(&t, "{question}\nA: {answer_a}\nB: {answer_b}\nEnd with [[A]], [[B]] or [[C]].").unwrap();
+    let out = dir.path().join("reason");
+    let t = t.to_str().unwrap();
+    let extra = ["--judge", &judge, "--lm-mode", "reason", "--judge-max-new-tokens", "4", "--template", t];
+    cli_judge(common(&out, &extra)).unwrap();
+    let s = summary(&out);
+    assert_eq!(s["unparseable_verdicts"].as_u64(), Some(12));
+    assert_eq!(s["retried_verdicts"].as_u64(), Some(12));
+    assert_eq!(s["overall"]["excluded"].as_u64(), Some(6));
+    assert_eq!(s["overall"]["n"].as_u64(), Some(0));
+    assert!(s["overall"]["win_rate"].is_null());
+    assert!(std::fs::metadata(out.join("winrate.png")).unwrap().len() > 0);
+}
+
+#[test]
+fn reward_judge_on_the_fixture() {
+    let dir = tempfile::tempdir().unwrap();
+    let (p, c, b) = setup(dir.path());
+    // A reward model: the fixture's backbone with a fresh (seeded) head.
+    tch::manual_seed(0);
+    let l = lm::reward_model::load(&fixture(), tch::Device::Cpu, tch::Kind::Float, Some(0.5)).unwrap();
+    let rm = dir.path().join("rm");
+    lm::reward_model::save(&rm, &l.vs, &l.model, &l.tokenizer, None).unwrap();
+    let out = dir.path().join("out");
+    let judge = format!("reward:{}", rm.display());
+    cli_judge(args(&[
+        "--prompts",
+        p.to_str().unwrap(),
+        "--candidate-answers",
+        c.to_str().unwrap(),
+        "--baseline-answers",
+        b.to_str().unwrap(),
+        "--judge",
+        &judge,
+        "--out",
+        out.to_str().unwrap(),
+    ]))
+    .unwrap();
+    let s = summary(&out);
+    // A reward model does not see positions: the orders always agree.
+    assert_eq!(s["overall"]["order_agreement"].as_f64(), Some(1.0));
+    assert_eq!(s["overall"]["n"].as_u64(), Some(6));
+    // A causal LM directory is refused as a reward judge.
+    let e = cli_judge(args(&[
+        "--prompts",
+        p.to_str().unwrap(),
+        "--candidate-answers",
+        c.to_str().unwrap(),
+        "--baseline-answers",
+        b.to_str().unwrap(),
+        "--judge",
+        &format!("reward:{}", fixture().display()),
+        "--out",
+        out.to_str().unwrap(),
+    ]))
+    .unwrap_err();
+    assert!(format!("{e:#}").contains("not a reward model"), "{e:#}");
+}

@@ -1,0 +1,554 @@
+//! Recipes: one TOML file naming a base model, a tokenizer, named data and an
+//! ordered list of stages, each referring to earlier stages by name.
+//!
+//! `align run RECIPE` resolves every stage into the typed config of its
+//! crate (the stage's `config` table plus the paths the runner fills in:
+//! `model`, `output_dir`, `data`, …), checks references before anything
+//! runs, and runs the stages in order. A stage whose outputs are complete for
+//! the same resolved configuration (hash in `manifest.json` beside its
+//! outputs) is skipped; an interrupted stage resumes from its last
+//! checkpoint (the stages do that themselves).
+
+use anyhow::{anyhow, bail, Context, Result};
+use lm::checkpoint;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+/// The base model: a preset initialised here, or an existing checkpoint.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BaseModel {
+    #[serde(default)]
+    pub preset: Option<String>,
+    #[serde(default)]
+    pub checkpoint: Option<PathBuf>,
+}
+
+/// The tokenizer: a file, or trained (byte-level BPE) on named text.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokenizerSpec {
+    #[serde(default)]
+    pub file: Option<PathBuf>,
+    /// Text to train on: files, or `builtin:pretrain?n=…` specs.
+    #[serde(default)]
+    pub train_on: Vec<String>,
+    #[serde(default = "default_vocab")]
+    pub vocab_size: usize,
+}
+
+fn default_vocab() -> usize {
+    1024
+}
+
+/// The kinds of stage.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Kind {
+    Tokenizer,
+    Pretrain,
+    Sft,
+    Reward,
+    Rl,
+    Judge,
+}
+
+/// One stage of a recipe.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Stage {
+    pub name: String,
+    pub kind: Kind,
+    /// The stage whose model this one starts from (default: the previous
+    /// model-producing stage; for `pretrain`, the base model).
+    #[serde(default)]
+    pub from: Option<String>,
+    /// A named entry of `[data]` (a mixture), or text specs for `pretrain`.
+    #[serde(default)]
+    pub data: Option<String>,
+    /// `rl`: the reward stage.
+    #[serde(default)]
+    pub reward: Option<String>,
+    /// `judge`: the stages compared.
+    #[serde(default)]
+    pub candidate: Option<String>,
+    #[serde(default)]
+    pub baseline: Option<String>,
+    /// The stage's own settings: the fields of its config type.
+    #[serde(default)]
+    pub config: toml::Table,
+}
+
+/// A recipe file.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Recipe {
+    pub name: String,
+    pub output_dir: PathBuf,
+    #[serde(default)]
+    pub seed: u64,
+    #[serde(default = "default_device")]
+    pub device: String,
+    pub base_model: BaseModel,
+    pub tokenizer: TokenizerSpec,
+    /// Named data: mixtures (`datasets::MixtureConfig` tables) or, for
+    /// pretraining, `{ text = ["file or builtin:pretrain?…", …] }`.
+    #[serde(default)]
+    pub data: BTreeMap<String, toml::Table>,
+    pub stages: Vec<Stage>,
+}
+
+fn default_device() -> String {
+    "auto".into()
+}
+
+/// Where a recipe lives and what it says.
+pub struct Loaded {
+    pub recipe: Recipe,
+    pub base: PathBuf,
+}
+
+/// Applies `--set stage.key=value` overrides (the value parsed as TOML, a
+/// bare string otherwise) to the raw recipe before it is typed.
+fn apply_sets(doc: &mut toml::Table, sets: &[String]) -> Result<()> {
+    for s in sets {
+        let (path, raw) = s.split_once('=').with_context(|| format!("--set {s:?}: expected stage.key=value"))?;
+        let (stage, key) = path.split_once('.').with_context(|| format!("--set {s:?}: expected stage.key=value"))?;
+        let value: toml::Value = toml::from_str::<toml::Table>(&format!("v = {raw}"))
+            .ok()
+            .and_then(|mut t| t.remove("v"))
+            .unwrap_or_else(|| toml::Value::String(raw.to_string()));
+        let stages = doc.get_mut("stages").and_then(|v| v.as_array_mut()).context("the recipe has no [[stages]]")?;
+        let st = stages
+            .iter_mut()
+            .filter_map(|v| v.as_table_mut())
+            .find(|t| t.get("name").and_then(|n| n.as_str()) == Some(stage))
+            .with_context(|| format!("--set {s:?}: no stage named {stage:?}"))?;
+        let mut table = st.entry("config").or_insert_with(|| toml::Value::Table(Default::default()));
+        let parts: Vec<&str> = key.split('.').collect();
+        for p in &parts[..parts.len() - 1] {
+            table = table
+                .as_table_mut()
+                .context("--set: not a table")?
+                .entry(p.to_string())
+                .or_insert_with(|| toml::Value::Table(Default::default()));
+        }
+        table.as_table_mut().context("--set: not a table")?.insert(parts[parts.len() - 1].to_string(), value);
+    }
+    Ok(())
+}
+
+/// Reads, overrides and checks a recipe.
+pub fn load(path: &Path, sets: &[String]) -> Result<Loaded> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read recipe {}", path.display()))?;
+    let mut doc: toml::Table = toml::from_str(&text).map_err(|e| anyhow!("{}: {e}", path.display()))?;
+    apply_sets(&mut doc, sets)?;
+    let recipe: Recipe = toml::Value::Table(doc).try_into().map_err(|e: toml::de::Error| anyhow!("{}: {e}", path.display()))?;
+    let base = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new(".")).to_path_buf();
+    let l = Loaded { recipe, base };
+    l.check().with_context(|| format!("recipe {}", path.display()))?;
+    Ok(l)
+}
+
+impl Loaded {
+    pub fn out_dir(&self) -> PathBuf {
+        self.base.join(&self.recipe.output_dir)
+    }
+
+    pub fn stage_dir(&self, name: &str) -> PathBuf {
+        self.out_dir().join(name)
+    }
+
+    fn stage(&self, name: &str) -> Option<(usize, &Stage)> {
+        self.recipe.stages.iter().enumerate().find(|(_, s)| s.name == name)
+    }
+
+    /// Catches bad references before anything runs.
+    pub fn check(&self) -> Result<()> {
+        let r = &self.recipe;
+        if r.stages.is_empty() {
+            bail!("stages: the recipe has no stages");
+        }
+        match (&r.base_model.preset, &r.base_model.checkpoint) {
+            (Some(_), Some(_)) | (None, None) => bail!("base_model: set exactly one of preset or checkpoint"),
+            (Some(p), None) => {
+                lm::GemmaConfig::preset(p).context("base_model.preset")?;
+            }
+            _ => {}
+        }
+        let mut seen = std::collections::BTreeSet::new();
+        for (i, s) in r.stages.iter().enumerate() {
+            if !seen.insert(s.name.as_str()) {
+                bail!("stages[{i}]: the name {:?} is used twice", s.name);
+            }
+            let earlier = |field: &str, v: &Option<String>, kinds: &[Kind]| -> Result<()> {
+                if let Some(n) = v {
+                    match self.stage(n) {
+                        Some((j, t)) if j < i && kinds.contains(&t.kind) => Ok(()),
+                        Some((j, _)) if j >= i => bail!("stages[{i}] ({}): {field} = {n:?} does not come earlier", s.name),
+                        Some((_, t)) => bail!("stages[{i}] ({}): {field} = {n:?} is a {:?} stage", s.name, t.kind),
+                        None => bail!("stages[{i}] ({}): {field} = {n:?} names no stage", s.name),
+                    }
+                } else {
+                    Ok(())
+                }
+            };
+            let models = [Kind::Pretrain, Kind::Sft, Kind::Rl];
+            earlier("from", &s.from, &models)?;
+            earlier("reward", &s.reward, &[Kind::Reward])?;
+            earlier("candidate", &s.candidate, &models)?;
+            earlier("baseline", &s.baseline, &models)?;
+            if let Some(d) = &s.data {
+                if !r.data.contains_key(d) {
+                    bail!("stages[{i}] ({}): data = {d:?} is not in [data] (known: {:?})", s.name, r.data.keys().collect::<Vec<_>>());
+                }
+            }
+            let needs = |what: &str, v: bool| if v { Ok(()) } else { Err(anyhow!("stages[{i}] ({}): a {:?} stage needs {what}", s.name, s.kind)) };
+            match s.kind {
+                Kind::Pretrain | Kind::Sft => needs("data", s.data.is_some())?,
+                Kind::Reward => needs("data", s.data.is_some())?,
+                Kind::Rl => {
+                    needs("data", s.data.is_some())?;
+                    needs("reward", s.reward.is_some())?;
+                }
+                Kind::Judge => needs("candidate and baseline", s.candidate.is_some() && s.baseline.is_some())?,
+                Kind::Tokenizer => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// The model directory a stage produces.
+    pub fn model_of(&self, name: &str) -> PathBuf {
+        self.stage_dir(name).join("model")
+    }
+
+    /// The model a stage starts from: `from`, else the previous
+    /// model-producing stage, else the base model.
+    pub fn input_model(&self, i: usize) -> PathBuf {
+        let s = &self.recipe.stages[i];
+        if let Some(f) = &s.from {
+            return self.model_of(f);
+        }
+        let prev = self.recipe.stages[..i].iter().rev().find(|t| matches!(t.kind, Kind::Pretrain | Kind::Sft | Kind::Rl));
+        match prev {
+            Some(t) => self.model_of(&t.name),
+            None => self.out_dir().join("base-model"),
+        }
+    }
+
+    fn tokenizer_path(&self) -> PathBuf {
+        match &self.recipe.tokenizer.file {
+            Some(f) => self.base.join(f),
+            None => self.out_dir().join("tokenizer.json"),
+        }
+    }
+}
+
+/// What `manifest.json` beside a stage's outputs records.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Manifest {
+    pub stage: String,
+    pub kind: Kind,
+    pub config_hash: String,
+    pub completed: bool,
+    pub summary: serde_json::Value,
+}
+
+fn read_manifest(dir: &Path) -> Option<Manifest> {
+    serde_json::from_str(&std::fs::read_to_string(dir.join("manifest.json")).ok()?).ok()
+}
+
+/// The fully resolved description of a stage (what its hash covers).
+fn resolved(l: &Loaded, i: usize) -> Result<serde_json::Value> {
+    let s = &l.recipe.stages[i];
+    let data = s.data.as_ref().map(|d| l.recipe.data[d].clone());
+    Ok(serde_json::json!({
+        "stage": s, "data": data, "input_model": l.input_model(i), "seed": l.recipe.seed,
+        "device": l.recipe.device, "tokenizer": l.recipe.tokenizer, "base_model": l.recipe.base_model,
+    }))
+}
+
+/// State of each stage for `--dry-run` and `align status`.
+pub fn status(l: &Loaded) -> Result<Vec<(String, Kind, &'static str, PathBuf, serde_json::Value)>> {
+    let mut out = vec![];
+    for (i, s) in l.recipe.stages.iter().enumerate() {
+        let dir = l.stage_dir(&s.name);
+        let hash = lm::train::config_hash(&resolved(l, i)?)?;
+        let (state, summary) = match read_manifest(&dir) {
+            Some(m) if m.completed && m.config_hash == hash => ("done", m.summary),
+            Some(m) if m.config_hash != hash => ("stale (config changed)", serde_json::Value::Null),
+            _ if dir.join("checkpoints").exists() => ("interrupted (resumes)", serde_json::Value::Null),
+            _ => ("pending", serde_json::Value::Null),
+        };
+        out.push((s.name.clone(), s.kind, state, dir, summary));
+    }
+    Ok(out)
+}
+
+/// Options of `align run`.
+#[derive(Debug, Default, Clone)]
+pub struct RunOptions {
+    pub stage: Option<String>,
+    pub from: Option<String>,
+    pub force: bool,
+    pub dry_run: bool,
+}
+
+fn table_with(base: &toml::Table, extra: &[(&str, toml::Value)]) -> toml::Table {
+    let mut t = base.clone();
+    for (k, v) in extra {
+        t.insert(k.to_string(), v.clone());
+    }
+    t
+}
+
+fn path_value(p: &Path) -> toml::Value {
+    toml::Value::String(p.display().to_string())
+}
+
+fn typed<T: serde::de::DeserializeOwned>(t: toml::Table, stage: &str) -> Result<T> {
+    toml::Value::Table(t).try_into().map_err(|e: toml::de::Error| anyhow!("stage {stage:?} config: {e}"))
+}
+
+fn text_docs(l: &Loaded, specs: &[String]) -> Result<Vec<String>> {
+    let mut docs = vec![];
+    for s in specs {
+        if let Some(rest) = s.strip_prefix("builtin:pretrain") {
+            let spec = datasets::tasks::parse_spec(&format!("builtin:pretrain{rest}"))?;
+            docs.extend(datasets::tasks::pretrain_text(spec.n, spec.seed));
+        } else {
+            let p = l.base.join(s);
+            let text = std::fs::read_to_string(&p).with_context(|| format!("cannot read {}", p.display()))?;
+            docs.extend(text.lines().filter(|x| !x.trim().is_empty()).map(String::from));
+        }
+    }
+    if docs.is_empty() {
+        bail!("no text in {specs:?}");
+    }
+    Ok(docs)
+}
+
+fn run_stage(l: &Loaded, i: usize) -> Result<serde_json::Value> {
+    let s = &l.recipe.stages[i];
+    let dir = l.stage_dir(&s.name);
+    std::fs::create_dir_all(&dir)?;
+    let common = |t: &toml::Table| {
+        let mut t = t.clone();
+        t.entry("seed").or_insert(toml::Value::Integer(l.recipe.seed as i64));
+        t.entry("device").or_insert(toml::Value::String(l.recipe.device.clone()));
+        t
+    };
+    let data_table = |name: &Option<String>| -> Result<toml::Value> {
+        let d = name.as_ref().context("no data")?;
+        let mut t = l.recipe.data[d].clone();
+        // Paths in the recipe's [data] are relative to the recipe.
+        if let Some(srcs) = t.get_mut("sources").and_then(|v| v.as_array_mut()) {
+            for src in srcs.iter_mut().filter_map(|v| v.as_table_mut()) {
+                if let Some(p) = src.get("path").and_then(|p| p.as_str()) {
+                    let r = datasets::read::resolve(&l.base, Path::new(p));
+                    src.insert("path".into(), path_value(&r));
+                }
+            }
+        }
+        Ok(toml::Value::Table(t))
+    };
+    match s.kind {
+        Kind::Tokenizer => {
+            let spec = &l.recipe.tokenizer;
+            let out = l.tokenizer_path();
+            if spec.file.is_none() {
+                let docs = text_docs(l, &spec.train_on)?;
+                let tok = lm::Tokenizer::train_bpe(docs.iter(), spec.vocab_size)?;
+                tok.save(&out)?;
+            }
+            Ok(serde_json::json!({"tokenizer": out, "vocab": lm::Tokenizer::from_file(&out)?.vocab_size()}))
+        }
+        Kind::Pretrain => {
+            // Initialise the base model when the recipe names a preset.
+            let base_model = l.out_dir().join("base-model");
+            let init = match (&l.recipe.base_model.preset, &l.recipe.base_model.checkpoint) {
+                (Some(p), _) if s.from.is_none() => {
+                    let tok = lm::Tokenizer::from_file(&l.tokenizer_path())?;
+                    let mut cfg = lm::GemmaConfig::preset(p)?;
+                    if !p.starts_with("gemma-") {
+                        cfg.vocab_size = (tok.vocab_size() + 63) / 64 * 64;
+                    }
+                    tch::manual_seed(l.recipe.seed as i64);
+                    let vs = tch::nn::VarStore::new(tch::Device::Cpu);
+                    let _m = lm::Gemma::new(&vs.root(), &cfg)?;
+                    checkpoint::save(&base_model, &vs, &cfg, &tok, &Default::default())?;
+                    base_model
+                }
+                (_, Some(c)) if s.from.is_none() => l.base.join(c),
+                _ => l.input_model(i),
+            };
+            let d = &l.recipe.data[s.data.as_ref().context("no data")?];
+            let specs: Vec<String> = d
+                .get("text")
+                .and_then(|v| v.as_array())
+                .context("pretrain data needs `text = [...]`")?
+                .iter()
+                .filter_map(|v| v.as_str().map(String::from))
+                .collect();
+            let text = dir.join("pretrain.txt");
+            checkpoint::write_atomic(&text, text_docs(l, &specs)?.join("\n").as_bytes())?;
+            let t = table_with(
+                &common(&s.config),
+                &[
+                    ("model", path_value(&init)),
+                    ("output_dir", path_value(&dir)),
+                    ("mode", toml::Value::String("pretrain".into())),
+                    ("text_files", toml::Value::Array(vec![path_value(&text)])),
+                ],
+            );
+            let cfg: sft::SftConfig = typed(t, &s.name)?;
+            Ok(serde_json::to_value(sft::run(&cfg, &l.base)?)?)
+        }
+        Kind::Sft => {
+            let t = table_with(
+                &common(&s.config),
+                &[
+                    ("model", path_value(&l.input_model(i))),
+                    ("output_dir", path_value(&dir)),
+                    ("data", data_table(&s.data)?),
+                ],
+            );
+            let cfg: sft::SftConfig = typed(t, &s.name)?;
+            Ok(serde_json::to_value(sft::run(&cfg, &l.base)?)?)
+        }
+        Kind::Reward => {
+            let t = table_with(
+                &common(&s.config),
+                &[
+                    ("model", path_value(&l.input_model(i))),
+                    ("output_dir", path_value(&dir)),
+                    ("data", data_table(&s.data)?),
+                ],
+            );
+            let cfg: reward::RewardConfig = typed(t, &s.name)?;
+            Ok(serde_json::to_value(reward::run(&cfg, &l.base)?)?)
+        }
+        Kind::Rl | Kind::Judge => crate::recipe_ext::run_stage(l, i, &dir),
+    }
+}
+
+/// Runs the recipe (or the selected stages).
+pub fn run(l: &Loaded, opts: &RunOptions) -> Result<()> {
+    let names: Vec<&str> = l.recipe.stages.iter().map(|s| s.name.as_str()).collect();
+    let start = match (&opts.stage, &opts.from) {
+        (Some(_), Some(_)) => bail!("use --stage or --from, not both"),
+        (Some(n), None) | (None, Some(n)) => {
+            names.iter().position(|x| x == n).with_context(|| format!("no stage named {n:?} (stages: {names:?})"))?
+        }
+        _ => 0,
+    };
+    let end = if opts.stage.is_some() { start + 1 } else { names.len() };
+    let states = status(l)?;
+    if opts.dry_run {
+        println!("recipe {} → {}", l.recipe.name, l.out_dir().display());
+        for (i, (name, kind, state, dir, _)) in states.iter().enumerate() {
+            let run = (start..end).contains(&i) && (opts.force || *state != "done");
+            println!(
+                "  {:<16} {:<9} {:<24} {}  {}",
+                name,
+                format!("{kind:?}").to_lowercase(),
+                state,
+                if run { "will run" } else { "skip" },
+                dir.display()
+            );
+            if matches!(kind, Kind::Pretrain | Kind::Sft | Kind::Reward | Kind::Rl) {
+                println!("      from {}", l.input_model(i).display());
+            }
+        }
+        return Ok(());
+    }
+    for i in start..end {
+        let s = &l.recipe.stages[i];
+        let dir = l.stage_dir(&s.name);
+        let hash = lm::train::config_hash(&resolved(l, i)?)?;
+        if !opts.force && states[i].2 == "done" {
+            eprintln!("== {} ({:?}): done, skipped", s.name, s.kind);
+            continue;
+        }
+        if opts.force || states[i].2.starts_with("stale") {
+            // A new configuration starts over (no resume from another config).
+            if dir.exists() {
+                std::fs::remove_dir_all(&dir).with_context(|| format!("cannot clear {}", dir.display()))?;
+            }
+        }
+        eprintln!("== {} ({:?}) → {}", s.name, s.kind, dir.display());
+        let t0 = std::time::Instant::now();
+        let summary = run_stage(l, i).with_context(|| format!("stage {:?}", s.name))?;
+        let m = Manifest { stage: s.name.clone(), kind: s.kind, config_hash: hash, completed: true, summary };
+        checkpoint::write_atomic(&dir.join("manifest.json"), serde_json::to_string_pretty(&m)?.as_bytes())?;
+        eprintln!("== {} done in {:.0}s", s.name, t0.elapsed().as_secs_f64());
+    }
+    write_report(l)?;
+    Ok(())
+}
+
+/// Key figures of a stage summary for the report.
+fn key_figures(kind: Kind, s: &serde_json::Value) -> String {
+    let f = |k: &str| s.get(k).and_then(|v| v.as_f64()).map(|v| format!("{v:.4}"));
+    let parts: Vec<String> = match kind {
+        Kind::Tokenizer => vec![format!("vocab {}", s["vocab"])],
+        Kind::Pretrain | Kind::Sft => [
+            ("steps", s.get("steps").map(|v| v.to_string())),
+            ("final loss", f("final_loss")),
+            ("eval loss", f("eval_loss")),
+            ("eval ppl", f("eval_ppl")),
+        ]
+        .into_iter()
+        .filter_map(|(k, v)| v.map(|v| format!("{k} {v}")))
+        .collect(),
+        Kind::Reward => {
+            let e = &s["eval"];
+            vec![
+                format!("steps {}", s["steps"]),
+                format!("held-out accuracy {:.3}", e["accuracy"].as_f64().unwrap_or(f64::NAN)),
+                format!("mean margin {:.3}", e["mean_margin"].as_f64().unwrap_or(f64::NAN)),
+            ]
+        }
+        Kind::Rl | Kind::Judge => crate::recipe_ext::key_figures(kind, s),
+    };
+    parts.join(", ")
+}
+
+/// Writes `report.md` for the whole recipe.
+pub fn write_report(l: &Loaded) -> Result<()> {
+    let mut md = format!("# {}\n\n| stage | kind | state | key figures |\n|---|---|---|---|\n", l.recipe.name);
+    let mut pictures = vec![];
+    let mut last_model = None;
+    for (name, kind, state, dir, summary) in status(l)? {
+        md.push_str(&format!("| {name} | {kind:?} | {state} | {} |\n", key_figures(kind, &summary)));
+        for png in ["loss.png", "rl.png", "winrate.png"] {
+            if dir.join(png).exists() {
+                pictures.push(format!("![{name} {png}]({name}/{png})"));
+            }
+        }
+        if matches!(kind, Kind::Sft | Kind::Rl | Kind::Pretrain) && state == "done" {
+            last_model = Some(dir.join("model"));
+        }
+    }
+    md.push('\n');
+    for p in pictures {
+        md.push_str(&format!("{p}\n\n"));
+    }
+    if let Some(m) = last_model {
+        md.push_str(&format!("Final weights: `{}` (a Hugging Face directory).\n", m.display()));
+    }
+    checkpoint::write_atomic(&l.out_dir().join("report.md"), md.as_bytes())
+}
+
+/// `align status RECIPE`.
+pub fn print_status(l: &Loaded) -> Result<()> {
+    for (name, kind, state, dir, summary) in status(l)? {
+        println!("{name:<16} {:<9} {state:<24} {}", format!("{kind:?}").to_lowercase(), dir.display());
+        if !summary.is_null() {
+            println!("    {}", key_figures(kind, &summary));
+        }
+    }
+    Ok(())
+}
