@@ -232,7 +232,13 @@ pub fn eval_tasks(
     let m = load(model, run)?;
     let opts = datasets::ReadOptions { kind: Some(datasets::RecordKind::PromptOnly), ..Default::default() };
     let ds = datasets::read_dataset(Path::new(prompts), &opts)?;
-    let cfg = GenerationConfig { max_new_tokens, ..gen_config(&SamplingOpts { max_new_tokens, temperature: 0.0, top_k: None, top_p: None, seed: 0 }, &m.tokenizer) };
+    let cfg = GenerationConfig {
+        max_new_tokens,
+        ..gen_config(
+            &SamplingOpts { max_new_tokens, temperature: 0.0, top_k: None, top_p: None, seed: 0 },
+            &m.tokenizer,
+        )
+    };
     let mut per: std::collections::BTreeMap<String, (usize, usize)> = Default::default();
     let mut rows = vec![];
     for chunk in ds.examples.chunks(batch.max(1)) {
@@ -251,7 +257,9 @@ pub fn eval_tasks(
             let c = per.entry(cat.clone()).or_default();
             c.0 += ok as usize;
             c.1 += 1;
-            rows.push(serde_json::json!({"prompt": prompt, "answer": answer, "correct": ok, "category": cat}));
+            rows.push(
+                serde_json::json!({"prompt": prompt, "answer": answer, "correct": ok, "category": cat}),
+            );
         }
     }
     let (right, n) = per.values().fold((0, 0), |a, c| (a.0 + c.0, a.1 + c.1));
@@ -261,5 +269,7 @@ pub fn eval_tasks(
     }
     let cats: serde_json::Map<String, serde_json::Value> =
         per.iter().map(|(k, (r, n))| (k.clone(), serde_json::json!(*r as f64 / *n as f64))).collect();
-    Ok(serde_json::json!({"model": model, "n": n, "accuracy": right as f64 / n.max(1) as f64, "per_category": cats}))
+    Ok(
+        serde_json::json!({"model": model, "n": n, "accuracy": right as f64 / n.max(1) as f64, "per_category": cats}),
+    )
 }

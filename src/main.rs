@@ -174,6 +174,8 @@ enum Command {
 
 #[derive(Subcommand)]
 enum EvalCommand {
+    /// The Gemma report's memorization test: 50-token prompts, 50 greedy tokens.
+    Memorization(judge::MemArgs),
     /// Oracle accuracy on held-out built-in task prompts (greedy answers).
     Tasks {
         #[arg(long)]
@@ -223,6 +225,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Bench { command } => bench::run(command),
         Command::Sft { config } => commands::sft(&config),
         Command::Info => commands::info(),
+        Command::Eval { command: EvalCommand::Memorization(a) } => judge::cli_memorization(a),
         Command::Eval { command: EvalCommand::Tasks { model, prompts, max_new_tokens, batch, run, out } } => {
             let r = commands::eval_tasks(&model, &prompts, max_new_tokens, batch, &run, out.as_deref())?;
             println!("{}", serde_json::to_string_pretty(&r)?);

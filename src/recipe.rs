@@ -113,13 +113,16 @@ pub struct Loaded {
 /// bare string otherwise) to the raw recipe before it is typed.
 fn apply_sets(doc: &mut toml::Table, sets: &[String]) -> Result<()> {
     for s in sets {
-        let (path, raw) = s.split_once('=').with_context(|| format!("--set {s:?}: expected stage.key=value"))?;
-        let (stage, key) = path.split_once('.').with_context(|| format!("--set {s:?}: expected stage.key=value"))?;
+        let (path, raw) =
+            s.split_once('=').with_context(|| format!("--set {s:?}: expected stage.key=value"))?;
+        let (stage, key) =
+            path.split_once('.').with_context(|| format!("--set {s:?}: expected stage.key=value"))?;
         let value: toml::Value = toml::from_str::<toml::Table>(&format!("v = {raw}"))
             .ok()
             .and_then(|mut t| t.remove("v"))
             .unwrap_or_else(|| toml::Value::String(raw.to_string()));
-        let stages = doc.get_mut("stages").and_then(|v| v.as_array_mut()).context("the recipe has no [[stages]]")?;
+        let stages =
+            doc.get_mut("stages").and_then(|v| v.as_array_mut()).context("the recipe has no [[stages]]")?;
         let st = stages
             .iter_mut()
             .filter_map(|v| v.as_table_mut())
@@ -141,10 +144,13 @@ fn apply_sets(doc: &mut toml::Table, sets: &[String]) -> Result<()> {
 
 /// Reads, overrides and checks a recipe.
 pub fn load(path: &Path, sets: &[String]) -> Result<Loaded> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read recipe {}", path.display()))?;
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("cannot read recipe {}", path.display()))?;
     let mut doc: toml::Table = toml::from_str(&text).map_err(|e| anyhow!("{}: {e}", path.display()))?;
     apply_sets(&mut doc, sets)?;
-    let recipe: Recipe = toml::Value::Table(doc).try_into().map_err(|e: toml::de::Error| anyhow!("{}: {e}", path.display()))?;
+    let recipe: Recipe = toml::Value::Table(doc)
+        .try_into()
+        .map_err(|e: toml::de::Error| anyhow!("{}: {e}", path.display()))?;
     let base = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new(".")).to_path_buf();
     let l = Loaded { recipe, base };
     l.check().with_context(|| format!("recipe {}", path.display()))?;
@@ -186,8 +192,12 @@ impl Loaded {
                 if let Some(n) = v {
                     match self.stage(n) {
                         Some((j, t)) if j < i && kinds.contains(&t.kind) => Ok(()),
-                        Some((j, _)) if j >= i => bail!("stages[{i}] ({}): {field} = {n:?} does not come earlier", s.name),
-                        Some((_, t)) => bail!("stages[{i}] ({}): {field} = {n:?} is a {:?} stage", s.name, t.kind),
+                        Some((j, _)) if j >= i => {
+                            bail!("stages[{i}] ({}): {field} = {n:?} does not come earlier", s.name)
+                        }
+                        Some((_, t)) => {
+                            bail!("stages[{i}] ({}): {field} = {n:?} is a {:?} stage", s.name, t.kind)
+                        }
                         None => bail!("stages[{i}] ({}): {field} = {n:?} names no stage", s.name),
                     }
                 } else {
@@ -201,10 +211,20 @@ impl Loaded {
             earlier("baseline", &s.baseline, &models)?;
             if let Some(d) = &s.data {
                 if !r.data.contains_key(d) {
-                    bail!("stages[{i}] ({}): data = {d:?} is not in [data] (known: {:?})", s.name, r.data.keys().collect::<Vec<_>>());
+                    bail!(
+                        "stages[{i}] ({}): data = {d:?} is not in [data] (known: {:?})",
+                        s.name,
+                        r.data.keys().collect::<Vec<_>>()
+                    );
                 }
             }
-            let needs = |what: &str, v: bool| if v { Ok(()) } else { Err(anyhow!("stages[{i}] ({}): a {:?} stage needs {what}", s.name, s.kind)) };
+            let needs = |what: &str, v: bool| {
+                if v {
+                    Ok(())
+                } else {
+                    Err(anyhow!("stages[{i}] ({}): a {:?} stage needs {what}", s.name, s.kind))
+                }
+            };
             match s.kind {
                 Kind::Pretrain | Kind::Sft => needs("data", s.data.is_some())?,
                 Kind::Reward => needs("data", s.data.is_some())?,
@@ -212,7 +232,9 @@ impl Loaded {
                     needs("data", s.data.is_some())?;
                     needs("reward", s.reward.is_some())?;
                 }
-                Kind::Judge => needs("candidate and baseline", s.candidate.is_some() && s.baseline.is_some())?,
+                Kind::Judge => {
+                    needs("candidate and baseline", s.candidate.is_some() && s.baseline.is_some())?
+                }
                 Kind::Tokenizer => {}
             }
         }
@@ -231,7 +253,10 @@ impl Loaded {
         if let Some(f) = &s.from {
             return self.model_of(f);
         }
-        let prev = self.recipe.stages[..i].iter().rev().find(|t| matches!(t.kind, Kind::Pretrain | Kind::Sft | Kind::Rl));
+        let prev = self.recipe.stages[..i]
+            .iter()
+            .rev()
+            .find(|t| matches!(t.kind, Kind::Pretrain | Kind::Sft | Kind::Rl));
         match prev {
             Some(t) => self.model_of(&t.name),
             None => self.out_dir().join("base-model"),
@@ -439,9 +464,10 @@ pub fn run(l: &Loaded, opts: &RunOptions) -> Result<()> {
     let names: Vec<&str> = l.recipe.stages.iter().map(|s| s.name.as_str()).collect();
     let start = match (&opts.stage, &opts.from) {
         (Some(_), Some(_)) => bail!("use --stage or --from, not both"),
-        (Some(n), None) | (None, Some(n)) => {
-            names.iter().position(|x| x == n).with_context(|| format!("no stage named {n:?} (stages: {names:?})"))?
-        }
+        (Some(n), None) | (None, Some(n)) => names
+            .iter()
+            .position(|x| x == n)
+            .with_context(|| format!("no stage named {n:?} (stages: {names:?})"))?,
         _ => 0,
     };
     let end = if opts.stage.is_some() { start + 1 } else { names.len() };
@@ -518,7 +544,8 @@ fn key_figures(kind: Kind, s: &serde_json::Value) -> String {
 
 /// Writes `report.md` for the whole recipe.
 pub fn write_report(l: &Loaded) -> Result<()> {
-    let mut md = format!("# {}\n\n| stage | kind | state | key figures |\n|---|---|---|---|\n", l.recipe.name);
+    let mut md =
+        format!("# {}\n\n| stage | kind | state | key figures |\n|---|---|---|---|\n", l.recipe.name);
     let mut pictures = vec![];
     let mut last_model = None;
     for (name, kind, state, dir, summary) in status(l)? {

@@ -245,3 +245,57 @@ fn chat_keeps_history_and_handles_reset_and_quit() {
     assert_eq!(text.matches("model> ").count(), 3, "{text}");
     assert!(text.contains("(history cleared)"));
 }
+
+#[test]
+fn memorization_eval_finds_documents_a_model_was_trained_to_repeat() {
+    let tmp = tempfile::tempdir().unwrap();
+    // Four long documents, overfitted by a short pretraining run.
+    let docs: Vec<String> = (0..4)
+        .map(|d| (0..60).map(|i| format!("w{}", (i * 7 + d * 13) % 50)).collect::<Vec<_>>().join(" "))
+        .collect();
+    let text = tmp.path().join("docs.txt");
+    std::fs::write(&text, docs.join("\n")).unwrap();
+    let cfg = tmp.path().join("pt.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "model = \"{}\"\noutput_dir = \"{}\"\nmode = \"pretrain\"\ntext_files = [\"{}\"]\nmax_seq_len = 200\nbatch_size = 4\nmax_steps = 120\neval_fraction = 0.0\ndevice = \"cpu\"\n[optim]\nlr = 1e-2\nwarmup_steps = 5\nmin_lr_ratio = 0.5\n",
+            fixture("mqa").display(),
+            tmp.path().join("out").display(),
+            text.display()
+        ),
+    )
+    .unwrap();
+    let out = align(&["sft", "--config", cfg.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let model = tmp.path().join("out/model");
+    let mem = |data: &Path| {
+        let out = align(&[
+            "eval",
+            "memorization",
+            "--model",
+            model.to_str().unwrap(),
+            "--data",
+            data.to_str().unwrap(),
+            "--prompt-tokens",
+            "20",
+            "--continuation-tokens",
+            "20",
+            "--device",
+            "cpu",
+        ]);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()
+    };
+    let r = mem(&text);
+    assert_eq!(r["documents"], 4);
+    assert!(r["exact_rate"].as_f64().unwrap() >= 0.75, "{r}");
+    assert!(r["approximate"].as_u64().unwrap() >= r["exact"].as_u64().unwrap());
+    // Unseen documents are not memorized.
+    let unseen = tmp.path().join("unseen.txt");
+    let other: Vec<String> = (0..4)
+        .map(|d| (0..60).map(|i| format!("w{}", (i * 11 + d * 3 + 1) % 47)).collect::<Vec<_>>().join(" "))
+        .collect();
+    std::fs::write(&unseen, other.join("\n")).unwrap();
+    assert_eq!(mem(&unseen)["exact"], 0);
+}

@@ -11,10 +11,13 @@
 //! - [`http`] — the `http:URL` judge (an OpenAI-compatible client).
 //! - [`server`] — `align serve`: OpenAI-compatible chat completions.
 //! - [`harness`] — `align judge`: answers, judging, report.
+//! - [`memorization`] — `align eval memorization`: exact and approximate
+//!   memorization rates of 50-token continuations.
 
 pub mod harness;
 pub mod http;
 pub mod judges;
+pub mod memorization;
 pub mod oracle;
 pub mod pairwise;
 pub mod server;
@@ -23,4 +26,5 @@ pub mod template;
 pub mod verdict;
 
 pub use harness::{cli_judge, JudgeArgs};
+pub use memorization::{cli_memorization, MemArgs};
 pub use server::{cli_serve, ServeArgs};
