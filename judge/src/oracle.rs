@@ -29,7 +29,7 @@
 //! assert!(judge::oracle::get_oracle("even-length").is_ok());
 //! ```
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, OnceLock};
 
@@ -52,6 +52,7 @@ fn registry() -> &'static Registry {
     REG.get_or_init(|| {
         let mut m: BTreeMap<String, Arc<dyn Oracle>> = BTreeMap::new();
         m.insert("exact".into(), Arc::new(Exact));
+        m.insert("tasks".into(), Arc::new(Tasks));
         m.insert("contains".into(), Arc::new(Contains));
         m.insert("number".into(), Arc::new(LastNumber));
         Mutex::new(m)
@@ -103,6 +104,21 @@ impl Oracle for Exact {
     fn score(&self, _q: &str, answer: &str, reference: Option<&str>) -> Result<f64> {
         let r = need(reference, "exact")?;
         Ok(f64::from(u8::from(normalize(answer) == normalize(r))))
+    }
+}
+
+/// `tasks`: the built-in verifiable tasks (`datasets::tasks`); the reference
+/// is recomputed from the question, so no reference column is needed.
+pub struct Tasks;
+impl Oracle for Tasks {
+    fn score(&self, question: &str, answer: &str, _reference: Option<&str>) -> Result<f64> {
+        let ok = datasets::tasks::check(question, answer).with_context(|| {
+            format!("oracle tasks: {question:?} is not a built-in task prompt (see datasets::tasks)")
+        })?;
+        Ok(f64::from(u8::from(ok)))
+    }
+    fn needs_reference(&self) -> bool {
+        false
     }
 }
 
