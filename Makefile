@@ -63,10 +63,9 @@ test: $(STAMPS)/torch
 	$(CARGO) test --release --workspace
 
 quickstart: build
-	mkdir -p runs/quickstart
-	$(BIN) tokenizer train --input recipes/data/tiny_corpus.txt --vocab-size 1024 --out runs/quickstart/tokenizer.json
-	$(BIN) init --preset tiny --tokenizer runs/quickstart/tokenizer.json --out runs/quickstart/model --seed 0
-	$(BIN) generate --model runs/quickstart/model --prompt "Reverse the word: gemma" --max-new-tokens 24 --device cpu --json
+	$(BIN) run recipes/quickstart.toml
+	cat runs/quickstart/report.md
+	$(BIN) generate --model runs/quickstart/rl/model --prompt "Reverse: g e m m a" --max-new-tokens 16 --device cpu --json
 
 bench: build $(STAMPS)/pydeps
 	$(BIN) bench generate --python $(PYTHON)

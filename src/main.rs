@@ -129,6 +129,11 @@ enum Command {
         #[arg(long)]
         config: PathBuf,
     },
+    /// KL-regularised REINFORCE (RLOO) from a TOML config.
+    Rl {
+        #[arg(long)]
+        config: PathBuf,
+    },
     /// Train a Bradley-Terry reward model from a TOML config.
     Reward {
         #[arg(long)]
@@ -237,6 +242,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Status { recipe, sets } => recipe::print_status(&recipe::load(&recipe, &sets)?),
         Command::Reward { config } => reward::cli_train(&config),
+        Command::Rl { config } => rl::cli_train(&config),
         Command::Judge(args) => judge::cli_judge(args),
         Command::Serve(args) => judge::cli_serve(args),
         Command::Score { reward_model, data, out } => reward::cli_score(&reward_model, &data, out.as_deref()),

@@ -355,6 +355,26 @@ fn text_docs(l: &Loaded, specs: &[String]) -> Result<Vec<String>> {
     Ok(docs)
 }
 
+/// A named `[data]` entry as a mixture table, its paths (and the held-out
+/// file's) resolved against the recipe's directory.
+pub fn data_value(l: &Loaded, name: &Option<String>) -> Result<toml::Value> {
+    let d = name.as_ref().context("no data")?;
+    let mut t = l.recipe.data.get(d).with_context(|| format!("no [data.{d}]"))?.clone();
+    let fix = |tab: &mut toml::Table| {
+        if let Some(p) = tab.get("path").and_then(|p| p.as_str()) {
+            let r = datasets::read::resolve(&l.base, Path::new(p));
+            tab.insert("path".into(), path_value(&r));
+        }
+    };
+    if let Some(srcs) = t.get_mut("sources").and_then(|v| v.as_array_mut()) {
+        srcs.iter_mut().filter_map(|v| v.as_table_mut()).for_each(fix);
+    }
+    if let Some(h) = t.get_mut("held_out").and_then(|v| v.as_table_mut()) {
+        fix(h);
+    }
+    Ok(toml::Value::Table(t))
+}
+
 fn run_stage(l: &Loaded, i: usize) -> Result<serde_json::Value> {
     let s = &l.recipe.stages[i];
     let dir = l.stage_dir(&s.name);
@@ -365,20 +385,7 @@ fn run_stage(l: &Loaded, i: usize) -> Result<serde_json::Value> {
         t.entry("device").or_insert(toml::Value::String(l.recipe.device.clone()));
         t
     };
-    let data_table = |name: &Option<String>| -> Result<toml::Value> {
-        let d = name.as_ref().context("no data")?;
-        let mut t = l.recipe.data[d].clone();
-        // Paths in the recipe's [data] are relative to the recipe.
-        if let Some(srcs) = t.get_mut("sources").and_then(|v| v.as_array_mut()) {
-            for src in srcs.iter_mut().filter_map(|v| v.as_table_mut()) {
-                if let Some(p) = src.get("path").and_then(|p| p.as_str()) {
-                    let r = datasets::read::resolve(&l.base, Path::new(p));
-                    src.insert("path".into(), path_value(&r));
-                }
-            }
-        }
-        Ok(toml::Value::Table(t))
-    };
+    let data_table = |name: &Option<String>| data_value(l, name);
     match s.kind {
         Kind::Tokenizer => {
             let spec = &l.recipe.tokenizer;

@@ -59,10 +59,31 @@ fn run_judge(l: &Loaded, i: usize, dir: &Path) -> Result<serde_json::Value> {
     Ok(serde_json::from_str(&text)?)
 }
 
+fn run_rl(l: &Loaded, i: usize, dir: &Path) -> Result<serde_json::Value> {
+    let s = &l.recipe.stages[i];
+    let mut t = s.config.clone();
+    t.insert("model".into(), toml::Value::String(l.input_model(i).display().to_string()));
+    t.insert("output_dir".into(), toml::Value::String(dir.display().to_string()));
+    t.insert("data".into(), crate::recipe::data_value(l, &s.data)?);
+    t.entry("seed").or_insert(toml::Value::Integer(l.recipe.seed as i64));
+    t.entry("device").or_insert(toml::Value::String(l.recipe.device.clone()));
+    if !t.contains_key("reward") {
+        let rm = s.reward.as_ref().context("an rl stage needs `reward` (a reward stage) or a [config.reward] table")?;
+        let mut r = toml::Table::new();
+        r.insert("kind".into(), toml::Value::String("model".into()));
+        r.insert("path".into(), toml::Value::String(l.model_of(rm).display().to_string()));
+        t.insert("reward".into(), toml::Value::Table(r));
+    }
+    let cfg: rl::RlConfig =
+        toml::Value::Table(t).try_into().map_err(|e: toml::de::Error| anyhow!("stage {:?} config: {e}", s.name))?;
+    Ok(serde_json::to_value(rl::run(&cfg, &l.base)?)?)
+}
+
 pub fn run_stage(l: &Loaded, i: usize, dir: &Path) -> Result<serde_json::Value> {
     let s = &l.recipe.stages[i];
     match s.kind {
         Kind::Judge => run_judge(l, i, dir),
+        Kind::Rl => run_rl(l, i, dir),
         _ => bail!("stage {:?}: {:?} stages are not wired into the runner yet", s.name, s.kind),
     }
 }
@@ -80,6 +101,21 @@ pub fn key_figures(kind: Kind, s: &serde_json::Value) -> Vec<String> {
             )];
             if let Some(a) = s["overall"]["oracle_agreement"].as_f64() {
                 v.push(format!("agreement with the oracle {:.1}%", 100.0 * a));
+            }
+            v
+        }
+        Kind::Rl => {
+            let mean = |k: &str| {
+                let v: Vec<f64> = s[k].as_array().map(|a| a.iter().filter_map(|x| x.as_f64()).collect()).unwrap_or_default();
+                v.iter().sum::<f64>() / v.len().max(1) as f64
+            };
+            let mut v = vec![
+                format!("steps {}", s["steps"]),
+                format!("reward {:.3} → {:.3}", mean("first_rewards"), mean("last_rewards")),
+                format!("final KL {:.4}", s["final_kl"].as_f64().unwrap_or(f64::NAN)),
+            ];
+            if let Some(acc) = s["eval"].as_array().and_then(|e| e.last()).and_then(|e| e["oracle_accuracy"].as_f64()) {
+                v.push(format!("held-out oracle accuracy {:.1}%", 100.0 * acc));
             }
             v
         }
