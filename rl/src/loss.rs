@@ -79,7 +79,13 @@ pub fn reinforce_loss(logp: &Tensor, mask: &Tensor, adv: &Tensor) -> Tensor {
 /// The clipped importance-weighted variant for more than one update per batch
 /// of rollouts: per-token ratios ρ = exp(logp − old_logp) clipped to
 /// [1−ε, 1+ε] as in PPO (Schulman et al., 2017), sequence-mean per sample.
-pub fn clipped_reinforce_loss(logp: &Tensor, old_logp: &Tensor, mask: &Tensor, adv: &Tensor, eps: f64) -> Tensor {
+pub fn clipped_reinforce_loss(
+    logp: &Tensor,
+    old_logp: &Tensor,
+    mask: &Tensor,
+    adv: &Tensor,
+    eps: f64,
+) -> Tensor {
     let m = mask.to_kind(Kind::Float);
     let len = m.sum_dim_intlist(-1, false, Kind::Float).clamp_min(1.0); // (N,)
     let ratio = (logp - old_logp.detach()).exp(); // (N, T)
@@ -88,6 +94,24 @@ pub fn clipped_reinforce_loss(logp: &Tensor, old_logp: &Tensor, mask: &Tensor, a
     let clipped = ratio.clamp(1.0 - eps, 1.0 + eps) * &a;
     let per_tok = unclipped.minimum(&clipped); // (N, T)
     -((per_tok * &m).sum_dim_intlist(-1, false, Kind::Float) / len).mean(Kind::Float)
+}
+
+/// The KL penalty as a loss term (instead of inside the reward), as in
+/// GRPO (Shao et al., "DeepSeekMath", 2024): β · mean_i (Σ_t KL_{i,t} / |y_i|)
+/// with per-token estimates from [`kl_per_token`] on `logp` (N, T) *with*
+/// gradients. Use the k3 estimator here: the gradient of the k1 sample
+/// estimate is the score function alone, zero in expectation.
+pub fn kl_loss(
+    logp: &Tensor,
+    ref_logp: &Tensor,
+    mask: &Tensor,
+    est: KlEstimator,
+    beta: f64,
+) -> Result<Tensor> {
+    let m = mask.to_kind(Kind::Float);
+    let len = m.sum_dim_intlist(-1, false, Kind::Float).clamp_min(1.0); // (N,)
+    let kl = kl_per_token(logp, &ref_logp.detach(), mask, est)?; // (N, T)
+    Ok((kl.sum_dim_intlist(-1, false, Kind::Float) / len).mean(Kind::Float) * beta)
 }
 
 #[cfg(test)]
@@ -173,5 +197,17 @@ mod tests {
         // gradient as the plain loss at this point, a different value.
         assert!((b - (-(2.0 - 1.0) / 2.0)).abs() < 1e-6, "{b}");
         assert!(a.is_finite());
+    }
+    #[test]
+    fn kl_loss_is_beta_times_the_mean_per_token_kl() {
+        let logp = t(&[-1.0, -2.0, -0.5, -3.0]).view([2, 2]).set_requires_grad(true);
+        let rp = t(&[-1.5, -1.0, -0.5, -3.0]).view([2, 2]);
+        let mask = Tensor::from_slice(&[true, true, true, false]).view([2, 2]);
+        let l = kl_loss(&logp, &rp, &mask, KlEstimator::K1, 0.5).unwrap();
+        // k1: row 0 (0.5 − 1.0)/2 = −0.25, row 1 0/1 = 0 → 0.5 · mean = −0.0625.
+        assert!((l.double_value(&[]) + 0.0625).abs() < 1e-6);
+        l.backward();
+        // ∂/∂logp = β / (N |y_i|) on masked tokens for k1.
+        close(&vals(&logp.grad()), &[0.125, 0.125, 0.25, 0.0]);
     }
 }

@@ -1,0 +1,148 @@
+//! The reward functions: a trained reward model scores the formatted
+//! dialogue exactly as a one-at-a-time forward does and its stored
+//! statistics normalise rewards in the stage; the built-in tasks' oracle.
+
+mod common;
+
+use common::{config, fixture, trainer, write_prompts};
+use lm::reward_model::{self, RewardModel, RewardStats};
+use rl::{RewardFn, RewardModelFn, Rollout};
+use std::path::Path;
+use std::sync::Arc;
+use tch::{Device, Kind, Tensor};
+
+/// A randomly initialised reward model on the fixture's config and
+/// tokenizer, with stored statistics.
+fn make_reward_model(dir: &Path) {
+    let l = lm::checkpoint::load_causal_lm(&fixture(), Device::Cpu, Kind::Float).unwrap();
+    tch::manual_seed(11);
+    let vs = tch::nn::VarStore::new(Device::Cpu);
+    let m = RewardModel::new(&vs.root(), &l.model.cfg, 0.5).unwrap();
+    let stats = RewardStats { mean: 0.25, std: 2.0, n: 10, split: "eval".into() };
+    reward_model::save(dir, &vs, &m, &l.tokenizer, Some(&stats)).unwrap();
+}
+
+#[test]
+fn reward_model_scores_the_formatted_dialogue_like_a_single_forward() {
+    let d = tempfile::tempdir().unwrap();
+    let rm_dir = d.path().join("rm");
+    make_reward_model(&rm_dir);
+    let mut rm = RewardModelFn::load(&rm_dir, Device::Cpu, Kind::Float, 3, None).unwrap();
+    assert_eq!(rm.stats(), Some((0.25, 2.0)));
+    let prompts = write_prompts(d.path(), 8);
+    let (t, p) = trainer(config(d.path(), &prompts, ""));
+    let rollouts = t.rollouts(0, &p).unwrap();
+    let got = rm.score(&rollouts).unwrap();
+    assert_eq!(got.len(), 16);
+    for (r, g) in rollouts.iter().zip(&got) {
+        let mut m = r.prompt.messages.clone();
+        m.push(lm::Message::model(&r.text));
+        let ids = lm::chat::encode(&rm.tokenizer, &m, false).unwrap().ids;
+        let x = Tensor::from_slice(&ids).unsqueeze(0);
+        let valid = x.ones_like().to_kind(Kind::Bool);
+        let want = tch::no_grad(|| rm.model.forward(&x, &valid).unwrap()).double_value(&[0]);
+        assert!((want - g).abs() < 1e-4, "batched {g} vs single {want}");
+    }
+    let spread = got.iter().copied().fold(f64::NEG_INFINITY, f64::max)
+        - got.iter().copied().fold(f64::INFINITY, f64::min);
+    assert!(spread > 1e-3, "a random head still tells responses apart: {got:?}");
+    // A causal LM is not a reward model.
+    let err = RewardModelFn::load(&fixture(), Device::Cpu, Kind::Float, 3, None).err().unwrap().to_string();
+    assert!(err.contains("not a reward model"), "{err}");
+}
+
+#[test]
+fn stage_normalises_reward_model_scores_by_the_stored_statistics() {
+    let d = tempfile::tempdir().unwrap();
+    let rm_dir = d.path().join("rm");
+    make_reward_model(&rm_dir);
+    let prompts = write_prompts(d.path(), 8);
+    let mut cfg = config(d.path(), &prompts, "steps = 2\nnormalize_reward = true\nreward_clip = 100.0");
+    cfg.reward = rl::RewardConfig::Model { path: "rm".into(), batch_size: 5, max_seq_len: None };
+    cfg.resolve_paths(d.path());
+    let s = rl::run(&cfg, d.path()).unwrap();
+    assert_eq!(s.steps, 2);
+    assert!(s.reward.contains("reward model"));
+    for r in common::steps(&d.path().join("out")) {
+        let (raw, score) = (r["reward_mean"].as_f64().unwrap(), r["score_mean"].as_f64().unwrap());
+        assert!((score - (raw - 0.25) / 2.0).abs() < 1e-6, "score {score} for raw {raw}");
+    }
+    // Clipping applies after normalisation.
+    let mut cfg2 = cfg.clone();
+    cfg2.output_dir = d.path().join("out2");
+    cfg2.reward_clip = Some(1e-3);
+    rl::run(&cfg2, d.path()).unwrap();
+    for r in common::steps(&cfg2.output_dir) {
+        assert!(r["score_mean"].as_f64().unwrap().abs() <= 1e-3 + 1e-12);
+    }
+}
+
+fn task_rollout(prompt: &str, text: &str) -> Rollout {
+    Rollout {
+        group: 0,
+        prompt: Arc::new(rl::Prompt {
+            messages: vec![lm::Message::user(prompt)],
+            ids: vec![2],
+            category: None,
+        }),
+        response_ids: vec![10, 5],
+        sample_logprobs: vec![0.0, 0.0],
+        text: text.into(),
+        stop_reason: lm::StopReason::EndOfTurn,
+    }
+}
+
+#[test]
+fn oracle_reward_checks_built_in_task_answers() {
+    let mut o = rl::OracleReward;
+    let b = [
+        task_rollout("Reverse: d o g", "g o d"),
+        task_rollout("Reverse: d o g", "god"),
+        task_rollout("Add: 2 + 3", " 5 "),
+    ];
+    assert_eq!(o.score(&b).unwrap(), vec![1.0, 0.0, 1.0]);
+    let err = o.score(&[task_rollout("Tell me a story", "once")]).unwrap_err().to_string();
+    assert!(err.contains("built-in task"), "{err}");
+}
+
+#[test]
+fn evaluation_reports_oracle_accuracy_on_built_in_prompts() {
+    let d = tempfile::tempdir().unwrap();
+    let toml = format!(
+        r#"
+model = "{}"
+output_dir = "out"
+steps = 1
+batch_size = 2
+num_samples = 2
+max_new_tokens = 6
+device = "cpu"
+eval_every = 1
+eval_prompts = 6
+[reward]
+kind = "oracle"
+[data]
+held_out = {{ path = "builtin:eval?n=6&seed=2" }}
+[[data.sources]]
+name = "tasks"
+path = "builtin:rl?n=20&seed=1&categories=reverse,add"
+"#,
+        fixture().display()
+    );
+    let p = d.path().join("rl.toml");
+    std::fs::write(&p, toml).unwrap();
+    // Through the CLI entry point: paths relative to the config's directory.
+    rl::cli_train(&p).unwrap();
+    let s: rl::RlSummary =
+        serde_json::from_str(&std::fs::read_to_string(d.path().join("out/summary.json")).unwrap()).unwrap();
+    assert_eq!(s.eval.len(), 2, "before the first step and after the last");
+    for e in &s.eval {
+        assert_eq!(e.oracle_prompts, 6);
+        // The untrained fixture answers nothing right: reward = accuracy = 0.
+        assert_eq!(e.oracle_accuracy, Some(e.reward_mean));
+    }
+    let samples = std::fs::read_to_string(d.path().join("out/samples-step-1.jsonl")).unwrap();
+    let first: serde_json::Value = serde_json::from_str(samples.lines().next().unwrap()).unwrap();
+    assert!(first["prompt"][0]["content"].as_str().unwrap().len() > 3);
+    assert!(first["category"].is_string());
+}
