@@ -174,8 +174,11 @@ pub fn generate(model: &Gemma, prompts: &[Vec<i64>], cfg: &GenerationConfig) -> 
     let mut next_pos = positions.narrow(1, plen - 1, 1) + 1; // (B, 1)
 
     let mut cache = KvCache::new(&model.cfg, b, capacity, model.kind(), dev);
-    let mask = padded_causal_mask(&valid_p, plen)?; // (B, 1, P, P)
-    let hidden = model.forward_hidden(&ids, &positions, Some(&mask), Some(&mut cache))?;
+    // Without padding, plain causal attention (and, when decoding, attention
+    // to every cached key) needs no mask: the fast path.
+    let padded = prompts.iter().any(|p| p.len() as i64 != plen);
+    let mask = if padded { Some(padded_causal_mask(&valid_p, plen)?) } else { None }; // (B, 1, P, P)
+    let hidden = model.forward_hidden(&ids, &positions, mask.as_ref(), Some(&mut cache))?;
     let mut logits = model.logits(&hidden.narrow(1, plen - 1, 1)).squeeze_dim(1).to_kind(Kind::Float); // (B, V)
 
     let mut rng = ChaCha8Rng::seed_from_u64(cfg.seed);
@@ -211,8 +214,8 @@ pub fn generate(model: &Gemma, prompts: &[Vec<i64>], cfg: &GenerationConfig) -> 
         }
         let x = Tensor::from_slice(&feed).view([b, 1]).to_device(dev); // (B, 1)
         let s = cache.len + 1;
-        let step_mask = valid_all.narrow(1, 0, s).view([b, 1, 1, s]); // (B, 1, 1, S)
-        let hidden = model.forward_hidden(&x, &next_pos, Some(&step_mask), Some(&mut cache))?; // (B, 1, H)
+        let step_mask = padded.then(|| valid_all.narrow(1, 0, s).view([b, 1, 1, s])); // (B, 1, 1, S)
+        let hidden = model.forward_hidden(&x, &next_pos, step_mask.as_ref(), Some(&mut cache))?; // (B, 1, H)
         logits = model.logits(&hidden).squeeze_dim(1).to_kind(Kind::Float);
         next_pos += 1;
     }

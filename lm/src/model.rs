@@ -31,7 +31,7 @@ impl Linear {
 
 impl Module for Linear {
     fn forward(&self, x: &Tensor) -> Tensor {
-        x.matmul(&self.weight.tr())
+        x.linear::<Tensor>(&self.weight, None)
     }
 }
 
