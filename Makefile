@@ -70,6 +70,8 @@ quickstart: build
 bench: build $(STAMPS)/pydeps
 	$(BIN) bench generate --python $(PYTHON)
 	$(BIN) bench sft --python $(PYTHON)
+	$(PYTHON) -c "import trl" 2>/dev/null || $(PYTHON) -m pip install --quiet --disable-pip-version-check trl
+	$(BIN) bench rl --python $(PYTHON)
 
 fixtures: $(STAMPS)/pydeps
 	$(PYTHON) scripts/make_fixtures.py

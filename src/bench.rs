@@ -53,8 +53,35 @@ pub struct SftBench {
     pub python: Option<String>,
 }
 
+#[derive(Args, Clone, Debug)]
+pub struct RlBench {
+    #[arg(long, default_value = "small-20m")]
+    pub preset: String,
+    /// Prompts per step.
+    #[arg(long, default_value_t = 4)]
+    pub batch: usize,
+    /// Samples per prompt.
+    #[arg(long, default_value_t = 4)]
+    pub k: usize,
+    #[arg(long, default_value_t = 32)]
+    pub prompt_len: usize,
+    #[arg(long, default_value_t = 64)]
+    pub new_tokens: usize,
+    #[arg(long, default_value_t = 5)]
+    pub steps: usize,
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    #[arg(long, default_value = "f32")]
+    pub dtype: String,
+    /// Python with torch + transformers + trl for TRL's RLOOTrainer; `none` skips it.
+    #[arg(long)]
+    pub python: Option<String>,
+}
+
 #[derive(Subcommand)]
 pub enum BenchCommand {
+    /// Time split of one RL step and rollout tokens/s, beside TRL's RLOOTrainer.
+    Rl(RlBench),
     /// Tokens/s of batched greedy generation with the KV cache.
     Generate(GenerateBench),
     /// Training tokens/s, peak memory and achieved FLOP/s of SFT steps.
@@ -65,6 +92,26 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
     match cmd {
         BenchCommand::Generate(b) => bench_generate(&b),
         BenchCommand::Sft(b) => bench_sft(&b),
+        BenchCommand::Rl(b) => {
+            let python = match b.python.as_deref() {
+                Some("none") => None,
+                other => Some(python(other)),
+            };
+            let o = rl::bench::BenchOptions {
+                preset: b.preset,
+                batch: b.batch,
+                k: b.k,
+                prompt_len: b.prompt_len,
+                new_tokens: b.new_tokens,
+                steps: b.steps,
+                device: b.device,
+                dtype: b.dtype,
+                python,
+                ..Default::default()
+            };
+            println!("{}", rl::bench::bench(&o)?);
+            Ok(())
+        }
     }
 }
 

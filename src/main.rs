@@ -150,7 +150,7 @@ enum Command {
         out: Option<PathBuf>,
     },
     /// Compare two systems' answers side by side with a judge (both orders).
-    Judge(judge::JudgeArgs),
+    Judge(Box<judge::JudgeArgs>),
     /// Serve a checkpoint with an OpenAI-compatible chat-completions API on loopback.
     Serve(judge::ServeArgs),
     /// Data tools: inspect, filter, mix.
@@ -243,7 +243,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Status { recipe, sets } => recipe::print_status(&recipe::load(&recipe, &sets)?),
         Command::Reward { config } => reward::cli_train(&config),
         Command::Rl { config } => rl::cli_train(&config),
-        Command::Judge(args) => judge::cli_judge(args),
+        Command::Judge(args) => judge::cli_judge(*args),
         Command::Serve(args) => judge::cli_serve(args),
         Command::Score { reward_model, data, out } => reward::cli_score(&reward_model, &data, out.as_deref()),
         Command::Data { command } => data_cmd::run(command),

@@ -295,8 +295,11 @@ fn resolved(l: &Loaded, i: usize) -> Result<serde_json::Value> {
     }))
 }
 
+/// One row of [`status`]: name, kind, state, directory, summary.
+pub type StageStatus = (String, Kind, &'static str, PathBuf, serde_json::Value);
+
 /// State of each stage for `--dry-run` and `align status`.
-pub fn status(l: &Loaded) -> Result<Vec<(String, Kind, &'static str, PathBuf, serde_json::Value)>> {
+pub fn status(l: &Loaded) -> Result<Vec<StageStatus>> {
     let mut out = vec![];
     for (i, s) in l.recipe.stages.iter().enumerate() {
         let dir = l.stage_dir(&s.name);
@@ -497,6 +500,7 @@ pub fn run(l: &Loaded, opts: &RunOptions) -> Result<()> {
         }
         return Ok(());
     }
+    #[allow(clippy::needless_range_loop)]
     for i in start..end {
         let s = &l.recipe.stages[i];
         let dir = l.stage_dir(&s.name);

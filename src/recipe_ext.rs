@@ -47,7 +47,10 @@ fn run_judge(l: &Loaded, i: usize, dir: &Path) -> Result<serde_json::Value> {
         // lm:/reward: judges may name an earlier stage: `reward:rm`.
         if let Some((kind, name)) = j.split_once(':') {
             if matches!(kind, "lm" | "reward") && l.recipe.stages.iter().any(|x| x.name == name) {
-                t.insert("judge".into(), toml::Value::String(format!("{kind}:{}", l.model_of(name).display())));
+                t.insert(
+                    "judge".into(),
+                    toml::Value::String(format!("{kind}:{}", l.model_of(name).display())),
+                );
             }
         }
     }
@@ -55,7 +58,8 @@ fn run_judge(l: &Loaded, i: usize, dir: &Path) -> Result<serde_json::Value> {
     argv.extend(flags(&t)?);
     let cli = JudgeCli::try_parse_from(&argv).map_err(|e| anyhow!("stage {:?} config: {e}", s.name))?;
     judge::cli_judge(cli.args)?;
-    let text = std::fs::read_to_string(dir.join("summary.json")).context("the judge wrote no summary.json")?;
+    let text =
+        std::fs::read_to_string(dir.join("summary.json")).context("the judge wrote no summary.json")?;
     Ok(serde_json::from_str(&text)?)
 }
 
@@ -68,14 +72,18 @@ fn run_rl(l: &Loaded, i: usize, dir: &Path) -> Result<serde_json::Value> {
     t.entry("seed").or_insert(toml::Value::Integer(l.recipe.seed as i64));
     t.entry("device").or_insert(toml::Value::String(l.recipe.device.clone()));
     if !t.contains_key("reward") {
-        let rm = s.reward.as_ref().context("an rl stage needs `reward` (a reward stage) or a [config.reward] table")?;
+        let rm = s
+            .reward
+            .as_ref()
+            .context("an rl stage needs `reward` (a reward stage) or a [config.reward] table")?;
         let mut r = toml::Table::new();
         r.insert("kind".into(), toml::Value::String("model".into()));
         r.insert("path".into(), toml::Value::String(l.model_of(rm).display().to_string()));
         t.insert("reward".into(), toml::Value::Table(r));
     }
-    let cfg: rl::RlConfig =
-        toml::Value::Table(t).try_into().map_err(|e: toml::de::Error| anyhow!("stage {:?} config: {e}", s.name))?;
+    let cfg: rl::RlConfig = toml::Value::Table(t)
+        .try_into()
+        .map_err(|e: toml::de::Error| anyhow!("stage {:?} config: {e}", s.name))?;
     Ok(serde_json::to_value(rl::run(&cfg, &l.base)?)?)
 }
 
@@ -106,7 +114,10 @@ pub fn key_figures(kind: Kind, s: &serde_json::Value) -> Vec<String> {
         }
         Kind::Rl => {
             let mean = |k: &str| {
-                let v: Vec<f64> = s[k].as_array().map(|a| a.iter().filter_map(|x| x.as_f64()).collect()).unwrap_or_default();
+                let v: Vec<f64> = s[k]
+                    .as_array()
+                    .map(|a| a.iter().filter_map(|x| x.as_f64()).collect())
+                    .unwrap_or_default();
                 v.iter().sum::<f64>() / v.len().max(1) as f64
             };
             let mut v = vec![
@@ -114,7 +125,9 @@ pub fn key_figures(kind: Kind, s: &serde_json::Value) -> Vec<String> {
                 format!("reward {:.3} → {:.3}", mean("first_rewards"), mean("last_rewards")),
                 format!("final KL {:.4}", s["final_kl"].as_f64().unwrap_or(f64::NAN)),
             ];
-            if let Some(acc) = s["eval"].as_array().and_then(|e| e.last()).and_then(|e| e["oracle_accuracy"].as_f64()) {
+            if let Some(acc) =
+                s["eval"].as_array().and_then(|e| e.last()).and_then(|e| e["oracle_accuracy"].as_f64())
+            {
                 v.push(format!("held-out oracle accuracy {:.1}%", 100.0 * acc));
             }
             v
