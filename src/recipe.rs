@@ -285,13 +285,17 @@ fn read_manifest(dir: &Path) -> Option<Manifest> {
     serde_json::from_str(&std::fs::read_to_string(dir.join("manifest.json")).ok()?).ok()
 }
 
-/// The fully resolved description of a stage (what its hash covers).
+/// The fully resolved description of a stage (what its hash covers): its
+/// own settings and inputs, and the hash of the stage before it, so that a
+/// change reruns that stage and every stage after it.
 fn resolved(l: &Loaded, i: usize) -> Result<serde_json::Value> {
     let s = &l.recipe.stages[i];
     let data = s.data.as_ref().map(|d| l.recipe.data[d].clone());
+    let upstream = if i == 0 { String::new() } else { lm::train::config_hash(&resolved(l, i - 1)?)? };
     Ok(serde_json::json!({
         "stage": s, "data": data, "input_model": l.input_model(i), "seed": l.recipe.seed,
         "device": l.recipe.device, "tokenizer": l.recipe.tokenizer, "base_model": l.recipe.base_model,
+        "upstream": upstream,
     }))
 }
 

@@ -73,10 +73,13 @@ fn recipe_runs_end_to_end_then_skips_complete_stages() {
     let again = align(&["run", &r]);
     let err = String::from_utf8_lossy(&again.stderr);
     assert!(again.status.success() && err.matches("done, skipped").count() == 4, "{err}");
-    // Changing a stage's setting makes it (only it) stale; --stage runs it alone.
+    // Changing a stage's setting makes it and the stages after it stale,
+    // not the ones before; --stage runs it alone.
     let status = align(&["status", &r, "--set", "sft.max_steps=4"]);
     let text = String::from_utf8_lossy(&status.stdout);
-    assert!(text.contains("stale"), "{text}");
+    let state = |name: &str| text.lines().find(|l| l.starts_with(name)).unwrap().to_string();
+    assert!(state("base").contains("done") && state("tokenizer").contains("done"), "{text}");
+    assert!(state("sft").contains("stale") && state("judge").contains("stale"), "{text}");
     let rerun = align(&["run", &r, "--stage", "sft", "--set", "sft.max_steps=4"]);
     assert!(rerun.status.success(), "{}", String::from_utf8_lossy(&rerun.stderr));
     let summary: serde_json::Value =
