@@ -52,6 +52,17 @@ pub enum Kind {
     Reward,
     Rl,
     Judge,
+    /// Variants of an SFT stage (data-mixture weights and/or settings), each
+    /// trained briefly and judged against the baseline; the winner's model is
+    /// the stage's output.
+    Sweep,
+}
+
+impl Kind {
+    /// Whether the stage's output is a causal LM (`<stage>/model`).
+    pub fn makes_model(self) -> bool {
+        matches!(self, Kind::Pretrain | Kind::Sft | Kind::Rl | Kind::Sweep)
+    }
 }
 
 /// One stage of a recipe.
@@ -204,7 +215,7 @@ impl Loaded {
                     Ok(())
                 }
             };
-            let models = [Kind::Pretrain, Kind::Sft, Kind::Rl];
+            let models = [Kind::Pretrain, Kind::Sft, Kind::Rl, Kind::Sweep];
             earlier("from", &s.from, &models)?;
             earlier("reward", &s.reward, &[Kind::Reward])?;
             earlier("candidate", &s.candidate, &models)?;
@@ -230,15 +241,92 @@ impl Loaded {
                 Kind::Reward => needs("data", s.data.is_some())?,
                 Kind::Rl => {
                     needs("data", s.data.is_some())?;
-                    needs("reward", s.reward.is_some())?;
+                    needs(
+                        "reward (a reward stage) or config.reward",
+                        s.reward.is_some() || s.config.contains_key("reward"),
+                    )?;
                 }
                 Kind::Judge => {
                     needs("candidate and baseline", s.candidate.is_some() && s.baseline.is_some())?
                 }
+                Kind::Sweep => {
+                    needs("data", s.data.is_some())?;
+                    needs("baseline", s.baseline.is_some())?;
+                    crate::recipe_ext::check_sweep(self, s)
+                        .with_context(|| format!("stages[{i}] ({})", s.name))?;
+                }
                 Kind::Tokenizer => {}
             }
+            self.validate_config(i).with_context(|| format!("stages[{i}] ({}) config", s.name))?;
         }
         Ok(())
+    }
+
+    /// Types a stage's config the way running it will (with placeholder
+    /// paths), so unknown keys and wrong types surface before any work.
+    fn validate_config(&self, i: usize) -> Result<()> {
+        let s = &self.recipe.stages[i];
+        let x = || toml::Value::String("placeholder".into());
+        let with = |t: &toml::Table, extra: Vec<(&str, toml::Value)>| {
+            let mut t = t.clone();
+            for (k, v) in extra {
+                t.entry(k.to_string()).or_insert(v);
+            }
+            t
+        };
+        match s.kind {
+            Kind::Pretrain => {
+                let t = with(
+                    &s.config,
+                    vec![
+                        ("model", x()),
+                        ("output_dir", x()),
+                        ("mode", toml::Value::String("pretrain".into())),
+                        ("text_files", toml::Value::Array(vec![x()])),
+                    ],
+                );
+                typed::<sft::SftConfig>(t, &s.name)?.validate()
+            }
+            Kind::Sft => {
+                let t = with(
+                    &s.config,
+                    vec![("model", x()), ("output_dir", x()), ("data", data_value(self, &s.data)?)],
+                );
+                typed::<sft::SftConfig>(t, &s.name)?.validate()
+            }
+            Kind::Reward => {
+                let t = with(
+                    &s.config,
+                    vec![("model", x()), ("output_dir", x()), ("data", data_value(self, &s.data)?)],
+                );
+                typed::<reward::RewardConfig>(t, &s.name).map(|_| ())
+            }
+            Kind::Rl => {
+                let mut oracle = toml::Table::new();
+                oracle.insert("kind".into(), toml::Value::String("oracle".into()));
+                let t = with(
+                    &s.config,
+                    vec![
+                        ("model", x()),
+                        ("output_dir", x()),
+                        ("data", data_value(self, &s.data)?),
+                        ("reward", toml::Value::Table(oracle)),
+                    ],
+                );
+                typed::<rl::RlConfig>(t, &s.name).map(|_| ())
+            }
+            Kind::Sweep => {
+                let cfg: crate::recipe_ext::SweepConfig = toml::Value::Table(s.config.clone())
+                    .try_into()
+                    .map_err(|e: toml::de::Error| anyhow!("{e}"))?;
+                let t = with(
+                    &cfg.base,
+                    vec![("model", x()), ("output_dir", x()), ("data", data_value(self, &s.data)?)],
+                );
+                typed::<sft::SftConfig>(t, &s.name)?.validate()
+            }
+            Kind::Judge | Kind::Tokenizer => Ok(()),
+        }
     }
 
     /// The model directory a stage produces.
@@ -253,10 +341,7 @@ impl Loaded {
         if let Some(f) = &s.from {
             return self.model_of(f);
         }
-        let prev = self.recipe.stages[..i]
-            .iter()
-            .rev()
-            .find(|t| matches!(t.kind, Kind::Pretrain | Kind::Sft | Kind::Rl));
+        let prev = self.recipe.stages[..i].iter().rev().find(|t| t.kind.makes_model());
         match prev {
             Some(t) => self.model_of(&t.name),
             None => self.out_dir().join("base-model"),
@@ -469,7 +554,7 @@ fn run_stage(l: &Loaded, i: usize) -> Result<serde_json::Value> {
             let cfg: reward::RewardConfig = typed(t, &s.name)?;
             Ok(serde_json::to_value(reward::run(&cfg, &l.base)?)?)
         }
-        Kind::Rl | Kind::Judge => crate::recipe_ext::run_stage(l, i, &dir),
+        Kind::Rl | Kind::Judge | Kind::Sweep => crate::recipe_ext::run_stage(l, i, &dir),
     }
 }
 
@@ -498,7 +583,7 @@ pub fn run(l: &Loaded, opts: &RunOptions) -> Result<()> {
                 if run { "will run" } else { "skip" },
                 dir.display()
             );
-            if matches!(kind, Kind::Pretrain | Kind::Sft | Kind::Reward | Kind::Rl) {
+            if kind.makes_model() || *kind == Kind::Reward {
                 println!("      from {}", l.input_model(i).display());
             }
         }
@@ -552,7 +637,7 @@ fn key_figures(kind: Kind, s: &serde_json::Value) -> String {
                 format!("mean margin {:.3}", e["mean_margin"].as_f64().unwrap_or(f64::NAN)),
             ]
         }
-        Kind::Rl | Kind::Judge => crate::recipe_ext::key_figures(kind, s),
+        Kind::Rl | Kind::Judge | Kind::Sweep => crate::recipe_ext::key_figures(kind, s),
     };
     parts.join(", ")
 }
@@ -565,12 +650,12 @@ pub fn write_report(l: &Loaded) -> Result<()> {
     let mut last_model = None;
     for (name, kind, state, dir, summary) in status(l)? {
         md.push_str(&format!("| {name} | {kind:?} | {state} | {} |\n", key_figures(kind, &summary)));
-        for png in ["loss.png", "rl.png", "winrate.png"] {
+        for png in ["loss.png", "rl.png", "winrate.png", "leaderboard.png"] {
             if dir.join(png).exists() {
                 pictures.push(format!("![{name} {png}]({name}/{png})"));
             }
         }
-        if matches!(kind, Kind::Sft | Kind::Rl | Kind::Pretrain) && state == "done" {
+        if kind.makes_model() && state == "done" {
             last_model = Some(dir.join("model"));
         }
     }

@@ -39,6 +39,18 @@ kind = "sft"
 data = "sft"
 config = { max_seq_len = 48, batch_size = 8, max_steps = 3 }
 [[stages]]
+name = "sweep"
+kind = "sweep"
+from = "base"
+data = "sft"
+baseline = "base"
+[stages.config]
+base = { max_seq_len = 48, batch_size = 8, max_steps = 2 }
+prompts = "builtin:eval?n=14&seed=6"
+judge = "oracle:tasks"
+max_new_tokens = 8
+variants = [{ name = "lr-low", set = { "optim.lr" = 1e-4 } }, { name = "lr-high", set = { "optim.lr" = 3e-3 }, weights = { tasks = 2.0 } }]
+[[stages]]
 name = "judge"
 kind = "judge"
 candidate = "sft"
@@ -72,7 +84,7 @@ fn recipe_runs_end_to_end_then_skips_complete_stages() {
     // A second run does nothing.
     let again = align(&["run", &r]);
     let err = String::from_utf8_lossy(&again.stderr);
-    assert!(again.status.success() && err.matches("done, skipped").count() == 4, "{err}");
+    assert!(again.status.success() && err.matches("done, skipped").count() == 5, "{err}");
     // Changing a stage's setting makes it and the stages after it stale,
     // not the ones before; --stage runs it alone.
     let status = align(&["status", &r, "--set", "sft.max_steps=4"]);
@@ -102,6 +114,11 @@ fn bad_references_and_keys_are_caught_before_anything_runs() {
         (RECIPE.replace("data = \"sft\"", "data = \"missing\""), "data = \"missing\" is not in [data]"),
         (RECIPE.replace("seed = 1", "seed = 1\nsed = 2"), "unknown field `sed`"),
         (RECIPE.replace("preset = \"tiny\"", "preset = \"huge\""), "unknown model preset"),
+        (
+            RECIPE.replace("weights = { tasks = 2.0 }", "weights = { nope = 2.0 }"),
+            "weights name source \"nope\"",
+        ),
+        (RECIPE.replace("max_steps = 3, packing", "max_steps = \"three\", packing"), "invalid type"),
     ];
     for (text, needle) in cases {
         let r = write(tmp.path(), &text);
