@@ -342,9 +342,10 @@ impl Loaded {
             return self.model_of(f);
         }
         let prev = self.recipe.stages[..i].iter().rev().find(|t| t.kind.makes_model());
-        match prev {
-            Some(t) => self.model_of(&t.name),
-            None => self.out_dir().join("base-model"),
+        match (prev, &self.recipe.base_model.checkpoint) {
+            (Some(t), _) => self.model_of(&t.name),
+            (None, Some(c)) => self.base.join(c),
+            (None, None) => self.out_dir().join("base-model"),
         }
     }
 

@@ -128,3 +128,16 @@ fn bad_references_and_keys_are_caught_before_anything_runs() {
         assert!(!tmp.path().join("out").exists(), "nothing runs before the checks pass");
     }
 }
+
+#[test]
+fn shipped_recipes_validate_with_dry_run() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("recipes");
+    for r in ["quickstart.toml", "gemma-2b-sft-rm-rl.toml", "gemma-7b-sft-rm-rl.toml"] {
+        let out = align(&["run", root.join(r).to_str().unwrap(), "--dry-run"]);
+        assert!(out.status.success(), "{r}: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            String::from_utf8_lossy(&out.stdout).contains("will run")
+                || String::from_utf8_lossy(&out.stdout).contains("skip")
+        );
+    }
+}
