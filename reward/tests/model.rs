@@ -245,6 +245,14 @@ fn transformers_loads_the_reward_model_and_agrees() {
         eprintln!("skipped: set ALIGN_PYTHON to a python with transformers to run this check");
         return;
     };
+    let has_transformers = std::process::Command::new(&python)
+        .args(["-c", "import transformers"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !has_transformers {
+        eprintln!("skipped: {python} has no transformers (`make pydeps` installs it)");
+        return;
+    }
     let dir = tempfile::tempdir().unwrap();
     let l = fresh(dir.path());
     let rm = dir.path().join("rm");
