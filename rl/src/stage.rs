@@ -223,16 +223,7 @@ impl RlConfig {
 
     /// Reads a TOML config; a top-level `[rl]` table or the fields alone.
     pub fn from_toml_file(path: &Path) -> Result<Self> {
-        let text =
-            std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
-        let value: toml::Value =
-            toml::from_str(&text).with_context(|| format!("{} is not valid TOML", path.display()))?;
-        let table = match value.get("rl") {
-            Some(t) => t.clone(),
-            None => value,
-        };
-        let cfg: RlConfig =
-            table.try_into().map_err(|e: toml::de::Error| anyhow::anyhow!("{}: {e}", path.display()))?;
+        let cfg: RlConfig = lm::train::read_stage_config(path, "rl")?;
         cfg.validate().with_context(|| format!("invalid RL config {}", path.display()))?;
         Ok(cfg)
     }

@@ -109,16 +109,7 @@ fn default_dtype() -> String {
 impl SftConfig {
     /// Reads a TOML config; a top-level `[sft]` table or the fields alone.
     pub fn from_toml_file(path: &Path) -> Result<Self> {
-        let text =
-            std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
-        let value: toml::Value =
-            toml::from_str(&text).with_context(|| format!("{} is not valid TOML", path.display()))?;
-        let table = match value.get("sft") {
-            Some(t) => t.clone(),
-            None => value,
-        };
-        let cfg: SftConfig =
-            table.try_into().map_err(|e: toml::de::Error| anyhow::anyhow!("{}: {e}", path.display()))?;
+        let cfg: SftConfig = lm::train::read_stage_config(path, "sft")?;
         cfg.validate()?;
         Ok(cfg)
     }
