@@ -113,6 +113,8 @@ pub struct PromptRow {
     pub question: String,
     pub category: Option<String>,
     pub reference: Option<String>,
+    /// Which answer a person preferred, when the prompts file says (`human`).
+    pub human: Option<Outcome>,
 }
 
 /// The prompt as text: a single user turn as is, otherwise every turn as
@@ -131,8 +133,44 @@ fn to_lm(messages: &[datasets::Message]) -> Vec<Message> {
 /// Reference answers of a JSONL or JSON file by 1-based row: the
 /// `reference`, `answer` or `solution` field (numbers as text).
 fn read_references(path: &Path) -> Result<HashMap<usize, String>> {
+    Ok(read_json_rows(path)?
+        .into_iter()
+        .filter_map(|(row, v)| {
+            ["reference", "answer", "solution"].iter().find_map(|key| match v.get(*key) {
+                Some(Value::String(s)) => Some((row, s.clone())),
+                Some(Value::Number(n)) => Some((row, n.to_string())),
+                _ => None,
+            })
+        })
+        .collect())
+}
+
+/// Human labels of a JSONL or JSON file by 1-based row: a `human` column
+/// saying which answer a person preferred — `candidate` (or `a`, `win`),
+/// `baseline` (`b`, `loss`) or `tie` (`c`).
+fn read_human_labels(path: &Path) -> Result<HashMap<usize, Outcome>> {
+    let mut out = HashMap::new();
+    for (row, v) in read_json_rows(path)? {
+        let Some(label) = v.get("human") else { continue };
+        let o = match label.as_str().map(|x| x.trim().to_ascii_lowercase()).as_deref() {
+            Some("candidate" | "a" | "win") => Outcome::Win,
+            Some("baseline" | "b" | "loss") => Outcome::Loss,
+            Some("tie" | "c") => Outcome::Tie,
+            _ => bail!(
+                "{} row {row}: field `human` is {label}; expected \"candidate\", \"baseline\" or \"tie\"",
+                path.display()
+            ),
+        };
+        out.insert(row, o);
+    }
+    Ok(out)
+}
+
+/// The rows of a JSONL or JSON prompts file as JSON objects by 1-based row
+/// (other formats and `builtin:` specs: none).
+fn read_json_rows(path: &Path) -> Result<Vec<(usize, Value)>> {
     if path.to_str().is_some_and(|p| p.starts_with("builtin:")) {
-        return Ok(HashMap::new()); // built-in tasks: the `tasks` oracle needs none
+        return Ok(vec![]); // built-in tasks: the `tasks` oracle needs no reference
     }
     let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("").to_ascii_lowercase();
     let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
@@ -149,23 +187,7 @@ fn read_references(path: &Path) -> Result<HashMap<usize, String>> {
         },
         _ => vec![],
     };
-    let mut out = HashMap::new();
-    for (row, v) in rows {
-        for key in ["reference", "answer", "solution"] {
-            match v.get(key) {
-                Some(Value::String(s)) => {
-                    out.insert(row, s.clone());
-                    break;
-                }
-                Some(Value::Number(n)) => {
-                    out.insert(row, n.to_string());
-                    break;
-                }
-                _ => {}
-            }
-        }
-    }
-    Ok(out)
+    Ok(rows)
 }
 
 /// Reads the prompts file (any format the datasets crate reads; references
@@ -177,11 +199,13 @@ pub fn read_prompts(path: &Path) -> Result<Vec<PromptRow>> {
     )
     .with_context(|| format!("reading the prompts {}", path.display()))?;
     let mut refs: HashMap<PathBuf, HashMap<usize, String>> = HashMap::new();
+    let mut humans: HashMap<PathBuf, HashMap<usize, Outcome>> = HashMap::new();
     let mut out = vec![];
     for ex in ds.examples {
         let file = ex.origin.file.to_path_buf();
         if !refs.contains_key(&file) {
             refs.insert(file.clone(), read_references(&file)?);
+            humans.insert(file.clone(), read_human_labels(&file)?);
         }
         let messages = to_lm(&ex.record.prompt_messages());
         out.push(PromptRow {
@@ -189,6 +213,7 @@ pub fn read_prompts(path: &Path) -> Result<Vec<PromptRow>> {
             messages,
             category: ex.category,
             reference: refs.get(&file).and_then(|m| m.get(&ex.origin.row)).cloned(),
+            human: humans.get(&file).and_then(|m| m.get(&ex.origin.row)).copied(),
         });
     }
     if out.is_empty() {
@@ -308,6 +333,10 @@ pub struct GroupSummary {
     pub oracle_agreement: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub oracle_win_rate: Option<WinRate>,
+    /// Agreement with the human labels (share of judged, labelled pairs
+    /// with the same outcome).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub human_agreement: Option<f64>,
 }
 
 /// One judged prompt.
@@ -323,6 +352,8 @@ pub struct Judgment {
     pub result: PairResult,
     /// The outcome with an oracle, when `--oracle` is given.
     pub oracle_outcome: Option<Outcome>,
+    /// The outcome a person chose, when the prompts carry `human` labels.
+    pub human_outcome: Option<Outcome>,
 }
 
 /// Summarises judgments (the whole set, or one category's).
@@ -338,6 +369,8 @@ pub fn summarize_group(js: &[&Judgment], resamples: usize, seed: u64) -> GroupSu
     } else {
         (None, None)
     };
+    let human: Vec<bool> = js.iter().filter_map(|j| Some(j.result.outcome? == j.human_outcome?)).collect();
+    let human_agreement = (!human.is_empty()).then(|| mean(human.iter().map(|&b| usize::from(b))));
     GroupSummary {
         prompts: js.len(),
         excluded: js.len() - outcomes.len(),
@@ -351,6 +384,7 @@ pub fn summarize_group(js: &[&Judgment], resamples: usize, seed: u64) -> GroupSu
         },
         oracle_agreement,
         oracle_win_rate,
+        human_agreement,
     }
 }
 
@@ -415,6 +449,7 @@ pub fn judge_answers(
             baseline: baseline[i].clone(),
             result,
             oracle_outcome: oracle_results.as_ref().and_then(|o| o[i].outcome),
+            human_outcome: prompts[i].human,
         })
         .collect())
 }
@@ -511,6 +546,9 @@ pub fn report_markdown(s: &Summary) -> String {
         "\n{} verdicts were unparseable and retried; {} stayed unparseable (their pairs are excluded, never guessed).\n",
         s.retried_verdicts, s.unparseable_verdicts
     ));
+    if let Some(h) = s.overall.human_agreement {
+        md.push_str(&format!("\nAgreement with the human labels (`human` column): {:.1}%.\n", 100.0 * h));
+    }
     md.push_str("\nLength bias: compare the answer lengths beside each win rate; a judge that favours the longer answer shows wins tracking length.\n");
     md.push_str("\n![win rates](winrate.png)\n");
     md

@@ -258,3 +258,48 @@ fn reward_judge_on_the_fixture() {
     .unwrap_err();
     assert!(format!("{e:#}").contains("not a reward model"), "{e:#}");
 }
+
+#[test]
+fn agreement_with_human_labels_is_reported() {
+    let dir = tempfile::tempdir().unwrap();
+    let (p, c, b) = setup(dir.path());
+    // Label the six prompts: the exact-match oracle's outcomes are win, tie,
+    // win, tie, tie, loss; the labels agree on 4 of 6.
+    let text = std::fs::read_to_string(&p).unwrap();
+    let labels = ["candidate", "tie", "candidate", "baseline", "tie", "candidate"];
+    let rows: Vec<Value> = text
+        .lines()
+        .zip(labels)
+        .map(|(l, h)| {
+            let mut v: Value = serde_json::from_str(l).unwrap();
+            v["human"] = Value::from(h);
+            v
+        })
+        .collect();
+    write(&p, &rows);
+    let out = dir.path().join("out");
+    let run = |out: &Path| {
+        cli_judge(args(&[
+            "--prompts",
+            p.to_str().unwrap(),
+            "--candidate-answers",
+            c.to_str().unwrap(),
+            "--baseline-answers",
+            b.to_str().unwrap(),
+            "--judge",
+            "oracle:exact",
+            "--out",
+            out.to_str().unwrap(),
+        ]))
+    };
+    run(&out).unwrap();
+    let s = summary(&out);
+    assert!((s["overall"]["human_agreement"].as_f64().unwrap() - 4.0 / 6.0).abs() < 1e-12, "{s}");
+    assert!(std::fs::read_to_string(out.join("report.md")).unwrap().contains("human labels"));
+    // A label that is not a choice is an error naming the row.
+    let mut bad = rows.clone();
+    bad[2]["human"] = Value::from("maybe");
+    write(&p, &bad);
+    let e = format!("{:#}", run(&dir.path().join("out2")).unwrap_err());
+    assert!(e.contains("row 3") && e.contains("human"), "{e}");
+}
