@@ -276,6 +276,12 @@ pub fn run(cfg: &RewardConfig, base: &Path) -> Result<RewardSummary> {
     tch::manual_seed(cfg.seed as i64);
     let loaded = model::load(&cfg.model, device, Kind::Float, cfg.head_init_std)?;
     let (mut vs, model, tok) = (loaded.vs, loaded.model, loaded.tokenizer);
+    // bf16: keep the exact f32 weights as the optimiser's fp32 masters.
+    let exact: std::collections::BTreeMap<String, tch::Tensor> = if kind != Kind::Float {
+        vs.variables().into_iter().map(|(k, v)| (k, v.copy())).collect()
+    } else {
+        Default::default()
+    };
     if kind != Kind::Float {
         vs.set_kind(kind);
     }
@@ -299,6 +305,7 @@ pub fn run(cfg: &RewardConfig, base: &Path) -> Result<RewardSummary> {
 
     let ckpt_root = cfg.output_dir.join("checkpoints");
     let mut opt = AdamW::new(&vs, &cfg.optim);
+    opt.set_masters(exact)?;
     let fresh = TrainerState {
         step: 0,
         total_steps,
