@@ -368,6 +368,26 @@ pub fn non_finite_loss(value: f64, step: u64, root: &Path) -> anyhow::Error {
     )
 }
 
+/// Serde defaults the stage configs share (`#[serde(default = "…")]`).
+pub mod defaults {
+    pub fn one() -> usize {
+        1
+    }
+    pub fn one_u64() -> u64 {
+        1
+    }
+    /// Training checkpoints kept.
+    pub fn keep_last() -> usize {
+        2
+    }
+    pub fn device() -> String {
+        "auto".into()
+    }
+    pub fn dtype() -> String {
+        "f32".into()
+    }
+}
+
 /// Reads a stage's TOML config: the `[table]` section when the file has one,
 /// else the whole file. Errors name the file (and, from serde, the key).
 pub fn read_stage_config<T: serde::de::DeserializeOwned>(path: &Path, table: &str) -> Result<T> {

@@ -34,12 +34,12 @@ pub struct RewardConfig {
     #[serde(default = "default_batch_size")]
     pub batch_size: usize,
     /// Micro-batches per optimiser step.
-    #[serde(default = "one")]
+    #[serde(default = "lm::train::defaults::one")]
     pub grad_accum: usize,
     /// Over-long pairs: `truncate_prompt` (default) or `drop`.
     #[serde(default)]
     pub truncation: Truncation,
-    #[serde(default = "one_u64")]
+    #[serde(default = "lm::train::defaults::one_u64")]
     pub epochs: u64,
     /// Stop after this many optimiser steps (0: run `epochs`).
     #[serde(default)]
@@ -64,15 +64,15 @@ pub struct RewardConfig {
     /// Save a resumable checkpoint every N steps (0: only at the end).
     #[serde(default)]
     pub save_every: u64,
-    #[serde(default = "default_keep")]
+    #[serde(default = "lm::train::defaults::keep_last")]
     pub keep_last: usize,
     /// Seeds the head's init and the batch order.
     #[serde(default)]
     pub seed: u64,
-    #[serde(default = "default_device")]
+    #[serde(default = "lm::train::defaults::device")]
     pub device: String,
     /// f32 (CPU and CUDA) or bf16 (weights in bf16; CUDA).
-    #[serde(default = "default_dtype")]
+    #[serde(default = "lm::train::defaults::dtype")]
     pub dtype: String,
 }
 
@@ -81,21 +81,6 @@ fn default_max_seq_len() -> usize {
 }
 fn default_batch_size() -> usize {
     8
-}
-fn one() -> usize {
-    1
-}
-fn one_u64() -> u64 {
-    1
-}
-fn default_keep() -> usize {
-    2
-}
-fn default_device() -> String {
-    "auto".into()
-}
-fn default_dtype() -> String {
-    "f32".into()
 }
 
 impl RewardConfig {

@@ -120,7 +120,7 @@ pub struct RlConfig {
     pub reward_clip: Option<f64>,
     /// Optimiser steps per batch of rollouts; above 1 the loss is the
     /// clipped importance-weighted one.
-    #[serde(default = "one")]
+    #[serde(default = "lm::train::defaults::one")]
     pub updates_per_batch: usize,
     /// The ratio clip ε when `updates_per_batch > 1`.
     #[serde(default = "default_clip_eps")]
@@ -151,14 +151,14 @@ pub struct RlConfig {
     /// Save a resumable checkpoint every N steps (0: only at the end).
     #[serde(default)]
     pub save_every: u64,
-    #[serde(default = "default_keep")]
+    #[serde(default = "lm::train::defaults::keep_last")]
     pub keep_last: usize,
     #[serde(default)]
     pub seed: u64,
-    #[serde(default = "default_device")]
+    #[serde(default = "lm::train::defaults::device")]
     pub device: String,
     /// f32, or bf16 (bf16 weights with fp32 master weights in the optimiser).
-    #[serde(default = "default_dtype")]
+    #[serde(default = "lm::train::defaults::dtype")]
     pub dtype: String,
     /// Stop after this many steps as if killed (no final save): for resume
     /// tests. Not part of the config hash.
@@ -184,9 +184,6 @@ fn default_max_prompt_len() -> usize {
 fn one_f64() -> f64 {
     1.0
 }
-fn one() -> usize {
-    1
-}
 fn default_beta() -> f64 {
     0.05
 }
@@ -201,15 +198,6 @@ fn default_eval_prompts() -> usize {
 }
 fn default_eval_samples() -> usize {
     4
-}
-fn default_keep() -> usize {
-    2
-}
-fn default_device() -> String {
-    "auto".into()
-}
-fn default_dtype() -> String {
-    "f32".into()
 }
 
 impl RlConfig {
