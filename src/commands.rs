@@ -155,9 +155,9 @@ pub fn init(preset: &str, tokenizer: &Path, out: &Path, seed: i64) -> Result<()>
     cfg.pad_token_id = Some(tok.special.pad);
     cfg.bos_token_id = Some(tok.special.bos);
     cfg.eos_token_id = Some(serde_json::json!(tok.special.eos));
-    tch::manual_seed(seed);
     let vs = tch::nn::VarStore::new(tch::Device::Cpu);
     let _model = lm::Gemma::new(&vs.root(), &cfg)?;
+    lm::init::init_seeded(&vs, cfg.initializer_range, seed as u64)?;
     checkpoint::save(out, &vs, &cfg, &tok, &Default::default())?;
     eprintln!(
         "wrote {} ({preset}, {:.2}M parameters, vocab {})",

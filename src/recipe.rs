@@ -500,9 +500,9 @@ fn run_stage(l: &Loaded, i: usize) -> Result<serde_json::Value> {
                     if !p.starts_with("gemma-") {
                         cfg.vocab_size = (tok.vocab_size() + 63) / 64 * 64;
                     }
-                    tch::manual_seed(l.recipe.seed as i64);
                     let vs = tch::nn::VarStore::new(tch::Device::Cpu);
                     let _m = lm::Gemma::new(&vs.root(), &cfg)?;
+                    lm::init::init_seeded(&vs, cfg.initializer_range, l.recipe.seed)?;
                     checkpoint::save(&base_model, &vs, &cfg, &tok, &Default::default())?;
                     base_model
                 }

@@ -118,7 +118,7 @@ pub struct RewardJudge {
 
 impl RewardJudge {
     pub fn load(dir: &Path, device: Device, kind: Kind, tolerance: f64, batch_size: usize) -> Result<Self> {
-        let loaded = lm::reward_model::load(dir, device, kind, None)?;
+        let loaded = lm::reward_model::load(dir, device, kind, None, 0)?;
         if !loaded.new_tensors.is_empty() {
             bail!(
                 "{} is not a reward model: it has no {} (a causal LM?); train one with `align reward`",

@@ -219,8 +219,7 @@ fn reward_judge_on_the_fixture() {
     let dir = tempfile::tempdir().unwrap();
     let (p, c, b) = setup(dir.path());
     // A reward model: the fixture's backbone with a fresh (seeded) head.
-    tch::manual_seed(0);
-    let l = lm::reward_model::load(&fixture(), tch::Device::Cpu, tch::Kind::Float, Some(0.5)).unwrap();
+    let l = lm::reward_model::load(&fixture(), tch::Device::Cpu, tch::Kind::Float, Some(0.5), 0).unwrap();
     let rm = dir.path().join("rm");
     lm::reward_model::save(&rm, &l.vs, &l.model, &l.tokenizer, None).unwrap();
     let out = dir.path().join("out");

@@ -17,6 +17,7 @@
 //! - [`reward_model`] — a Gemma backbone with a `score` head
 //!   (`GemmaForSequenceClassification`): the reward model the reward stage
 //!   trains and the RL stage and the judge use.
+//! - [`init`] — seeded initialisation that ignores torch's global generator.
 //! - [`device`] — `--device` / `--dtype` parsing.
 //! - [`plot`] — PNG line charts (loss, reward, KL) and bar charts with
 //!   error whiskers (win rates), drawn without a plotting library.
@@ -26,6 +27,7 @@ pub mod checkpoint;
 pub mod config;
 pub mod device;
 pub mod generate;
+pub mod init;
 pub mod model;
 pub mod plot;
 pub mod reward_model;

@@ -177,12 +177,18 @@ pub struct LoadedReward {
 /// Loads a reward model from `dir`: a reward model directory (with
 /// `score.weight`) as it is, or a causal LM (an SFT checkpoint) whose
 /// backbone is loaded and whose head is new, drawn from normal(0,
-/// `head_std`, default the config's `initializer_range`) with torch's
-/// global generator (seed it with `tch::manual_seed` for a reproducible
-/// head). Only `score.weight` may be new: any other missing tensor is an
+/// `head_std`, default the config's `initializer_range`) by
+/// [`crate::init::seeded_normal`] keyed by `head_seed`: the same seed gives
+/// the same head, whatever other threads do with torch's generator. Only `score.weight` may be new: any other missing tensor is an
 /// error. A causal LM's `lm_head.weight` is not used. The new tensors are
 /// logged to stderr and returned.
-pub fn load(dir: &Path, device: Device, kind: Kind, head_std: Option<f64>) -> Result<LoadedReward> {
+pub fn load(
+    dir: &Path,
+    device: Device,
+    kind: Kind,
+    head_std: Option<f64>,
+    head_seed: u64,
+) -> Result<LoadedReward> {
     let file_cfg = checkpoint::read_config(dir)?;
     let tokenizer = Tokenizer::from_file(&dir.join(checkpoint::TOKENIZER))?;
     if tokenizer.vocab_size() > file_cfg.vocab_size {
@@ -211,7 +217,8 @@ pub fn load(dir: &Path, device: Device, kind: Kind, head_std: Option<f64>) -> Re
     if !tensors.contains_key(SCORE_WEIGHT) {
         // Load the fresh head as if it came from the file, so that the
         // name and shape checks still cover every other tensor.
-        tensors.insert(SCORE_WEIGHT.into(), model.score.weight.detach().to_device(Device::Cpu));
+        let head = crate::init::seeded_normal(&[1, model.cfg.hidden_size], std, head_seed, SCORE_WEIGHT);
+        tensors.insert(SCORE_WEIGHT.into(), head);
         new_tensors.push(SCORE_WEIGHT.to_string());
     }
     checkpoint::load_into(&vs, tensors, &[], dir)?;

@@ -62,7 +62,7 @@ impl Scorer {
     pub fn load(dir: &Path, opts: &ScoreOptions) -> Result<Self> {
         let device = lm::device::parse_device(&opts.device)?;
         let kind = lm::device::parse_dtype(&opts.dtype)?;
-        let l = model::load(dir, device, kind, None)?;
+        let l = model::load(dir, device, kind, None, 0)?;
         if !l.new_tensors.is_empty() {
             bail!(
                 "{} is not a reward model: it has no {} (a causal LM?). Train one with `align reward`",

@@ -258,8 +258,7 @@ pub fn run(cfg: &RewardConfig, base: &Path) -> Result<RewardSummary> {
     if kind == Kind::BFloat16 && device == Device::Cpu {
         bail!("dtype = \"bf16\" training is for CUDA; use f32 on the CPU");
     }
-    tch::manual_seed(cfg.seed as i64);
-    let loaded = model::load(&cfg.model, device, Kind::Float, cfg.head_init_std)?;
+    let loaded = model::load(&cfg.model, device, Kind::Float, cfg.head_init_std, cfg.seed)?;
     let (mut vs, model, tok) = (loaded.vs, loaded.model, loaded.tokenizer);
     // bf16: keep the exact f32 weights as the optimiser's fp32 masters.
     let exact: std::collections::BTreeMap<String, tch::Tensor> = if kind != Kind::Float {

@@ -35,8 +35,7 @@ fn rewards(l: &LoadedReward, pairs: &[&PairTokens]) -> Vec<f32> {
 /// rewards are O(1) and comparisons are strict.
 fn fresh(dir: &Path) -> LoadedReward {
     write_lm(&dir.join("init"), 5, true);
-    tch::manual_seed(9);
-    model::load(&dir.join("init"), Device::Cpu, Kind::Float, Some(1.0)).unwrap()
+    model::load(&dir.join("init"), Device::Cpu, Kind::Float, Some(1.0), 9).unwrap()
 }
 
 #[test]
@@ -95,7 +94,7 @@ fn init_from_a_causal_lm_then_save_and_load_round_trip() {
     assert!(!tensors.contains_key("lm_head.weight"));
     assert_eq!(tensors.len(), l.vs.variables().len());
 
-    let again = model::load(&out, Device::Cpu, Kind::Float, None).unwrap();
+    let again = model::load(&out, Device::Cpu, Kind::Float, None, 0).unwrap();
     assert!(again.new_tensors.is_empty());
     assert_eq!(again.stats.as_ref(), Some(&stats));
     let p = pair(&l, "Pick one.", "apple", "stone");
@@ -136,13 +135,13 @@ fn a_missing_backbone_tensor_is_an_error_and_an_untied_lm_head_is_not_loaded() {
     let mut t = checkpoint::read_tensors(&init).unwrap();
     t.remove("model.norm.weight");
     checkpoint::write_tensors(&broken, &t, usize::MAX).unwrap();
-    let e = model::load(&broken, Device::Cpu, Kind::Float, None).err().unwrap().to_string();
+    let e = model::load(&broken, Device::Cpu, Kind::Float, None, 0).err().unwrap().to_string();
     assert!(e.contains("missing tensors: model.norm.weight"), "{e}");
 
     let untied = dir.path().join("untied");
     write_lm(&untied, 1, false);
     assert!(checkpoint::read_tensors(&untied).unwrap().contains_key("lm_head.weight"));
-    let l = model::load(&untied, Device::Cpu, Kind::Float, None).unwrap();
+    let l = model::load(&untied, Device::Cpu, Kind::Float, None, 0).unwrap();
     assert_eq!(l.new_tensors, vec!["score.weight".to_string()]);
     assert!(!l.vs.variables().contains_key("lm_head.weight"));
     let out = dir.path().join("rm");
@@ -283,4 +282,33 @@ with torch.no_grad():
     for (a, b) in ours.iter().zip(&theirs) {
         assert!((f64::from(*a) - b).abs() < 1e-4, "align {ours:?} vs transformers {theirs:?}");
     }
+}
+
+/// Regression: the head was drawn from torch's global generator, so a test
+/// (or a server thread) seeding and drawing at the same time changed a
+/// "seeded" reward model, and a resumed run no longer matched (CI, resume
+/// test). The head now comes from its own stream keyed by the seed.
+#[test]
+fn head_init_ignores_other_threads_drawing_from_torch() {
+    let dir = tempfile::tempdir().unwrap();
+    write_lm(&dir.path().join("init"), 5, true);
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let noise = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                tch::manual_seed(1);
+                let _ = Tensor::randn([4096], (Kind::Float, Device::Cpu));
+            }
+        })
+    };
+    let head = |seed| {
+        let l = model::load(&dir.path().join("init"), Device::Cpu, Kind::Float, Some(0.5), seed).unwrap();
+        l.model.score.weight.detach().copy()
+    };
+    let (a, b, c) = (head(3), head(3), head(4));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    noise.join().unwrap();
+    assert!(a.equal(&b), "the same seed gave two heads");
+    assert!(!a.equal(&c), "another seed gave the same head");
 }

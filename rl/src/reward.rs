@@ -189,7 +189,7 @@ impl RewardModelFn {
         batch_size: usize,
         max_seq_len: Option<usize>,
     ) -> Result<Self> {
-        let l = reward_model::load(dir, device, kind, None)
+        let l = reward_model::load(dir, device, kind, None, 0)
             .with_context(|| format!("loading the reward model {}", dir.display()))?;
         if !l.new_tensors.is_empty() {
             bail!(

@@ -36,9 +36,9 @@ pub fn write_lm(dir: &Path, seed: i64, tie: bool) -> GemmaConfig {
     let tok = tokenizer();
     let mut cfg = tiny_config(&tok);
     cfg.tie_word_embeddings = tie;
-    tch::manual_seed(seed);
     let vs = nn::VarStore::new(Device::Cpu);
     let _m = Gemma::new(&vs.root(), &cfg).unwrap();
+    lm::init::init_seeded(&vs, cfg.initializer_range, seed as u64).unwrap();
     checkpoint::save(dir, &vs, &cfg, &tok, &Default::default()).unwrap();
     cfg
 }

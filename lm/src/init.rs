@@ -1,0 +1,114 @@
+//! Seeded weight initialisation that does not touch torch's global generator.
+//!
+//! `tch::manual_seed` + `nn::Init::Randn` draws from one process-wide
+//! generator: two threads (two tests in one binary, or a server handling two
+//! requests) that seed and draw at the same time interleave their draws, and
+//! the "seeded" weights come out different. Every tensor here is drawn from
+//! its own ChaCha8 stream, keyed by the seed and the tensor's name, so the
+//! result depends on nothing but `(seed, name, shape, std)` — not on the
+//! order of variables, other threads, or the device.
+
+use anyhow::{Context, Result};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use tch::{nn, Kind, Tensor};
+
+/// FNV-1a of the name, mixed with the seed: the stream key of one tensor.
+fn stream_key(seed: u64, name: &str) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in name.bytes() {
+        h = (h ^ b as u64).wrapping_mul(0x0100_0000_01b3);
+    }
+    h ^ seed.wrapping_mul(0x9e37_79b9_7f4a_7c15)
+}
+
+/// A CPU f32 tensor of `shape` drawn from normal(0, `std`) (Box–Muller over
+/// a ChaCha8 stream keyed by `seed` and `name`).
+pub fn seeded_normal(shape: &[i64], std: f64, seed: u64, name: &str) -> Tensor {
+    let n: i64 = shape.iter().product();
+    let mut rng = ChaCha8Rng::seed_from_u64(stream_key(seed, name));
+    let mut out = Vec::with_capacity(n as usize);
+    while (out.len() as i64) < n {
+        // u1 in (0, 1] so that ln(u1) is finite.
+        let u1 = 1.0 - rng.random::<f64>();
+        let u2 = rng.random::<f64>();
+        let r = (-2.0 * u1.ln()).sqrt() * std;
+        let (s, c) = (std::f64::consts::TAU * u2).sin_cos();
+        out.push((r * c) as f32);
+        if (out.len() as i64) < n {
+            out.push((r * s) as f32);
+        }
+    }
+    Tensor::from_slice(&out).reshape(shape)
+}
+
+/// Whether a Gemma variable is an RMSNorm scale (initialised to zero, since
+/// the norm multiplies by `1 + weight`).
+fn is_norm(name: &str) -> bool {
+    name.ends_with("norm.weight")
+}
+
+/// Re-initialises every variable of `vs` from `seed`: RMSNorm scales to
+/// zero, every other tensor (embeddings, projections, heads) from
+/// normal(0, `std`) — what [`crate::Gemma::new`] does, made reproducible.
+pub fn init_seeded(vs: &nn::VarStore, std: f64, seed: u64) -> Result<()> {
+    let vars = vs.variables();
+    let _guard = tch::no_grad_guard();
+    for (name, mut var) in vars {
+        let fresh = if is_norm(&name) {
+            var.zeros_like()
+        } else {
+            seeded_normal(&var.size(), std, seed, &name).to_device(var.device()).to_kind(var.kind())
+        };
+        var.f_copy_(&fresh).with_context(|| format!("initialising {name}"))?;
+    }
+    Ok(())
+}
+
+/// [`seeded_normal`] in the kind and on the device of `like`.
+pub fn seeded_normal_like(like: &Tensor, std: f64, seed: u64, name: &str) -> Tensor {
+    seeded_normal(&like.size(), std, seed, name).to_device(like.device()).to_kind(like.kind())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn draws_depend_on_seed_and_name_only() {
+        let a = seeded_normal(&[3, 5], 0.5, 7, "x.weight");
+        let b = seeded_normal(&[3, 5], 0.5, 7, "x.weight");
+        assert!(a.equal(&b));
+        assert!(!a.equal(&seeded_normal(&[3, 5], 0.5, 8, "x.weight")));
+        assert!(!a.equal(&seeded_normal(&[3, 5], 0.5, 7, "y.weight")));
+        assert_eq!(a.size(), vec![3, 5]);
+    }
+
+    #[test]
+    fn draws_have_the_requested_moments() {
+        let t = seeded_normal(&[200_000], 0.02, 1, "w");
+        let mean = t.mean(Kind::Double).double_value(&[]);
+        let std = t.std(true).double_value(&[]);
+        assert!(mean.abs() < 2e-4, "mean {mean}");
+        assert!((std - 0.02).abs() < 2e-4, "std {std}");
+    }
+
+    #[test]
+    fn init_zeroes_norms_and_ignores_the_global_generator() {
+        let cfg = crate::GemmaConfig::preset("tiny").unwrap();
+        let build = |global: i64| {
+            tch::manual_seed(global);
+            let vs = nn::VarStore::new(tch::Device::Cpu);
+            let _m = crate::Gemma::new(&vs.root(), &cfg).unwrap();
+            init_seeded(&vs, cfg.initializer_range, 3).unwrap();
+            vs
+        };
+        let (a, b) = (build(1), build(2));
+        for (name, t) in a.variables() {
+            assert!(t.equal(&b.variables()[&name]), "{name}");
+            if is_norm(&name) {
+                assert_eq!(t.abs().sum(Kind::Float).double_value(&[]), 0.0, "{name}");
+            }
+        }
+    }
+}
