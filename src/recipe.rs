@@ -365,6 +365,10 @@ pub struct Manifest {
     pub config_hash: String,
     pub completed: bool,
     pub summary: serde_json::Value,
+    /// Wall-clock seconds of the run that completed the stage (a resumed
+    /// stage counts its last run only).
+    #[serde(default)]
+    pub seconds: Option<f64>,
 }
 
 fn read_manifest(dir: &Path) -> Option<Manifest> {
@@ -608,7 +612,15 @@ pub fn run(l: &Loaded, opts: &RunOptions) -> Result<()> {
         eprintln!("== {} ({:?}) → {}", s.name, s.kind, dir.display());
         let t0 = std::time::Instant::now();
         let summary = run_stage(l, i).with_context(|| format!("stage {:?}", s.name))?;
-        let m = Manifest { stage: s.name.clone(), kind: s.kind, config_hash: hash, completed: true, summary };
+        let seconds = Some(t0.elapsed().as_secs_f64());
+        let m = Manifest {
+            stage: s.name.clone(),
+            kind: s.kind,
+            config_hash: hash,
+            completed: true,
+            summary,
+            seconds,
+        };
         checkpoint::write_atomic(&dir.join("manifest.json"), serde_json::to_string_pretty(&m)?.as_bytes())?;
         eprintln!("== {} done in {:.0}s", s.name, t0.elapsed().as_secs_f64());
     }
@@ -643,14 +655,30 @@ fn key_figures(kind: Kind, s: &serde_json::Value) -> String {
     parts.join(", ")
 }
 
+/// `95s` → `1m35s`.
+fn duration(secs: f64) -> String {
+    let s = secs.round() as u64;
+    if s < 60 {
+        format!("{s}s")
+    } else {
+        format!("{}m{:02}s", s / 60, s % 60)
+    }
+}
+
 /// Writes `report.md` for the whole recipe.
 pub fn write_report(l: &Loaded) -> Result<()> {
-    let mut md =
-        format!("# {}\n\n| stage | kind | state | key figures |\n|---|---|---|---|\n", l.recipe.name);
+    let mut md = format!(
+        "# {}\n\n| stage | kind | state | time | key figures |\n|---|---|---|---|---|\n",
+        l.recipe.name
+    );
     let mut pictures = vec![];
     let mut last_model = None;
+    let mut total = 0.0;
     for (name, kind, state, dir, summary) in status(l)? {
-        md.push_str(&format!("| {name} | {kind:?} | {state} | {} |\n", key_figures(kind, &summary)));
+        let secs = read_manifest(&dir).and_then(|m| m.seconds);
+        total += secs.unwrap_or(0.0);
+        let time = secs.map_or("–".to_string(), duration);
+        md.push_str(&format!("| {name} | {kind:?} | {state} | {time} | {} |\n", key_figures(kind, &summary)));
         for png in ["loss.png", "rl.png", "winrate.png", "leaderboard.png"] {
             if dir.join(png).exists() {
                 pictures.push(format!("![{name} {png}]({name}/{png})"));
@@ -660,7 +688,7 @@ pub fn write_report(l: &Loaded) -> Result<()> {
             last_model = Some(dir.join("model"));
         }
     }
-    md.push('\n');
+    md.push_str(&format!("\nTotal time of the stage runs: {}.\n\n", duration(total)));
     for p in pictures {
         md.push_str(&format!("{p}\n\n"));
     }

@@ -309,6 +309,10 @@ pub fn key_figures(kind: Kind, s: &serde_json::Value) -> Vec<String> {
             if let Some(a) = s["overall"]["oracle_agreement"].as_f64() {
                 v.push(format!("agreement with the oracle {:.1}%", 100.0 * a));
             }
+            let o = &s["overall"]["oracle_score"];
+            if let (Some(c), Some(b)) = (o["candidate"].as_f64(), o["baseline"].as_f64()) {
+                v.push(format!("oracle accuracy {:.1}% vs {:.1}% (baseline)", 100.0 * c, 100.0 * b));
+            }
             v
         }
         Kind::Rl => {

@@ -80,7 +80,8 @@ fn recipe_runs_end_to_end_then_skips_complete_stages() {
         assert!(tmp.path().join("out").join(f).exists(), "{f}");
     }
     let report = std::fs::read_to_string(tmp.path().join("out/report.md")).unwrap();
-    assert!(report.contains("| sft | Sft | done |") && report.contains("win rate"), "{report}");
+    assert!(report.contains("| sft | Sft | done | ") && report.contains("win rate"), "{report}");
+    assert!(report.contains("Total time of the stage runs"), "{report}");
     // A second run does nothing.
     let again = align(&["run", &r]);
     let err = String::from_utf8_lossy(&again.stderr);

@@ -23,8 +23,11 @@
 //! hash of its text falls in the evaluation bucket, and the generators of
 //! the training sets never emit such prompts.
 //!
-//! Recipes address them as `builtin:KIND?n=N&seed=S&error_rate=E&categories=a,b`
-//! with KIND one of `sft`, `preferences`, `rl`, `eval` (see [`parse_spec`]).
+//! Recipes address them as
+//! `builtin:KIND?n=N&seed=S&error_rate=E&sloppy_rate=R&categories=a,b`
+//! with KIND one of `sft`, `preferences`, `rl`, `dev`, `eval`, `pretrain`
+//! (see [`parse_spec`]). `dev` prompts (for choosing among variants) are
+//! disjoint from both the training and the evaluation prompts.
 
 use crate::record::{Example, Message, Origin, Record};
 use anyhow::{bail, Context, Result};
@@ -38,7 +41,9 @@ use std::sync::Arc;
 pub const CATEGORIES: [&str; 7] =
     ["reverse", "sort_letters", "sort_numbers", "add", "count", "upper", "format"];
 
-const LETTERS: &[u8] = b"abcdefghijklmnopqrstuvwxyz";
+/// Items are drawn from ten letters, as numbers from ten digits: a small
+/// model learns to copy, reverse and sort them within the quickstart's budget.
+const LETTERS: &[u8] = b"abcdefghij";
 
 /// One task instance: a prompt, its category and the reference answer.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -149,17 +154,43 @@ fn fnv(s: &str) -> u64 {
     s.bytes().fold(0xcbf29ce484222325u64, |h, b| (h ^ b as u64).wrapping_mul(0x100000001b3))
 }
 
+/// The split a prompt belongs to, from a hash of its text: 1 in 8 prompts
+/// is held out for evaluation, another 1 in 8 for development (choosing
+/// among variants, as a sweep does), the rest are for training.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Split {
+    Train,
+    Dev,
+    Eval,
+}
+
+/// The [`Split`] of a prompt.
+pub fn split_of(prompt: &str) -> Split {
+    match fnv(prompt) % 8 {
+        0 => Split::Eval,
+        1 => Split::Dev,
+        _ => Split::Train,
+    }
+}
+
 /// Whether a prompt belongs to the held-out evaluation split (1 in 8).
 pub fn is_eval_prompt(prompt: &str) -> bool {
-    fnv(prompt) % 8 == 0
+    split_of(prompt) == Split::Eval
+}
+
+/// The right answer wrapped in chatter ("The answer is 7."): what a sloppy
+/// demonstrator writes, always in the same words, as a habit is. The oracle
+/// rejects it: the format is part of the task.
+pub fn sloppy(task: &Task) -> String {
+    format!("The answer is {}.", task.answer)
 }
 
 /// A wrong answer close to the right one: a swap, a dropped item, an
-/// off-by-one number, or a sloppy format (extra words).
+/// off-by-one number, or a sloppy format (extra words, see [`sloppy`]).
 pub fn corrupt(task: &Task, rng: &mut ChaCha8Rng) -> String {
     for _ in 0..8 {
         let cand = match rng.random_range(0..4) {
-            0 => format!("The answer is {}.", task.answer),
+            0 => sloppy(task),
             1 => match task.answer.parse::<i64>() {
                 Ok(n) => (n + if rng.random_bool(0.5) { 1 } else { -1 }).max(0).to_string(),
                 Err(_) => {
@@ -191,9 +222,16 @@ pub fn corrupt(task: &Task, rng: &mut ChaCha8Rng) -> String {
     format!("{} ?", task.answer)
 }
 
-/// `n` tasks from `categories` (round robin), training or evaluation split.
-pub fn tasks(n: usize, seed: u64, categories: &[&'static str], eval: bool) -> Vec<Task> {
-    let mut rng = ChaCha8Rng::seed_from_u64(seed ^ if eval { 0xe7a1 } else { 0x7a11 });
+/// `n` tasks from `categories` (round robin) in one split; the held-out
+/// splits have no repeated prompt.
+pub fn tasks(n: usize, seed: u64, categories: &[&'static str], split: Split) -> Vec<Task> {
+    let salt = match split {
+        Split::Train => 0x7a11,
+        Split::Dev => 0xde71,
+        Split::Eval => 0xe7a1,
+    };
+    let mut rng = ChaCha8Rng::seed_from_u64(seed ^ salt);
+    let held_out = split != Split::Train;
     let mut out = Vec::with_capacity(n);
     let mut seen = std::collections::HashSet::new();
     let mut tries = 0usize;
@@ -201,7 +239,7 @@ pub fn tasks(n: usize, seed: u64, categories: &[&'static str], eval: bool) -> Ve
         tries += 1;
         let cat = categories[out.len() % categories.len()];
         let t = make_task(cat, &mut rng);
-        if is_eval_prompt(&t.prompt) != eval || (eval && !seen.insert(t.prompt.clone())) {
+        if split_of(&t.prompt) != split || (held_out && !seen.insert(t.prompt.clone())) {
             continue;
         }
         out.push(t);
@@ -214,7 +252,7 @@ pub fn tasks(n: usize, seed: u64, categories: &[&'static str], eval: bool) -> Ve
 /// base model knows the items and the tasks but not the dialogue format.
 pub fn pretrain_text(n: usize, seed: u64) -> Vec<String> {
     let mut rng = ChaCha8Rng::seed_from_u64(seed ^ 0x9e77);
-    tasks(n, seed, &CATEGORIES, false)
+    tasks(n, seed, &CATEGORIES, Split::Train)
         .into_iter()
         .map(|t| {
             let ans = if rng.random_bool(0.3) { corrupt(&t, &mut rng) } else { t.answer.clone() };
@@ -231,22 +269,27 @@ pub struct BuiltinSpec {
     pub seed: u64,
     /// Fraction of SFT demonstrations that are wrong or sloppy.
     pub error_rate: f64,
+    /// Fraction of the other SFT demonstrations that give the right answer
+    /// wrapped in chatter ([`sloppy`]): a habit that imitation learns and
+    /// preferences can remove.
+    pub sloppy_rate: f64,
     pub categories: Vec<&'static str>,
 }
 
-/// Parses `builtin:KIND?n=N&seed=S&error_rate=E&categories=a,b`.
+/// Parses `builtin:KIND?n=N&seed=S&error_rate=E&sloppy_rate=R&categories=a,b`.
 pub fn parse_spec(spec: &str) -> Result<BuiltinSpec> {
     let rest =
         spec.strip_prefix("builtin:").with_context(|| format!("{spec:?} does not start with builtin:"))?;
     let (kind, query) = rest.split_once('?').unwrap_or((rest, ""));
-    if !matches!(kind, "sft" | "preferences" | "rl" | "eval" | "pretrain") {
-        bail!("{spec}: unknown built-in data {kind:?}; use sft, preferences, rl, eval or pretrain");
+    if !matches!(kind, "sft" | "preferences" | "rl" | "dev" | "eval" | "pretrain") {
+        bail!("{spec}: unknown built-in data {kind:?}; use sft, preferences, rl, dev, eval or pretrain");
     }
     let mut s = BuiltinSpec {
         kind: kind.to_string(),
         n: 1000,
         seed: 0,
         error_rate: 0.2,
+        sloppy_rate: 0.0,
         categories: CATEGORIES.to_vec(),
     };
     for kv in query.split('&').filter(|x| !x.is_empty()) {
@@ -261,6 +304,13 @@ pub fn parse_spec(spec: &str) -> Result<BuiltinSpec> {
                     bail!("{spec}: error_rate must be in [0, 1]");
                 }
             }
+            "sloppy_rate" => {
+                s.sloppy_rate =
+                    v.parse().with_context(|| format!("{spec}: sloppy_rate={v} is not a number"))?;
+                if !(0.0..=1.0).contains(&s.sloppy_rate) {
+                    bail!("{spec}: sloppy_rate must be in [0, 1]");
+                }
+            }
             "categories" => {
                 s.categories = v
                     .split(',')
@@ -271,7 +321,9 @@ pub fn parse_spec(spec: &str) -> Result<BuiltinSpec> {
                     })
                     .collect::<Result<_>>()?;
             }
-            other => bail!("{spec}: unknown parameter {other:?}; use n, seed, error_rate or categories"),
+            other => bail!(
+                "{spec}: unknown parameter {other:?}; use n, seed, error_rate, sloppy_rate or categories"
+            ),
         }
     }
     if s.n == 0 {
@@ -285,8 +337,12 @@ pub fn builtin_examples(spec: &str) -> Result<Vec<Example>> {
     let s = parse_spec(spec)?;
     let file: Arc<Path> = Arc::from(Path::new(spec));
     let mut rng = ChaCha8Rng::seed_from_u64(s.seed ^ 0x5f7);
-    let eval = s.kind == "eval";
-    let ts = tasks(s.n, s.seed, &s.categories, eval);
+    let split = match s.kind.as_str() {
+        "eval" => Split::Eval,
+        "dev" => Split::Dev,
+        _ => Split::Train,
+    };
+    let ts = tasks(s.n, s.seed, &s.categories, split);
     let examples = ts
         .into_iter()
         .enumerate()
@@ -294,8 +350,13 @@ pub fn builtin_examples(spec: &str) -> Result<Vec<Example>> {
             let prompt = vec![Message::user(t.prompt.clone())];
             let record = match s.kind.as_str() {
                 "sft" => {
-                    let ans =
-                        if rng.random_bool(s.error_rate) { corrupt(&t, &mut rng) } else { t.answer.clone() };
+                    let ans = if rng.random_bool(s.error_rate) {
+                        corrupt(&t, &mut rng)
+                    } else if rng.random_bool(s.sloppy_rate) {
+                        sloppy(&t)
+                    } else {
+                        t.answer.clone()
+                    };
                     Record::Conversation { messages: vec![prompt[0].clone(), Message::model(ans)] }
                 }
                 "preferences" => Record::Preference {
@@ -341,10 +402,14 @@ mod tests {
     #[test]
     fn eval_prompts_are_disjoint_from_training_prompts() {
         let train: std::collections::HashSet<String> =
-            tasks(3000, 5, &CATEGORIES, false).into_iter().map(|t| t.prompt).collect();
-        let eval = tasks(300, 5, &CATEGORIES, true);
-        assert_eq!(eval.len(), 300);
+            tasks(3000, 5, &CATEGORIES, Split::Train).into_iter().map(|t| t.prompt).collect();
+        let eval = tasks(300, 5, &CATEGORIES, Split::Eval);
+        let dev = tasks(300, 5, &CATEGORIES, Split::Dev);
+        assert_eq!((eval.len(), dev.len()), (300, 300));
         assert!(eval.iter().all(|t| !train.contains(&t.prompt) && is_eval_prompt(&t.prompt)));
+        assert!(dev.iter().all(|t| !train.contains(&t.prompt) && split_of(&t.prompt) == Split::Dev));
+        let dev_prompts: std::collections::HashSet<&str> = dev.iter().map(|t| t.prompt.as_str()).collect();
+        assert!(eval.iter().all(|t| !dev_prompts.contains(t.prompt.as_str())));
         // Every category is represented.
         for c in CATEGORIES {
             assert!(eval.iter().any(|t| t.category == c));
@@ -365,6 +430,19 @@ mod tests {
             })
             .count();
         assert!((5..=25).contains(&wrong), "{wrong} wrong demonstrations of 50 at rate 0.3");
+        // Sloppy demonstrations: the right answer in chatter, which the
+        // oracle rejects.
+        let chatty = builtin_examples("builtin:sft?n=200&seed=3&error_rate=0&sloppy_rate=0.5").unwrap();
+        let sloppy = chatty
+            .iter()
+            .filter(|e| {
+                let m = e.record.messages();
+                let want = reference(&m[0].content).unwrap().1;
+                m[1].content != want && m[1].content.contains(&want)
+            })
+            .count();
+        assert!((70..=130).contains(&sloppy), "{sloppy} sloppy demonstrations of 200 at rate 0.5");
+        assert!(parse_spec("builtin:sft?sloppy_rate=2").is_err());
         let p = builtin_examples("builtin:preferences?n=20&categories=add,count").unwrap();
         assert!(p.iter().all(|e| matches!(e.category.as_deref(), Some("add" | "count"))));
         assert!(parse_spec("builtin:nope").is_err());

@@ -316,6 +316,15 @@ fn mean(v: impl Iterator<Item = usize>) -> f64 {
     }
 }
 
+fn mean_f(v: impl Iterator<Item = f64>) -> f64 {
+    let (s, n) = v.fold((0.0, 0usize), |(s, n), x| (s + x, n + 1));
+    if n == 0 {
+        f64::NAN
+    } else {
+        s / n as f64
+    }
+}
+
 /// The statistics of one group of pairs (all, or one category).
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct GroupSummary {
@@ -333,10 +342,21 @@ pub struct GroupSummary {
     pub oracle_agreement: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub oracle_win_rate: Option<WinRate>,
+    /// The oracle's mean score of each side's answers on its own (accuracy
+    /// for the 0/1 built-in oracles).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub oracle_score: Option<SideScores>,
     /// Agreement with the human labels (share of judged, labelled pairs
     /// with the same outcome).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub human_agreement: Option<f64>,
+}
+
+/// A mean score for each side.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct SideScores {
+    pub candidate: f64,
+    pub baseline: f64,
 }
 
 /// One judged prompt.
@@ -352,6 +372,9 @@ pub struct Judgment {
     pub result: PairResult,
     /// The outcome with an oracle, when `--oracle` is given.
     pub oracle_outcome: Option<Outcome>,
+    /// The oracle's scores of the two answers on their own.
+    #[serde(skip)]
+    pub oracle_scores: Option<SideScores>,
     /// The outcome a person chose, when the prompts carry `human` labels.
     pub human_outcome: Option<Outcome>,
 }
@@ -369,6 +392,11 @@ pub fn summarize_group(js: &[&Judgment], resamples: usize, seed: u64) -> GroupSu
     } else {
         (None, None)
     };
+    let scored: Vec<SideScores> = js.iter().filter_map(|j| j.oracle_scores).collect();
+    let oracle_score = (!scored.is_empty()).then(|| SideScores {
+        candidate: mean_f(scored.iter().map(|s| s.candidate)),
+        baseline: mean_f(scored.iter().map(|s| s.baseline)),
+    });
     let human: Vec<bool> = js.iter().filter_map(|j| Some(j.result.outcome? == j.human_outcome?)).collect();
     let human_agreement = (!human.is_empty()).then(|| mean(human.iter().map(|&b| usize::from(b))));
     GroupSummary {
@@ -384,6 +412,7 @@ pub fn summarize_group(js: &[&Judgment], resamples: usize, seed: u64) -> GroupSu
         },
         oracle_agreement,
         oracle_win_rate,
+        oracle_score,
         human_agreement,
     }
 }
@@ -437,6 +466,23 @@ pub fn judge_answers(
         Some(name) => Some(judge_pairs(&OracleJudge::new(name)?, &pairs).context("scoring with the oracle")?),
         None => None,
     };
+    let oracle_scores = match oracle {
+        Some(name) => {
+            let o = crate::oracle::get_oracle(name)?;
+            let score = |p: &Pair, answer: &str| {
+                o.score(p.question, answer, p.reference)
+                    .with_context(|| format!("oracle {name} scoring an answer to {:?}", p.question))
+            };
+            let scores: Result<Vec<SideScores>> = pairs
+                .iter()
+                .map(|p| {
+                    Ok(SideScores { candidate: score(p, p.candidate)?, baseline: score(p, p.baseline)? })
+                })
+                .collect();
+            Some(scores?)
+        }
+        None => None,
+    };
     Ok(results
         .into_iter()
         .enumerate()
@@ -449,6 +495,7 @@ pub fn judge_answers(
             baseline: baseline[i].clone(),
             result,
             oracle_outcome: oracle_results.as_ref().and_then(|o| o[i].outcome),
+            oracle_scores: oracle_scores.as_ref().map(|o| o[i]),
             human_outcome: prompts[i].human,
         })
         .collect())
@@ -546,6 +593,14 @@ pub fn report_markdown(s: &Summary) -> String {
         "\n{} verdicts were unparseable and retried; {} stayed unparseable (their pairs are excluded, never guessed).\n",
         s.retried_verdicts, s.unparseable_verdicts
     ));
+    if let Some(o) = s.overall.oracle_score {
+        md.push_str(&format!(
+            "\nOracle score of the answers on their own (`{}`): candidate {}, baseline {}.\n",
+            s.oracle.as_deref().unwrap_or(""),
+            pct(o.candidate),
+            pct(o.baseline)
+        ));
+    }
     if let Some(h) = s.overall.human_agreement {
         md.push_str(&format!("\nAgreement with the human labels (`human` column): {:.1}%.\n", 100.0 * h));
     }

@@ -149,6 +149,8 @@ fn fixture_model_against_reference_answers() {
         b.to_str().unwrap(),
         "--judge",
         "oracle:exact",
+        "--oracle",
+        "exact",
         "--max-new-tokens",
         "6",
         "--batch-size",
@@ -160,6 +162,12 @@ fn fixture_model_against_reference_answers() {
     let s = summary(&out);
     assert_eq!(s["overall"]["win_rate"].as_f64(), Some(0.0), "{s}");
     assert_eq!(s["overall"]["n"].as_u64(), Some(6));
+    // Each side's oracle accuracy on its own: the references are all right,
+    // the random model's answers all wrong.
+    assert_eq!(s["overall"]["oracle_score"]["baseline"].as_f64(), Some(1.0), "{s}");
+    assert_eq!(s["overall"]["oracle_score"]["candidate"].as_f64(), Some(0.0), "{s}");
+    let md = std::fs::read_to_string(out.join("report.md")).unwrap();
+    assert!(md.contains("candidate 0.0%, baseline 100.0%"), "{md}");
 }
 
 #[test]

@@ -11,7 +11,7 @@
 use anyhow::{Context, Result};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
-use tch::{nn, Kind, Tensor};
+use tch::{nn, Tensor};
 
 /// FNV-1a of the name, mixed with the seed: the stream key of one tensor.
 fn stream_key(seed: u64, name: &str) -> u64 {
@@ -73,6 +73,7 @@ pub fn seeded_normal_like(like: &Tensor, std: f64, seed: u64, name: &str) -> Ten
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tch::Kind;
 
     #[test]
     fn draws_depend_on_seed_and_name_only() {
