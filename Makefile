@@ -62,10 +62,21 @@ build: $(STAMPS)/torch
 test: $(STAMPS)/torch
 	$(CARGO) test --release --workspace
 
-quickstart: build
+QS_MODEL := runs/quickstart/rl/model
+QS_PROMPT := Reverse: b a d g e
+
+# The main job: run the recipe, print its report, then check that the final
+# RL model answers the same, token for token, in align and in transformers.
+quickstart: build $(STAMPS)/pydeps
 	$(BIN) run recipes/quickstart.toml
 	cat runs/quickstart/report.md
-	$(BIN) generate --model runs/quickstart/rl/model --prompt "Reverse: g e m m a" --max-new-tokens 16 --device cpu --json
+	$(BIN) generate --model $(QS_MODEL) --prompt "$(QS_PROMPT)" --max-new-tokens 16 --device cpu --json \
+	  | tee runs/quickstart/answer.json \
+	  | $(PYTHON) -c 'import json,sys; d=json.load(sys.stdin); print(json.dumps({"prompt_ids": d["prompt_ids"], "token_ids": d["token_ids"]}))' > runs/quickstart/align-ids.json
+	$(PYTHON) scripts/check_hf_load.py $(QS_MODEL) "$(QS_PROMPT)" 16 > runs/quickstart/transformers-ids.json
+	@$(PYTHON) -c 'import json; d=json.load(open("runs/quickstart/answer.json")); print("align generate:", json.dumps({"prompt": "$(QS_PROMPT)", "answer": d["text"]}))'
+	cmp runs/quickstart/align-ids.json runs/quickstart/transformers-ids.json && \
+	  echo "quickstart: transformers loads $(QS_MODEL) and gives the same answer, token for token"
 
 bench: build $(STAMPS)/pydeps
 	$(BIN) bench generate --python $(PYTHON)

@@ -376,8 +376,9 @@ fn read_manifest(dir: &Path) -> Option<Manifest> {
 }
 
 /// The fully resolved description of a stage (what its hash covers): its
-/// own settings and inputs, and the hash of the stage before it, so that a
-/// change reruns that stage and every stage after it.
+/// own settings and inputs, the hash of the stage before it (so that a
+/// change reruns that stage and every stage after it), and the version of
+/// the built-in task generator (whose `builtin:` specs name data by seed).
 fn resolved(l: &Loaded, i: usize) -> Result<serde_json::Value> {
     let s = &l.recipe.stages[i];
     let data = s.data.as_ref().map(|d| l.recipe.data[d].clone());
@@ -385,7 +386,7 @@ fn resolved(l: &Loaded, i: usize) -> Result<serde_json::Value> {
     Ok(serde_json::json!({
         "stage": s, "data": data, "input_model": l.input_model(i), "seed": l.recipe.seed,
         "device": l.recipe.device, "tokenizer": l.recipe.tokenizer, "base_model": l.recipe.base_model,
-        "upstream": upstream,
+        "upstream": upstream, "builtin_data_version": datasets::tasks::GENERATOR_VERSION,
     }))
 }
 
@@ -630,6 +631,9 @@ pub fn run(l: &Loaded, opts: &RunOptions) -> Result<()> {
 
 /// Key figures of a stage summary for the report.
 fn key_figures(kind: Kind, s: &serde_json::Value) -> String {
+    if s.is_null() {
+        return String::new(); // not run, or stale
+    }
     let f = |k: &str| s.get(k).and_then(|v| v.as_f64()).map(|v| format!("{v:.4}"));
     let parts: Vec<String> = match kind {
         Kind::Tokenizer => vec![format!("vocab {}", s["vocab"])],

@@ -17,7 +17,8 @@
 //! byte-level tokenizer sees one token per item. From a seed the module makes
 //! plain text for pretraining, SFT demonstrations (imperfect, as human
 //! demonstrations are: a fraction wrong or sloppy), preference pairs (the
-//! correct answer chosen over a corrupted or sloppy one), RL prompts and
+//! correct answer chosen over a corrupted or sloppy one, or any answer over
+//! a non-answer), RL prompts and
 //! held-out evaluation prompts. Evaluation prompts are disjoint from every
 //! training prompt: a prompt belongs to the evaluation split exactly when a
 //! hash of its text falls in the evaluation bucket, and the generators of
@@ -36,6 +37,11 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use std::path::Path;
 use std::sync::Arc;
+
+/// The version of the generator: a `builtin:` spec names its data by seed,
+/// so a change to what a seed generates bumps this, and the recipe runner
+/// (whose stage hashes include it) reruns the stages that used the old data.
+pub const GENERATOR_VERSION: u32 = 2;
 
 /// The task categories, in a fixed order.
 pub const CATEGORIES: [&str; 7] =
@@ -185,8 +191,20 @@ pub fn sloppy(task: &Task) -> String {
     format!("The answer is {}.", task.answer)
 }
 
-/// A wrong answer close to the right one: a swap, a dropped item, an
-/// off-by-one number, or a sloppy format (extra words, see [`sloppy`]).
+/// Not an answer at all: what an untuned model says to a question it has
+/// never seen in dialogue form (a stray symbol, the question continued in
+/// the pretraining format, or dots).
+pub fn non_answer(task: &Task, rng: &mut ChaCha8Rng) -> String {
+    match rng.random_range(0..4) {
+        0 => "]".to_string(),
+        1 => format!("= {}", task.answer.split(' ').next().unwrap_or("?")),
+        2 => task.prompt.split(':').next().unwrap_or("?").to_string(),
+        _ => "...".to_string(),
+    }
+}
+
+/// A wrong answer close to the right one: a swap, a dropped or repeated
+/// item, an off-by-one number, or a sloppy format (extra words, see [`sloppy`]).
 pub fn corrupt(task: &Task, rng: &mut ChaCha8Rng) -> String {
     for _ in 0..8 {
         let cand = match rng.random_range(0..4) {
@@ -203,9 +221,12 @@ pub fn corrupt(task: &Task, rng: &mut ChaCha8Rng) -> String {
                 }
             },
             2 => {
+                // A dropped or a repeated item: length alone does not tell.
                 let mut v: Vec<&str> = task.answer.split(' ').collect();
-                if v.len() > 1 {
+                if v.len() > 1 && rng.random_bool(0.5) {
                     v.pop();
+                } else if let Some(&last) = v.last() {
+                    v.push(last);
                 }
                 v.join(" ")
             }
@@ -359,12 +380,23 @@ pub fn builtin_examples(spec: &str) -> Result<Vec<Example>> {
                     };
                     Record::Conversation { messages: vec![prompt[0].clone(), Message::model(ans)] }
                 }
-                "preferences" => Record::Preference {
-                    prompt,
-                    chosen: vec![Message::model(t.answer.clone())],
-                    rejected: vec![Message::model(corrupt(&t, &mut rng))],
-                    margin: None,
-                },
+                "preferences" => {
+                    // One pair in five ranks an answer (bare or in chatter)
+                    // above a non-answer; the rest, the right answer above a
+                    // close miss.
+                    let (chosen, rejected) = if rng.random_bool(0.2) {
+                        let chosen = if rng.random_bool(0.5) { sloppy(&t) } else { t.answer.clone() };
+                        (chosen, non_answer(&t, &mut rng))
+                    } else {
+                        (t.answer.clone(), corrupt(&t, &mut rng))
+                    };
+                    Record::Preference {
+                        prompt,
+                        chosen: vec![Message::model(chosen)],
+                        rejected: vec![Message::model(rejected)],
+                        margin: None,
+                    }
+                }
                 "pretrain" => Record::Conversation {
                     messages: vec![prompt[0].clone(), Message::model(t.answer.clone())],
                 },
