@@ -25,6 +25,15 @@ held_out = { fraction = 0.1 }
 [[data.sft.sources]]
 name = "tasks"
 path = "builtin:sft?n=100&seed=3"
+[data.prefs]
+held_out = { fraction = 0.2 }
+[[data.prefs.sources]]
+name = "tasks"
+path = "builtin:preferences?n=40&seed=4"
+[data.prompts]
+[[data.prompts.sources]]
+name = "tasks"
+path = "builtin:rl?n=16&seed=5"
 [[stages]]
 name = "tokenizer"
 kind = "tokenizer"
@@ -51,11 +60,24 @@ judge = "oracle:tasks"
 max_new_tokens = 8
 variants = [{ name = "lr-low", set = { "optim.lr" = 1e-4 } }, { name = "lr-high", set = { "optim.lr" = 3e-3 }, weights = { tasks = 2.0 } }]
 [[stages]]
+name = "rm"
+kind = "reward"
+data = "prefs"
+from = "sft"
+config = { max_seq_len = 48, batch_size = 8, max_steps = 2 }
+[[stages]]
+name = "rl"
+kind = "rl"
+from = "sft"
+data = "prompts"
+reward = "rm"
+config = { steps = 2, batch_size = 4, num_samples = 2, max_new_tokens = 6, eval_every = 0 }
+[[stages]]
 name = "judge"
 kind = "judge"
-candidate = "sft"
-baseline = "base"
-config = { prompts = "builtin:eval?n=14&seed=6", judge = "oracle:tasks", max_new_tokens = 8 }
+candidate = "rl"
+baseline = "sft"
+config = { prompts = "builtin:eval?n=14&seed=6", judge = "reward:rm", oracle = "tasks", max_new_tokens = 8 }
 "#;
 
 fn write(dir: &Path, text: &str) -> String {
@@ -74,6 +96,8 @@ fn recipe_runs_end_to_end_then_skips_complete_stages() {
         "tokenizer.json",
         "base/model/config.json",
         "sft/model/model.safetensors",
+        "rm/model/model.safetensors",
+        "rl/model/model.safetensors",
         "judge/summary.json",
         "report.md",
     ] {
@@ -82,17 +106,22 @@ fn recipe_runs_end_to_end_then_skips_complete_stages() {
     let report = std::fs::read_to_string(tmp.path().join("out/report.md")).unwrap();
     assert!(report.contains("| sft | Sft | done | ") && report.contains("win rate"), "{report}");
     assert!(report.contains("Total time of the stage runs"), "{report}");
+    assert!(report.contains("| rm | Reward | done | ") && report.contains("held-out accuracy"), "{report}");
+    assert!(report.contains("| rl | Rl | done | ") && report.contains("agreement with the oracle"), "{report}");
+    assert!(report.contains("oracle accuracy"), "{report}");
     // A second run does nothing.
     let again = align(&["run", &r]);
     let err = String::from_utf8_lossy(&again.stderr);
-    assert!(again.status.success() && err.matches("done, skipped").count() == 5, "{err}");
+    assert!(again.status.success() && err.matches("done, skipped").count() == 7, "{err}");
     // Changing a stage's setting makes it and the stages after it stale,
     // not the ones before; --stage runs it alone.
     let status = align(&["status", &r, "--set", "sft.max_steps=4"]);
     let text = String::from_utf8_lossy(&status.stdout);
     let state = |name: &str| text.lines().find(|l| l.starts_with(name)).unwrap().to_string();
     assert!(state("base").contains("done") && state("tokenizer").contains("done"), "{text}");
-    assert!(state("sft").contains("stale") && state("judge").contains("stale"), "{text}");
+    for later in ["sft", "sweep", "rm", "rl", "judge"] {
+        assert!(state(later).contains("stale"), "{later}: {text}");
+    }
     let rerun = align(&["run", &r, "--stage", "sft", "--set", "sft.max_steps=4"]);
     assert!(rerun.status.success(), "{}", String::from_utf8_lossy(&rerun.stderr));
     let summary: serde_json::Value =
@@ -109,7 +138,7 @@ fn bad_references_and_keys_are_caught_before_anything_runs() {
     let tmp = tempfile::tempdir().unwrap();
     let cases = [
         (
-            RECIPE.replace("candidate = \"sft\"", "candidate = \"nope\""),
+            RECIPE.replace("candidate = \"rl\"", "candidate = \"nope\""),
             "candidate = \"nope\" names no stage",
         ),
         (RECIPE.replace("data = \"sft\"", "data = \"missing\""), "data = \"missing\" is not in [data]"),

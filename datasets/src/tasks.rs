@@ -431,6 +431,31 @@ mod tests {
         assert_eq!(check("What is love?", "x"), None);
     }
 
+    /// Regression: close misses only ever dropped an item, so a reward
+    /// model learned "longer is better" and RL learned to repeat the last
+    /// item. Misses are now longer as often as shorter.
+    #[test]
+    fn close_misses_are_not_told_apart_by_length() {
+        let mut rng = ChaCha8Rng::seed_from_u64(9);
+        let (mut longer, mut shorter) = (0, 0);
+        for _ in 0..400 {
+            let t = make_task("reverse", &mut rng);
+            let miss = corrupt(&t, &mut rng);
+            if miss.starts_with("The answer") {
+                continue;
+            }
+            let (n, m) = (t.answer.split(' ').count(), miss.split(' ').count());
+            longer += usize::from(m > n);
+            shorter += usize::from(m < n);
+        }
+        assert!(longer > 30 && shorter > 30, "{longer} longer, {shorter} shorter");
+        // Non-answers are never empty (a reward row needs text on both sides).
+        for _ in 0..50 {
+            let t = make_task("add", &mut rng);
+            assert!(!non_answer(&t, &mut rng).trim().is_empty());
+        }
+    }
+
     #[test]
     fn eval_prompts_are_disjoint_from_training_prompts() {
         let train: std::collections::HashSet<String> =
