@@ -107,7 +107,10 @@ fn recipe_runs_end_to_end_then_skips_complete_stages() {
     assert!(report.contains("| sft | Sft | done | ") && report.contains("win rate"), "{report}");
     assert!(report.contains("Total time of the stage runs"), "{report}");
     assert!(report.contains("| rm | Reward | done | ") && report.contains("held-out accuracy"), "{report}");
-    assert!(report.contains("| rl | Rl | done | ") && report.contains("agreement with the oracle"), "{report}");
+    assert!(
+        report.contains("| rl | Rl | done | ") && report.contains("agreement with the oracle"),
+        "{report}"
+    );
     assert!(report.contains("oracle accuracy"), "{report}");
     // A second run does nothing.
     let again = align(&["run", &r]);
@@ -137,10 +140,7 @@ fn recipe_runs_end_to_end_then_skips_complete_stages() {
 fn bad_references_and_keys_are_caught_before_anything_runs() {
     let tmp = tempfile::tempdir().unwrap();
     let cases = [
-        (
-            RECIPE.replace("candidate = \"rl\"", "candidate = \"nope\""),
-            "candidate = \"nope\" names no stage",
-        ),
+        (RECIPE.replace("candidate = \"rl\"", "candidate = \"nope\""), "candidate = \"nope\" names no stage"),
         (RECIPE.replace("data = \"sft\"", "data = \"missing\""), "data = \"missing\" is not in [data]"),
         (RECIPE.replace("seed = 1", "seed = 1\nsed = 2"), "unknown field `sed`"),
         (RECIPE.replace("preset = \"tiny\"", "preset = \"huge\""), "unknown model preset"),
