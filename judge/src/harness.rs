@@ -637,11 +637,31 @@ pub fn write_outputs(out: &Path, js: &[Judgment], s: &Summary) -> Result<()> {
     bars.push(lm::plot::Bar { label: "overall".into(), value: o.win_rate, lo: o.lo, hi: o.hi });
     lm::plot::bar_chart(
         &out.join("winrate.png"),
-        &format!("{} vs {} (judge {})", s.candidate, s.baseline, s.judge),
+        &format!(
+            "{} vs {} (judge {})",
+            short_name(&s.candidate),
+            short_name(&s.baseline),
+            short_name(&s.judge)
+        ),
         "candidate win rate",
         &bars,
         Some(0.5),
     )
+}
+
+/// A model's short name for a picture's title: `runs/q/rl/model` → `rl`,
+/// `reward:runs/q/judge-rm/model` → `reward:judge-rm`, a file → its name.
+fn short_name(name: &str) -> String {
+    let (prefix, path) = match name.split_once(':') {
+        Some((p, rest)) if !p.contains('/') => (format!("{p}:"), rest),
+        _ => (String::new(), name),
+    };
+    let path = Path::new(path.trim_end_matches('/'));
+    let base = if path.file_name().is_some_and(|f| f == "model") { path.parent() } else { Some(path) };
+    match base.and_then(|b| b.file_name()) {
+        Some(f) => format!("{prefix}{}", f.to_string_lossy()),
+        None => name.to_string(),
+    }
 }
 
 fn verdict_str(v: Option<crate::verdict::Verdict>) -> Option<String> {
@@ -776,4 +796,15 @@ pub fn cli_judge(args: JudgeArgs) -> Result<()> {
     );
     eprintln!("wrote {}", args.out.display());
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn picture_titles_use_short_model_names() {
+        assert_eq!(super::short_name("recipes/../runs/quickstart/rl/model"), "rl");
+        assert_eq!(super::short_name("reward:runs/q/judge-rm/model/"), "reward:judge-rm");
+        assert_eq!(super::short_name("answers/base.jsonl"), "base.jsonl");
+        assert_eq!(super::short_name("oracle:tasks"), "oracle:tasks");
+    }
 }
