@@ -429,19 +429,21 @@ pub(crate) fn parse_row(
                     "has no model/assistant turn to train on (for prompts only, read the file with kind = \"prompt_only\")",
                 ));
             }
+            check_turn_order(&[Part::list("messages", &messages, 0)])?;
             Record::Conversation { messages }
         }
         RecordKind::PromptCompletion => parse_prompt_completion(row)?,
         RecordKind::Preference => parse_preference(row)?,
         RecordKind::PromptOnly => {
-            let prompt = if let Some(v) = present(row, "prompt") {
-                prompt_value(v, "prompt")?
+            let (prompt, field, listed) = if let Some(v) = present(row, "prompt") {
+                (prompt_value(v, "prompt")?, "prompt", !is_plain_text(v))
             } else if let Some(v) = present(row, "messages") {
                 let messages = message_list(v, "messages")?;
+                check_turn_order(&[Part::list("messages", &messages, 0)])?;
                 let (prompt, _) = split_last_response(&messages);
-                prompt.to_vec()
+                (prompt.to_vec(), "messages", true)
             } else if present(row, "instruction").is_some() {
-                vec![Message::user(alpaca_prompt(row)?)]
+                (vec![Message::user(alpaca_prompt(row)?)], "instruction", false)
             } else {
                 return Err(FieldError::row(
                     "expected a `prompt`, `messages` or `instruction` field, found none",
@@ -450,6 +452,9 @@ pub(crate) fn parse_row(
             if prompt.is_empty() || prompt.iter().all(|m| m.content.trim().is_empty()) {
                 return Err(FieldError::at("prompt", "expected a non-empty prompt"));
             }
+            let part = if listed { Part::list(field, &prompt, 0) } else { Part::text(field, &prompt) };
+            check_turn_order(&[part])?;
+            check_ends_with_user(part)?;
             Record::PromptOnly { prompt }
         }
     };
@@ -486,6 +491,93 @@ fn text<'a>(v: &'a Value, field: &str) -> Result<&'a str, FieldError> {
 }
 
 const ROLES: &[&str] = &[ROLE_USER, ROLE_ASSISTANT, ROLE_MODEL, ROLE_SYSTEM];
+
+/// A field's value that is one plain text (not a message list in JSON).
+fn is_plain_text(v: &Value) -> bool {
+    matches!(v, Value::String(s) if !looks_like_message_list(s))
+}
+
+/// Messages that came from one field of the row, for turn-order checks.
+#[derive(Clone, Copy)]
+struct Part<'a> {
+    field: &'a str,
+    messages: &'a [Message],
+    /// Index of the first message within the field's list; `None` when the
+    /// field held plain text (one message).
+    offset: Option<usize>,
+}
+
+impl<'a> Part<'a> {
+    fn list(field: &'a str, messages: &'a [Message], offset: usize) -> Self {
+        Part { field, messages, offset: Some(offset) }
+    }
+
+    fn text(field: &'a str, messages: &'a [Message]) -> Self {
+        Part { field, messages, offset: None }
+    }
+
+    /// Where message `j` of this part sits, e.g. `messages[2].role`.
+    fn role_field(&self, j: usize) -> String {
+        match self.offset {
+            Some(o) => format!("{}[{}].role", self.field, o + j),
+            None => self.field.to_string(),
+        }
+    }
+}
+
+/// Checks that `parts`, read in order as one dialogue, follow the order the
+/// Gemma formatter needs: an optional system message first, then user and
+/// model turns alternating, starting with user. The error names the field
+/// and the message index, and says which role was expected.
+fn check_turn_order(parts: &[Part<'_>]) -> Result<(), FieldError> {
+    const RULE: &str =
+        "turns must alternate user, model, user, … starting with user, after an optional first system message";
+    let (mut pos, mut turn) = (0usize, 0usize);
+    for part in parts {
+        for (j, m) in part.messages.iter().enumerate() {
+            if m.role == ROLE_SYSTEM {
+                if pos != 0 {
+                    return Err(FieldError::at(
+                        &part.role_field(j),
+                        format!("expected a {} turn, found a system message; a system message may only come first ({RULE})",
+                            if turn % 2 == 0 { "user" } else { "model/assistant" }),
+                    ));
+                }
+            } else {
+                let want_user = turn % 2 == 0;
+                if want_user != (m.role == ROLE_USER) {
+                    let (want, what) = if want_user {
+                        ("a user", if turn == 0 { "the first turn" } else { "a model turn" })
+                    } else {
+                        ("a model/assistant", "a user turn")
+                    };
+                    let after = if turn == 0 { format!("as {what}") } else { format!("after {what}") };
+                    return Err(FieldError::at(
+                        &part.role_field(j),
+                        format!("expected {want} turn {after}, found {:?} ({RULE})", m.role),
+                    ));
+                }
+                turn += 1;
+            }
+            pos += 1;
+        }
+    }
+    Ok(())
+}
+
+/// A prompt for generation ends with the user's turn (the model answers it).
+fn check_ends_with_user(part: Part<'_>) -> Result<(), FieldError> {
+    match part.messages.last() {
+        Some(m) if m.role != ROLE_USER => Err(FieldError::at(
+            &part.role_field(part.messages.len() - 1),
+            format!(
+                "expected the prompt to end with a user turn for the model to answer, found {:?}",
+                m.role
+            ),
+        )),
+        _ => Ok(()),
+    }
+}
 
 /// A list of {role, content} objects. A string holding such a list as JSON
 /// (as CSV files carry it) is accepted too.
@@ -624,13 +716,25 @@ fn parse_prompt_completion(row: &Map<String, Value>) -> Result<Record, FieldErro
             .unwrap_or("completion");
         return Err(FieldError::at(named, "expected the response text, found null or nothing"));
     };
-    let completion = response_value(required(row, field)?, field)?;
+    let completion_value = required(row, field)?;
+    let completion = response_value(completion_value, field)?;
     if prompt.is_empty() || prompt.iter().all(|m| m.content.trim().is_empty()) {
         return Err(FieldError::at("prompt", "expected a non-empty prompt"));
     }
     if completion.is_empty() || completion.iter().all(|m| m.content.trim().is_empty()) {
         return Err(FieldError::at(field, "expected a non-empty response"));
     }
+    let prompt_part = match present(row, "prompt") {
+        Some(v) if !is_plain_text(v) => Part::list("prompt", &prompt, 0),
+        Some(_) => Part::text("prompt", &prompt),
+        None => Part::text("instruction", &prompt),
+    };
+    let completion_part = if is_plain_text(completion_value) {
+        Part::text(field, &completion)
+    } else {
+        Part::list(field, &completion, 0)
+    };
+    check_turn_order(&[prompt_part, completion_part])?;
     Ok(Record::PromptCompletion { prompt, completion })
 }
 
@@ -724,6 +828,10 @@ fn parse_preference(row: &Map<String, Value>) -> Result<Record, FieldError> {
     } else {
         (Vec::new(), chosen, rejected)
     };
+    // Where each part sits in its field, for turn-order errors.
+    let shared = prompt.len();
+    let prompt_field = present(row, "prompt");
+    let prompt_from_field = prompt.is_empty();
     if prompt.is_empty() {
         prompt = prompt_value(
             required(row, "prompt").map_err(|_| {
@@ -757,6 +865,18 @@ fn parse_preference(row: &Map<String, Value>) -> Result<Record, FieldError> {
     }
     if prompt.iter().all(|m| m.content.trim().is_empty()) {
         return Err(FieldError::at("prompt", "expected a non-empty prompt"));
+    }
+    for (side, msgs, full) in [("chosen", &chosen, chosen_full), ("rejected", &rejected, rejected_full)] {
+        let prompt_part = if !prompt_from_field {
+            // Taken from the shared turns at the start of both sides.
+            Part::list(side, &prompt, 0)
+        } else if prompt_field.is_some_and(|v| !is_plain_text(v)) {
+            Part::list("prompt", &prompt, 0)
+        } else {
+            Part::text("prompt", &prompt)
+        };
+        let side_part = if full { Part::list(side, msgs, shared) } else { Part::text(side, msgs) };
+        check_turn_order(&[prompt_part, side_part])?;
     }
     Ok(Record::Preference { prompt, chosen, rejected, margin })
 }

@@ -473,3 +473,120 @@ fn read_options_parse_from_config_and_reject_unknown_keys() {
     assert!(e.to_string().contains("unknown field `on_bad_rows`"), "{e}");
     assert!(serde_json::from_str::<ReadOptions>(r#"{"on_bad_row": "ignore"}"#).is_err());
 }
+
+#[test]
+fn roles_out_of_order_are_bad_rows_naming_the_message() {
+    let dir = tempdir().unwrap();
+    let m = |role: &str, content: &str| serde_json::json!({"role": role, "content": content});
+    let rows = [
+        // Line 1: fine, with a system message first.
+        serde_json::json!({"messages": [m("system", "s"), m("user", "q"), m("assistant", "a")]}),
+        // Line 2: two user turns in a row.
+        serde_json::json!({"messages": [m("user", "q"), m("user", "q again"), m("model", "a")]}),
+        // Line 3: a system message that is not first.
+        serde_json::json!({"messages": [m("user", "q"), m("system", "s"), m("model", "a")]}),
+        // Line 4: the first non-system turn is the model's.
+        serde_json::json!({"messages": [m("system", "s"), m("model", "a"), m("user", "q")]}),
+        // Line 5: two model turns in a row.
+        serde_json::json!({"messages": [m("user", "q"), m("model", "a"), m("assistant", "b")]}),
+        // Line 6: fine, two rounds.
+        serde_json::json!({"messages": [m("user", "q"), m("model", "a"), m("user", "q2"), m("model", "b")]}),
+    ];
+    let text: String = rows.iter().map(|r| format!("{r}\n")).collect();
+    let p = write(dir.path(), "order.jsonl", &text);
+
+    // Failing: the first bad row, with file, line, field, index and expectation.
+    let e = err(&p, &opts());
+    assert!(e.contains("order.jsonl"), "{e}");
+    assert!(
+        e.contains("line 2, field `messages[1].role`: expected a model/assistant turn after a user turn, found \"user\""),
+        "{e}"
+    );
+    assert!(e.contains("on_bad_row = \"skip\""), "{e}");
+
+    // Skipping: every bad row is skipped, counted and named.
+    let d = read_dataset(&p, &skip()).unwrap();
+    assert_eq!(d.report.rows, 6);
+    assert_eq!(d.examples.len(), 2);
+    assert_eq!(d.examples.iter().map(|e| e.origin.row).collect::<Vec<_>>(), vec![1, 6]);
+    let found: Vec<(usize, Option<&str>)> =
+        d.report.skipped.iter().map(|b| (b.number, b.field.as_deref())).collect();
+    assert_eq!(
+        found,
+        vec![
+            (2, Some("messages[1].role")),
+            (3, Some("messages[1].role")),
+            (4, Some("messages[1].role")),
+            (5, Some("messages[2].role")),
+        ]
+    );
+    let why: Vec<&str> = d.report.skipped.iter().map(|b| b.message.as_str()).collect();
+    assert!(why[1].contains("a system message may only come first"), "{}", why[1]);
+    assert!(why[2].contains("expected a user turn as the first turn, found \"model\""), "{}", why[2]);
+    assert!(why[3].contains("expected a user turn after a model turn, found \"assistant\""), "{}", why[3]);
+    let shown = d.report.to_string();
+    assert!(shown.contains("4 bad rows skipped"), "{shown}");
+    // Every kept row renders: the turn order the formatter needs holds.
+    for ex in &d.examples {
+        let roles: Vec<String> = ex.record.messages().iter().map(|m| m.role.clone()).collect();
+        let turns: Vec<&String> = roles.iter().filter(|r| *r != "system").collect();
+        for (i, r) in turns.iter().enumerate() {
+            assert_eq!(i % 2 == 0, *r == "user", "{roles:?}");
+        }
+    }
+}
+
+#[test]
+fn roles_out_of_order_in_prompts_and_pairs_are_bad_rows() {
+    let dir = tempdir().unwrap();
+    let m = |role: &str, content: &str| serde_json::json!({"role": role, "content": content});
+    // A prompt list that ends with the model's turn, then a text completion.
+    let pc = serde_json::json!({"prompt": [m("user", "q"), m("model", "a")], "completion": "b"});
+    let p = write(dir.path(), "pc.jsonl", &format!("{pc}\n"));
+    let e = err(&p, &opts());
+    assert!(
+        e.contains("line 1, field `completion`: expected a user turn after a model turn, found \"model\""),
+        "{e}"
+    );
+
+    // Preference lists whose shared prompt has two user turns in a row.
+    let pair = serde_json::json!({
+        "chosen": [m("user", "q"), m("user", "q"), m("assistant", "good")],
+        "rejected": [m("user", "q"), m("user", "q"), m("assistant", "bad")],
+    });
+    let good = serde_json::json!({"prompt": "q", "chosen": "good", "rejected": "bad"});
+    let p = write(dir.path(), "pairs.jsonl", &format!("{good}\n{pair}\n"));
+    let e = err(&p, &opts());
+    assert!(
+        e.contains("line 2, field `chosen[1].role`: expected a model/assistant turn after a user turn"),
+        "{e}"
+    );
+    let d = read_dataset(&p, &skip()).unwrap();
+    assert_eq!((d.examples.len(), d.report.skipped.len()), (1, 1));
+
+    // HH-RLHF transcripts with two Human turns in a row.
+    let hh = serde_json::json!({
+        "chosen": "\n\nHuman: a\n\nHuman: b\n\nAssistant: yes",
+        "rejected": "\n\nHuman: a\n\nHuman: b\n\nAssistant: no",
+    });
+    let p = write(dir.path(), "hh.jsonl", &format!("{hh}\n"));
+    let e = err(&p, &opts());
+    assert!(e.contains("field `chosen[1].role`"), "{e}");
+
+    // Prompts for generation end with the user's turn.
+    let prompts = [
+        serde_json::json!({"prompt": [m("user", "q"), m("model", "a")]}),
+        serde_json::json!({"prompt": [m("system", "s"), m("user", "q")]}),
+        serde_json::json!({"prompt": [m("model", "a"), m("user", "q")]}),
+    ];
+    let text: String = prompts.iter().map(|r| format!("{r}\n")).collect();
+    let p = write(dir.path(), "prompts.jsonl", &text);
+    let o = ReadOptions { kind: Some(RecordKind::PromptOnly), on_bad_row: OnBadRow::Skip, ..opts() };
+    let d = read_dataset(&p, &o).unwrap();
+    assert_eq!(d.examples.len(), 1);
+    assert_eq!(d.examples[0].origin.row, 2);
+    let found: Vec<(usize, Option<&str>)> =
+        d.report.skipped.iter().map(|b| (b.number, b.field.as_deref())).collect();
+    assert_eq!(found, vec![(1, Some("prompt[1].role")), (3, Some("prompt[0].role"))]);
+    assert!(d.report.skipped[0].message.contains("end with a user turn"), "{}", d.report.skipped[0].message);
+}
