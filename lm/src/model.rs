@@ -13,7 +13,7 @@
 //! - LM head tied to the embedding matrix.
 
 use crate::config::GemmaConfig;
-use anyhow::{ensure, Result};
+use anyhow::{ensure, Context, Result};
 use tch::{nn, nn::Module, Device, Kind, Tensor};
 
 /// `Linear` without bias; weight [out, in] named `weight`.
@@ -142,7 +142,8 @@ impl Attention {
     }
 
     /// `x` (B, T, H); `mask` (B, 1, T, S) bool, true = may attend, or None for
-    /// plain causal attention without a cache.
+    /// plain causal attention without a cache. A badly shaped input is an
+    /// error naming the shapes, never a panic (the checks read sizes only).
     pub fn forward(
         &self,
         x: &Tensor,
@@ -150,23 +151,40 @@ impl Attention {
         sin: &Tensor,
         mask: Option<&Tensor>,
         cache: Option<(&mut (Tensor, Tensor), i64)>,
-    ) -> Tensor {
-        let (b, t, _) = x.size3().expect("attention input is (B, T, H)");
+    ) -> Result<Tensor> {
+        let (b, t, h) = x.size3().map_err(|_| {
+            anyhow::anyhow!("attention input must be (batch, time, hidden), got shape {:?}", x.size())
+        })?;
+        let hidden = self.q_proj.weight.size()[1];
+        ensure!(
+            h == hidden,
+            "attention input has hidden size {h}, the layer expects {hidden} (input shape {:?})",
+            x.size()
+        );
         let d = self.head_dim;
-        let q = self.q_proj.forward(x).view([b, t, self.n_heads, d]).transpose(1, 2); // (B, NH, T, D)
-        let k = self.k_proj.forward(x).view([b, t, self.n_kv, d]).transpose(1, 2); // (B, KVH, T, D)
-        let v = self.v_proj.forward(x).view([b, t, self.n_kv, d]).transpose(1, 2); // (B, KVH, T, D)
+        let q = self.q_proj.forward(x).f_view([b, t, self.n_heads, d])?.transpose(1, 2); // (B, NH, T, D)
+        let k = self.k_proj.forward(x).f_view([b, t, self.n_kv, d])?.transpose(1, 2); // (B, KVH, T, D)
+        let v = self.v_proj.forward(x).f_view([b, t, self.n_kv, d])?.transpose(1, 2); // (B, KVH, T, D)
         let q = apply_rope(&q, cos, sin);
         let k = apply_rope(&k, cos, sin);
         let (k, v) = match cache {
             Some((kv, start)) => {
-                kv.0.narrow(2, start, t).copy_(&k);
-                kv.1.narrow(2, start, t).copy_(&v);
-                (kv.0.narrow(2, 0, start + t), kv.1.narrow(2, 0, start + t)) // (B, KVH, S, D)
+                kv.0.f_narrow(2, start, t)?.f_copy_(&k)?;
+                kv.1.f_narrow(2, start, t)?.f_copy_(&v)?;
+                (kv.0.f_narrow(2, 0, start + t)?, kv.1.f_narrow(2, 0, start + t)?)
+                // (B, KVH, S, D)
             }
             None => (k, v),
         };
         let s = k.size()[2];
+        if let Some(m) = mask {
+            let ms = m.size();
+            let fits = |got: i64, want: i64| got == want || got == 1;
+            ensure!(
+                ms.len() == 4 && fits(ms[0], b) && fits(ms[1], self.n_heads) && fits(ms[2], t) && ms[3] == s,
+                "attention mask must be (B, 1, T, S) = ({b}, 1, {t}, {s}) or broadcast to it, got {ms:?}"
+            );
+        }
         let rep = self.n_heads / self.n_kv;
         let (k, v) = if rep == 1 {
             (k, v)
@@ -179,13 +197,13 @@ impl Attention {
         };
         let scale = 1.0 / (d as f64).sqrt();
         let y = match mask {
-            Some(m) => Tensor::scaled_dot_product_attention(&q, &k, &v, Some(m), 0.0, false, scale, false),
+            Some(m) => Tensor::f_scaled_dot_product_attention(&q, &k, &v, Some(m), 0.0, false, scale, false)?,
             None => {
-                Tensor::scaled_dot_product_attention::<Tensor>(&q, &k, &v, None, 0.0, t > 1, scale, false)
+                Tensor::f_scaled_dot_product_attention::<Tensor>(&q, &k, &v, None, 0.0, t > 1, scale, false)?
             }
         }; // (B, NH, T, D)
         let y = y.transpose(1, 2).reshape([b, t, self.n_heads * d]); // (B, T, NH*D)
-        self.o_proj.forward(&y)
+        Ok(self.o_proj.forward(&y))
     }
 }
 
@@ -325,7 +343,8 @@ impl Gemma {
         for (i, layer) in self.model.layers.iter().enumerate() {
             let h = layer.input_layernorm.forward(&x);
             let kv = cache.as_mut().map(|c| (&mut c.layers[i], start));
-            let h = layer.self_attn.forward(&h, &cos, &sin, mask, kv);
+            let h =
+                layer.self_attn.forward(&h, &cos, &sin, mask, kv).with_context(|| format!("layer {i}"))?;
             x = x.f_add(&h)?; // residual (not in place: autograd keeps x)
             let h = layer.mlp.forward(&layer.post_attention_layernorm.forward(&x));
             x = x.f_add(&h)?; // residual (not in place: autograd keeps x)
@@ -367,4 +386,34 @@ pub fn padded_causal_mask(valid: &Tensor, t: i64) -> Result<Tensor> {
     let keys = valid.to_kind(Kind::Bool).view([b, 1, 1, s]); // (B, 1, 1, S)
     let m = causal.view([1, 1, t, s]).logical_and(&keys).logical_or(&diag.view([1, 1, t, s])); // (B, 1, T, S)
     Ok(m)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn badly_shaped_inputs_are_errors_not_panics() {
+        let vs = nn::VarStore::new(Device::Cpu);
+        let model = Gemma::new(&vs.root(), &GemmaConfig::preset("test-mqa").unwrap()).unwrap();
+        let ids = Tensor::from_slice(&[5i64, 6, 7, 8, 9, 10]).view([2, 3]);
+        let positions = Tensor::arange(3, (Kind::Int64, Device::Cpu)).unsqueeze(0).expand([2, 3], true);
+        let h = model.forward_hidden(&ids, &positions, None, None).unwrap();
+        assert_eq!(h.size(), [2, 3, 64]);
+
+        let attn = &model.model.layers[0].self_attn;
+        let (cos, sin) = model.rope.tables(&positions, Kind::Float);
+        let flat = Tensor::zeros([6, 64], (Kind::Float, Device::Cpu));
+        let e = attn.forward(&flat, &cos, &sin, None, None).unwrap_err().to_string();
+        assert!(e.contains("attention input must be (batch, time, hidden), got shape [6, 64]"), "{e}");
+        let narrow = Tensor::zeros([2, 3, 48], (Kind::Float, Device::Cpu));
+        let e = attn.forward(&narrow, &cos, &sin, None, None).unwrap_err().to_string();
+        assert!(e.contains("hidden size 48, the layer expects 64"), "{e}");
+
+        let bad_mask = Tensor::ones([2, 3, 3], (Kind::Bool, Device::Cpu));
+        let e = format!("{:#}", model.forward_hidden(&ids, &positions, Some(&bad_mask), None).unwrap_err());
+        assert!(e.contains("layer 0") && e.contains("attention mask must be (B, 1, T, S)"), "{e}");
+        let e = model.forward(&Tensor::from_slice(&[1i64, 2, 3])).unwrap_err().to_string();
+        assert!(!e.is_empty());
+    }
 }
