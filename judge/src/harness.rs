@@ -3,7 +3,9 @@
 //! are written to the output directory:
 //!
 //! - `judgments.jsonl` and `judgments.parquet` — one row per prompt: prompt,
-//!   category, both answers, both orders' verdicts and raw outputs, outcome;
+//!   category, both answers, both orders' verdicts and raw outputs (and the
+//!   first raw output of a verdict that was retried), outcome, and the
+//!   oracle's and human outcomes when known;
 //! - `summary.json` — win rates with 95% bootstrap intervals overall and per
 //!   category, counts (wins, losses, ties, unparseable), mean answer lengths,
 //!   order agreement, and agreement with an oracle when `--oracle` is given;
@@ -688,14 +690,20 @@ fn write_parquet(path: &Path, js: &[Judgment]) -> Result<()> {
         ),
         s("raw_candidate_first", js.iter().map(|j| Some(j.result.candidate_first.raw.clone())).collect()),
         s(
+            "first_raw_candidate_first",
+            js.iter().map(|j| j.result.candidate_first.first_raw.clone()).collect(),
+        ),
+        s(
             "verdict_baseline_first",
             js.iter().map(|j| verdict_str(j.result.baseline_first.verdict)).collect(),
         ),
         s("raw_baseline_first", js.iter().map(|j| Some(j.result.baseline_first.raw.clone())).collect()),
+        s("first_raw_baseline_first", js.iter().map(|j| j.result.baseline_first.first_raw.clone()).collect()),
         s("outcome", js.iter().map(|j| outcome_str(j.result.outcome)).collect()),
         Series::new("orders_agree".into(), js.iter().map(|j| j.result.orders_agree).collect::<Vec<_>>())
             .into(),
         s("oracle_outcome", js.iter().map(|j| outcome_str(j.oracle_outcome)).collect()),
+        s("human_outcome", js.iter().map(|j| outcome_str(j.human_outcome)).collect()),
     ];
     let mut df = DataFrame::new_infer_height(columns)
         .with_context(|| format!("cannot build the table for {}", path.display()))?;

@@ -235,3 +235,22 @@ fn builtin_oracles() {
     let e = get_oracle("nope").err().unwrap().to_string();
     assert!(e.contains("exact") && e.contains("nope"), "{e}");
 }
+
+#[test]
+fn verdict_from_scores_with_a_tie_tolerance() {
+    use judge::judges::verdict_from_scores;
+    // No tolerance: only equal scores tie.
+    assert_eq!(verdict_from_scores(1.0, 1.0, 0.0), Verdict::Tie);
+    assert_eq!(verdict_from_scores(1.0 + 1e-12, 1.0, 0.0), Verdict::A);
+    assert_eq!(verdict_from_scores(-2.0, -1.0, 0.0), Verdict::B);
+    // A tolerance: differences up to it (inclusive) tie, in either direction.
+    assert_eq!(verdict_from_scores(0.30, 0.25, 0.1), Verdict::Tie);
+    assert_eq!(verdict_from_scores(0.25, 0.30, 0.1), Verdict::Tie);
+    assert_eq!(verdict_from_scores(0.5, 0.25, 0.25), Verdict::Tie, "exactly at the tolerance");
+    assert_eq!(verdict_from_scores(0.51, 0.25, 0.25), Verdict::A);
+    assert_eq!(verdict_from_scores(-0.51, -0.25, 0.25), Verdict::B);
+    // Swapping the scores swaps the verdict.
+    for (a, b, t) in [(0.9, 0.1, 0.5), (0.9, 0.1, 0.9), (0.3, 0.2, 0.05), (-1.0, 2.0, 0.0)] {
+        assert_eq!(verdict_from_scores(b, a, t), verdict_from_scores(a, b, t).swapped());
+    }
+}

@@ -67,6 +67,21 @@ fn setup(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
     (p, c, b)
 }
 
+/// A string column of a Parquet file.
+fn parquet_column(path: &Path, name: &str) -> Vec<Option<String>> {
+    use polars::prelude::{AnyValue, ParquetReader, SerReader};
+    let df = ParquetReader::new(std::fs::File::open(path).unwrap()).finish().unwrap();
+    let col = df.column(name).unwrap();
+    (0..df.height())
+        .map(|i| match col.get(i).unwrap() {
+            AnyValue::Null => None,
+            AnyValue::String(s) => Some(s.to_string()),
+            AnyValue::StringOwned(s) => Some(s.to_string()),
+            v => panic!("{name}[{i}] is not a string: {v:?}"),
+        })
+        .collect()
+}
+
 fn summary(out: &Path) -> Value {
     serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).unwrap()).unwrap()
 }
@@ -267,6 +282,92 @@ fn reward_judge_on_the_fixture() {
 }
 
 #[test]
+fn reward_judge_ties_within_its_tolerance() {
+    use judge::judges::{verdict_from_scores, RewardJudge};
+    use judge::pairwise::{Judge, Shown};
+    use judge::verdict::Verdict;
+    let dir = tempfile::tempdir().unwrap();
+    let (p, c, b) = setup(dir.path());
+    let l = lm::reward_model::load(&fixture(), tch::Device::Cpu, tch::Kind::Float, Some(0.5), 0).unwrap();
+    let rm = dir.path().join("rm");
+    lm::reward_model::save(&rm, &l.vs, &l.model, &l.tokenizer, None).unwrap();
+    let load = |tol: f64| RewardJudge::load(&rm, tch::Device::Cpu, tch::Kind::Float, tol, 4).unwrap();
+
+    // Six answers to one prompt and their rewards.
+    let prompt = vec![lm::Message::user("Capital of France?")];
+    let answers = ["Paris", "Paris.", "paris", "Lyon", "It is Paris, of course.", "I do not know"];
+    let rows: Vec<(&[lm::Message], &str)> = answers.iter().map(|a| (prompt.as_slice(), *a)).collect();
+    let r = load(0.0).rewards(&rows).unwrap();
+    assert!(r.iter().all(|x| x.is_finite()));
+    // Pairs (i, j) and a tolerance between the smallest and largest gap.
+    let pairs: Vec<(usize, usize)> =
+        (0..answers.len()).flat_map(|i| (i + 1..answers.len()).map(move |j| (i, j))).collect();
+    let mut gaps: Vec<f64> = pairs.iter().map(|&(i, j)| (r[i] - r[j]).abs()).collect();
+    gaps.sort_by(f64::total_cmp);
+    assert!(gaps[0] < gaps[gaps.len() - 1], "the rewards differ: {r:?}");
+    let tol = (gaps[gaps.len() / 2 - 1] + gaps[gaps.len() / 2]) / 2.0;
+    let items: Vec<Shown> = pairs
+        .iter()
+        .map(|&(i, j)| Shown {
+            question: "Capital of France?",
+            prompt: &prompt,
+            answer_a: answers[i],
+            answer_b: answers[j],
+            reference: None,
+        })
+        .collect();
+    for (t, want_ties) in [(0.0, 0), (tol, gaps.len() / 2), (gaps[gaps.len() - 1] + 1.0, gaps.len())] {
+        let v = load(t).judge(&items, 0).unwrap();
+        let ties = v.iter().filter(|x| x.verdict == Some(Verdict::Tie)).count();
+        assert_eq!(ties, want_ties, "tolerance {t}: {v:?}");
+        for (x, &(i, j)) in v.iter().zip(&pairs) {
+            assert_eq!(x.verdict, Some(verdict_from_scores(r[i], r[j], t)), "{}", x.raw);
+        }
+    }
+    assert!(RewardJudge::load(&rm, tch::Device::Cpu, tch::Kind::Float, -0.1, 4).is_err());
+    assert!(RewardJudge::load(&rm, tch::Device::Cpu, tch::Kind::Float, f64::NAN, 4).is_err());
+
+    // Through `align judge`: a tolerance above every gap makes every pair a
+    // tie (win rate 0.5); none gives the same decided pairs as before.
+    let rr = |q: &str, a: &str| {
+        let m = vec![lm::Message::user(q)];
+        load(0.0).rewards(&[(m.as_slice(), a)]).unwrap()[0]
+    };
+    let prompts = ["2+2?", "3*3?", "10-7?", "8/2?", "Capital of France?", "Largest planet?"];
+    let cand = ["4", "9", "3", "5", "Paris.", "Saturn"];
+    let base = ["5", "9", "4", "3", "paris", "Jupiter"];
+    let big =
+        prompts.iter().zip(cand).zip(base).map(|((q, c), b)| (rr(q, c) - rr(q, b)).abs()).fold(0.0, f64::max)
+            + 1.0;
+    let run = |tol: f64, out: &Path| {
+        cli_judge(args(&[
+            "--prompts",
+            p.to_str().unwrap(),
+            "--candidate-answers",
+            c.to_str().unwrap(),
+            "--baseline-answers",
+            b.to_str().unwrap(),
+            "--judge",
+            &format!("reward:{}", rm.display()),
+            "--tie-tolerance",
+            &tol.to_string(),
+            "--out",
+            out.to_str().unwrap(),
+        ]))
+        .unwrap();
+        summary(out)
+    };
+    let s = run(big, &dir.path().join("tied"));
+    assert_eq!(s["overall"]["n"].as_u64(), Some(6));
+    assert_eq!(s["overall"]["ties"].as_u64(), Some(6), "{s}");
+    assert_eq!(s["overall"]["win_rate"].as_f64(), Some(0.5));
+    let s0 = run(0.0, &dir.path().join("strict"));
+    // "3*3?" has the same answer on both sides: a tie at any tolerance.
+    assert!(s0["overall"]["ties"].as_u64().unwrap() >= 1);
+    assert!(s0["overall"]["ties"].as_u64().unwrap() < 6, "{s0}");
+}
+
+#[test]
 fn agreement_with_human_labels_is_reported() {
     let dir = tempfile::tempdir().unwrap();
     let (p, c, b) = setup(dir.path());
@@ -303,6 +404,16 @@ fn agreement_with_human_labels_is_reported() {
     let s = summary(&out);
     assert!((s["overall"]["human_agreement"].as_f64().unwrap() - 4.0 / 6.0).abs() < 1e-12, "{s}");
     assert!(std::fs::read_to_string(out.join("report.md")).unwrap().contains("human labels"));
+    // The Parquet table carries the human outcome, as the JSONL does.
+    let jsonl: Vec<Value> = std::fs::read_to_string(out.join("judgments.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let from_jsonl: Vec<Option<String>> =
+        jsonl.iter().map(|r| r["human_outcome"].as_str().map(String::from)).collect();
+    assert_eq!(from_jsonl.iter().flatten().count(), 6);
+    assert_eq!(parquet_column(&out.join("judgments.parquet"), "human_outcome"), from_jsonl);
     // A label that is not a choice is an error naming the row.
     let mut bad = rows.clone();
     bad[2]["human"] = Value::from("maybe");

@@ -6,6 +6,8 @@ use judge::harness::{cli_judge, JudgeArgs};
 use judge::http::{HttpJudge, HttpSettings};
 use judge::server::{start, ServerHandle};
 use serde_json::{json, Value};
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -14,8 +16,12 @@ fn fixture() -> PathBuf {
 }
 
 fn serve() -> ServerHandle {
+    serve_with_limit(64)
+}
+
+fn serve_with_limit(max_tokens_limit: usize) -> ServerHandle {
     let model = lm::checkpoint::load_causal_lm(&fixture(), tch::Device::Cpu, tch::Kind::Float).unwrap();
-    start(model, "mqa", 0, 4, 64).unwrap()
+    start(model, "mqa", 0, 4, max_tokens_limit).unwrap()
 }
 
 fn agent() -> ureq::Agent {
@@ -33,6 +39,20 @@ fn post(url: &str, body: &str) -> (u16, String) {
         .send(body)
         .unwrap();
     (r.status().as_u16(), r.body_mut().read_to_string().unwrap())
+}
+
+fn parquet_column(path: &Path, name: &str) -> Vec<Option<String>> {
+    use polars::prelude::{AnyValue, ParquetReader, SerReader};
+    let df = ParquetReader::new(std::fs::File::open(path).unwrap()).finish().unwrap();
+    let col = df.column(name).unwrap();
+    (0..df.height())
+        .map(|i| match col.get(i).unwrap() {
+            AnyValue::Null => None,
+            AnyValue::String(s) => Some(s.to_string()),
+            AnyValue::StringOwned(s) => Some(s.to_string()),
+            v => panic!("{name}[{i}] is not a string: {v:?}"),
+        })
+        .collect()
 }
 
 fn error_message(body: &str) -> String {
@@ -177,6 +197,20 @@ fn http_judge_against_align_serve() {
     )
     .unwrap();
     assert!(row["candidate_first"]["raw"].is_string());
+    // The Parquet table has the first (unparseable) outputs too.
+    let firsts: Vec<Option<String>> = std::fs::read_to_string(out.join("judgments.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<Value>(l).unwrap()["baseline_first"]["first_raw"]
+                .as_str()
+                .map(String::from)
+        })
+        .collect();
+    assert!(firsts.iter().all(Option::is_some));
+    let parquet = out.join("judgments.parquet");
+    assert_eq!(parquet_column(&parquet, "first_raw_baseline_first"), firsts);
+    assert_eq!(parquet_column(&parquet, "first_raw_candidate_first").iter().flatten().count(), 2);
 
     // A wrong model name is a 4xx: fails at once with the server's message.
     let settings = HttpSettings {
@@ -202,4 +236,260 @@ fn http_judge_against_align_serve() {
     let e = dead.complete("hi", 0).unwrap_err().to_string();
     assert!(e.contains("after 3 retries"), "{e}");
     assert!(t0.elapsed() >= Duration::from_millis(70), "backoff 10+20+40 ms");
+}
+
+fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
+    hay.windows(needle.len()).position(|w| w == needle)
+}
+
+/// A streaming response read from the socket as it comes.
+struct Streamed {
+    head: String,
+    /// Each SSE event (without `data: `) and the number of the socket read
+    /// that completed it.
+    events: Vec<(String, usize)>,
+}
+
+/// Sends `body` to /v1/chat/completions over HTTP/1.1 and reads the chunked
+/// event stream incrementally; with `stop_after_content`, hangs up after the
+/// first content event.
+fn stream_raw(addr: SocketAddr, body: &str, stop_after_content: bool) -> Streamed {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    write!(
+        s,
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let (mut raw, mut pos, mut reads) = (Vec::new(), 0, 0);
+    let mut head = None;
+    let (mut sse, mut events) = (String::new(), vec![]);
+    let mut buf = [0u8; 4096];
+    'read: loop {
+        let n = s.read(&mut buf).unwrap();
+        assert!(n > 0, "the server closed the stream before its end");
+        reads += 1;
+        raw.extend_from_slice(&buf[..n]);
+        if head.is_none() {
+            let Some(i) = find(&raw, b"\r\n\r\n") else { continue };
+            head = Some(String::from_utf8(raw[..i].to_vec()).unwrap());
+            pos = i + 4;
+        }
+        loop {
+            let rest = &raw[pos..];
+            let Some(eol) = find(rest, b"\r\n") else { continue 'read };
+            let size = usize::from_str_radix(std::str::from_utf8(&rest[..eol]).unwrap().trim(), 16).unwrap();
+            if size == 0 {
+                break 'read;
+            }
+            if rest.len() < eol + 2 + size + 2 {
+                continue 'read;
+            }
+            sse.push_str(std::str::from_utf8(&rest[eol + 2..eol + 2 + size]).unwrap());
+            pos += eol + 2 + size + 2;
+            while let Some(j) = sse.find("\n\n") {
+                let e = sse[..j].strip_prefix("data: ").expect("an SSE data line").to_string();
+                sse.drain(..j + 2);
+                let content = e.contains("\"content\"");
+                events.push((e, reads));
+                if stop_after_content && content {
+                    break 'read;
+                }
+            }
+        }
+    }
+    Streamed { head: head.unwrap(), events }
+}
+
+fn delta(event: &str) -> String {
+    let v: Value = serde_json::from_str(event).unwrap();
+    v["choices"][0]["delta"]["content"].as_str().unwrap_or("").to_string()
+}
+
+#[test]
+fn streams_token_by_token_over_a_socket() {
+    let h = serve_with_limit(256);
+    let req = json!({"model": "mqa", "messages": [{"role": "user", "content": "Tell me a long story"}],
+                     "max_tokens": 160, "temperature": 0});
+    let (s, b) = post(&h.url(), &req.to_string());
+    assert_eq!(s, 200, "{b}");
+    let whole: Value = serde_json::from_str(&b).unwrap();
+    let text = whole["choices"][0]["message"]["content"].as_str().unwrap().to_string();
+    let n_tokens = whole["usage"]["completion_tokens"].as_u64().unwrap();
+    assert!(n_tokens >= 20, "the greedy answer is long enough to stream ({n_tokens} tokens)");
+
+    let mut sreq = req.clone();
+    sreq["stream"] = json!(true);
+    let t0 = std::time::Instant::now();
+    let st = stream_raw(h.addr, &sreq.to_string(), false);
+    let head = st.head.to_ascii_lowercase();
+    assert!(head.starts_with("http/1.1 200"), "{head}");
+    assert!(head.contains("transfer-encoding: chunked") && head.contains("text/event-stream"), "{head}");
+    let (events, last) = st.events.split_at(st.events.len() - 1);
+    assert_eq!(last[0].0, "[DONE]");
+    let first: Value = serde_json::from_str(&events[0].0).unwrap();
+    assert_eq!(first["object"], "chat.completion.chunk");
+    assert_eq!(first["choices"][0]["delta"]["role"], "assistant");
+    let fin: Value = serde_json::from_str(&events[events.len() - 1].0).unwrap();
+    assert_eq!(fin["choices"][0]["finish_reason"], whole["choices"][0]["finish_reason"]);
+    let content: Vec<&(String, usize)> = events.iter().filter(|(e, _)| !delta(e).is_empty()).collect();
+    assert!(content.len() > 1, "{} content chunks", content.len());
+    let streamed: String = content.iter().map(|(e, _)| delta(e)).collect();
+    assert_eq!(streamed, text, "the deltas add up to the non-streaming answer");
+    // Sent as generated: the content chunks came in over several reads of the
+    // socket, not in one piece at the end.
+    let mut reads: Vec<usize> = content.iter().map(|(_, r)| *r).collect();
+    reads.dedup();
+    assert!(reads.len() > 1, "all {} content chunks arrived in one read", content.len());
+    eprintln!(
+        "{} tokens, {} content chunks over {} reads in {:?}",
+        n_tokens,
+        content.len(),
+        reads.len(),
+        t0.elapsed()
+    );
+
+    // A client that hangs up mid-stream does not hurt the server.
+    let cut = stream_raw(h.addr, &sreq.to_string(), true);
+    assert!(cut.events.iter().any(|(e, _)| !delta(e).is_empty()));
+    let (s, b) = post(&h.url(), &req.to_string());
+    assert_eq!(s, 200);
+    let again: Value = serde_json::from_str(&b).unwrap();
+    assert_eq!(again["choices"][0]["message"]["content"].as_str(), Some(text.as_str()));
+
+    // An HTTP/1.0 client (no chunked transfer) gets the same events in one body.
+    let mut s10 = TcpStream::connect(h.addr).unwrap();
+    let body = sreq.to_string();
+    write!(
+        s10,
+        "POST /v1/chat/completions HTTP/1.0\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut resp = String::new();
+    s10.read_to_string(&mut resp).unwrap();
+    let (head10, body10) = resp.split_once("\r\n\r\n").unwrap();
+    assert!(head10.to_ascii_lowercase().contains("content-length"), "{head10}");
+    let streamed10: String = body10
+        .split("\n\n")
+        .filter_map(|e| e.strip_prefix("data: "))
+        .filter(|e| *e != "[DONE]")
+        .map(delta)
+        .collect();
+    assert_eq!(streamed10, text);
+    assert!(body10.ends_with("data: [DONE]\n\n"));
+
+    // Errors of a streaming request are still plain JSON with a 4xx.
+    let mut bad = sreq.clone();
+    bad["model"] = json!("other");
+    let (s, b) = post(&h.url(), &bad.to_string());
+    assert_eq!(s, 404);
+    assert!(error_message(&b).contains("other"));
+}
+
+#[test]
+fn text_deltas_hold_back_incomplete_utf8() {
+    let loaded = lm::checkpoint::load_causal_lm(&fixture(), tch::Device::Cpu, tch::Kind::Float).unwrap();
+    let tok = &loaded.tokenizer;
+    let text = "naïve café – 東京 😀 ok";
+    let ids = tok.encode(text).unwrap();
+    let mut ts = judge::server::TextStream::new();
+    let mut deltas = vec![];
+    for &id in &ids {
+        deltas.push(ts.push(tok, id).unwrap());
+    }
+    deltas.push(ts.finish(tok).unwrap());
+    assert_eq!(deltas.concat(), tok.decode(&ids, true).unwrap());
+    assert_eq!(deltas.concat(), text, "byte-level BPE round trip");
+    assert!(deltas.iter().all(|d| !d.contains('\u{FFFD}')), "{deltas:?}");
+    // Multi-byte characters span several tokens: some steps had nothing stable.
+    assert!(deltas[..ids.len()].iter().any(String::is_empty), "{deltas:?}");
+    assert_eq!(ts.text(), text);
+    // A sequence cut inside a character ends with the replacement character
+    // once finished, as the non-streaming answer does.
+    let emoji = tok.encode("😀").unwrap();
+    assert!(emoji.len() > 1, "the emoji is several byte tokens: {emoji:?}");
+    let mut ts = judge::server::TextStream::new();
+    let mut partial = String::new();
+    for &id in &emoji[..emoji.len() - 1] {
+        partial.push_str(&ts.push(tok, id).unwrap());
+    }
+    assert_eq!(partial, "", "held back");
+    let rest = ts.finish(tok).unwrap();
+    assert_eq!(rest, tok.decode(&emoji[..emoji.len() - 1], true).unwrap());
+    assert!(rest.contains('\u{FFFD}'));
+}
+
+#[test]
+fn max_tokens_defaults_to_what_the_context_leaves() {
+    // The limit (512) is above the fixture's context (256 tokens).
+    let h = serve_with_limit(512);
+    let url = h.url();
+    let loaded = lm::checkpoint::load_causal_lm(&fixture(), tch::Device::Cpu, tch::Kind::Float).unwrap();
+    let ctx = loaded.model.cfg.max_position_embeddings as usize;
+    let prompt_len =
+        |text: &str| lm::chat::prompt_ids(&loaded.tokenizer, &[lm::Message::user(text)]).unwrap().len();
+    // A prompt that leaves a little room: 1 to 12 tokens.
+    let mut words = 1;
+    while prompt_len(&"ab ".repeat(words + 1)) < ctx {
+        words += 1;
+    }
+    let mut content = "ab ".repeat(words);
+    while ctx - prompt_len(&content) > 12 {
+        content.push('c');
+    }
+    let room = ctx - prompt_len(&content);
+    assert!((1..=12).contains(&room), "room {room}");
+    let msgs = json!([{"role": "user", "content": content}]);
+
+    // Short prompt, no max_tokens: fine (it used to ask for 512 and fail).
+    let (s, b) = post(
+        &url,
+        &json!({"model": "mqa", "messages": [{"role": "user", "content": "hi"}], "temperature": 0})
+            .to_string(),
+    );
+    assert_eq!(s, 200, "{b}");
+    let v: Value = serde_json::from_str(&b).unwrap();
+    let used =
+        v["usage"]["prompt_tokens"].as_u64().unwrap() + v["usage"]["completion_tokens"].as_u64().unwrap();
+    assert!(used as usize <= ctx);
+
+    // Near-full prompt, no max_tokens: the answer gets what is left.
+    for stream in [false, true] {
+        let req = json!({"model": "mqa", "messages": msgs, "temperature": 0, "stream": stream});
+        let (s, b) = post(&url, &req.to_string());
+        assert_eq!(s, 200, "stream {stream}: {b}");
+        if !stream {
+            let v: Value = serde_json::from_str(&b).unwrap();
+            assert_eq!(v["usage"]["prompt_tokens"].as_u64(), Some((ctx - room) as u64));
+            let n = v["usage"]["completion_tokens"].as_u64().unwrap() as usize;
+            match v["choices"][0]["finish_reason"].as_str().unwrap() {
+                "length" => assert_eq!(n, room),
+                _ => assert!(n < room),
+            }
+        } else {
+            assert!(b.ends_with("data: [DONE]\n\n"), "{b}");
+        }
+    }
+    // An explicit max_tokens that does not fit is a 400 saying how much fits.
+    let req = json!({"model": "mqa", "messages": msgs, "max_tokens": room + 1});
+    let (s, b) = post(&url, &req.to_string());
+    assert_eq!(s, 400);
+    let m = error_message(&b);
+    assert!(m.contains("context") && m.contains(&format!("at most {room}")), "{m}");
+    let req = json!({"model": "mqa", "messages": msgs, "max_tokens": room, "temperature": 0});
+    assert_eq!(post(&url, &req.to_string()).0, 200);
+    // Over the server's limit: a 400 naming it.
+    let req = json!({"model": "mqa", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 600});
+    let (s, b) = post(&url, &req.to_string());
+    assert_eq!(s, 400);
+    assert!(error_message(&b).contains("limit 512"), "{b}");
+    // A prompt that fills the context leaves no room even by default.
+    let full = "ab ".repeat(words + 40);
+    let req = json!({"model": "mqa", "messages": [{"role": "user", "content": full}]});
+    let (s, b) = post(&url, &req.to_string());
+    assert_eq!(s, 400);
+    assert!(error_message(&b).contains("context"), "{b}");
 }

@@ -132,6 +132,27 @@ fn choose(logits: &Tensor, cfg: &GenerationConfig, uniform: &[f64]) -> Tensor {
 /// Generates continuations of `prompts` (token ids, each non-empty) in one
 /// batch. Runs without gradients.
 pub fn generate(model: &Gemma, prompts: &[Vec<i64>], cfg: &GenerationConfig) -> Result<Vec<Generation>> {
+    generate_with(model, prompts, cfg, |_, _| true)
+}
+
+/// [`generate`] with a callback after every decoding step, for streaming.
+///
+/// `on_step(step, new)` is called once per step (0, 1, …) with one entry per
+/// prompt: `Some(id)` for the token that sequence just generated (its stop
+/// token included, as in [`Generation::tokens`]), `None` for a sequence that
+/// had already stopped. Returning `false` stops generation after that step;
+/// the sequences still running then keep [`StopReason::Length`]. The tokens
+/// and log-probabilities are those of [`generate`] with the same arguments,
+/// bit for bit (the callback only observes).
+pub fn generate_with<F>(
+    model: &Gemma,
+    prompts: &[Vec<i64>],
+    cfg: &GenerationConfig,
+    mut on_step: F,
+) -> Result<Vec<Generation>>
+where
+    F: FnMut(usize, &[Option<i64>]) -> bool,
+{
     cfg.validate()?;
     if prompts.is_empty() {
         return Ok(vec![]);
@@ -193,12 +214,14 @@ pub fn generate(model: &Gemma, prompts: &[Vec<i64>], cfg: &GenerationConfig) -> 
         let next_v: Vec<i64> = Vec::<i64>::try_from(next.to_device(tch::Device::Cpu))?;
         let lp_v: Vec<f32> = Vec::<f32>::try_from(lp.to_device(tch::Device::Cpu))?;
         let mut feed = next_v.clone();
+        let mut new: Vec<Option<i64>> = vec![None; b as usize];
         for r in 0..b as usize {
             if done[r] {
                 feed[r] = cfg.pad_id;
                 continue;
             }
             let t = next_v[r];
+            new[r] = Some(t);
             out[r].tokens.push(t);
             out[r].logprobs.push(lp_v[r]);
             if t == cfg.eos_id {
@@ -209,7 +232,8 @@ pub fn generate(model: &Gemma, prompts: &[Vec<i64>], cfg: &GenerationConfig) -> 
                 out[r].stop_reason = StopReason::EndOfTurn;
             }
         }
-        if done.iter().all(|&d| d) || step + 1 == max_new {
+        let go_on = on_step(step as usize, &new);
+        if !go_on || done.iter().all(|&d| d) || step + 1 == max_new {
             break;
         }
         let x = Tensor::from_slice(&feed).view([b, 1]).to_device(dev); // (B, 1)
