@@ -153,15 +153,88 @@ fn apply_sets(doc: &mut toml::Table, sets: &[String]) -> Result<()> {
     Ok(())
 }
 
+/// How messages name a stage: `stages[2] "sft"`.
+pub fn place(i: usize, name: &str) -> String {
+    format!("stages[{i}] {name:?}")
+}
+
+/// A serde path as recipe messages write it: `config.optim.lr`,
+/// `sources[0].path`; a key with a dot in it is quoted.
+fn path_text(p: &serde_path_to_error::Path) -> String {
+    use serde_path_to_error::Segment;
+    let mut out = String::new();
+    for seg in p.iter() {
+        let part = match seg {
+            Segment::Seq { index } => {
+                out.push_str(&format!("[{index}]"));
+                continue;
+            }
+            Segment::Map { key } if key.contains(['.', ' ', '"']) => format!("{key:?}"),
+            Segment::Map { key } => key.clone(),
+            Segment::Enum { variant } => variant.clone(),
+            Segment::Unknown => "?".to_string(),
+        };
+        if !out.is_empty() {
+            out.push('.');
+        }
+        out.push_str(&part);
+    }
+    out
+}
+
+/// `prefix` and a key path below it: `a.b` + `c[0]` → `a.b.c[0]`.
+pub(crate) fn join_path(prefix: &str, path: &str) -> String {
+    match (prefix.is_empty(), path.is_empty()) {
+        (_, true) => prefix.to_string(),
+        (true, false) => path.to_string(),
+        _ if path.starts_with('[') => format!("{prefix}{path}"),
+        _ => format!("{prefix}.{path}"),
+    }
+}
+
+/// Types a TOML value; an error gives the key path where it happened (empty
+/// at the top) and serde's message.
+pub(crate) fn typed_path<T: serde::de::DeserializeOwned>(
+    v: toml::Value,
+) -> std::result::Result<T, (String, String)> {
+    serde_path_to_error::deserialize(v)
+        .map_err(|e| (path_text(e.path()), e.inner().message().trim().to_string()))
+}
+
+/// Types a table; errors read `{prefix}.{key path}: {message}`.
+pub(crate) fn typed_at<T: serde::de::DeserializeOwned>(t: toml::Table, prefix: &str) -> Result<T> {
+    typed_path(toml::Value::Table(t)).map_err(|(p, msg)| anyhow!("{}: {msg}", join_path(prefix, &p)))
+}
+
+/// Names the stage in a key path of the whole recipe: `stages[2].kind` →
+/// `stages[2] "sft".kind`.
+fn name_stage_in_path(path: &str, names: &[Option<String>]) -> String {
+    let Some(rest) = path.strip_prefix("stages[") else { return path.to_string() };
+    let Some((idx, tail)) = rest.split_once(']') else { return path.to_string() };
+    match idx.parse::<usize>().ok().and_then(|i| Some((i, names.get(i)?.as_ref()?))) {
+        Some((i, name)) => format!("{}{tail}", place(i, name)),
+        None => path.to_string(),
+    }
+}
+
 /// Reads, overrides and checks a recipe.
 pub fn load(path: &Path, sets: &[String]) -> Result<Loaded> {
     let text =
         std::fs::read_to_string(path).with_context(|| format!("cannot read recipe {}", path.display()))?;
     let mut doc: toml::Table = toml::from_str(&text).map_err(|e| anyhow!("{}: {e}", path.display()))?;
     apply_sets(&mut doc, sets)?;
-    let recipe: Recipe = toml::Value::Table(doc)
-        .try_into()
-        .map_err(|e: toml::de::Error| anyhow!("{}: {e}", path.display()))?;
+    let names: Vec<Option<String>> = doc
+        .get("stages")
+        .and_then(|v| v.as_array())
+        .map(|a| a.iter().map(|s| s.get("name").and_then(|n| n.as_str()).map(String::from)).collect())
+        .unwrap_or_default();
+    let recipe: Recipe = typed_path(toml::Value::Table(doc)).map_err(|(p, msg)| {
+        if p.is_empty() {
+            anyhow!("recipe {}: {msg}", path.display())
+        } else {
+            anyhow!("recipe {}: {}: {msg}", path.display(), name_stage_in_path(&p, &names))
+        }
+    })?;
     let base = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new(".")).to_path_buf();
     let l = Loaded { recipe, base };
     l.check().with_context(|| format!("recipe {}", path.display()))?;
@@ -181,7 +254,9 @@ impl Loaded {
         self.recipe.stages.iter().enumerate().find(|(_, s)| s.name == name)
     }
 
-    /// Catches bad references before anything runs.
+    /// Catches bad references, unknown keys and wrong types before anything
+    /// runs (files are checked by [`Loaded::missing_inputs`], for the stages
+    /// that will run).
     pub fn check(&self) -> Result<()> {
         let r = &self.recipe;
         if r.stages.is_empty() {
@@ -194,37 +269,67 @@ impl Loaded {
             }
             _ => {}
         }
+        let names: Vec<&str> = r.stages.iter().map(|s| s.name.as_str()).collect();
         let mut seen = std::collections::BTreeSet::new();
         for (i, s) in r.stages.iter().enumerate() {
+            let at = place(i, &s.name);
             if !seen.insert(s.name.as_str()) {
-                bail!("stages[{i}]: the name {:?} is used twice", s.name);
+                bail!("{at}: the name {:?} is used twice", s.name);
             }
-            let earlier = |field: &str, v: &Option<String>, kinds: &[Kind]| -> Result<()> {
-                if let Some(n) = v {
-                    match self.stage(n) {
-                        Some((j, t)) if j < i && kinds.contains(&t.kind) => Ok(()),
-                        Some((j, _)) if j >= i => {
-                            bail!("stages[{i}] ({}): {field} = {n:?} does not come earlier", s.name)
-                        }
-                        Some((_, t)) => {
-                            bail!("stages[{i}] ({}): {field} = {n:?} is a {:?} stage", s.name, t.kind)
-                        }
-                        None => bail!("stages[{i}] ({}): {field} = {n:?} names no stage", s.name),
-                    }
-                } else {
-                    Ok(())
+            for (field, n) in references(s) {
+                let spec = field == "config.judge";
+                let (j, t) = match self.stage(&n) {
+                    Some(x) => x,
+                    // `lm:`/`reward:` judges name a stage or a directory.
+                    None if spec => continue,
+                    None => bail!("{at}: {field} = {n:?} names no stage (stages: {names:?})"),
+                };
+                if j == i {
+                    bail!(
+                        "{at}: {field} = {n:?} refers to the stage itself, which would be a cycle; \
+                         a stage can only use the outputs of stages before it"
+                    );
                 }
-            };
-            let models = [Kind::Pretrain, Kind::Sft, Kind::Rl, Kind::Sweep];
-            earlier("from", &s.from, &models)?;
-            earlier("reward", &s.reward, &[Kind::Reward])?;
-            earlier("candidate", &s.candidate, &models)?;
-            earlier("baseline", &s.baseline, &models)?;
+                if j > i {
+                    if let Some((back, _)) = references(t).into_iter().find(|(_, m)| *m == s.name) {
+                        bail!(
+                            "{at}: {field} = {n:?} and {}: {back} = {:?} form a cycle; a stage can only \
+                             use the outputs of stages before it",
+                            place(j, &t.name),
+                            s.name
+                        );
+                    }
+                    bail!(
+                        "{at}: {field} = {n:?} comes later ({}); a stage can only use the outputs of \
+                         stages before it: move {n:?} before {:?} or refer to an earlier stage",
+                        place(j, &t.name),
+                        s.name
+                    );
+                }
+                let wanted = match field.as_str() {
+                    "reward" => vec![Kind::Reward],
+                    "config.judge"
+                        if s.config
+                            .get("judge")
+                            .and_then(|v| v.as_str())
+                            .is_some_and(|j| j.starts_with("reward:")) =>
+                    {
+                        vec![Kind::Reward]
+                    }
+                    _ => vec![Kind::Pretrain, Kind::Sft, Kind::Rl, Kind::Sweep],
+                };
+                if !wanted.contains(&t.kind) {
+                    bail!(
+                        "{at}: {field} = {n:?} is a {} stage; it must name a {} stage",
+                        format!("{:?}", t.kind).to_lowercase(),
+                        wanted.iter().map(|k| format!("{k:?}").to_lowercase()).collect::<Vec<_>>().join(", ")
+                    );
+                }
+            }
             if let Some(d) = &s.data {
                 if !r.data.contains_key(d) {
                     bail!(
-                        "stages[{i}] ({}): data = {d:?} is not in [data] (known: {:?})",
-                        s.name,
+                        "{at}: data = {d:?} is not in [data] (known: {:?})",
                         r.data.keys().collect::<Vec<_>>()
                     );
                 }
@@ -233,7 +338,7 @@ impl Loaded {
                 if v {
                     Ok(())
                 } else {
-                    Err(anyhow!("stages[{i}] ({}): a {:?} stage needs {what}", s.name, s.kind))
+                    Err(anyhow!("{at}: a {} stage needs {what}", format!("{:?}", s.kind).to_lowercase()))
                 }
             };
             match s.kind {
@@ -252,20 +357,39 @@ impl Loaded {
                 Kind::Sweep => {
                     needs("data", s.data.is_some())?;
                     needs("baseline", s.baseline.is_some())?;
-                    crate::recipe_ext::check_sweep(self, s)
-                        .with_context(|| format!("stages[{i}] ({})", s.name))?;
                 }
                 Kind::Tokenizer => {}
             }
-            self.validate_config(i).with_context(|| format!("stages[{i}] ({}) config", s.name))?;
+            self.validate_config(i)?;
         }
         Ok(())
+    }
+
+    /// Types a stage's config (with the runner's additions) as `T`. Errors
+    /// name the key path under `prefix` (`stages[2] "sft".config.max_steps:
+    /// …`), or the `[data.NAME]` entry for keys of the stage's data.
+    pub(crate) fn typed_stage<T: serde::de::DeserializeOwned>(
+        &self,
+        i: usize,
+        t: toml::Table,
+        prefix: &str,
+    ) -> Result<T> {
+        let s = &self.recipe.stages[i];
+        typed_path(toml::Value::Table(t)).map_err(|(p, msg)| {
+            let data_key =
+                p.strip_prefix("data").filter(|rest| rest.is_empty() || rest.starts_with(['.', '[']));
+            match (data_key, &s.data) {
+                (Some(rest), Some(d)) => anyhow!("data.{d}{rest}: {msg} (the data of {})", place(i, &s.name)),
+                _ => anyhow!("{}: {msg}", join_path(prefix, &p)),
+            }
+        })
     }
 
     /// Types a stage's config the way running it will (with placeholder
     /// paths), so unknown keys and wrong types surface before any work.
     fn validate_config(&self, i: usize) -> Result<()> {
         let s = &self.recipe.stages[i];
+        let at = format!("{}.config", place(i, &s.name));
         let x = || toml::Value::String("placeholder".into());
         let with = |t: &toml::Table, extra: Vec<(&str, toml::Value)>| {
             let mut t = t.clone();
@@ -285,21 +409,21 @@ impl Loaded {
                         ("text_files", toml::Value::Array(vec![x()])),
                     ],
                 );
-                typed::<sft::SftConfig>(t, &s.name)?.validate()
+                self.typed_stage::<sft::SftConfig>(i, t, &at)?.validate().with_context(|| at.clone())
             }
             Kind::Sft => {
                 let t = with(
                     &s.config,
                     vec![("model", x()), ("output_dir", x()), ("data", data_value(self, &s.data)?)],
                 );
-                typed::<sft::SftConfig>(t, &s.name)?.validate()
+                self.typed_stage::<sft::SftConfig>(i, t, &at)?.validate().with_context(|| at.clone())
             }
             Kind::Reward => {
                 let t = with(
                     &s.config,
                     vec![("model", x()), ("output_dir", x()), ("data", data_value(self, &s.data)?)],
                 );
-                typed::<reward::RewardConfig>(t, &s.name).map(|_| ())
+                self.typed_stage::<reward::RewardConfig>(i, t, &at)?.validate().with_context(|| at.clone())
             }
             Kind::Rl => {
                 let mut oracle = toml::Table::new();
@@ -313,20 +437,85 @@ impl Loaded {
                         ("reward", toml::Value::Table(oracle)),
                     ],
                 );
-                typed::<rl::RlConfig>(t, &s.name).map(|_| ())
+                self.typed_stage::<rl::RlConfig>(i, t, &at)?.validate().with_context(|| at.clone())
             }
-            Kind::Sweep => {
-                let cfg: crate::recipe_ext::SweepConfig = toml::Value::Table(s.config.clone())
-                    .try_into()
-                    .map_err(|e: toml::de::Error| anyhow!("{e}"))?;
-                let t = with(
-                    &cfg.base,
-                    vec![("model", x()), ("output_dir", x()), ("data", data_value(self, &s.data)?)],
-                );
-                typed::<sft::SftConfig>(t, &s.name)?.validate()
-            }
-            Kind::Judge | Kind::Tokenizer => Ok(()),
+            Kind::Sweep => crate::recipe_ext::check_sweep(self, i),
+            Kind::Judge => crate::recipe_ext::check_judge(self, i),
+            Kind::Tokenizer => Ok(()),
         }
+    }
+
+    /// The input files and directories the given stages read that do not
+    /// exist, one message each naming the place in the recipe. `builtin:`
+    /// specs and paths inside the output directory (written by earlier
+    /// stages) are not checked.
+    pub fn missing_inputs(&self, run: &[usize]) -> Vec<String> {
+        let out_dir = self.out_dir();
+        let stages = &self.recipe.stages;
+        let mut wanted: Vec<(String, PathBuf, &str)> = vec![];
+        let file = |spec: &str| (!spec.starts_with("builtin:")).then(|| self.base.join(spec));
+        let runs = |k: Kind| run.iter().any(|&i| stages[i].kind == k);
+        let tok = &self.recipe.tokenizer;
+        if let Some(f) = &tok.file {
+            if runs(Kind::Tokenizer) || runs(Kind::Pretrain) {
+                wanted.push(("tokenizer.file".into(), self.base.join(f), "file"));
+            }
+        } else if runs(Kind::Tokenizer) {
+            for (k, spec) in tok.train_on.iter().enumerate() {
+                if let Some(p) = file(spec) {
+                    wanted.push((format!("tokenizer.train_on[{k}]"), p, "file"));
+                }
+            }
+        }
+        if let Some(c) = &self.recipe.base_model.checkpoint {
+            let c = self.base.join(c);
+            let user = run.iter().find(|&&i| {
+                let k = stages[i].kind;
+                (k.makes_model() || k == Kind::Reward) && self.input_model(i) == c
+            });
+            if let Some(&i) = user {
+                let what =
+                    format!("base_model.checkpoint (the model {} starts from)", place(i, &stages[i].name));
+                wanted.push((what, c, "directory"));
+            }
+        }
+        for &i in run {
+            let s = &stages[i];
+            let at = place(i, &s.name);
+            if let Some(t) = s.data.as_ref().and_then(|d| self.recipe.data.get(d).map(|t| (d, t))) {
+                let (d, t) = t;
+                for src in t.get("sources").and_then(|v| v.as_array()).into_iter().flatten() {
+                    let name = src.get("name").and_then(|n| n.as_str()).unwrap_or("?");
+                    if let Some(p) = src.get("path").and_then(|p| p.as_str()).and_then(file) {
+                        wanted.push((format!("{at}: data source {name:?}"), p, data_noun(src)));
+                    }
+                }
+                if let Some(p) =
+                    t.get("held_out").and_then(|h| h.get("path")).and_then(|p| p.as_str()).and_then(file)
+                {
+                    wanted.push((format!("{at}: data.{d}.held_out.path"), p, "file"));
+                }
+                for (k, v) in t.get("text").and_then(|v| v.as_array()).into_iter().flatten().enumerate() {
+                    if let Some(p) = v.as_str().and_then(file) {
+                        wanted.push((format!("{at}: data.{d}.text[{k}]"), p, "file"));
+                    }
+                }
+            }
+            for (what, p, noun) in crate::recipe_ext::input_paths(self, i) {
+                wanted.push((format!("{at}: {what}"), p, noun));
+            }
+        }
+        let mut out = vec![];
+        for (what, p, noun) in wanted {
+            if p.starts_with(&out_dir) || p.exists() {
+                continue;
+            }
+            let msg = format!("{what}: {noun} {} does not exist", p.display());
+            if !out.contains(&msg) {
+                out.push(msg);
+            }
+        }
+        out
     }
 
     /// The model directory a stage produces.
@@ -355,6 +544,39 @@ impl Loaded {
             None => self.out_dir().join("tokenizer.json"),
         }
     }
+}
+
+/// What a data source's path names: a file (it has an extension), or a
+/// directory of shards.
+fn data_noun(src: &toml::Value) -> &'static str {
+    match src.get("path").and_then(|p| p.as_str()).map(|p| Path::new(p).extension().is_some()) {
+        Some(true) => "file",
+        _ => "directory",
+    }
+}
+
+/// The stages a stage refers to, as (field, name): `from`, `reward`,
+/// `candidate`, `baseline`, and an `lm:`/`reward:` judge in its config
+/// (which may name a directory instead of a stage).
+pub fn references(s: &Stage) -> Vec<(String, String)> {
+    let mut out = vec![];
+    for (f, v) in
+        [("from", &s.from), ("reward", &s.reward), ("candidate", &s.candidate), ("baseline", &s.baseline)]
+    {
+        if let Some(n) = v {
+            out.push((f.to_string(), n.clone()));
+        }
+    }
+    if matches!(s.kind, Kind::Judge | Kind::Sweep) {
+        if let Some((kind, rest)) =
+            s.config.get("judge").and_then(|v| v.as_str()).and_then(|j| j.split_once(':'))
+        {
+            if matches!(kind, "lm" | "reward") {
+                out.push(("config.judge".to_string(), rest.to_string()));
+            }
+        }
+    }
+    out
 }
 
 /// What `manifest.json` beside a stage's outputs records.
@@ -431,10 +653,6 @@ fn path_value(p: &Path) -> toml::Value {
     toml::Value::String(p.display().to_string())
 }
 
-fn typed<T: serde::de::DeserializeOwned>(t: toml::Table, stage: &str) -> Result<T> {
-    toml::Value::Table(t).try_into().map_err(|e: toml::de::Error| anyhow!("stage {stage:?} config: {e}"))
-}
-
 fn text_docs(l: &Loaded, specs: &[String]) -> Result<Vec<String>> {
     let mut docs = vec![];
     for s in specs {
@@ -484,6 +702,7 @@ fn run_stage(l: &Loaded, i: usize) -> Result<serde_json::Value> {
         t
     };
     let data_table = |name: &Option<String>| data_value(l, name);
+    let at = format!("{}.config", place(i, &s.name));
     match s.kind {
         Kind::Tokenizer => {
             let spec = &l.recipe.tokenizer;
@@ -533,7 +752,7 @@ fn run_stage(l: &Loaded, i: usize) -> Result<serde_json::Value> {
                     ("text_files", toml::Value::Array(vec![path_value(&text)])),
                 ],
             );
-            let cfg: sft::SftConfig = typed(t, &s.name)?;
+            let cfg: sft::SftConfig = l.typed_stage(i, t, &at)?;
             Ok(serde_json::to_value(sft::run(&cfg, &l.base)?)?)
         }
         Kind::Sft => {
@@ -545,7 +764,7 @@ fn run_stage(l: &Loaded, i: usize) -> Result<serde_json::Value> {
                     ("data", data_table(&s.data)?),
                 ],
             );
-            let cfg: sft::SftConfig = typed(t, &s.name)?;
+            let cfg: sft::SftConfig = l.typed_stage(i, t, &at)?;
             Ok(serde_json::to_value(sft::run(&cfg, &l.base)?)?)
         }
         Kind::Reward => {
@@ -557,7 +776,7 @@ fn run_stage(l: &Loaded, i: usize) -> Result<serde_json::Value> {
                     ("data", data_table(&s.data)?),
                 ],
             );
-            let cfg: reward::RewardConfig = typed(t, &s.name)?;
+            let cfg: reward::RewardConfig = l.typed_stage(i, t, &at)?;
             Ok(serde_json::to_value(reward::run(&cfg, &l.base)?)?)
         }
         Kind::Rl | Kind::Judge | Kind::Sweep => crate::recipe_ext::run_stage(l, i, &dir),
@@ -577,23 +796,47 @@ pub fn run(l: &Loaded, opts: &RunOptions) -> Result<()> {
     };
     let end = if opts.stage.is_some() { start + 1 } else { names.len() };
     let states = status(l)?;
+    let will_run = |i: usize| (start..end).contains(&i) && (opts.force || states[i].2 != "done");
+    let to_run: Vec<usize> = (0..names.len()).filter(|&i| will_run(i)).collect();
+    let missing = l.missing_inputs(&to_run);
     if opts.dry_run {
         println!("recipe {} → {}", l.recipe.name, l.out_dir().display());
         for (i, (name, kind, state, dir, _)) in states.iter().enumerate() {
-            let run = (start..end).contains(&i) && (opts.force || *state != "done");
             println!(
                 "  {:<16} {:<9} {:<24} {}  {}",
                 name,
                 format!("{kind:?}").to_lowercase(),
                 state,
-                if run { "will run" } else { "skip" },
+                if will_run(i) { "will run" } else { "skip" },
                 dir.display()
             );
             if kind.makes_model() || *kind == Kind::Reward {
                 println!("      from {}", l.input_model(i).display());
             }
+            if *kind == Kind::Sweep {
+                println!("      variants: {}", crate::recipe_ext::variant_names(l, i)?.join(", "));
+            }
+        }
+        if !missing.is_empty() {
+            println!(
+                "warning: {} input(s) of the stages that would run do not exist here; \
+                 `align run` stops before any stage until they do:",
+                missing.len()
+            );
+            for m in &missing {
+                println!("  - {m}");
+            }
         }
         return Ok(());
+    }
+    if !missing.is_empty() {
+        bail!(
+            "{} input(s) do not exist, so no stage was run:\n  - {}\n\
+             Fix these paths in the recipe (relative paths are read from the recipe's directory, {}), or see the plan with --dry-run.",
+            missing.len(),
+            missing.join("\n  - "),
+            l.base.display()
+        );
     }
     #[allow(clippy::needless_range_loop)]
     for i in start..end {
