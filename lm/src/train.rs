@@ -155,6 +155,9 @@ impl AdamW {
 
     /// Global L2 norm of all gradients; when `max_norm > 0` and the norm
     /// exceeds it, gradients are scaled by `max_norm / (norm + 1e-6)`.
+    /// A non-finite norm (an inf or NaN gradient) is a [`NonFiniteGradient`]
+    /// error and leaves the gradients as they are: scaling by
+    /// `max_norm / inf = 0` would turn the inf entries into NaN.
     pub fn clip_grad_norm(&mut self, max_norm: f64) -> Result<f64> {
         let grads: Vec<Tensor> = self.params.iter().map(|p| p.var.grad()).filter(|g| g.defined()).collect();
         if grads.is_empty() {
@@ -162,6 +165,9 @@ impl AdamW {
         }
         let norms: Vec<Tensor> = grads.iter().map(|g| g.to_kind(Kind::Float).norm()).collect();
         let total = Tensor::stack(&norms, 0).norm().double_value(&[]);
+        if !total.is_finite() {
+            return Err(NonFiniteGradient { norm: total }.into());
+        }
         if max_norm > 0.0 && total > max_norm {
             let coef = max_norm / (total + 1e-6);
             tch::no_grad(|| {
@@ -171,6 +177,24 @@ impl AdamW {
             });
         }
         Ok(total)
+    }
+
+    /// The guarded update every stage takes: the global gradient norm is
+    /// checked to be finite, the gradients clipped to `max_norm`, then one
+    /// step at `lr`. A non-finite norm stops before anything is updated,
+    /// with an error naming the training `step` (1-based, the one that
+    /// failed), the norm and the last good checkpoint under `root`, which
+    /// is left intact. Returns the norm before clipping.
+    pub fn clip_and_step(&mut self, max_norm: f64, lr: f64, step: u64, root: Option<&Path>) -> Result<f64> {
+        let norm = match self.clip_grad_norm(max_norm) {
+            Ok(n) => n,
+            Err(e) => match e.downcast_ref::<NonFiniteGradient>() {
+                Some(g) => return Err(non_finite_gradient(g.norm, step, root)),
+                None => return Err(e),
+            },
+        };
+        self.step(lr)?;
+        Ok(norm)
     }
 
     /// One update with learning rate `lr`.
@@ -301,12 +325,40 @@ pub fn save_checkpoint(
     architecture: &str,
     keep_last: usize,
 ) -> Result<PathBuf> {
+    save_checkpoint_with(root, vs, cfg, tok, opt, state, architecture, keep_last, &[])
+}
+
+/// [`save_checkpoint`] with stage files written into the checkpoint too
+/// (`(file name, contents)`, e.g. a reward model's `reward_stats.json`),
+/// before the state file that marks the checkpoint complete.
+#[allow(clippy::too_many_arguments)]
+pub fn save_checkpoint_with(
+    root: &Path,
+    vs: &nn::VarStore,
+    cfg: &GemmaConfig,
+    tok: &Tokenizer,
+    opt: &AdamW,
+    state: &TrainerState,
+    architecture: &str,
+    keep_last: usize,
+    extra_files: &[(&str, Vec<u8>)],
+) -> Result<PathBuf> {
+    if let Err(e) = check_finite_weights(vs) {
+        bail!(
+            "non-finite weights after step {}: {e:#}; stopped without saving. The last good checkpoint is {}. Lower optim.lr or keep optim.grad_clip > 0",
+            state.step,
+            last_checkpoint_name(root)
+        );
+    }
     let dir = step_dir(root, state.step);
     let opts = SaveOptions { architecture: architecture.to_string(), ..Default::default() };
     checkpoint::save(&dir, vs, cfg, tok, &opts)?;
     // Optimizer and state go in after the model; the state file is the
     // marker of a complete checkpoint, written last.
     checkpoint::write_tensors_file(&dir.join(OPTIMIZER_FILE), &opt.state_tensors())?;
+    for (name, bytes) in extra_files {
+        checkpoint::write_atomic(&dir.join(name), bytes)?;
+    }
     checkpoint::write_atomic(&dir.join(STATE_FILE), serde_json::to_string_pretty(state)?.as_bytes())?;
     let all = list_checkpoints(root)?;
     if all.len() > keep_last.max(1) {
@@ -316,6 +368,29 @@ pub fn save_checkpoint(
         }
     }
     Ok(dir)
+}
+
+/// Checks every weight in `vs` is finite; the error names the tensors that
+/// are not. Checkpoints are saved only after this holds, so the last
+/// checkpoint is always a good one.
+pub fn check_finite_weights(vs: &nn::VarStore) -> Result<()> {
+    let mut bad: Vec<String> = vs
+        .variables()
+        .into_iter()
+        .filter(|(_, t)| t.isfinite().all().int64_value(&[]) == 0)
+        .map(|(name, _)| name)
+        .collect();
+    if !bad.is_empty() {
+        bad.sort();
+        let n = bad.len();
+        bad.truncate(5);
+        bail!(
+            "{n} weight tensor(s) hold inf or NaN values ({}{}); the training diverged",
+            bad.join(", "),
+            if n > 5 { ", …" } else { "" }
+        );
+    }
+    Ok(())
 }
 
 /// Reads the state and optimizer moments of a training checkpoint.
@@ -361,10 +436,50 @@ pub fn resume_or_start(
 /// The error for a non-finite loss: names the step and the last good
 /// checkpoint, which is left intact.
 pub fn non_finite_loss(value: f64, step: u64, root: &Path) -> anyhow::Error {
-    let last = list_checkpoints(root).ok().and_then(|mut v| v.pop()).map(|(_, d)| d.display().to_string());
     anyhow::anyhow!(
         "non-finite loss ({value}) at step {step}; stopped without saving. The last good checkpoint is {}. Lower optim.lr or check the data",
-        last.unwrap_or_else(|| "none (no checkpoint was saved yet)".into())
+        last_checkpoint_name(root)
+    )
+}
+
+/// The newest checkpoint under `root` for error messages, or a sentence
+/// saying there is none.
+fn last_checkpoint_name(root: &Path) -> String {
+    list_checkpoints(root)
+        .ok()
+        .and_then(|mut v| v.pop())
+        .map(|(_, d)| d.display().to_string())
+        .unwrap_or_else(|| "none (no checkpoint was saved yet)".into())
+}
+
+/// The global gradient norm was inf or NaN (from
+/// [`AdamW::clip_grad_norm`]); nothing was clipped or updated.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct NonFiniteGradient {
+    pub norm: f64,
+}
+
+impl std::fmt::Display for NonFiniteGradient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "the global gradient norm is {}; the gradients were left unclipped and no update was made",
+            self.norm
+        )
+    }
+}
+
+impl std::error::Error for NonFiniteGradient {}
+
+/// The error for a non-finite global gradient norm: names the step, the
+/// norm and the last good checkpoint under `root`, which is left intact.
+pub fn non_finite_gradient(norm: f64, step: u64, root: Option<&Path>) -> anyhow::Error {
+    let last = match root {
+        Some(r) => last_checkpoint_name(r),
+        None => "none (no checkpoint was saved yet)".into(),
+    };
+    anyhow::anyhow!(
+        "non-finite gradient norm ({norm}) at step {step}; stopped before the optimiser step, without saving. The last good checkpoint is {last}. Lower optim.lr, keep optim.grad_clip > 0, use f32 instead of bf16, or check the data for extreme rows"
     )
 }
 
@@ -572,6 +687,70 @@ mod tests {
         assert!((n - 5.0).abs() < 1e-6);
         let g: Vec<f32> = Vec::try_from(a.grad()).unwrap();
         assert!((g[0] - 0.6).abs() < 1e-5 && (g[1] - 0.8).abs() < 1e-5);
+    }
+
+    /// One parameter `a` of two values whose gradient is `g`.
+    fn with_grad(g: [f32; 2]) -> (nn::VarStore, Tensor, AdamW) {
+        let vs = nn::VarStore::new(tch::Device::Cpu);
+        let a = vs.root().var("a", &[2], nn::Init::Const(1.0));
+        let opt = AdamW::new(&vs, &OptimConfig::default());
+        (&a * Tensor::from_slice(&g)).sum(Kind::Float).backward();
+        (vs, a, opt)
+    }
+
+    #[test]
+    fn an_infinite_gradient_stops_before_the_update_and_names_the_step() {
+        let root = tempfile::tempdir().unwrap();
+        // A checkpoint that counts as the last good one.
+        let good = root.path().join("step-00000003");
+        std::fs::create_dir_all(&good).unwrap();
+        std::fs::write(good.join(STATE_FILE), "{}").unwrap();
+
+        let (vs, a, mut opt) = with_grad([f32::INFINITY, 1.0]);
+        let before = opt.state_tensors();
+        let e = opt.clip_and_step(1.0, 0.1, 4, Some(root.path())).unwrap_err().to_string();
+        assert!(e.contains("non-finite gradient norm (inf) at step 4"), "{e}");
+        assert!(e.contains(&good.display().to_string()), "{e}");
+        // Nothing moved: weights, moments, step count; the gradient was not
+        // scaled by max_norm / inf = 0 into NaN.
+        assert_eq!(Vec::<f32>::try_from(&a).unwrap(), vec![1.0, 1.0]);
+        assert_eq!(opt.t, 0);
+        for (k, v) in opt.state_tensors() {
+            assert!(v.equal(&before[&k]), "{k} changed");
+        }
+        let g = Vec::<f32>::try_from(a.grad()).unwrap();
+        assert_eq!(g, vec![f32::INFINITY, 1.0]);
+        check_finite_weights(&vs).unwrap();
+
+        // The bare clip reports the typed error; NaN gradients stop too.
+        let (_vs, _a, mut opt) = with_grad([f32::NAN, 1.0]);
+        let e = opt.clip_grad_norm(1.0).unwrap_err();
+        assert!(e.downcast_ref::<NonFiniteGradient>().is_some_and(|g| g.norm.is_nan()), "{e}");
+        let e = opt.clip_and_step(0.0, 0.1, 1, None).unwrap_err().to_string();
+        assert!(e.contains("non-finite gradient norm (NaN) at step 1"), "{e}");
+        assert!(e.contains("none (no checkpoint was saved yet)"), "{e}");
+    }
+
+    #[test]
+    fn a_finite_gradient_is_clipped_then_stepped() {
+        let (_vs, a, mut opt) = with_grad([3.0, 4.0]);
+        let n = opt.clip_and_step(1.0, 0.1, 1, None).unwrap();
+        assert!((n - 5.0).abs() < 1e-6);
+        assert_eq!(opt.t, 1);
+        // Adam's first step moves each weight by lr against its gradient's sign.
+        let w = Vec::<f32>::try_from(&a).unwrap();
+        assert!(w.iter().all(|&x| (x - 0.9).abs() < 1e-4), "{w:?}");
+    }
+
+    #[test]
+    fn non_finite_weights_are_named_and_never_saved() {
+        let vs = nn::VarStore::new(tch::Device::Cpu);
+        let a = vs.root().var("a", &[2], nn::Init::Const(1.0));
+        let _b = vs.root().var("b", &[2], nn::Init::Const(1.0));
+        check_finite_weights(&vs).unwrap();
+        let _ = tch::no_grad(|| a.get(1).fill_(f64::NAN));
+        let e = check_finite_weights(&vs).unwrap_err().to_string();
+        assert!(e.contains("1 weight tensor(s) hold inf or NaN values (a)"), "{e}");
     }
 
     #[test]

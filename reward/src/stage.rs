@@ -356,9 +356,8 @@ pub fn run(cfg: &RewardConfig, base: &Path) -> Result<RewardSummary> {
             pair_count += b.pairs;
             tok_count += b.tokens;
         }
-        let gnorm = opt.clip_grad_norm(cfg.optim.grad_clip)?;
         let lr = train::lr_at(state.step, total_steps, &cfg.optim);
-        opt.step(lr)?;
+        let gnorm = opt.clip_and_step(cfg.optim.grad_clip, lr, state.step + 1, Some(&ckpt_root))?;
         state.step += 1;
         (last_loss, last_acc) = (loss_sum, correct / denom);
         if first_losses.len() < 5 && resumed_from.is_none() {

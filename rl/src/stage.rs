@@ -655,9 +655,9 @@ impl Trainer {
                 loss.backward();
                 loss_u += v;
             }
-            gnorm = self.opt.clip_grad_norm(self.cfg.optim.grad_clip)?;
             lr = train::lr_at(self.opt.t, total_opt_steps, &self.cfg.optim);
-            self.opt.step(lr)?;
+            gnorm =
+                self.opt.clip_and_step(self.cfg.optim.grad_clip, lr, step + 1, self.ckpt_root.as_deref())?;
             loss_sum += loss_u;
         }
         sync(device);

@@ -424,9 +424,8 @@ pub fn run(cfg: &SftConfig, base: &Path) -> Result<SftSummary> {
             loss_sum += v;
             tok_count += b.tokens;
         }
-        let gnorm = opt.clip_grad_norm(cfg.optim.grad_clip)?;
         let lr = train::lr_at(state.step, total_steps, &cfg.optim);
-        opt.step(lr)?;
+        let gnorm = opt.clip_and_step(cfg.optim.grad_clip, lr, state.step + 1, Some(&ckpt_root))?;
         state.step += 1;
         last_loss = loss_sum;
         if first_losses.len() < 5 && resumed_from.is_none() {

@@ -168,19 +168,48 @@ fn non_finite_loss_stops_with_a_clear_error_and_keeps_the_last_checkpoint() {
     let tmp = tempfile::tempdir().unwrap();
     let data = write_data(tmp.path(), 40);
     let mut cfg = config(tmp.path(), &data);
-    cfg.optim.lr = 1e38;
+    // Adam moves each weight by about lr per step: 1e30 is finite after the
+    // first step (saved), and overflows the logits at the next.
+    cfg.optim.lr = 1e30;
     cfg.optim.warmup_steps = 0;
     cfg.optim.grad_clip = 0.0;
     cfg.max_steps = 30;
     cfg.save_every = 1;
     let e = format!("{:#}", sft::run(&cfg, tmp.path()).unwrap_err());
-    assert!(e.contains("non-finite loss"), "{e}");
-    assert!(e.contains("last good checkpoint is"), "{e}");
+    assert!(e.contains("non-finite loss") || e.contains("non-finite gradient norm"), "{e}");
     let ckpts = lm::train::list_checkpoints(&tmp.path().join("out/checkpoints")).unwrap();
     assert!(!ckpts.is_empty());
-    let (_, last) = ckpts.last().unwrap();
-    checkpoint::read_tensors(last).unwrap();
+    let (step, last) = ckpts.last().unwrap();
+    // The error names the checkpoint that was kept, and the step after it.
+    assert!(e.contains(&format!("last good checkpoint is {}", last.display())), "{e}");
+    assert!(e.contains(&format!("at step {}", step + 1)), "{e}");
+    // ... and that checkpoint is good: every weight and moment is finite,
+    // and it loads as a model.
+    let tensors = checkpoint::read_tensors(last).unwrap();
+    assert!(!tensors.is_empty());
+    for (name, t) in &tensors {
+        assert!(bool::try_from(t.isfinite().all()).unwrap(), "{name} in {} is not finite", last.display());
+    }
+    let (_, moments) = lm::train::read_checkpoint_state(last).unwrap();
+    for (name, t) in &moments {
+        assert!(bool::try_from(t.isfinite().all()).unwrap(), "optimizer {name} is not finite");
+    }
+    checkpoint::load_causal_lm(last, Device::Cpu, Kind::Float).unwrap();
     assert!(!tmp.path().join("out/model").exists(), "no final model after a failed run");
+
+    // A step that leaves inf weights (lr 1e38 overflows them at once) is
+    // never saved as a checkpoint: the run stops naming the step.
+    let tmp = tempfile::tempdir().unwrap();
+    let mut cfg = config(tmp.path(), &data);
+    cfg.optim.lr = 1e38;
+    cfg.optim.warmup_steps = 0;
+    cfg.optim.grad_clip = 0.0;
+    cfg.save_every = 1;
+    let e = format!("{:#}", sft::run(&cfg, tmp.path()).unwrap_err());
+    assert!(e.contains("non-finite weights after step 1"), "{e}");
+    assert!(e.contains("model.embed_tokens.weight"), "{e}");
+    assert!(e.contains("last good checkpoint is none"), "{e}");
+    assert!(lm::train::list_checkpoints(&tmp.path().join("out/checkpoints")).unwrap().is_empty());
 }
 
 #[test]
