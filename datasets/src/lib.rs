@@ -43,12 +43,12 @@ pub use filter::{
     LengthUnit, NearDedupConfig, PiiConfig, Rejection, Removed, SelfIdConfig, TextScope,
 };
 pub use mixture::{
-    Draw, HeldOutConfig, MixSettings, Mixture, MixtureConfig, MixtureReport, Source, SourceConfig,
-    SourceReport,
+    BadRowEntry, DataReportSummary, Draw, FilterCount, FilterSummary, HeldOutConfig, MixSettings, Mixture,
+    MixtureConfig, MixtureReport, Source, SourceConfig, SourceReport,
 };
 pub use read::{
-    read_dataset, shard_files, write_dataset, write_jsonl, BadRow, Dataset, Format, OnBadRow, ReadOptions,
-    ReadReport,
+    read_dataset, read_table, shard_files, write_dataset, write_jsonl, BadRow, Dataset, Format, OnBadRow,
+    ReadOptions, ReadReport,
 };
 pub use record::{
     detect_kind, parse_hh_transcript, Example, Message, Origin, Record, RecordKind, ROLE_ASSISTANT,

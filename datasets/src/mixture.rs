@@ -191,6 +191,128 @@ impl fmt::Display for MixtureReport {
     }
 }
 
+/// How many filter removals by one filter (pipeline order is kept).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct FilterCount {
+    pub filter: String,
+    pub removed: usize,
+}
+
+/// What the filters did, for a stage's `summary.json`.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct FilterSummary {
+    /// Rows the filters saw, kept and removed.
+    pub input: usize,
+    pub kept: usize,
+    pub removed: usize,
+    /// Rows removed per filter, in pipeline order.
+    pub removed_by: Vec<FilterCount>,
+}
+
+/// One skipped bad row, for a stage's `summary.json`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct BadRowEntry {
+    pub file: String,
+    /// "line" (JSONL) or "row" (other formats).
+    pub unit: String,
+    /// 1-based line or row number.
+    pub number: usize,
+    pub field: Option<String>,
+    pub reason: String,
+}
+
+impl From<&BadRow> for BadRowEntry {
+    fn from(b: &BadRow) -> Self {
+        BadRowEntry {
+            file: b.file.display().to_string(),
+            unit: b.unit.to_string(),
+            number: b.number,
+            field: b.field.clone(),
+            reason: b.message.clone(),
+        }
+    }
+}
+
+impl fmt::Display for BadRowEntry {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {} {}", self.file, self.unit, self.number)?;
+        match &self.field {
+            Some(field) => write!(f, ", field `{field}`: {}", self.reason),
+            None => write!(f, ": {}", self.reason),
+        }
+    }
+}
+
+/// What a mixture removed before training, as a stage reports it at the end
+/// and in `summary.json`: the filters' counts per filter, and the skipped
+/// bad rows (all counted, the first [`DataReportSummary::MAX_LISTED`]
+/// listed with file, line or row, field and reason).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct DataReportSummary {
+    /// `None` when no filters were configured.
+    pub filters: Option<FilterSummary>,
+    /// Where the removed rows were written for review (`keep_removed`).
+    #[serde(default)]
+    pub removed_rows_file: Option<PathBuf>,
+    pub skipped_bad_rows: usize,
+    pub bad_rows: Vec<BadRowEntry>,
+}
+
+impl DataReportSummary {
+    /// Bad rows listed one by one; the rest are counted.
+    pub const MAX_LISTED: usize = 100;
+
+    pub fn from_report(report: &MixtureReport) -> Self {
+        DataReportSummary {
+            filters: report.filters.as_ref().map(|fr| FilterSummary {
+                input: fr.input,
+                kept: fr.kept,
+                removed: fr.total_removed(),
+                removed_by: fr
+                    .removed_by
+                    .iter()
+                    .map(|(name, n)| FilterCount { filter: name.to_string(), removed: *n })
+                    .collect(),
+            }),
+            removed_rows_file: None,
+            skipped_bad_rows: report.skipped.len(),
+            bad_rows: report.skipped.iter().take(Self::MAX_LISTED).map(BadRowEntry::from).collect(),
+        }
+    }
+}
+
+impl fmt::Display for DataReportSummary {
+    /// A few lines for the end of a stage: filter counts and the first ten
+    /// skipped rows.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.filters {
+            None => write!(f, "filters: none configured")?,
+            Some(fs) => {
+                write!(f, "filters: {} rows in, {} kept, {} removed", fs.input, fs.kept, fs.removed)?;
+                for c in &fs.removed_by {
+                    write!(f, "\n  {:<20} {:>8} removed", c.filter, c.removed)?;
+                }
+            }
+        }
+        if let Some(p) = &self.removed_rows_file {
+            write!(f, "\n  removed rows written to {}", p.display())?;
+        }
+        write!(f, "\nbad rows skipped: {}", self.skipped_bad_rows)?;
+        for b in self.bad_rows.iter().take(10) {
+            write!(f, "\n  {b}")?;
+        }
+        if self.skipped_bad_rows > 10 {
+            write!(
+                f,
+                "\n  … and {} more (listed in summary.json up to {})",
+                self.skipped_bad_rows - 10,
+                Self::MAX_LISTED
+            )?;
+        }
+        Ok(())
+    }
+}
+
 /// Sampling settings for [`Mixture::from_sources`].
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct MixSettings {

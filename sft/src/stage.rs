@@ -3,7 +3,7 @@
 use crate::batch::{apply_truncation, make_batch, plan_epoch, Batch, Row, Sequence, Truncation};
 use crate::loss::masked_cross_entropy_sum;
 use anyhow::{bail, Context, Result};
-use datasets::{Mixture, MixtureConfig};
+use datasets::{DataReportSummary, Mixture, MixtureConfig};
 use lm::checkpoint::{self, SaveOptions};
 use lm::train::{self, AdamW, MetricsLog, OptimConfig, TrainerState};
 use lm::{Gemma, Tokenizer};
@@ -148,6 +148,11 @@ pub struct SftSummary {
     pub model_dir: PathBuf,
     #[serde(default)]
     pub sources: serde_json::Value,
+    /// Chat mode: what the filters removed (per filter) and the bad rows
+    /// skipped (file, line or row, field, reason; the first
+    /// [`DataReportSummary::MAX_LISTED`]). Empty in pretrain mode.
+    #[serde(default)]
+    pub data: DataReportSummary,
 }
 
 /// The chat-mode sampler: the mixture and, per (source, row), the index of
@@ -272,6 +277,25 @@ pub fn load_data(cfg: &SftConfig, tok: &Tokenizer, base: &Path) -> Result<(Data,
     }
 }
 
+/// What the mixture removed before training (chat mode): per-filter counts
+/// and the skipped bad rows. With `filters.keep_removed` the removed rows are
+/// written to `out_dir/filtered_out.jsonl` for review.
+pub fn data_report(sampler: &Option<Sampler>, out_dir: &Path) -> Result<DataReportSummary> {
+    let Some((mix, _)) = sampler else {
+        return Ok(DataReportSummary::default());
+    };
+    let mut summary = DataReportSummary::from_report(mix.report());
+    if let Some(fr) = mix.report().filters.as_ref().filter(|fr| !fr.removed.is_empty()) {
+        let path = out_dir.join(FILTERED_OUT_FILE);
+        fr.write_removed(&path)?;
+        summary.removed_rows_file = Some(path);
+    }
+    Ok(summary)
+}
+
+/// The removed rows of the filters, for review (with `keep_removed`).
+pub const FILTERED_OUT_FILE: &str = "filtered_out.jsonl";
+
 /// Mean per-token loss over `batch` rows for one micro-batch, normalised by
 /// `denom` trained tokens (the whole accumulated batch's count).
 pub fn batch_loss(model: &Gemma, batch: &Batch, denom: f64) -> Result<Tensor> {
@@ -383,6 +407,7 @@ pub fn run(cfg: &SftConfig, base: &Path) -> Result<SftSummary> {
         train::resume_or_start(&ckpt_root, &vs, &mut opt, fresh, &["lm_head.weight"])?;
 
     std::fs::create_dir_all(&cfg.output_dir)?;
+    let data_report = data_report(&sampler, &cfg.output_dir)?;
     let mut log = MetricsLog::open(&cfg.output_dir.join("metrics.jsonl"), Some(state.step))?;
     let pb = train::progress_bar(total_steps, state.step);
     pb.set_prefix("sft");
@@ -469,10 +494,14 @@ pub fn run(cfg: &SftConfig, base: &Path) -> Result<SftSummary> {
         resumed_from,
         model_dir,
         sources: data.sources.clone(),
+        data: data_report,
     };
     checkpoint::write_atomic(
         &cfg.output_dir.join("summary.json"),
         serde_json::to_string_pretty(&summary)?.as_bytes(),
     )?;
+    if sampler.is_some() {
+        eprintln!("sft data report ({}):\n{}", cfg.output_dir.join("summary.json").display(), summary.data);
+    }
     Ok(summary)
 }

@@ -269,3 +269,85 @@ fn bf16_training_with_fp32_masters_lowers_the_loss() {
     assert!(opt.keys().any(|k| k.ends_with(".master")));
     assert!(opt.values().all(|t| t.kind() == Kind::Float));
 }
+
+#[test]
+fn summary_records_what_each_filter_removed_and_the_skipped_bad_rows() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = write_data(tmp.path(), 40); // lines 1..=40, all distinct
+    let mut text = std::fs::read_to_string(&data).unwrap();
+    let first = text.lines().next().unwrap().to_string();
+    let long = serde_json::json!({"messages": [
+        {"role": "user", "content": format!("Reverse the words: {}", "word ".repeat(40))},
+        {"role": "assistant", "content": "drow"}]});
+    let user_user = serde_json::json!({"messages": [
+        {"role": "user", "content": "Reverse the word: abc"},
+        {"role": "user", "content": "please"},
+        {"role": "assistant", "content": "cba"}]});
+    let no_content = serde_json::json!({"messages": [
+        {"role": "user", "content": "Reverse the word: abc"}, {"role": "assistant"}]});
+    // Lines 41–43 repeat line 1, 44 is too long, 45 and 46 are bad rows.
+    for extra in
+        [first.clone(), first.clone(), first, long.to_string(), user_user.to_string(), no_content.to_string()]
+    {
+        text.push('\n');
+        text.push_str(&extra);
+    }
+    std::fs::write(&data, text).unwrap();
+    let mut cfg = config(tmp.path(), &data);
+    cfg.max_steps = 2;
+    let mix = cfg.data.as_mut().unwrap();
+    mix.on_bad_row = datasets::OnBadRow::Skip;
+    mix.filters = Some(datasets::FilterConfig {
+        length: Some(datasets::LengthConfig { max: Some(30), ..Default::default() }),
+        exact_dedup: Some(Default::default()),
+        keep_removed: true,
+        ..Default::default()
+    });
+    let s = sft::run(&cfg, tmp.path()).unwrap();
+    assert_eq!(s.steps, 2);
+
+    let out = tmp.path().join("out");
+    let summary: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).unwrap()).unwrap();
+    let d = &summary["data"];
+    assert_eq!(d["filters"]["input"], 44);
+    assert_eq!(d["filters"]["kept"], 40);
+    assert_eq!(d["filters"]["removed"], 4);
+    assert_eq!(
+        d["filters"]["removed_by"],
+        serde_json::json!([{"filter": "length", "removed": 1}, {"filter": "exact_dedup", "removed": 3}])
+    );
+    assert_eq!(d["skipped_bad_rows"], 2);
+    let bad = d["bad_rows"].as_array().unwrap();
+    assert_eq!(bad.len(), 2);
+    assert_eq!(bad[0]["file"], data.display().to_string());
+    assert_eq!((bad[0]["unit"].as_str(), bad[0]["number"].as_u64()), (Some("line"), Some(45)));
+    assert_eq!(bad[0]["field"], "messages[1].role");
+    assert!(
+        bad[0]["reason"].as_str().unwrap().contains("expected a model/assistant turn after a user turn"),
+        "{bad:?}"
+    );
+    assert_eq!(
+        (bad[1]["number"].as_u64(), bad[1]["field"].as_str()),
+        (Some(46), Some("messages[1].content"))
+    );
+    // The per-source counts agree.
+    assert_eq!(summary["sources"][0]["filtered_out"], 4);
+    assert_eq!(summary["sources"][0]["skipped_bad_rows"], 2);
+    // The removed rows are written for review, each with its filter and reason.
+    assert_eq!(d["removed_rows_file"], out.join(sft::FILTERED_OUT_FILE).display().to_string());
+    let removed: Vec<serde_json::Value> = std::fs::read_to_string(out.join(sft::FILTERED_OUT_FILE))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let got: Vec<(&str, u64)> =
+        removed.iter().map(|r| (r["filter"].as_str().unwrap(), r["row"].as_u64().unwrap())).collect();
+    assert_eq!(got, vec![("exact_dedup", 41), ("exact_dedup", 42), ("exact_dedup", 43), ("length", 44)]);
+    // What the stage prints at its end.
+    let shown = s.data.to_string();
+    assert!(shown.contains("filters: 44 rows in, 40 kept, 4 removed"), "{shown}");
+    assert!(shown.contains("exact_dedup") && shown.contains("3 removed"), "{shown}");
+    assert!(shown.contains("bad rows skipped: 2"), "{shown}");
+    assert!(shown.contains(&format!("{}: line 45, field `messages[1].role`", data.display())), "{shown}");
+}
