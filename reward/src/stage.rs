@@ -314,9 +314,34 @@ pub fn run(cfg: &RewardConfig, base: &Path) -> Result<RewardSummary> {
     let (mut pair_count, mut tok_count, t0) = (0usize, 0usize, Instant::now());
     let mut epoch_batches = plan(state.epoch);
     let mut last_saved = None;
-    let save = |vs: &nn::VarStore, opt: &AdamW, st: &TrainerState| -> Result<PathBuf> {
-        train::save_checkpoint(&ckpt_root, vs, &model.cfg, &tok, opt, st, ARCHITECTURE, cfg.keep_last)
+    // The reward statistics of the latest evaluation go into every
+    // checkpoint saved after it, so any checkpoint can normalise rewards.
+    // After a resume they are those the resumed checkpoint carried.
+    let mut eval_stats: Option<RewardStats> = match resumed_from {
+        None => None,
+        Some(step) => match train::list_checkpoints(&ckpt_root)?.into_iter().find(|(s, _)| *s == step) {
+            Some((_, dir)) => RewardStats::read(&dir)?,
+            None => None,
+        },
     };
+    let save =
+        |vs: &nn::VarStore, opt: &AdamW, st: &TrainerState, stats: Option<&RewardStats>| -> Result<PathBuf> {
+            let extra = match stats {
+                Some(s) => vec![(lm::reward_model::STATS_FILE, serde_json::to_vec_pretty(s)?)],
+                None => vec![],
+            };
+            train::save_checkpoint_with(
+                &ckpt_root,
+                vs,
+                &model.cfg,
+                &tok,
+                opt,
+                st,
+                ARCHITECTURE,
+                cfg.keep_last,
+                &extra,
+            )
+        };
     let stop_at = cfg.stop_after.filter(|&s| s < total_steps);
 
     while state.step < total_steps {
@@ -372,11 +397,12 @@ pub fn run(cfg: &RewardConfig, base: &Path) -> Result<RewardSummary> {
         pb.set_position(state.step);
         pb.set_message(format!("loss {loss_sum:.4} acc {last_acc:.2} lr {lr:.2e} {pps:.1} pairs/s"));
         if cfg.eval_every > 0 && state.step % cfg.eval_every == 0 && !eval_pairs.is_empty() {
-            let (r, _) = eval::evaluate(&model, &eval_pairs, cfg.batch_size, pad, coef)?;
+            let (r, all) = eval::evaluate(&model, &eval_pairs, cfg.batch_size, pad, coef)?;
             log.write(&eval_row(state.step, &r))?;
+            eval_stats = RewardStats::of(&all, "eval");
         }
         if cfg.save_every > 0 && state.step % cfg.save_every == 0 && state.step < total_steps {
-            save(&vs, &opt, &state)?;
+            save(&vs, &opt, &state, eval_stats.as_ref())?;
             last_saved = Some(state.step);
         }
     }
@@ -408,7 +434,7 @@ pub fn run(cfg: &RewardConfig, base: &Path) -> Result<RewardSummary> {
     let summary_path = cfg.output_dir.join("summary.json");
     if !summary.completed {
         if last_saved != Some(state.step) {
-            save(&vs, &opt, &state)?;
+            save(&vs, &opt, &state, eval_stats.as_ref())?;
         }
         eprintln!("stopped after step {} of {total_steps} (stop_after); run again to resume", state.step);
         lm::checkpoint::write_atomic(&summary_path, serde_json::to_string_pretty(&summary)?.as_bytes())?;
@@ -427,7 +453,7 @@ pub fn run(cfg: &RewardConfig, base: &Path) -> Result<RewardSummary> {
         summary.eval = Some(r);
         RewardStats::of(&all, "eval")
     };
-    save(&vs, &opt, &state)?;
+    save(&vs, &opt, &state, stats.as_ref())?;
     let model_dir = cfg.output_dir.join("model");
     model::save(&model_dir, &vs, &model, &tok, stats.as_ref())?;
     summary.reward_stats = stats;

@@ -179,3 +179,69 @@ fn config_rejects_unknown_keys_and_other_record_kinds() {
     let e = format!("{:#}", reward::RewardConfig::from_toml_file(&p).unwrap_err());
     assert!(e.contains("preference"), "{e}");
 }
+
+#[test]
+fn every_checkpoint_after_an_eval_carries_that_evals_reward_stats() {
+    let dir = tempfile::tempdir().unwrap();
+    write_lm(&dir.path().join("init"), 3, true);
+    write_jsonl(&dir.path().join("pairs.jsonl"), &synthetic_rows(40, 5));
+    let cfg = load_config(&write_config(
+        dir.path(),
+        "max_steps = 7\neval_every = 3\nsave_every = 2\nkeep_last = 10\nbatch_size = 4",
+    ));
+    let s = reward::run(&cfg, dir.path()).unwrap();
+    assert_eq!(s.steps, 7);
+    let root = cfg.output_dir.join("checkpoints");
+    let ckpts = lm::train::list_checkpoints(&root).unwrap();
+    assert_eq!(ckpts.iter().map(|c| c.0).collect::<Vec<_>>(), vec![2, 4, 6, 7]);
+    // The evaluations the metrics log recorded, by step.
+    let evals: std::collections::BTreeMap<u64, (f64, f64)> =
+        lm::train::read_metrics(&cfg.output_dir.join("metrics.jsonl"))
+            .unwrap()
+            .iter()
+            .filter(|m| m.get("eval_reward_mean").is_some())
+            .map(|m| {
+                let f = |k: &str| m[k].as_f64().unwrap();
+                (m["step"].as_u64().unwrap(), (f("eval_reward_mean"), f("eval_reward_std")))
+            })
+            .collect();
+    assert_eq!(evals.keys().copied().collect::<Vec<_>>(), vec![3, 6, 7]);
+    let stats_at = |step: u64| {
+        let dir = &ckpts.iter().find(|c| c.0 == step).unwrap().1;
+        reward::RewardStats::read(dir).unwrap()
+    };
+    // Step 2 was saved before any evaluation: nothing to normalise with.
+    assert_eq!(stats_at(2), None);
+    // Steps 4 and 6 carry the latest evaluation (steps 3 and 6), step 7 the final one.
+    for (ckpt, eval_step) in [(4, 3), (6, 6), (7, 7)] {
+        let st = stats_at(ckpt).unwrap_or_else(|| panic!("step-{ckpt} has no reward_stats.json"));
+        let (mean, std) = evals[&eval_step];
+        assert_eq!(st.split, "eval");
+        assert_eq!(st.n, 2 * s.eval_pairs);
+        assert!(
+            (st.mean - mean).abs() < 1e-12 && (st.std - std).abs() < 1e-12,
+            "step-{ckpt}: {st:?} vs {mean} {std}"
+        );
+    }
+    assert_ne!(stats_at(4), stats_at(6), "a later evaluation replaces the stats");
+    // A checkpoint loads as a reward model with its stats, as the RL stage loads one.
+    let ckpt4 = &ckpts.iter().find(|c| c.0 == 4).unwrap().1;
+    let loaded = lm::reward_model::load(ckpt4, tch::Device::Cpu, tch::Kind::Float, None, 0).unwrap();
+    assert!(loaded.new_tensors.is_empty());
+    assert_eq!(loaded.stats, stats_at(4));
+
+    // After a resume, the stats come back from the checkpoint resumed from:
+    // stop at 5 (saving step 5 beside step 4), lose step 5, resume to 5 again.
+    let mut cut = cfg.clone();
+    cut.output_dir = dir.path().join("cut");
+    cut.stop_after = Some(5);
+    reward::run(&cut, dir.path()).unwrap();
+    let cut_root = cut.output_dir.join("checkpoints");
+    let step5 = cut_root.join("step-00000005");
+    let first = reward::RewardStats::read(&step5).unwrap().unwrap();
+    assert_eq!(Some(first.clone()), stats_at(4));
+    std::fs::remove_dir_all(&step5).unwrap();
+    let again = reward::run(&cut, dir.path()).unwrap();
+    assert_eq!(again.resumed_from, Some(4));
+    assert_eq!(reward::RewardStats::read(&step5).unwrap(), Some(first));
+}
