@@ -188,15 +188,63 @@ mod tests {
 
     #[test]
     fn clipped_loss_equals_plain_loss_when_policy_unchanged() {
-        let logp = t(&[-1.0, -3.0, -2.0, -4.0]).view([2, 2]);
+        let lp = t(&[-1.0, -3.0, -2.0, -4.0]).view([2, 2]);
         let mask = Tensor::from_slice(&[true, true, true, false]).view([2, 2]);
         let adv = t(&[2.0, -1.0]);
-        let a = reinforce_loss(&logp, &mask, &adv).double_value(&[]);
-        let b = clipped_reinforce_loss(&logp, &logp, &mask, &adv, 0.2).double_value(&[]);
-        // With ρ = 1 the clipped loss is −mean(A · mean_t 1) — the same
-        // gradient as the plain loss at this point, a different value.
-        assert!((b - (-(2.0 - 1.0) / 2.0)).abs() < 1e-6, "{b}");
-        assert!(a.is_finite());
+        let plain = lp.copy().set_requires_grad(true);
+        let a = reinforce_loss(&plain, &mask, &adv);
+        let clipped = lp.copy().set_requires_grad(true);
+        let b = clipped_reinforce_loss(&clipped, &lp, &mask, &adv, 0.2);
+        // With ρ = 1 the clipped loss is −mean(A · mean_t 1) — a different
+        // value from the plain loss ...
+        assert!((b.double_value(&[]) - (-(2.0 - 1.0) / 2.0)).abs() < 1e-6, "{}", b.double_value(&[]));
+        assert!((a.double_value(&[]) - 1.0).abs() < 1e-6);
+        // ... but the same gradient at this point: ∂ρ/∂logp = ρ = 1.
+        a.backward();
+        b.backward();
+        close(&vals(&clipped.grad()), &vals(&plain.grad()));
+        close(&vals(&clipped.grad()), &[-0.5, -0.5, 0.5, 0.0]);
+    }
+
+    #[test]
+    fn clipped_loss_and_gradient_match_hand_computation_inside_and_outside_the_clip() {
+        // old log-probs 0, so ρ = exp(logp). ε = 0.2: the clip range is [0.8, 1.2].
+        // Row 0, A = +2: ρ = 1.1 (inside), 1.5 (above: clipped), 0.5 (below:
+        // for A > 0 the unclipped term is the smaller, so it counts), 0.9 (inside).
+        // Row 1, A = −1: ρ = 1.1 (inside), 1.5 (above: for A < 0 the unclipped
+        // term is the smaller, so it counts), 0.5 (below: clipped), and a
+        // masked token with ρ = 3.
+        let ratios = [1.1f32, 1.5, 0.5, 0.9, 1.1, 1.5, 0.5, 3.0];
+        let logp = Tensor::from_slice(&ratios.map(f32::ln)).view([2, 4]).set_requires_grad(true);
+        let old = Tensor::zeros([2, 4], (Kind::Float, tch::Device::Cpu));
+        let mask = Tensor::from_slice(&[true, true, true, true, true, true, true, false]).view([2, 4]);
+        let adv = t(&[2.0, -1.0]);
+        let loss = clipped_reinforce_loss(&logp, &old, &mask, &adv, 0.2);
+        // Per token min(ρA, clip(ρ)A):
+        //   row 0: min(2.2, 2.2), min(3.0, 2.4), min(1.0, 1.6), min(1.8, 1.8) = 2.2, 2.4, 1.0, 1.8 → mean 7.4/4
+        //   row 1: min(−1.1, −1.1), min(−1.5, −1.2), min(−0.5, −0.8) = −1.1, −1.5, −0.8 → mean −3.4/3
+        // loss = −(7.4/4 − 3.4/3) / 2.
+        let want = -(7.4 / 4.0 - 3.4 / 3.0) / 2.0;
+        assert!((loss.double_value(&[]) - want).abs() < 1e-5, "{} vs {want}", loss.double_value(&[]));
+        loss.backward();
+        // Where the unclipped term counts, ∂/∂logp (ρA) = ρA, so the gradient
+        // is −ρA / (N |y_i|); a clipped token gives exactly zero.
+        let g = |r: f32, a: f32, len: f32| -r * a / (2.0 * len);
+        let want_grad = [
+            g(1.1, 2.0, 4.0),
+            0.0, // clipped above with A > 0
+            g(0.5, 2.0, 4.0),
+            g(0.9, 2.0, 4.0),
+            g(1.1, -1.0, 3.0),
+            g(1.5, -1.0, 3.0),
+            0.0, // clipped below with A < 0
+            0.0, // masked
+        ];
+        let got = vals(&logp.grad());
+        close(&got, &want_grad);
+        assert_eq!((got[1], got[6], got[7]), (0.0, 0.0, 0.0), "clipped tokens have exactly zero gradient");
+        // The old log-probs get no gradient (they are constants).
+        assert!(!old.grad().defined());
     }
     #[test]
     fn kl_loss_is_beta_times_the_mean_per_token_kl() {

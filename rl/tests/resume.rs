@@ -64,11 +64,17 @@ fn stop_and_resume_gives_bit_identical_weights() {
     assert_eq!(ma.len(), 6);
     assert_eq!(mb.len(), 6);
     for (x, y) in ma.iter().zip(&mb) {
-        for key in ["reward_mean", "kl", "beta", "loss", "entropy", "adv_std"] {
+        for key in ["reward_mean", "kl", "beta", "loss", "entropy", "adv_std", "clip_frac"] {
             assert_eq!(x[key], y[key], "step {} {key}", x["step"]);
         }
     }
-    assert!(ma.iter().any(|r| r["clip_frac"].as_f64().unwrap() >= 0.0));
+    // Two updates per batch: the first is at ρ = 1 (nothing clipped), so at
+    // most half the counted tokens are clipped; the second update does
+    // clip some tokens on some step.
+    let clip: Vec<f64> = ma.iter().map(|r| r["clip_frac"].as_f64().unwrap()).collect();
+    eprintln!("clipped fraction per step: {clip:?}");
+    assert!(clip.iter().all(|&c| (0.0..=0.5).contains(&c)), "{clip:?}");
+    assert!(clip.iter().any(|&c| c > 0.0), "no token was ever clipped: {clip:?}");
 }
 
 #[test]
@@ -81,4 +87,28 @@ fn resuming_under_another_config_is_refused() {
     let err =
         format!("{:#}", rl::run_with_reward(&cfg, d.path(), Box::new(LowIds { below: 128 })).unwrap_err());
     assert!(err.contains("different configuration"), "{err}");
+}
+
+#[test]
+fn importance_ratios_are_clipped_only_after_the_policy_moves() {
+    let d = tempfile::tempdir().unwrap();
+    let prompts = write_prompts(d.path(), 8);
+    let clip_fracs = |extra: &str, lr: f64| -> Vec<f64> {
+        let mut cfg = config(d.path(), &prompts, extra);
+        cfg.optim.lr = lr;
+        cfg.optim.warmup_steps = 0;
+        let (mut t, batch) = common::trainer(cfg);
+        (0..3).map(|s| t.step(s, &batch).unwrap().0.clip_frac).collect()
+    };
+    // One update per batch: the plain REINFORCE loss, no ratio, nothing clipped.
+    assert_eq!(clip_fracs("updates_per_batch = 1", 5e-2), vec![0.0; 3]);
+    // Several updates with a policy that barely moves: every ρ stays within
+    // [1 − ε, 1 + ε], so nothing is clipped either.
+    assert_eq!(clip_fracs("updates_per_batch = 4\nclip_eps = 0.05", 1e-9), vec![0.0; 3]);
+    // Large steps and a tight clip: the later updates push some ratios out of
+    // the range; the first update of each batch is at ρ = 1 and clips
+    // nothing, so at most 3 in 4 counted tokens are clipped.
+    let moved = clip_fracs("updates_per_batch = 4\nclip_eps = 0.05", 5e-2);
+    eprintln!("clipped fraction per step with 4 updates, lr 5e-2, eps 0.05: {moved:?}");
+    assert!(moved.iter().all(|&c| c > 0.0 && c <= 0.75), "{moved:?}");
 }
