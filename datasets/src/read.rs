@@ -535,6 +535,36 @@ fn read_rows(path: &Path, format: Format, renames: &Renames) -> Result<RawRows> 
     }
 }
 
+/// Every row of a table file (JSONL, JSON, Parquet or CSV, by extension)
+/// as a JSON object with all its columns, untyped: for reading back tables
+/// such as those `align score` writes. CSV cells are text. A row that is
+/// not an object is an error naming the file and row.
+pub fn read_table(path: &Path) -> Result<Vec<Map<String, Value>>> {
+    let format = Format::from_path(path).with_context(|| {
+        format!("{}: unknown table format; use a .jsonl, .json, .parquet or .csv extension", path.display())
+    })?;
+    let all = |_: &str| true;
+    let raw = match format {
+        Format::Jsonl => read_jsonl(path),
+        Format::Json => read_json(path),
+        Format::Parquet => fs::File::open(path)
+            .map_err(anyhow::Error::from)
+            .and_then(polars_io_read::parquet)
+            .and_then(|df| frame_rows(&df, &all)),
+        Format::Csv => polars_io_read::csv(path).and_then(|df| frame_rows(&df, &all)),
+    }
+    .with_context(|| format!("cannot read {}", path.display()))?;
+    raw.rows
+        .into_iter()
+        .map(|(n, row)| {
+            row.map_err(|e| {
+                let field = e.field.map(|f| format!(", field `{f}`")).unwrap_or_default();
+                anyhow::anyhow!("{}: {} {n}{field}: {}", path.display(), format.unit(), e.message)
+            })
+        })
+        .collect()
+}
+
 fn row_error(message: impl Into<String>) -> FieldError {
     FieldError { field: None, message: message.into() }
 }
