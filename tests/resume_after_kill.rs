@@ -1,6 +1,6 @@
-//! Resume after a real kill: `align sft` / `align reward` killed with SIGKILL
-//! mid-run and run again give bit-identical weights to an uninterrupted run
-//! (CPU).
+//! Resume after a real kill: `align sft` / `align reward` / `align rl`
+//! killed with SIGKILL mid-run and run again give bit-identical weights to an
+//! uninterrupted run (CPU).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -179,4 +179,98 @@ fn sft_resume_after_kill_is_bit_identical() {
     assert_eq!(steps, (1..=300).collect::<Vec<_>>());
     // Only the last `keep_last` checkpoints remain.
     assert!(lm::train::list_checkpoints(&ckpts).unwrap().len() <= 2);
+}
+
+/// A reward model for the RL test: the fixture's backbone with a seeded
+/// score head, saved as `align reward` saves one (with reward statistics).
+fn write_reward_model(dir: &Path) {
+    let fixture = root().join("lm/tests/fixtures/mqa");
+    let rm = lm::reward_model::load(&fixture, tch::Device::Cpu, tch::Kind::Float, Some(0.5), 17).unwrap();
+    let stats = lm::reward_model::RewardStats { mean: 0.1, std: 0.5, n: 100, split: "eval".into() };
+    lm::reward_model::save(dir, &rm.vs, &rm.model, &rm.tokenizer, Some(&stats)).unwrap();
+}
+
+#[test]
+fn rl_resume_after_kill_is_bit_identical() {
+    let tmp = tempfile::tempdir().unwrap();
+    let rm = tmp.path().join("rm");
+    write_reward_model(&rm);
+    let topics = ["rivers", "stars", "bread", "clocks", "trains", "maps", "bees", "salt"];
+    let prompts: Vec<String> = (0..24)
+        .map(|i| serde_json::json!({"prompt": format!("Tell me about {} {i}", topics[i % 8])}).to_string())
+        .collect();
+    let data = tmp.path().join("prompts.jsonl");
+    std::fs::write(&data, prompts.join("\n")).unwrap();
+    let (a, b) = (tmp.path().join("a"), tmp.path().join("b"));
+    let mut cfgs = vec![];
+    for d in [&a, &b] {
+        std::fs::create_dir_all(d).unwrap();
+        // Every piece of state a resume must restore: the adaptive KL
+        // coefficient, the reward normalisation, two clipped updates per
+        // batch over micro-batches, the prompt position across epochs (20
+        // training prompts, 4 per step) and the sampling RNG.
+        let toml = format!(
+            r#"[rl]
+model = "{policy}"
+output_dir = "out"
+steps = 60
+batch_size = 4
+num_samples = 2
+max_new_tokens = 8
+max_prompt_len = 48
+temperature = 1.0
+beta = 0.1
+kl_target = 0.5
+kl_horizon = 100
+normalize_reward = true
+reward_clip = 3.0
+whiten_advantages = true
+updates_per_batch = 2
+micro_batch_size = 4
+eval_every = 15
+eval_prompts = 4
+save_every = 5
+keep_last = 2
+seed = 9
+device = "cpu"
+[rl.optim]
+lr = 3e-3
+warmup_steps = 3
+[rl.reward]
+kind = "model"
+path = "{rm}"
+[rl.data]
+seed = 3
+held_out = {{ fraction = 0.2 }}
+[[rl.data.sources]]
+name = "prompts"
+path = "{data}"
+"#,
+            policy = root().join("lm/tests/fixtures/mqa").display(),
+            rm = rm.display(),
+            data = data.display(),
+        );
+        let p = d.join("rl.toml");
+        std::fs::write(&p, toml).unwrap();
+        cfgs.push(p);
+    }
+    let (wa, wb) = run_kill_resume("rl", &a, &cfgs[0], &b, &cfgs[1], 15);
+    assert!(wa == wb, "rl policy weights after kill + resume differ from the uninterrupted run");
+    // The training metrics have each step once, with the same values.
+    let rows = |d: &Path| -> Vec<serde_json::Value> {
+        lm::train::read_metrics(&d.join("out/metrics.jsonl"))
+            .unwrap()
+            .into_iter()
+            .filter(|r| r.get("reward_mean").is_some())
+            .collect()
+    };
+    let (ra, rb) = (rows(&a), rows(&b));
+    let steps: Vec<u64> = rb.iter().map(|r| r["step"].as_u64().unwrap()).collect();
+    assert_eq!(steps, (1..=60).collect::<Vec<_>>());
+    for (x, y) in ra.iter().zip(&rb) {
+        for key in ["reward_mean", "kl", "beta", "loss", "clip_frac"] {
+            assert_eq!(x[key], y[key], "step {} {key}", x["step"]);
+        }
+    }
+    assert!(lm::train::list_checkpoints(&b.join("out/checkpoints")).unwrap().len() <= 2);
 }
