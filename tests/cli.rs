@@ -299,3 +299,196 @@ fn memorization_eval_finds_documents_a_model_was_trained_to_repeat() {
     std::fs::write(&unseen, other.join("\n")).unwrap();
     assert_eq!(mem(&unseen)["exact"], 0);
 }
+
+/// A reward model: the fixture's backbone with a seeded score head, saved as
+/// `align reward` saves one.
+fn write_reward_model(dir: &Path) -> lm::reward_model::LoadedReward {
+    let rm =
+        lm::reward_model::load(&fixture("mqa"), tch::Device::Cpu, tch::Kind::Float, Some(0.5), 23).unwrap();
+    lm::reward_model::save(dir, &rm.vs, &rm.model, &rm.tokenizer, None).unwrap();
+    rm
+}
+
+/// The reward of one dialogue by hand: formatted alone, no padding, the
+/// head's output at the last token.
+fn reward_by_hand(rm: &lm::reward_model::LoadedReward, messages: &[lm::Message]) -> f64 {
+    let ids = lm::chat::encode(&rm.tokenizer, messages, false).unwrap().ids;
+    let t = ids.len() as i64;
+    let ids = tch::Tensor::from_slice(&ids).view([1, t]);
+    let valid = tch::Tensor::ones([1, t], (tch::Kind::Bool, tch::Device::Cpu));
+    tch::no_grad(|| rm.model.forward(&ids, &valid).unwrap()).double_value(&[0])
+}
+
+#[test]
+fn score_writes_reward_columns_and_prints_pair_accuracy() {
+    let tmp = tempfile::tempdir().unwrap();
+    let rm_dir = tmp.path().join("rm");
+    let rm = write_reward_model(&rm_dir);
+    let topics = ["rivers", "stars", "bread", "clocks", "trains", "maps"];
+    let pairs: Vec<serde_json::Value> = topics
+        .iter()
+        .enumerate()
+        .map(|(i, t)| {
+            serde_json::json!({
+                "prompt": format!("Tell me about {t}"),
+                "chosen": format!("{t} are interesting, in {i} ways."),
+                "rejected": format!("No {t}{}", "!".repeat(i + 1)),
+                "category": if i % 2 == 0 { "even" } else { "odd" },
+            })
+        })
+        .collect();
+    let data = tmp.path().join("pairs.jsonl");
+    std::fs::write(&data, pairs.iter().map(|p| format!("{p}\n")).collect::<String>()).unwrap();
+    // The rewards and accuracy by hand.
+    let want: Vec<(f64, f64)> = pairs
+        .iter()
+        .map(|p| {
+            let side = |s: &str| {
+                reward_by_hand(
+                    &rm,
+                    &[
+                        lm::Message::user(p["prompt"].as_str().unwrap()),
+                        lm::Message::model(p[s].as_str().unwrap()),
+                    ],
+                )
+            };
+            (side("chosen"), side("rejected"))
+        })
+        .collect();
+    let correct = want.iter().filter(|(c, r)| c > r).count();
+    let accuracy = correct as f64 / want.len() as f64;
+
+    for ext in ["jsonl", "parquet"] {
+        let out_path = tmp.path().join(format!("scored.{ext}"));
+        let out = align(&[
+            "score",
+            "--reward-model",
+            rm_dir.to_str().unwrap(),
+            "--data",
+            data.to_str().unwrap(),
+            "--out",
+            out_path.to_str().unwrap(),
+        ]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{err}");
+        assert!(err.contains(&format!("accuracy {accuracy:.4} over 6 pairs (chosen > rejected)")), "{err}");
+        assert!(err.contains("even: accuracy") && err.contains("odd: accuracy"), "{err}");
+        let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(report["pairs"], 6);
+        assert!((report["pair_eval"]["accuracy"].as_f64().unwrap() - accuracy).abs() < 1e-12, "{report}");
+        assert_eq!(report["out"], out_path.display().to_string());
+
+        let rows = datasets::read_table(&out_path).unwrap();
+        assert_eq!(rows.len(), 6, "{ext}");
+        for (i, (row, (c, r))) in rows.iter().zip(&want).enumerate() {
+            let f = |k: &str| row[k].as_f64().unwrap_or_else(|| panic!("{ext} row {i}: no {k} in {row:?}"));
+            assert!((f("reward_chosen") - c).abs() < 1e-4, "{ext} row {i}: {} vs {c}", f("reward_chosen"));
+            assert!(
+                (f("reward_rejected") - r).abs() < 1e-4,
+                "{ext} row {i}: {} vs {r}",
+                f("reward_rejected")
+            );
+            assert!((f("reward_margin") - (f("reward_chosen") - f("reward_rejected"))).abs() < 1e-9);
+            assert_eq!(row["correct"], serde_json::json!(c > r), "{ext} row {i}");
+            // The data columns come along.
+            assert_eq!(row["prompt"], pairs[i]["prompt"], "{ext} row {i}");
+            assert_eq!(row["category"], pairs[i]["category"], "{ext} row {i}");
+        }
+    }
+
+    // Prompt/response rows get one `reward` column.
+    let responses = tmp.path().join("responses.jsonl");
+    let rows: Vec<serde_json::Value> = topics
+        .iter()
+        .map(|t| serde_json::json!({"prompt": format!("Tell me about {t}"), "completion": format!("{t} are fine.")}))
+        .collect();
+    std::fs::write(&responses, rows.iter().map(|p| format!("{p}\n")).collect::<String>()).unwrap();
+    let out_path = tmp.path().join("responses_scored.parquet");
+    let out = align(&[
+        "score",
+        "--reward-model",
+        rm_dir.to_str().unwrap(),
+        "--data",
+        responses.to_str().unwrap(),
+        "--out",
+        out_path.to_str().unwrap(),
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(!err.contains("accuracy"), "no pairs, no accuracy: {err}");
+    let got = datasets::read_table(&out_path).unwrap();
+    assert_eq!(got.len(), topics.len());
+    for (row, input) in got.iter().zip(&rows) {
+        let want = reward_by_hand(
+            &rm,
+            &[
+                lm::Message::user(input["prompt"].as_str().unwrap()),
+                lm::Message::model(input["completion"].as_str().unwrap()),
+            ],
+        );
+        assert!((row["reward"].as_f64().unwrap() - want).abs() < 1e-4, "{row:?} vs {want}");
+        assert!(row.get("reward_chosen").is_none());
+    }
+
+    // A causal LM is not a reward model; an unknown extension is refused first.
+    let out = align(&[
+        "score",
+        "--reward-model",
+        fixture("mqa").to_str().unwrap(),
+        "--data",
+        data.to_str().unwrap(),
+    ]);
+    fails_cleanly(&out, "is not a reward model");
+    let bad = tmp.path().join("scored.txt");
+    let out = align(&[
+        "score",
+        "--reward-model",
+        rm_dir.to_str().unwrap(),
+        "--data",
+        data.to_str().unwrap(),
+        "--out",
+        bad.to_str().unwrap(),
+    ]);
+    fails_cleanly(&out, "unknown output format");
+}
+
+#[test]
+fn bench_sft_in_bf16_reports_both_matmul_peaks_and_the_fraction_of_the_bf16_one() {
+    let args = [
+        "bench", "sft", "--preset", "test-mqa", "--batch", "1", "--seq", "16", "--steps", "1", "--python",
+        "none",
+    ];
+    let run = |dtype: &str| {
+        let mut a = args.to_vec();
+        a.extend(["--dtype", dtype]);
+        let out = align(&a);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).to_string()
+    };
+    let peak = |text: &str, label: &str| -> f64 {
+        let at = text.find(label).unwrap_or_else(|| panic!("no {label:?} in {text}"));
+        text[at + label.len()..].split_whitespace().next().unwrap().parse().unwrap()
+    };
+    let gflops_and_pct = |text: &str| -> (f64, f64) {
+        let line = text.lines().find(|l| l.starts_with("align")).unwrap();
+        let words: Vec<&str> = line.split_whitespace().collect();
+        let g: f64 = words[words.iter().position(|w| *w == "GFLOP/s").unwrap() - 1].parse().unwrap();
+        let pct: f64 =
+            words.iter().find(|w| w.starts_with('(')).unwrap().trim_matches(['(', '%']).parse().unwrap();
+        (g, pct)
+    };
+
+    let bf16 = run("bf16");
+    let (f32_peak, bf16_peak) = (peak(&bf16, "f32 matmul peak "), peak(&bf16, "bf16 matmul peak "));
+    assert!(f32_peak > 0.0 && bf16_peak > 0.0, "{bf16}");
+    assert!(bf16.contains("(fractions of the bf16 peak)"), "{bf16}");
+    // The printed fraction is taken against the bf16 peak.
+    let (g, pct) = gflops_and_pct(&bf16);
+    assert!((pct - (100.0 * g / bf16_peak).round()).abs() <= 1.0, "{pct}% of {bf16_peak}: {bf16}");
+
+    let f32 = run("f32");
+    assert!(!f32.contains("bf16 matmul peak"), "{f32}");
+    let f32_peak = peak(&f32, "f32 matmul peak ");
+    let (g, pct) = gflops_and_pct(&f32);
+    assert!((pct - (100.0 * g / f32_peak).round()).abs() <= 1.0, "{pct}% of {f32_peak}: {f32}");
+}
