@@ -127,12 +127,13 @@ fn peak_rss_mib() -> f64 {
         .map_or(f64::NAN, |kb| kb / 1024.0)
 }
 
-/// The machine's f32 matmul rate in GFLOP/s (2048³, best of 5).
-fn matmul_peak_gflops(device: tch::Device) -> f64 {
+/// The machine's matmul rate in GFLOP/s for `kind` (f32 or bf16 operands,
+/// 2048³, best of 5 after a warm-up).
+fn matmul_peak_gflops(device: tch::Device, kind: tch::Kind) -> f64 {
     let n = 2048;
-    let a = tch::Tensor::randn([n, n], (tch::Kind::Float, device));
-    let b = tch::Tensor::randn([n, n], (tch::Kind::Float, device));
-    let _ = a.matmul(&b);
+    let a = tch::Tensor::randn([n, n], (tch::Kind::Float, device)).to_kind(kind);
+    let b = tch::Tensor::randn([n, n], (tch::Kind::Float, device)).to_kind(kind);
+    let _ = a.matmul(&b).double_value(&[0, 0]);
     let mut best = f64::INFINITY;
     for _ in 0..5 {
         let t0 = Instant::now();
@@ -141,6 +142,22 @@ fn matmul_peak_gflops(device: tch::Device) -> f64 {
         best = best.min(t0.elapsed().as_secs_f64());
     }
     2.0 * (n as f64).powi(3) / best / 1e9
+}
+
+/// The matmul peaks a training benchmark is measured against: f32 always,
+/// and the training dtype's own when it is not f32 (bf16 runs its matmuls
+/// in bf16, whose peak is several times f32's on CPUs with AVX512-BF16).
+/// Returns the line describing them and the peak to take fractions of.
+fn matmul_peaks(device: tch::Device, kind: tch::Kind, dtype: &str) -> (String, f64) {
+    let f32_peak = matmul_peak_gflops(device, tch::Kind::Float);
+    if kind == tch::Kind::Float {
+        return (format!("f32 matmul peak {f32_peak:.0} GFLOP/s (fractions of it)"), f32_peak);
+    }
+    let own = matmul_peak_gflops(device, kind);
+    (
+        format!("f32 matmul peak {f32_peak:.0} GFLOP/s, {dtype} matmul peak {own:.0} GFLOP/s (fractions of the {dtype} peak)"),
+        own,
+    )
 }
 
 /// Runs the reference script with one JSON argument; returns its JSON output.
@@ -165,7 +182,7 @@ fn bench_sft(b: &SftBench) -> Result<()> {
         bail!("--steps, --batch must be at least 1 and --seq at least 2");
     }
     let kind = parse_dtype(&b.dtype)?;
-    let peak = matmul_peak_gflops(device);
+    let (peaks, peak) = matmul_peaks(device, kind, &b.dtype);
     tch::manual_seed(0);
     let mut vs = tch::nn::VarStore::new(device);
     let model = lm::Gemma::new(&vs.root(), &cfg)?;
@@ -198,7 +215,7 @@ fn bench_sft(b: &SftBench) -> Result<()> {
     let n = cfg.num_parameters() as f64;
     let gflops = 6.0 * n * tps / 1e9;
     println!(
-        "model {} ({:.1}M params), batch {}, seq {}, {:?} {}, threads {}; f32 matmul peak {:.0} GFLOP/s",
+        "model {} ({:.1}M params), batch {}, seq {}, {:?} {}, threads {}; {peaks}",
         b.preset,
         n / 1e6,
         b.batch,
@@ -206,7 +223,6 @@ fn bench_sft(b: &SftBench) -> Result<()> {
         device,
         b.dtype,
         tch::get_num_threads(),
-        peak
     );
     println!(
         "align        {:>9.1} tokens/s  {:>6.1} GFLOP/s ({:.0}% of peak)  peak RSS {:.0} MiB",
