@@ -168,18 +168,19 @@ fn inspect_fails_on_a_bad_row_with_its_number_or_skips_and_lists_it() {
     assert!(out.contains("bad rows skipped: 1\n  "), "{out}");
     assert!(out.contains("conv.jsonl: line 3, field `messages[1].role`"), "{out}");
 
-    // A row that parses but that the formatter rejects (a model turn first)
-    // also names its row.
+    // Roles out of order (a model turn first) are a bad row of the reader,
+    // naming the row, the message and the rule, skipped like any other.
     let file = write(
         tmp.path(),
         "order.csv",
         "prompt,completion\nHi,Hello\n\"[{\"\"role\"\": \"\"model\"\", \"\"content\"\": \"\"x\"\"}]\",y\n",
     );
     let out = align(&["data", "inspect", s(&file)]);
-    fails_cleanly(&out, &["order.csv row 2", "cannot be formatted", "alternate"]);
+    fails_cleanly(&out, &["order.csv: row 2, field `prompt[0].role`", "alternate", "--on-bad-row skip"]);
     let v = json(&align(&["data", "inspect", s(&file), "--on-bad-row", "skip", "--json"]));
-    assert_eq!(v["unformattable"]["count"], 1);
-    assert_eq!(v["usable"], 2);
+    assert_eq!(v["bad_rows"]["count"], 1);
+    assert_eq!(v["unformattable"]["count"], 0);
+    assert_eq!(v["usable"], 1);
 }
 
 #[test]
