@@ -18,7 +18,8 @@
 //!   clipping, checkpoints that resume bit-identically, metrics, progress,
 //!   NaN stop). Writes `output_dir/{metrics.jsonl, summary.json,
 //!   checkpoints/step-N, model/}`; `model/reward_stats.json` holds the
-//!   held-out reward mean and std for normalisation downstream.
+//!   held-out reward mean and std for normalisation downstream, and every
+//!   checkpoint saved after an evaluation holds that evaluation's.
 //! - [`eval`] — accuracy (r_c > r_r), mean margin, reward mean/std and
 //!   accuracy per category.
 //! - [`score`](mod@score) — [`Scorer`] and [`score()`] for prompt/response rows

@@ -6,7 +6,9 @@
 //!   truncation policy, optimiser and schedule, evaluation and checkpoints.
 //! - [`run`] — trains and writes `output_dir/{metrics.jsonl, summary.json,
 //!   checkpoints/step-N, model/}`; resumes bit-identically on the CPU from
-//!   the newest checkpoint.
+//!   the newest checkpoint. `summary.json` (`data`) and the end of the run
+//!   report the rows each filter removed and the skipped bad rows; with
+//!   `filters.keep_removed` the removed rows go to `filtered_out.jsonl`.
 //! - [`masked_cross_entropy_sum`] — the loss: next-token cross-entropy over
 //!   the formatter's trained spans, averaged per token over the batch.
 //! - [`batch`] — sequences, packing with block-diagonal attention and
