@@ -8,7 +8,7 @@
 //! caller, so results are reproducible on every device. Each sequence stops at
 //! its first stop token (`<end_of_turn>` or `<eos>`).
 
-use crate::model::{padded_causal_mask, Gemma, KvCache};
+use crate::model::{padded_causal_mask, Gemma, InferenceWeights, KvCache};
 use anyhow::{bail, Result};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -199,8 +199,10 @@ where
     // to every cached key) needs no mask: the fast path.
     let padded = prompts.iter().any(|p| p.len() as i64 != plen);
     let mask = if padded { Some(padded_causal_mask(&valid_p, plen)?) } else { None }; // (B, 1, P, P)
-    let hidden = model.forward_hidden(&ids, &positions, mask.as_ref(), Some(&mut cache))?;
-    let mut logits = model.logits(&hidden.narrow(1, plen - 1, 1)).squeeze_dim(1).to_kind(Kind::Float); // (B, V)
+    let wt = InferenceWeights::for_model(model); // the CPU's fast layout for few-row matmuls
+    let hidden = model.forward_hidden_with(&ids, &positions, mask.as_ref(), Some(&mut cache), wt.as_ref())?;
+    let mut logits =
+        model.logits_with(&hidden.narrow(1, plen - 1, 1), wt.as_ref()).squeeze_dim(1).to_kind(Kind::Float); // (B, V)
 
     let mut rng = ChaCha8Rng::seed_from_u64(cfg.seed);
     let mut out: Vec<Generation> = (0..b)
@@ -239,8 +241,9 @@ where
         let x = Tensor::from_slice(&feed).view([b, 1]).to_device(dev); // (B, 1)
         let s = cache.len + 1;
         let step_mask = padded.then(|| valid_all.narrow(1, 0, s).view([b, 1, 1, s])); // (B, 1, 1, S)
-        let hidden = model.forward_hidden(&x, &next_pos, step_mask.as_ref(), Some(&mut cache))?; // (B, 1, H)
-        logits = model.logits(&hidden).squeeze_dim(1).to_kind(Kind::Float);
+        let hidden =
+            model.forward_hidden_with(&x, &next_pos, step_mask.as_ref(), Some(&mut cache), wt.as_ref())?; // (B, 1, H)
+        logits = model.logits_with(&hidden, wt.as_ref()).squeeze_dim(1).to_kind(Kind::Float);
         next_pos += 1;
     }
     Ok(out)

@@ -37,5 +37,5 @@ pub mod train;
 pub use chat::{Encoded, Message};
 pub use config::GemmaConfig;
 pub use generate::{generate, Generation, GenerationConfig, StopReason};
-pub use model::{Gemma, KvCache};
+pub use model::{Gemma, InferenceWeights, KvCache};
 pub use tokenizer::Tokenizer;
