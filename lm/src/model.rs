@@ -533,6 +533,52 @@ pub fn padded_causal_mask(valid: &Tensor, t: i64) -> Result<Tensor> {
 mod tests {
     use super::*;
 
+    /// The inference layout (joined, transposed weights; fused norms;
+    /// grouped decoding attention) computes what the training layout does,
+    /// for MHA, GQA and MQA, with and without padding, prefill and decode.
+    #[test]
+    fn inference_layout_matches_the_training_forward() {
+        for kv in [4, 2, 1] {
+            let mut cfg = GemmaConfig::preset("test-mqa").unwrap();
+            cfg.num_key_value_heads = Some(kv);
+            let vs = nn::VarStore::new(Device::Cpu);
+            let model = Gemma::new(&vs.root(), &cfg).unwrap();
+            tch::no_grad(|| {
+                for mut p in vs.trainable_variables() {
+                    // Norm weights start at zero: give them values too.
+                    let _ = p.g_add_(&(Tensor::randn_like(&p) * 0.1));
+                }
+            });
+            let wt = InferenceWeights::for_model(&model).unwrap();
+            let (b, t) = (2, 5);
+            let ids = Tensor::from_slice(&[0i64, 0, 7, 8, 9, 3, 4, 5, 6, 11]).view([b, t]);
+            let valid = ids.ne(0); // row 0 is left-padded by two
+            let positions = (valid.to_kind(Kind::Int64).cumsum(1, Kind::Int64) - 1).clamp_min(0);
+            let mask = padded_causal_mask(&valid, t).unwrap();
+            let mut c1 = KvCache::new(&cfg, b, t + 1, Kind::Float, Device::Cpu);
+            let mut c2 = KvCache::new(&cfg, b, t + 1, Kind::Float, Device::Cpu);
+            let _g = tch::no_grad_guard();
+            let a = model.forward_hidden(&ids, &positions, Some(&mask), Some(&mut c1)).unwrap();
+            let bb =
+                model.forward_hidden_with(&ids, &positions, Some(&mask), Some(&mut c2), Some(&wt)).unwrap();
+            let diff = (model.logits(&a) - model.logits_with(&bb, Some(&wt))).abs().max().double_value(&[]);
+            assert!(diff < 1e-5, "kv heads {kv}: prefill logits differ by {diff}");
+            // One decoding step over the cache.
+            let x = Tensor::from_slice(&[12i64, 13]).view([b, 1]);
+            let pos = positions.narrow(1, t - 1, 1) + 1;
+            let step_mask = Tensor::cat(&[valid, Tensor::ones([b, 1], (Kind::Bool, Device::Cpu))], 1).view([
+                b,
+                1,
+                1,
+                t + 1,
+            ]);
+            let a = model.forward_hidden(&x, &pos, Some(&step_mask), Some(&mut c1)).unwrap();
+            let bb = model.forward_hidden_with(&x, &pos, Some(&step_mask), Some(&mut c2), Some(&wt)).unwrap();
+            let diff = (model.logits(&a) - model.logits_with(&bb, Some(&wt))).abs().max().double_value(&[]);
+            assert!(diff < 1e-5, "kv heads {kv}: decoding logits differ by {diff}");
+        }
+    }
+
     #[test]
     fn badly_shaped_inputs_are_errors_not_panics() {
         let vs = nn::VarStore::new(Device::Cpu);
