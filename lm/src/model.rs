@@ -72,10 +72,16 @@ pub struct LayerWeights {
 }
 
 impl InferenceWeights {
+    /// Models whose weights take more bytes than this generate with the
+    /// training layout: the inference copy would double their memory (a
+    /// gemma-2b in f32 would need 10 GB more).
+    pub const MAX_BYTES: i64 = 1 << 30;
+
     /// The inference layout of `model`'s current weights, or None where it
-    /// does not pay (not on the CPU).
+    /// does not pay: not on the CPU, or weights over [`Self::MAX_BYTES`].
     pub fn for_model(model: &Gemma) -> Option<Self> {
-        if model.device != Device::Cpu {
+        let bytes = model.cfg.num_parameters() * model.kind().elt_size_in_bytes() as i64;
+        if model.device != Device::Cpu || bytes > Self::MAX_BYTES {
             return None;
         }
         let _guard = tch::no_grad_guard();

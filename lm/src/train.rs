@@ -314,25 +314,11 @@ pub fn list_checkpoints(root: &Path) -> Result<Vec<(u64, PathBuf)>> {
 }
 
 /// Saves a training checkpoint atomically and keeps the newest `keep_last`.
+/// `extra_files` (`(file name, contents)`, e.g. a reward model's
+/// `reward_stats.json`) go into the checkpoint too, before the state file
+/// that marks it complete.
 #[allow(clippy::too_many_arguments)]
 pub fn save_checkpoint(
-    root: &Path,
-    vs: &nn::VarStore,
-    cfg: &GemmaConfig,
-    tok: &Tokenizer,
-    opt: &AdamW,
-    state: &TrainerState,
-    architecture: &str,
-    keep_last: usize,
-) -> Result<PathBuf> {
-    save_checkpoint_with(root, vs, cfg, tok, opt, state, architecture, keep_last, &[])
-}
-
-/// [`save_checkpoint`] with stage files written into the checkpoint too
-/// (`(file name, contents)`, e.g. a reward model's `reward_stats.json`),
-/// before the state file that marks the checkpoint complete.
-#[allow(clippy::too_many_arguments)]
-pub fn save_checkpoint_with(
     root: &Path,
     vs: &nn::VarStore,
     cfg: &GemmaConfig,

@@ -324,24 +324,17 @@ pub fn run(cfg: &RewardConfig, base: &Path) -> Result<RewardSummary> {
             None => None,
         },
     };
-    let save =
-        |vs: &nn::VarStore, opt: &AdamW, st: &TrainerState, stats: Option<&RewardStats>| -> Result<PathBuf> {
-            let extra = match stats {
-                Some(s) => vec![(lm::reward_model::STATS_FILE, serde_json::to_vec_pretty(s)?)],
-                None => vec![],
-            };
-            train::save_checkpoint_with(
-                &ckpt_root,
-                vs,
-                &model.cfg,
-                &tok,
-                opt,
-                st,
-                ARCHITECTURE,
-                cfg.keep_last,
-                &extra,
-            )
+    let save = |vs: &nn::VarStore,
+                opt: &AdamW,
+                st: &TrainerState,
+                stats: Option<&RewardStats>|
+     -> Result<PathBuf> {
+        let extra = match stats {
+            Some(s) => vec![(lm::reward_model::STATS_FILE, serde_json::to_vec_pretty(s)?)],
+            None => vec![],
         };
+        train::save_checkpoint(&ckpt_root, vs, &model.cfg, &tok, opt, st, ARCHITECTURE, cfg.keep_last, &extra)
+    };
     let stop_at = cfg.stop_after.filter(|&s| s < total_steps);
 
     while state.step < total_steps {

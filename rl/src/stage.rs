@@ -1005,6 +1005,7 @@ pub fn run_with_reward(cfg: &RlConfig, base: &Path, reward: Box<dyn RewardFn>) -
             st,
             ARCH,
             cfg.keep_last,
+            &[],
         )
     };
 

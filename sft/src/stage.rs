@@ -416,7 +416,17 @@ pub fn run(cfg: &SftConfig, base: &Path) -> Result<SftSummary> {
     let (mut tok_count, t0) = (0usize, Instant::now());
     let mut epoch_batches = plan(state.epoch);
     let save = |vs: &nn::VarStore, opt: &AdamW, st: &TrainerState| -> Result<PathBuf> {
-        train::save_checkpoint(&ckpt_root, vs, &model.cfg, &tok, opt, st, "GemmaForCausalLM", cfg.keep_last)
+        train::save_checkpoint(
+            &ckpt_root,
+            vs,
+            &model.cfg,
+            &tok,
+            opt,
+            st,
+            "GemmaForCausalLM",
+            cfg.keep_last,
+            &[],
+        )
     };
 
     while state.step < total_steps {
