@@ -1,5 +1,6 @@
 //! `align judge` end to end on small files and the fixture model.
 
+mod common;
 use clap::Parser;
 use judge::harness::{cli_judge, JudgeArgs};
 use serde_json::Value;
@@ -65,21 +66,6 @@ fn setup(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
             .collect::<Vec<_>>(),
     );
     (p, c, b)
-}
-
-/// A string column of a Parquet file.
-fn parquet_column(path: &Path, name: &str) -> Vec<Option<String>> {
-    use polars::prelude::{AnyValue, ParquetReader, SerReader};
-    let df = ParquetReader::new(std::fs::File::open(path).unwrap()).finish().unwrap();
-    let col = df.column(name).unwrap();
-    (0..df.height())
-        .map(|i| match col.get(i).unwrap() {
-            AnyValue::Null => None,
-            AnyValue::String(s) => Some(s.to_string()),
-            AnyValue::StringOwned(s) => Some(s.to_string()),
-            v => panic!("{name}[{i}] is not a string: {v:?}"),
-        })
-        .collect()
 }
 
 fn summary(out: &Path) -> Value {
@@ -413,7 +399,7 @@ fn agreement_with_human_labels_is_reported() {
     let from_jsonl: Vec<Option<String>> =
         jsonl.iter().map(|r| r["human_outcome"].as_str().map(String::from)).collect();
     assert_eq!(from_jsonl.iter().flatten().count(), 6);
-    assert_eq!(parquet_column(&out.join("judgments.parquet"), "human_outcome"), from_jsonl);
+    assert_eq!(common::string_column(&out.join("judgments.parquet"), "human_outcome"), from_jsonl);
     // A label that is not a choice is an error naming the row.
     let mut bad = rows.clone();
     bad[2]["human"] = Value::from("maybe");

@@ -1,6 +1,7 @@
 //! `align serve` on loopback with the fixture model, a real client, and the
 //! `http:` judge against it.
 
+mod common;
 use clap::Parser;
 use judge::harness::{cli_judge, JudgeArgs};
 use judge::http::{HttpJudge, HttpSettings};
@@ -39,20 +40,6 @@ fn post(url: &str, body: &str) -> (u16, String) {
         .send(body)
         .unwrap();
     (r.status().as_u16(), r.body_mut().read_to_string().unwrap())
-}
-
-fn parquet_column(path: &Path, name: &str) -> Vec<Option<String>> {
-    use polars::prelude::{AnyValue, ParquetReader, SerReader};
-    let df = ParquetReader::new(std::fs::File::open(path).unwrap()).finish().unwrap();
-    let col = df.column(name).unwrap();
-    (0..df.height())
-        .map(|i| match col.get(i).unwrap() {
-            AnyValue::Null => None,
-            AnyValue::String(s) => Some(s.to_string()),
-            AnyValue::StringOwned(s) => Some(s.to_string()),
-            v => panic!("{name}[{i}] is not a string: {v:?}"),
-        })
-        .collect()
 }
 
 fn error_message(body: &str) -> String {
@@ -209,8 +196,8 @@ fn http_judge_against_align_serve() {
         .collect();
     assert!(firsts.iter().all(Option::is_some));
     let parquet = out.join("judgments.parquet");
-    assert_eq!(parquet_column(&parquet, "first_raw_baseline_first"), firsts);
-    assert_eq!(parquet_column(&parquet, "first_raw_candidate_first").iter().flatten().count(), 2);
+    assert_eq!(common::string_column(&parquet, "first_raw_baseline_first"), firsts);
+    assert_eq!(common::string_column(&parquet, "first_raw_candidate_first").iter().flatten().count(), 2);
 
     // A wrong model name is a 4xx: fails at once with the server's message.
     let settings = HttpSettings {
