@@ -217,13 +217,13 @@ impl ReadArgs {
     /// Read the dataset; a bad-row failure says how to skip such rows instead.
     fn read(&self, path: &Path) -> Result<datasets::Dataset> {
         let opts = self.options()?;
-        read_dataset(path, &opts).map_err(|e| {
-            // The reader's bad-row error points at the recipe key; name the flag.
-            if opts.on_bad_row == OnBadRow::Fail && format!("{e:#}").contains("on_bad_row") {
-                e.context("a row does not parse (pass --on-bad-row skip to skip such rows and list them)")
-            } else {
-                e
-            }
+        read_dataset(path, &opts).map_err(|e| match e.downcast_ref::<datasets::BadRowError>() {
+            // The reader's message names the recipe key; here it is a flag.
+            Some(b) => anyhow::anyhow!(
+                "{}\n(fix the row, or pass --on-bad-row skip to skip such rows and list them)",
+                b.0
+            ),
+            None => e,
         })
     }
 }

@@ -47,8 +47,8 @@ pub use mixture::{
     MixtureConfig, MixtureReport, Source, SourceConfig, SourceReport,
 };
 pub use read::{
-    read_dataset, read_table, shard_files, write_dataset, write_jsonl, BadRow, Dataset, Format, OnBadRow,
-    ReadOptions, ReadReport,
+    read_dataset, read_table, shard_files, write_dataset, write_jsonl, BadRow, BadRowError, Dataset, Format,
+    OnBadRow, ReadOptions, ReadReport,
 };
 pub use record::{
     detect_kind, parse_hh_transcript, Example, Message, Origin, Record, RecordKind, ROLE_ASSISTANT,

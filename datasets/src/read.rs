@@ -121,6 +121,24 @@ impl fmt::Display for BadRow {
     }
 }
 
+/// The error for a bad row under `on_bad_row = "fail"`. Its message tells a
+/// recipe's user how to skip such rows; a command line that spells the
+/// setting as a flag can find it (`downcast_ref`) and say it its own way.
+#[derive(Clone, Debug, PartialEq)]
+pub struct BadRowError(pub BadRow);
+
+impl fmt::Display for BadRowError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{}\n(fix the row, or set on_bad_row = \"skip\" to skip such rows and list them in the report)",
+            self.0
+        )
+    }
+}
+
+impl std::error::Error for BadRowError {}
+
 /// What a read did: files, kind, rows seen and kept, and every skipped row.
 #[derive(Clone, Debug, PartialEq)]
 pub struct ReadReport {
@@ -319,9 +337,7 @@ pub fn read_dataset(path: &Path, opts: &ReadOptions) -> Result<Dataset> {
                         message: e.message,
                     };
                     match opts.on_bad_row {
-                        OnBadRow::Fail => bail!(
-                            "{bad}\n(fix the row, or set on_bad_row = \"skip\" to skip such rows and list them in the report)"
-                        ),
+                        OnBadRow::Fail => return Err(BadRowError(bad).into()),
                         OnBadRow::Skip => skipped.push(bad),
                     }
                 }
