@@ -214,11 +214,17 @@ impl AdamW {
                 if p.decay && c.weight_decay > 0.0 {
                     let _ = w.f_mul_scalar_(1.0 - lr * c.weight_decay)?;
                 }
-                let _ = p.exp_avg.f_mul_scalar_(c.beta1)?.f_add_(&(&g * (1.0 - c.beta1)))?;
+                // In place where libtorch allows, as torch.optim.AdamW's
+                // single-tensor path: two temporaries instead of six.
+                let _ = p.exp_avg.f_lerp_(&g, 1.0 - c.beta1)?; // m ← β1·m + (1−β1)·g
                 let _ = p.exp_avg_sq.f_mul_scalar_(c.beta2)?.f_addcmul_(&g, &(&g * (1.0 - c.beta2)))?;
-                let denom = (p.exp_avg_sq.sqrt() / bc2_sqrt) + c.eps;
-                let update = (&p.exp_avg / &denom) * (-lr / bc1);
-                let _ = w.f_add_(&update).with_context(|| format!("updating {}", p.name))?;
+                // w ← w − (lr/bc1)·m / (√v/√bc2 + ε), the step folded into the
+                // denominator because addcdiv_ takes no scale here.
+                if lr != 0.0 {
+                    let mut denom = p.exp_avg_sq.f_sqrt()?;
+                    let _ = denom.f_div_scalar_(bc2_sqrt)?.f_add_scalar_(c.eps)?.f_mul_scalar_(-bc1 / lr)?;
+                    let _ = w.f_addcdiv_(&p.exp_avg, &denom).with_context(|| format!("updating {}", p.name))?;
+                }
                 if let Some(m) = &p.master {
                     p.var.f_copy_(m)?;
                 }
