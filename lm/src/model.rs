@@ -162,26 +162,28 @@ impl Rope {
         Rope { inv_freq }
     }
 
-    /// cos and sin for `positions` (B, T), each (B, 1, T, D) in `kind`.
+    /// cos and signed sin for `positions` (B, T), each (B, 1, T, D) in
+    /// `kind`. The sin table has its first half negated, so that
+    /// transformers' `rotate_half(x) · sin` is `roll(x, D/2) · sin_signed`:
+    /// one op instead of four, and the same bits (negation is exact).
     pub fn tables(&self, positions: &Tensor, kind: Kind) -> (Tensor, Tensor) {
         let pos = positions.to_kind(Kind::Float).unsqueeze(-1); // (B, T, 1)
         let freqs = pos * self.inv_freq.view([1, 1, -1]); // (B, T, D/2)
         let emb = Tensor::cat(&[&freqs, &freqs], -1); // (B, T, D)
         let cos = emb.cos().to_kind(kind).unsqueeze(1); // (B, 1, T, D)
-        let sin = emb.sin().to_kind(kind).unsqueeze(1);
-        (cos, sin)
+        let sin = emb.sin(); // (B, T, D)
+        let half = sin.size()[2] / 2;
+        let sin_signed = Tensor::cat(&[&sin.narrow(-1, 0, half).neg(), &sin.narrow(-1, half, half)], -1);
+        let sin_signed = sin_signed.to_kind(kind).unsqueeze(1); // (B, 1, T, D)
+        (cos, sin_signed)
     }
 }
 
-fn rotate_half(x: &Tensor) -> Tensor {
+/// `x · cos + rotate_half(x) · sin`, with rotate_half(x) = cat(−x₂, x₁)
+/// written as `roll(x, D/2) · sin_signed` (see [`Rope::tables`]).
+fn apply_rope(x: &Tensor, cos: &Tensor, sin_signed: &Tensor) -> Tensor {
     let half = x.size()[x.dim() - 1] / 2;
-    let x1 = x.narrow(-1, 0, half);
-    let x2 = x.narrow(-1, half, half);
-    Tensor::cat(&[&x2.neg(), &x1], -1)
-}
-
-fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Tensor {
-    x * cos + rotate_half(x) * sin
+    x * cos + x.roll([half], [-1]) * sin_signed
 }
 
 /// Per-layer key/value cache, preallocated to `capacity` positions.
@@ -230,14 +232,15 @@ impl Attention {
         }
     }
 
-    /// `x` (B, T, H); `mask` (B, 1, T, S) bool, true = may attend, or None for
-    /// plain causal attention without a cache. A badly shaped input is an
+    /// `x` (B, T, H); `cos`, `sin_signed` from [`Rope::tables`]; `mask`
+    /// (B, 1, T, S) bool, true = may attend, or None for plain causal
+    /// attention without a cache. A badly shaped input is an
     /// error naming the shapes, never a panic (the checks read sizes only).
     pub fn forward(
         &self,
         x: &Tensor,
         cos: &Tensor,
-        sin: &Tensor,
+        sin_signed: &Tensor,
         mask: Option<&Tensor>,
         cache: Option<(&mut (Tensor, Tensor), i64)>,
         wt: Option<&LayerWeights>,
@@ -263,8 +266,8 @@ impl Attention {
         let q = q.f_view([b, t, self.n_heads, d])?.transpose(1, 2); // (B, NH, T, D)
         let k = k.f_view([b, t, self.n_kv, d])?.transpose(1, 2); // (B, KVH, T, D)
         let v = v.f_view([b, t, self.n_kv, d])?.transpose(1, 2); // (B, KVH, T, D)
-        let q = apply_rope(&q, cos, sin);
-        let k = apply_rope(&k, cos, sin);
+        let q = apply_rope(&q, cos, sin_signed);
+        let k = apply_rope(&k, cos, sin_signed);
         let (k, v) = match cache {
             Some((kv, start)) => {
                 kv.0.f_narrow(2, start, t)?.f_copy_(&k)?;
@@ -538,6 +541,28 @@ pub fn padded_causal_mask(valid: &Tensor, t: i64) -> Result<Tensor> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The roll form of RoPE gives transformers' `x·cos + rotate_half(x)·sin`
+    /// bit for bit, in f32 and bf16.
+    #[test]
+    fn rope_roll_form_equals_rotate_half_bit_for_bit() {
+        let cfg = GemmaConfig::preset("test-mqa").unwrap();
+        let rope = Rope::new(&cfg, Device::Cpu);
+        let d = cfg.head_dim();
+        let positions = Tensor::from_slice(&[0i64, 1, 7, 300, 0, 0, 5, 1999]).view([2, 4]);
+        for kind in [Kind::Float, Kind::BFloat16] {
+            let x = Tensor::randn([2, 3, 4, d], (Kind::Float, Device::Cpu)).to_kind(kind); // (B, NH, T, D)
+            let (cos, sin_signed) = rope.tables(&positions, kind);
+            // transformers' tables and rotate_half, spelled out.
+            let pos = positions.to_kind(Kind::Float).unsqueeze(-1);
+            let freqs = pos * rope.inv_freq.view([1, 1, -1]);
+            let emb = Tensor::cat(&[&freqs, &freqs], -1);
+            let sin = emb.sin().to_kind(kind).unsqueeze(1);
+            let (x1, x2) = (x.narrow(-1, 0, d / 2), x.narrow(-1, d / 2, d / 2));
+            let want = &x * &cos + Tensor::cat(&[&x2.neg(), &x1], -1) * &sin;
+            assert!(apply_rope(&x, &cos, &sin_signed).equal(&want), "{kind:?}");
+        }
+    }
 
     /// The inference layout (joined, transposed weights; fused norms;
     /// grouped decoding attention) computes what the training layout does,
