@@ -256,6 +256,80 @@ fn bench_sft(b: &SftBench) -> Result<()> {
     Ok(())
 }
 
+/// The matrix multiplications alone of one generate call of a
+/// [`GenerateBench`]: the prefill's projections over batch × prompt rows and
+/// the head over the last position, then `new_tokens − 1` decoding steps of
+/// batch rows through every layer's projections and the head, with distinct
+/// random weights of the model's shapes. No attention, norms or sampling:
+/// what is left when all other work costs nothing, with libtorch's kernels.
+struct MatmulFloor {
+    layers: Vec<[tch::Tensor; 4]>,
+    head: tch::Tensor,
+    device: tch::Device,
+    kind: tch::Kind,
+    batch: i64,
+    prompt_len: i64,
+    new_tokens: usize,
+}
+
+impl MatmulFloor {
+    fn new(cfg: &GemmaConfig, b: &GenerateBench, device: tch::Device, kind: tch::Kind) -> Self {
+        let o = (kind, device);
+        let (h, i, d) = (cfg.hidden_size, cfg.intermediate_size, cfg.head_dim());
+        let (nh, nkv) = (cfg.num_attention_heads, cfg.num_kv_heads());
+        let layers = (0..cfg.num_hidden_layers)
+            .map(|_| {
+                [
+                    tch::Tensor::randn([h, (nh + 2 * nkv) * d], o), // q|k|v
+                    tch::Tensor::randn([nh * d, h], o),             // o
+                    tch::Tensor::randn([h, 2 * i], o),              // gate|up
+                    tch::Tensor::randn([i, h], o),                  // down
+                ]
+            })
+            .collect();
+        let head = tch::Tensor::randn([h, cfg.vocab_size], o);
+        MatmulFloor {
+            layers,
+            head,
+            device,
+            kind,
+            batch: b.batch,
+            prompt_len: b.prompt_len,
+            new_tokens: b.new_tokens,
+        }
+    }
+
+    /// Every layer's projections on `rows` rows, then the head on batch rows.
+    fn pass(&self, rows: i64) -> Result<()> {
+        let o = (self.kind, self.device);
+        let x = tch::Tensor::randn([rows, self.layers[0][0].size()[0]], o); // (rows, H)
+        let a = tch::Tensor::randn([rows, self.layers[0][1].size()[0]], o); // (rows, NH·D)
+        let m = tch::Tensor::randn([rows, self.layers[0][3].size()[0]], o); // (rows, I)
+        for [qkv, out, gate_up, down] in &self.layers {
+            let _ = x.f_matmul(qkv)?;
+            let _ = a.f_matmul(out)?;
+            let _ = x.f_matmul(gate_up)?;
+            let _ = m.f_matmul(down)?;
+        }
+        let _ = x.f_narrow(0, 0, self.batch)?.f_matmul(&self.head)?;
+        Ok(())
+    }
+
+    /// Seconds for one generate call's matmuls.
+    fn time(&self) -> Result<f64> {
+        let _g = tch::no_grad_guard();
+        let t0 = Instant::now();
+        self.pass(self.batch * self.prompt_len)?;
+        for _ in 1..self.new_tokens {
+            self.pass(self.batch)?;
+        }
+        if let tch::Device::Cuda(i) = self.device {
+            tch::Cuda::synchronize(i as i64);
+        }
+        Ok(t0.elapsed().as_secs_f64())
+    }
+}
+
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
     v[v.len() / 2]
@@ -303,14 +377,19 @@ fn bench_generate(b: &GenerateBench) -> Result<()> {
     };
     let tokens = (b.batch as usize * b.new_tokens) as f64;
     lm::generate(&model, &prompts, &gcfg)?; // warm-up
-    let mut times = vec![];
+    let floor = MatmulFloor::new(&cfg, b, device, kind);
+    floor.time()?; // warm-up
+                   // Interleaved, so that both see the same state of a shared machine.
+    let (mut times, mut floor_times) = (vec![], vec![]);
     for _ in 0..b.repeats {
         let t0 = Instant::now();
         let out = lm::generate(&model, &prompts, &gcfg)?;
         times.push(t0.elapsed().as_secs_f64());
         debug_assert!(out.iter().all(|g| g.tokens.len() == b.new_tokens));
+        floor_times.push(floor.time()?);
     }
     let align_tps = tokens / median(times);
+    let floor_tps = tokens / median(floor_times);
     println!(
         "model {} ({:.1}M params), batch {}, prompt {}, new {}, {:?} {}, threads {}",
         b.preset,
@@ -322,7 +401,15 @@ fn bench_generate(b: &GenerateBench) -> Result<()> {
         b.dtype,
         tch::get_num_threads()
     );
-    println!("align        {:>10.1} tokens/s", align_tps);
+    println!(
+        "align        {:>10.1} tokens/s  ({:.0}% of the matmul-only rate)",
+        align_tps,
+        100.0 * align_tps / floor_tps
+    );
+    println!(
+        "matmul only  {:>10.1} tokens/s  (the same projections and head alone, libtorch kernels: the ceiling with them)",
+        floor_tps
+    );
     if b.python.as_deref() == Some("none") {
         return Ok(());
     }

@@ -255,19 +255,23 @@ impl Attention {
             x.size()
         );
         let d = self.head_dim;
-        let (nq, nkv) = (self.n_heads * d, self.n_kv * d);
+        let (nh, nkv) = (self.n_heads, self.n_kv);
         let (q, k, v) = match wt {
             Some(w) => {
-                let qkv = x.f_matmul(&w.qkv)?; // (B, T, NH*D + 2*KVH*D)
-                (qkv.f_narrow(-1, 0, nq)?, qkv.f_narrow(-1, nq, nkv)?, qkv.f_narrow(-1, nq + nkv, nkv)?)
+                // One projection, and RoPE once over the q|k heads side by side.
+                let qkv = x.f_matmul(&w.qkv)?.f_view([b, t, nh + 2 * nkv, d])?; // (B, T, NH+2·KVH, D)
+                let qk = qkv.f_narrow(2, 0, nh + nkv)?.transpose(1, 2); // (B, NH+KVH, T, D)
+                let qk = apply_rope(&qk, cos, sin_signed);
+                let v = qkv.f_narrow(2, nh + nkv, nkv)?.transpose(1, 2); // (B, KVH, T, D)
+                (qk.f_narrow(1, 0, nh)?, qk.f_narrow(1, nh, nkv)?, v)
             }
-            None => (self.q_proj.forward(x), self.k_proj.forward(x), self.v_proj.forward(x)),
+            None => {
+                let q = self.q_proj.forward(x).f_view([b, t, nh, d])?.transpose(1, 2); // (B, NH, T, D)
+                let k = self.k_proj.forward(x).f_view([b, t, nkv, d])?.transpose(1, 2); // (B, KVH, T, D)
+                let v = self.v_proj.forward(x).f_view([b, t, nkv, d])?.transpose(1, 2); // (B, KVH, T, D)
+                (apply_rope(&q, cos, sin_signed), apply_rope(&k, cos, sin_signed), v)
+            }
         };
-        let q = q.f_view([b, t, self.n_heads, d])?.transpose(1, 2); // (B, NH, T, D)
-        let k = k.f_view([b, t, self.n_kv, d])?.transpose(1, 2); // (B, KVH, T, D)
-        let v = v.f_view([b, t, self.n_kv, d])?.transpose(1, 2); // (B, KVH, T, D)
-        let q = apply_rope(&q, cos, sin_signed);
-        let k = apply_rope(&k, cos, sin_signed);
         let (k, v) = match cache {
             Some((kv, start)) => {
                 kv.0.f_narrow(2, start, t)?.f_copy_(&k)?;

@@ -223,7 +223,8 @@ impl AdamW {
                 if lr != 0.0 {
                     let mut denom = p.exp_avg_sq.f_sqrt()?;
                     let _ = denom.f_div_scalar_(bc2_sqrt)?.f_add_scalar_(c.eps)?.f_mul_scalar_(-bc1 / lr)?;
-                    let _ = w.f_addcdiv_(&p.exp_avg, &denom).with_context(|| format!("updating {}", p.name))?;
+                    let _ =
+                        w.f_addcdiv_(&p.exp_avg, &denom).with_context(|| format!("updating {}", p.name))?;
                 }
                 if let Some(m) = &p.master {
                     p.var.f_copy_(m)?;
