@@ -201,6 +201,18 @@ fn default_eval_samples() -> usize {
 }
 
 impl RlConfig {
+    /// The hash that ties checkpoints to this configuration: every field
+    /// that shapes the training trajectory. Left out: `eval_every`,
+    /// `save_every` and `keep_last` (they change what is logged and kept,
+    /// not the weights), so a resumed run may change them.
+    pub fn hash(&self) -> Result<String> {
+        let mut c = self.clone();
+        c.eval_every = 0;
+        c.save_every = 0;
+        c.keep_last = 0;
+        train::config_hash(&c)
+    }
+
     /// A config with every default, for programmatic use (benchmarks).
     pub fn with_defaults(model: &Path, output_dir: &Path, reward: RewardConfig) -> Result<Self> {
         let v = serde_json::json!({
@@ -957,7 +969,7 @@ pub fn run_with_reward(cfg: &RlConfig, base: &Path, reward: Box<dyn RewardFn>) -
         epoch: 0,
         batch_in_epoch: 0,
         rng_word_pos: "0".into(),
-        config_hash: train::config_hash(cfg)?,
+        config_hash: cfg.hash()?,
         extra: serde_json::json!({"beta": tr.kl.beta, "beta_bits": tr.kl.beta_bits()}),
     };
     let (mut state, resumed_from) =
@@ -1145,17 +1157,24 @@ path = "prompts.jsonl"
     }
 
     #[test]
-    fn stop_after_is_not_part_of_the_config_hash() {
+    fn only_settings_that_shape_training_are_in_the_config_hash() {
         let mut c = RlConfig::with_defaults(
             Path::new("m"),
             Path::new("o"),
             RewardConfig::Length { max_tokens: None, scale: 1.0 },
         )
         .unwrap();
-        let h = train::config_hash(&c).unwrap();
+        let h = c.hash().unwrap();
         c.stop_after = Some(3);
-        assert_eq!(train::config_hash(&c).unwrap(), h);
+        c.save_every = 7;
+        c.eval_every = 5;
+        c.keep_last = 9;
+        assert_eq!(
+            c.hash().unwrap(),
+            h,
+            "where a run stops, saves, evaluates and what it keeps may change on resume"
+        );
         c.beta = 0.1;
-        assert_ne!(train::config_hash(&c).unwrap(), h);
+        assert_ne!(c.hash().unwrap(), h);
     }
 }

@@ -92,6 +92,18 @@ fn default_batch_size() -> usize {
 }
 
 impl SftConfig {
+    /// The hash that ties checkpoints to this configuration: every field
+    /// that shapes the training trajectory. Left out: `eval_every`,
+    /// `save_every` and `keep_last` (they change what is logged and kept,
+    /// not the weights), so a resumed run may change them.
+    pub fn hash(&self) -> Result<String> {
+        let mut c = self.clone();
+        c.eval_every = 0;
+        c.save_every = 0;
+        c.keep_last = 0;
+        train::config_hash(&c)
+    }
+
     /// Reads a TOML config; a top-level `[sft]` table or the fields alone.
     pub fn from_toml_file(path: &Path) -> Result<Self> {
         let cfg: SftConfig = lm::train::read_stage_config(path, "sft")?;
@@ -389,7 +401,7 @@ pub fn run(cfg: &SftConfig, base: &Path) -> Result<SftSummary> {
     let batches_per_epoch = plan(0).len() as u64;
     let steps_per_epoch = batches_per_epoch.div_ceil(cfg.grad_accum as u64).max(1);
     let total_steps = if cfg.max_steps > 0 { cfg.max_steps } else { cfg.epochs * steps_per_epoch };
-    let hash = train::config_hash(cfg)?;
+    let hash = cfg.hash()?;
 
     let ckpt_root = cfg.output_dir.join("checkpoints");
     let mut opt = AdamW::new(&vs, &cfg.optim);

@@ -351,3 +351,17 @@ fn summary_records_what_each_filter_removed_and_the_skipped_bad_rows() {
     assert!(shown.contains("bad rows skipped: 2"), "{shown}");
     assert!(shown.contains(&format!("{}: line 45, field `messages[1].role`", data.display())), "{shown}");
 }
+
+#[test]
+fn only_settings_that_shape_training_are_in_the_config_hash() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = write_data(tmp.path(), 8);
+    let mut c = config(tmp.path(), &data);
+    let h = c.hash().unwrap();
+    c.save_every = 7;
+    c.eval_every = 5;
+    c.keep_last = 9;
+    assert_eq!(c.hash().unwrap(), h, "where a run saves, evaluates and what it keeps may change on resume");
+    c.optim.lr *= 2.0;
+    assert_ne!(c.hash().unwrap(), h);
+}
