@@ -57,6 +57,43 @@ fn overwriting_a_checkpoint_replaces_it_whole() {
     checkpoint::save(&out, &m.vs, &m.model.cfg, &m.tokenizer, &SaveOptions::default()).unwrap();
     assert!(!out.join("model.safetensors.index.json").exists(), "stale shard index survived");
     checkpoint::load_causal_lm(&out, Device::Cpu, Kind::Float).unwrap();
+    let names: Vec<String> = std::fs::read_dir(tmp.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into())
+        .collect();
+    assert_eq!(names, ["ckpt"], "staging or old directories left behind");
+}
+
+#[test]
+fn replacing_a_directory_swaps_it_whole_and_a_failed_fill_keeps_the_old_one() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("d");
+    let write = |files: &'static [&'static str]| {
+        checkpoint::write_dir_atomic(&dir, |d| {
+            for f in files {
+                std::fs::write(d.join(f), f)?;
+            }
+            Ok(())
+        })
+    };
+    write(&["a", "b"]).unwrap();
+    write(&["c"]).unwrap();
+    let mut names: Vec<String> =
+        std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into()).collect();
+    names.sort();
+    assert_eq!(names, ["c"]);
+    let e = checkpoint::write_dir_atomic(&dir, |d| {
+        std::fs::write(d.join("half"), "x")?;
+        anyhow::bail!("fill failed")
+    })
+    .unwrap_err();
+    assert_eq!(e.to_string(), "fill failed");
+    assert_eq!(std::fs::read_to_string(dir.join("c")).unwrap(), "c", "the old directory is kept");
+    let left: Vec<String> = std::fs::read_dir(tmp.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into())
+        .collect();
+    assert_eq!(left, ["d"], "staging or old directories left behind");
 }
 
 #[test]
