@@ -2,12 +2,15 @@
 """The transformers side of `align bench generate`.
 
 Takes one JSON argument (the model config and the workload, written by align)
-and prints one JSON object with tokens/s of batched greedy `generate` with the
-KV cache on a randomly initialised GemmaForCausalLM of that config.
+and times batched greedy `generate` with the KV cache on a randomly
+initialised GemmaForCausalLM of that config, one call per "run" command of
+align's interleaved protocol (bench_protocol.py).
 """
 import json
 import sys
 import time
+
+from bench_protocol import serve
 
 import torch
 import transformers
@@ -26,23 +29,14 @@ mask = torch.ones_like(ids)
 
 
 def run():
+    t0 = time.perf_counter()
     with torch.no_grad():
         out = model.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=n,
                              min_new_tokens=n, pad_token_id=0, eos_token_id=None)
     assert out.shape == (b, p + n), out.shape
     if args["device"] == "cuda":
         torch.cuda.synchronize()
+    return time.perf_counter() - t0
 
 
-run()  # warm-up
-times = []
-for _ in range(int(args["repeats"])):
-    t0 = time.perf_counter()
-    run()
-    times.append(time.perf_counter() - t0)
-times.sort()
-print(json.dumps({
-    "tokens_per_s": b * n / times[len(times) // 2],
-    "transformers": transformers.__version__,
-    "torch": torch.__version__,
-}))
+serve(run, lambda: {"transformers": transformers.__version__, "torch": torch.__version__})

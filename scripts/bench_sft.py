@@ -3,7 +3,8 @@
 PyTorch + transformers (GemmaForCausalLM, SDPA attention, cross-entropy over
 every token, torch.optim.AdamW, global-norm clipping).
 
-Takes one JSON argument written by align; prints one JSON object.
+Takes one JSON argument written by align; times one training step per "run"
+command of align's interleaved protocol (bench_protocol.py).
 """
 import json
 import resource
@@ -12,6 +13,7 @@ import time
 
 import torch
 import transformers
+from bench_protocol import serve
 from transformers import GemmaConfig, GemmaForCausalLM
 
 args = json.loads(sys.argv[1])
@@ -47,11 +49,8 @@ def peak_rss_mib():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-step()  # warm-up
-times = sorted(step() for _ in range(int(args["steps"])))
-print(json.dumps({
-    "tokens_per_s": b * t / times[len(times) // 2],
+serve(step, lambda: {
     "peak_rss_mib": peak_rss_mib(),
     "transformers": transformers.__version__,
     "torch": torch.__version__,
-}))
+})

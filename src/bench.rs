@@ -19,8 +19,9 @@ pub struct GenerateBench {
     pub prompt_len: i64,
     #[arg(long, default_value_t = 64)]
     pub new_tokens: usize,
-    /// Timed runs after one warm-up; the median is reported.
-    #[arg(long, default_value_t = 3)]
+    /// Timed runs after one warm-up, alternating with the reference's; the
+    /// medians are reported.
+    #[arg(long, default_value_t = 5)]
     pub repeats: usize,
     #[arg(long, default_value = "cpu")]
     pub device: String,
@@ -40,8 +41,9 @@ pub struct SftBench {
     pub batch: i64,
     #[arg(long, default_value_t = 512)]
     pub seq: i64,
-    /// Timed optimiser steps after one warm-up step; the median is reported.
-    #[arg(long, default_value_t = 3)]
+    /// Timed optimiser steps after one warm-up step, each side's alternating
+    /// with the reference's; the medians are reported.
+    #[arg(long, default_value_t = 5)]
     pub steps: usize,
     #[arg(long, default_value = "cpu")]
     pub device: String,
@@ -160,19 +162,94 @@ fn matmul_peaks(device: tch::Device, kind: tch::Kind, dtype: &str) -> (String, f
     )
 }
 
-/// Runs the reference script with one JSON argument; returns its JSON output.
-fn reference(py: &str, script: &str, args: &serde_json::Value) -> Result<serde_json::Value> {
-    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("scripts").join(script);
-    let out = std::process::Command::new(py)
-        .arg(&script)
-        .arg(args.to_string())
-        .output()
-        .with_context(|| format!("cannot run the reference with {py}"))?;
-    if !out.status.success() {
-        bail!("the PyTorch reference failed ({}):\n{}", out.status, String::from_utf8_lossy(&out.stderr));
+/// A reference script driven by the interleaved protocol of
+/// `scripts/bench_protocol.py`: started once, it then times one unit of its
+/// work (a generate call, a training step) each time align asks, so that
+/// align's units and the reference's alternate and see the same state of a
+/// shared machine.
+struct Reference {
+    child: std::process::Child,
+    stdin: std::process::ChildStdin,
+    stdout: std::io::BufReader<std::process::ChildStdout>,
+    /// Where the script's stderr goes, shown when it fails.
+    stderr: tempfile::NamedTempFile,
+    what: String,
+}
+
+impl Reference {
+    /// Starts `script` with one JSON argument and waits until it has set up
+    /// and warmed up.
+    fn start(py: &str, script: &str, args: &serde_json::Value) -> Result<Self> {
+        Self::start_path(py, &PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("scripts").join(script), args)
     }
-    serde_json::from_slice(&out.stdout)
-        .with_context(|| format!("reference output is not JSON: {}", String::from_utf8_lossy(&out.stdout)))
+
+    fn start_path(py: &str, path: &std::path::Path, args: &serde_json::Value) -> Result<Self> {
+        use std::process::Stdio;
+        let stderr =
+            tempfile::NamedTempFile::new().context("cannot create a temp file for the reference's stderr")?;
+        let mut child = std::process::Command::new(py)
+            .arg(path)
+            .arg(args.to_string())
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(stderr.reopen()?)
+            .spawn()
+            .with_context(|| format!("cannot run the reference {} with {py}", path.display()))?;
+        let stdin = child.stdin.take().context("the reference has no stdin")?;
+        let stdout = std::io::BufReader::new(child.stdout.take().context("the reference has no stdout")?);
+        let mut r = Reference { child, stdin, stdout, stderr, what: format!("{py} {}", path.display()) };
+        let ready = r.read()?;
+        if ready["ready"] != serde_json::Value::Bool(true) {
+            bail!("the reference {} did not say it was ready: {ready}", r.what);
+        }
+        Ok(r)
+    }
+
+    /// One JSON line from the reference; its stderr in the error if it ended.
+    fn read(&mut self) -> Result<serde_json::Value> {
+        use std::io::BufRead;
+        let mut line = String::new();
+        let n = self.stdout.read_line(&mut line).with_context(|| format!("reading from {}", self.what))?;
+        if n == 0 {
+            let status = self.child.wait().map(|s| s.to_string()).unwrap_or_else(|e| e.to_string());
+            let err = std::fs::read_to_string(self.stderr.path()).unwrap_or_default();
+            bail!("the reference {} ended ({status}):\n{err}", self.what);
+        }
+        serde_json::from_str(&line)
+            .with_context(|| format!("the reference {} wrote {line:?}, not JSON", self.what))
+    }
+
+    fn send(&mut self, cmd: &str) -> Result<()> {
+        use std::io::Write;
+        writeln!(self.stdin, "{cmd}")
+            .and_then(|_| self.stdin.flush())
+            .with_context(|| format!("writing to {}", self.what))
+    }
+
+    /// Seconds of one unit of the reference's work.
+    fn time(&mut self) -> Result<f64> {
+        self.send("run")?;
+        let v = self.read()?;
+        v["seconds"].as_f64().with_context(|| format!("the reference {} answered {v} to run", self.what))
+    }
+
+    /// Ends the reference; returns its final information (versions, memory).
+    fn finish(mut self) -> Result<serde_json::Value> {
+        self.send("done")?;
+        let v = self.read()?;
+        let _ = self.child.wait();
+        Ok(v)
+    }
+}
+
+impl Drop for Reference {
+    /// A reference left behind by an error is stopped, not orphaned.
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
 }
 
 fn bench_sft(b: &SftBench) -> Result<()> {
@@ -208,14 +285,33 @@ fn bench_sft(b: &SftBench) -> Result<()> {
         let _ = loss.double_value(&[]);
         Ok(t0.elapsed().as_secs_f64())
     };
+    let mut reference = match b.python.as_deref() {
+        Some("none") => None,
+        other => {
+            let args = serde_json::json!({
+                "config": cfg, "batch": b.batch, "seq": b.seq,
+                "device": if device.is_cuda() { "cuda" } else { "cpu" }, "threads": tch::get_num_threads(),
+                "dtype": b.dtype,
+            });
+            Some(Reference::start(&python(other), "bench_sft.py", &args)?)
+        }
+    };
     step()?; // warm-up
-    let times = (0..b.steps).map(|_| step()).collect::<Result<Vec<_>>>()?;
+             // Interleaved (one align step, one PyTorch step, again), so that both
+             // see the same state of a shared machine.
+    let (mut times, mut ref_times) = (vec![], vec![]);
+    for _ in 0..b.steps {
+        times.push(step()?);
+        if let Some(r) = reference.as_mut() {
+            ref_times.push(r.time()?);
+        }
+    }
     let tokens = (b.batch * b.seq) as f64;
     let tps = tokens / median(times);
     let n = cfg.num_parameters() as f64;
     let gflops = 6.0 * n * tps / 1e9;
     println!(
-        "model {} ({:.1}M params), batch {}, seq {}, {:?} {}, threads {}; {peaks}",
+        "model {} ({:.1}M params), batch {}, seq {}, {:?} {}, threads {}, {} interleaved steps; {peaks}",
         b.preset,
         n / 1e6,
         b.batch,
@@ -223,6 +319,7 @@ fn bench_sft(b: &SftBench) -> Result<()> {
         device,
         b.dtype,
         tch::get_num_threads(),
+        b.steps,
     );
     println!(
         "align        {:>9.1} tokens/s  {:>6.1} GFLOP/s ({:.0}% of peak)  peak RSS {:.0} MiB",
@@ -231,17 +328,9 @@ fn bench_sft(b: &SftBench) -> Result<()> {
         100.0 * gflops / peak,
         peak_rss_mib()
     );
-    if b.python.as_deref() == Some("none") {
-        return Ok(());
-    }
-    let py = python(b.python.as_deref());
-    let args = serde_json::json!({
-        "config": cfg, "batch": b.batch, "seq": b.seq, "steps": b.steps,
-        "device": if device.is_cuda() { "cuda" } else { "cpu" }, "threads": tch::get_num_threads(),
-        "dtype": b.dtype,
-    });
-    let v = reference(&py, "bench_sft.py", &args)?;
-    let ref_tps = v["tokens_per_s"].as_f64().context("reference output has no tokens_per_s")?;
+    let Some(r) = reference else { return Ok(()) };
+    let v = r.finish()?;
+    let ref_tps = tokens / median(ref_times);
     let ref_gflops = 6.0 * n * ref_tps / 1e9;
     println!(
         "pytorch      {:>9.1} tokens/s  {:>6.1} GFLOP/s ({:.0}% of peak)  peak RSS {:.0} MiB  (transformers {}, torch {})",
@@ -376,22 +465,37 @@ fn bench_generate(b: &GenerateBench) -> Result<()> {
         pad_id: 0,
     };
     let tokens = (b.batch as usize * b.new_tokens) as f64;
+    let mut reference = match b.python.as_deref() {
+        Some("none") => None,
+        other => {
+            let args = serde_json::json!({
+                "config": cfg, "batch": b.batch, "prompt_len": b.prompt_len, "new_tokens": b.new_tokens,
+                "device": if device.is_cuda() { "cuda" } else { "cpu" },
+                "dtype": b.dtype, "threads": tch::get_num_threads(),
+            });
+            Some(Reference::start(&python(other), "bench_generate.py", &args)?)
+        }
+    };
     lm::generate(&model, &prompts, &gcfg)?; // warm-up
     let floor = MatmulFloor::new(&cfg, b, device, kind);
     floor.time()?; // warm-up
-                   // Interleaved, so that both see the same state of a shared machine.
-    let (mut times, mut floor_times) = (vec![], vec![]);
+                   // Interleaved (align, the matmuls alone, transformers, again), so that
+                   // all three see the same state of a shared machine.
+    let (mut times, mut floor_times, mut ref_times) = (vec![], vec![], vec![]);
     for _ in 0..b.repeats {
         let t0 = Instant::now();
         let out = lm::generate(&model, &prompts, &gcfg)?;
         times.push(t0.elapsed().as_secs_f64());
         debug_assert!(out.iter().all(|g| g.tokens.len() == b.new_tokens));
         floor_times.push(floor.time()?);
+        if let Some(r) = reference.as_mut() {
+            ref_times.push(r.time()?);
+        }
     }
     let align_tps = tokens / median(times);
     let floor_tps = tokens / median(floor_times);
     println!(
-        "model {} ({:.1}M params), batch {}, prompt {}, new {}, {:?} {}, threads {}",
+        "model {} ({:.1}M params), batch {}, prompt {}, new {}, {:?} {}, threads {}, {} interleaved rounds",
         b.preset,
         cfg.num_parameters() as f64 / 1e6,
         b.batch,
@@ -399,7 +503,8 @@ fn bench_generate(b: &GenerateBench) -> Result<()> {
         b.new_tokens,
         device,
         b.dtype,
-        tch::get_num_threads()
+        tch::get_num_threads(),
+        b.repeats
     );
     println!(
         "align        {:>10.1} tokens/s  ({:.0}% of the matmul-only rate)",
@@ -410,31 +515,9 @@ fn bench_generate(b: &GenerateBench) -> Result<()> {
         "matmul only  {:>10.1} tokens/s  (the same projections and head alone, libtorch kernels: the ceiling with them)",
         floor_tps
     );
-    if b.python.as_deref() == Some("none") {
-        return Ok(());
-    }
-    let py = python(b.python.as_deref());
-    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("scripts/bench_generate.py");
-    let args = serde_json::json!({
-        "config": cfg, "batch": b.batch, "prompt_len": b.prompt_len, "new_tokens": b.new_tokens,
-        "repeats": b.repeats, "device": if device.is_cuda() { "cuda" } else { "cpu" },
-        "dtype": b.dtype, "threads": tch::get_num_threads(),
-    });
-    let out = std::process::Command::new(&py)
-        .arg(&script)
-        .arg(args.to_string())
-        .output()
-        .with_context(|| format!("cannot run the reference with {py}"))?;
-    if !out.status.success() {
-        bail!(
-            "the transformers reference failed ({}):\n{}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout)
-        .with_context(|| format!("reference output is not JSON: {}", String::from_utf8_lossy(&out.stdout)))?;
-    let ref_tps = v["tokens_per_s"].as_f64().context("reference output has no tokens_per_s")?;
+    let Some(r) = reference else { return Ok(()) };
+    let v = r.finish()?;
+    let ref_tps = tokens / median(ref_times);
     println!(
         "transformers {:>10.1} tokens/s  (transformers {}, torch {})",
         ref_tps,
@@ -443,4 +526,50 @@ fn bench_generate(b: &GenerateBench) -> Result<()> {
     );
     println!("ratio        {:>10.2}x", align_tps / ref_tps);
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A stand-in reference on the protocol of scripts/bench_protocol.py
+    /// (plain python3, no torch).
+    fn fake(dir: &std::path::Path, body: &str) -> PathBuf {
+        let scripts = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("scripts");
+        let path = dir.join("fake.py");
+        let text = format!(
+            "import json, sys\nsys.path.insert(0, {:?})\nfrom bench_protocol import serve\nargs = json.loads(sys.argv[1])\n{body}\n",
+            scripts.display().to_string()
+        );
+        std::fs::write(&path, text).unwrap();
+        path
+    }
+
+    #[test]
+    fn the_reference_protocol_times_units_on_demand_and_reports_at_the_end() {
+        let tmp = tempfile::tempdir().unwrap();
+        let script = fake(
+            tmp.path(),
+            "n = [0]\ndef unit():\n    n[0] += 1\n    return args['t'] * n[0]\nserve(unit, lambda: {'units': n[0]})",
+        );
+        let mut r = Reference::start_path("python3", &script, &serde_json::json!({"t": 0.25})).unwrap();
+        // The warm-up was unit 1.
+        assert_eq!(r.time().unwrap(), 0.5);
+        assert_eq!(r.time().unwrap(), 0.75);
+        assert_eq!(r.finish().unwrap(), serde_json::json!({"units": 3}));
+    }
+
+    #[test]
+    fn a_failing_reference_is_an_error_with_its_stderr() {
+        let tmp = tempfile::tempdir().unwrap();
+        let script = fake(tmp.path(), "sys.stderr.write('no torch here\\n')\nsys.exit(3)");
+        let e = match Reference::start_path("python3", &script, &serde_json::json!({})) {
+            Ok(_) => panic!("a failing reference started"),
+            Err(e) => e.to_string(),
+        };
+        assert!(e.contains("ended (exit status: 3)") && e.contains("no torch here"), "{e}");
+        let script = fake(tmp.path(), "def unit():\n    raise RuntimeError('unit broke')\nserve(unit, dict)");
+        let e = Reference::start_path("python3", &script, &serde_json::json!({})).err().unwrap().to_string();
+        assert!(e.contains("unit broke"), "{e}");
+    }
 }
