@@ -16,7 +16,8 @@ same problem as align's step:
   top-k/top-p, beta (KL in the reward, k1 estimator), one update per batch
   (`num_iterations = 1`), AdamW, gradient clipping 1.0, fp32.
 
-Time split, per step (the median over the timed steps after one warm-up):
+Time split, per step (one warm-up step, then one step each time align asks,
+on the interleaved protocol of bench_protocol.py):
 `generate` = `RLOOTrainer._generate` (tokenize, `model.generate` with the KV
 cache, decode); `score` = the no-grad log-prob passes (the policy's old
 log-probs and the reference's) plus `_calculate_rewards` (the reward
@@ -24,11 +25,11 @@ model); `update` = the rest of the step (the training forward and
 backward, the optimiser step, the trainer's bookkeeping). `total` is the
 wall time of the step from `on_step_begin` to `on_step_end`.
 
-Takes one JSON argument written by align; prints one JSON object.
+Takes one JSON argument written by align; answers each "run" with the
+step's split and "done" with the versions.
 """
 import json
 import random
-import statistics
 import sys
 import tempfile
 import time
@@ -49,6 +50,8 @@ from transformers import (  # noqa: E402
     TrainerCallback,
 )
 from trl import RLOOConfig, RLOOTrainer  # noqa: E402
+
+import bench_protocol  # noqa: E402
 
 transformers.logging.set_verbosity_error()
 
@@ -79,11 +82,14 @@ prompts = [" ".join(f"w{random.randrange(6, vocab)}" for _ in range(prompt_len))
 data = Dataset.from_dict({"prompt": prompts})
 
 timings = {"generate": 0.0, "score": 0.0, "tokens": 0}
-steps_log = []
 
 
 class StepTimer(TrainerCallback):
+    """Step 1 is the warm-up; each later step waits for align's "run"."""
+
     def on_step_begin(self, a, state, control, **kw):
+        if state.global_step > 0 and bench_protocol.next_command() != "run":
+            raise SystemExit("align ended the benchmark before the last step")
         timings.update(generate=0.0, score=0.0, tokens=0)
         if device == "cuda":
             torch.cuda.synchronize()
@@ -93,7 +99,19 @@ class StepTimer(TrainerCallback):
         if device == "cuda":
             torch.cuda.synchronize()
         total = time.perf_counter() - self.t0
-        steps_log.append(dict(timings, total=total))
+        if state.global_step == 1:
+            bench_protocol.ready()
+            return
+        gen, score = timings["generate"], timings["score"]
+        bench_protocol.reply({
+            "seconds": total,
+            "generate": gen,
+            "score": score,
+            "update": total - gen - score,
+            "total": total,
+            "rollout_tokens": timings["tokens"],
+            "rollout_tokens_per_s": timings["tokens"] / gen if gen > 0 else 0.0,
+        })
 
 
 with tempfile.TemporaryDirectory() as tmp:
@@ -159,24 +177,5 @@ with tempfile.TemporaryDirectory() as tmp:
     )
     trainer.train()
 
-timed_steps = steps_log[1:] or steps_log
-
-
-def med(key):
-    return statistics.median(s[key] for s in timed_steps)
-
-
-gen, score, total = med("generate"), med("score"), med("total")
-tokens = statistics.median(s["tokens"] for s in timed_steps)
-print(json.dumps({
-    "generate": gen,
-    "score": score,
-    "update": total - gen - score,
-    "total": total,
-    "rollout_tokens": tokens,
-    "rollout_tokens_per_s": tokens / gen if gen > 0 else float("nan"),
-    "steps": len(timed_steps),
-    "trl": trl.__version__,
-    "transformers": transformers.__version__,
-    "torch": torch.__version__,
-}))
+bench_protocol.next_command()  # "done"
+bench_protocol.reply({"trl": trl.__version__, "transformers": transformers.__version__, "torch": torch.__version__})

@@ -30,6 +30,7 @@ pub mod generate;
 pub mod init;
 pub mod model;
 pub mod plot;
+pub mod reference;
 pub mod reward_model;
 pub mod tokenizer;
 pub mod train;

@@ -11,7 +11,9 @@
 //! one AdamW update per batch, fp32 by default. The tokenizer is a
 //! word-level one (Gemma's six special tokens, then one word per id) that
 //! both sides load from the same file, so TRL's decode and re-encode for
-//! its reward model reproduces the ids align scores directly.
+//! its reward model reproduces the ids align scores directly. The two run
+//! interleaved (one align step, one TRL step, in turn; `lm::reference`),
+//! so that a shared machine's changing speed sways both alike.
 //!
 //! The recipe for the CLI: build [`BenchOptions`] from the flags, call
 //! [`bench`], print the report (its `Display` is the table).
@@ -21,6 +23,7 @@ use crate::rollout::{Prompt, Specials};
 use crate::stage::{RlConfig, Trainer};
 use crate::RewardConfig;
 use anyhow::{bail, Context, Result};
+use lm::reference::Reference;
 use lm::reward_model::RewardModel;
 use lm::{Gemma, GemmaConfig, Tokenizer};
 use rand::{Rng, SeedableRng};
@@ -41,7 +44,8 @@ pub struct BenchOptions {
     pub k: usize,
     pub prompt_len: usize,
     pub new_tokens: usize,
-    /// Timed steps after one warm-up step; the median is reported.
+    /// Timed steps after one warm-up step, align's and TRL's in turn; the
+    /// medians are reported.
     pub steps: usize,
     pub beta: f64,
     pub device: String,
@@ -182,7 +186,7 @@ pub fn script_path() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/bench_rl.py")
 }
 
-/// Runs the benchmark: align's step, then (with `python`) TRL's.
+/// Runs the benchmark: align's steps and (with `python`) TRL's, in turn.
 pub fn bench(o: &BenchOptions) -> Result<BenchReport> {
     if o.batch == 0 || o.k < 2 || o.prompt_len == 0 || o.new_tokens == 0 || o.steps == 0 {
         bail!("bench rl needs batch >= 1, k >= 2, prompt_len, new_tokens and steps >= 1");
@@ -234,8 +238,26 @@ pub fn bench(o: &BenchOptions) -> Result<BenchReport> {
     let mut tr =
         Trainer::new(rl_cfg, (policy_vs, policy), (ref_vs, reference), None, specials, Box::new(reward))?;
 
+    // TRL's trainer, started now: it sets up and runs its warm-up step.
+    let mut reference = match &o.python {
+        Some(py) => {
+            let args = serde_json::json!({
+                "config": cfg, "tokenizer": tok_path, "batch": o.batch, "k": o.k, "prompt_len": o.prompt_len,
+                "new_tokens": o.new_tokens, "steps": o.steps, "beta": o.beta, "threads": tch::get_num_threads(),
+                "device": if device.is_cuda() { "cuda" } else { "cpu" },
+            });
+            let r = Reference::start(py, &script_path(), &args).with_context(|| {
+                format!("the TRL reference failed; is trl installed (`{py} -m pip install trl`)?")
+            })?;
+            Some(r)
+        }
+        None => None,
+    };
+
+    // Step 0 is align's warm-up; then one align step and one TRL step in
+    // turn, so that both see the same state of a shared machine.
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0);
-    let mut runs = vec![];
+    let (mut runs, mut trl_runs) = (vec![], vec![]);
     for step in 0..=o.steps as u64 {
         let prompts: Vec<Arc<Prompt>> = (0..o.batch)
             .map(|_| {
@@ -246,8 +268,15 @@ pub fn bench(o: &BenchOptions) -> Result<BenchReport> {
         let t0 = Instant::now();
         let (st, _) = tr.step(step, &prompts)?;
         let total = t0.elapsed().as_secs_f64();
-        if step > 0 {
-            runs.push((st, total));
+        if step == 0 {
+            continue;
+        }
+        runs.push((st, total));
+        if let Some(r) = reference.as_mut() {
+            let v = r.run()?;
+            let t: StepTimes = serde_json::from_value(v.clone())
+                .with_context(|| format!("the TRL reference answered {v}"))?;
+            trl_runs.push(t);
         }
     }
     let pick = |f: &dyn Fn(&(crate::stage::StepStats, f64)) -> f64| median(runs.iter().map(f).collect());
@@ -259,39 +288,24 @@ pub fn bench(o: &BenchOptions) -> Result<BenchReport> {
         rollout_tokens: pick(&|r| r.0.rollout_tokens as f64),
         rollout_tokens_per_s: pick(&|r| r.0.rollout_tokens_per_s),
     };
-
     let (mut trl, mut trl_versions) = (None, None);
-    if let Some(py) = &o.python {
-        let args = serde_json::json!({
-            "config": cfg, "tokenizer": tok_path, "batch": o.batch, "k": o.k, "prompt_len": o.prompt_len,
-            "new_tokens": o.new_tokens, "steps": o.steps, "beta": o.beta, "threads": tch::get_num_threads(),
-            "device": if device.is_cuda() { "cuda" } else { "cpu" },
-        });
-        let script = script_path();
-        let out = std::process::Command::new(py)
-            .arg(&script)
-            .arg(args.to_string())
-            .output()
-            .with_context(|| format!("cannot run {} with {py}", script.display()))?;
-        if !out.status.success() {
-            bail!(
-                "the TRL reference failed ({}); is trl installed (`{py} -m pip install trl`)?\n{}",
-                out.status,
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        let line = String::from_utf8_lossy(&out.stdout);
-        let last = line.lines().last().unwrap_or("");
-        let t: StepTimes = serde_json::from_str(last)
-            .with_context(|| format!("the TRL reference printed no timing JSON: {line}"))?;
-        let v: serde_json::Value = serde_json::from_str(last)?;
+    if let Some(r) = reference {
+        let v = r.finish()?;
         trl_versions = Some(format!(
             "trl {}, transformers {}, torch {}",
             v["trl"].as_str().unwrap_or("?"),
             v["transformers"].as_str().unwrap_or("?"),
             v["torch"].as_str().unwrap_or("?")
         ));
-        trl = Some(t);
+        let pick = |f: &dyn Fn(&StepTimes) -> f64| median(trl_runs.iter().map(f).collect());
+        trl = Some(StepTimes {
+            generate: pick(&|t| t.generate),
+            score: pick(&|t| t.score),
+            update: pick(&|t| t.update),
+            total: pick(&|t| t.total),
+            rollout_tokens: pick(&|t| t.rollout_tokens),
+            rollout_tokens_per_s: pick(&|t| t.rollout_tokens_per_s),
+        });
     }
     let _ = std::fs::remove_dir_all(&tmp);
     Ok(BenchReport {
