@@ -65,6 +65,7 @@ pub fn chat(model: &Path, system: Option<&str>, sampling: &SamplingOpts, run: &R
     let mut out = std::io::stdout();
     eprintln!("align chat with {} — /reset clears the history, /quit leaves", model.display());
     let mut turn = 0u64;
+    let wt = lm::InferenceWeights::for_model(&m.model); // once for the whole chat
     loop {
         write!(out, "you> ")?;
         out.flush()?;
@@ -88,7 +89,9 @@ pub fn chat(model: &Path, system: Option<&str>, sampling: &SamplingOpts, run: &R
         let mut c = cfg.clone();
         c.seed = cfg.seed.wrapping_add(turn);
         turn += 1;
-        let g = lm::generate(&m.model, std::slice::from_ref(&ids), &c)?.remove(0);
+        let g =
+            lm::generate::generate_using(&m.model, wt.as_ref(), std::slice::from_ref(&ids), &c, |_, _| true)?
+                .remove(0);
         let text = m.tokenizer.decode(g.content(), true)?;
         println!("model> {text}");
         history.push(Message::model(&text));
@@ -241,13 +244,14 @@ pub fn eval_tasks(
     };
     let mut per: std::collections::BTreeMap<String, (usize, usize)> = Default::default();
     let mut rows = vec![];
+    let wt = lm::InferenceWeights::for_model(&m.model); // once for all chunks
     for chunk in ds.examples.chunks(batch.max(1)) {
         let msgs: Vec<Vec<Message>> = chunk
             .iter()
             .map(|e| e.record.messages().iter().map(|x| Message::new(&x.role, &x.content)).collect())
             .collect();
         let ids = msgs.iter().map(|c| chat::prompt_ids(&m.tokenizer, c)).collect::<Result<Vec<_>>>()?;
-        let gens = lm::generate(&m.model, &ids, &cfg)?;
+        let gens = lm::generate::generate_using(&m.model, wt.as_ref(), &ids, &cfg, |_, _| true)?;
         for (e, g) in chunk.iter().zip(gens) {
             let prompt = e.record.messages().last().map(|x| x.content.clone()).unwrap_or_default();
             let answer = m.tokenizer.decode(g.content(), true)?;

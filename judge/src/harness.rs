@@ -271,6 +271,7 @@ pub fn generate_answers(
     kind: tch::Kind,
 ) -> Result<Vec<String>> {
     let l = lm::checkpoint::load_causal_lm(dir, device, kind)?;
+    let wt = lm::InferenceWeights::for_model(&l.model); // once for all batches
     let sp = l.tokenizer.special;
     let ids: Vec<Vec<i64>> = prompts
         .iter()
@@ -291,7 +292,7 @@ pub fn generate_answers(
             end_of_turn_id: Some(sp.end_of_turn),
             pad_id: sp.pad,
         };
-        for g in lm::generate(&l.model, chunk, &cfg)
+        for g in lm::generate::generate_using(&l.model, wt.as_ref(), chunk, &cfg, |_, _| true)
             .with_context(|| format!("generating with {}", dir.display()))?
         {
             out.push(l.tokenizer.decode(g.content(), true)?);

@@ -305,8 +305,10 @@ impl LmJudge {
         };
         let prompts: Vec<Vec<i64>> = items.iter().map(|s| self.prompt(s)).collect::<Result<_>>()?;
         let mut out = vec![];
+        let wt = lm::InferenceWeights::for_model(&self.loaded.model); // once for all chunks
         for chunk in prompts.chunks(self.batch_size.max(1)) {
-            for g in lm::generate(&self.loaded.model, chunk, &cfg)? {
+            for g in lm::generate::generate_using(&self.loaded.model, wt.as_ref(), chunk, &cfg, |_, _| true)?
+            {
                 let text = self.loaded.tokenizer.decode(g.content(), true)?;
                 out.push(RawVerdict::new(parse_verdict(&text), text));
             }

@@ -138,9 +138,10 @@ pub fn memorization(a: &MemArgs) -> Result<MemReport> {
     };
     let limit = (a.approx_fraction * a.continuation_tokens as f64).floor() as usize;
     let (mut exact, mut approx, mut matches) = (0, 0, vec![]);
+    let wt = lm::InferenceWeights::for_model(&m.model); // once for all chunks
     for chunk in long.chunks(a.batch.max(1)) {
         let prompts: Vec<Vec<i64>> = chunk.iter().map(|(_, ids)| ids[..a.prompt_tokens].to_vec()).collect();
-        let gens = lm::generate(&m.model, &prompts, &cfg)?;
+        let gens = lm::generate::generate_using(&m.model, wt.as_ref(), &prompts, &cfg, |_, _| true)?;
         for ((doc, ids), g) in chunk.iter().zip(gens) {
             let truth = &ids[a.prompt_tokens..need];
             let d = edit_distance(&g.tokens, truth);

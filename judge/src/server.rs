@@ -63,8 +63,15 @@ pub struct ServeArgs {
 
 const MAX_BODY: usize = 1 << 20;
 
+/// The served model and its inference layout, made once at start (its
+/// weights never change while serving).
+struct Served {
+    loaded: Loaded,
+    wt: Option<lm::InferenceWeights>,
+}
+
 struct State {
-    model: Mutex<Loaded>,
+    model: Mutex<Served>,
     name: String,
     max_tokens_limit: usize,
     next_id: AtomicU64,
@@ -135,7 +142,7 @@ pub fn start(
     let addr = server.server_addr().to_ip().context("the server has no IP address")?;
     let server = Arc::new(server);
     let state = Arc::new(State {
-        model: Mutex::new(model),
+        model: Mutex::new(Served { wt: lm::InferenceWeights::for_model(&model.model), loaded: model }),
         name: name.to_string(),
         max_tokens_limit: max_tokens_limit.max(1),
         next_id: AtomicU64::new(0),
@@ -435,12 +442,20 @@ fn new_id(state: &State) -> (String, u64) {
 }
 
 fn completion(state: &State, p: &Params) -> Result<JsonResponse, ApiError> {
-    let loaded = state.model.lock().unwrap_or_else(|e| e.into_inner());
-    let prep = prepare(state, &loaded, p)?;
-    let g = lm::generate(&loaded.model, std::slice::from_ref(&prep.ids), &prep.cfg).map_err(internal)?;
+    let served = state.model.lock().unwrap_or_else(|e| e.into_inner());
+    let loaded = &served.loaded;
+    let prep = prepare(state, loaded, p)?;
+    let g = lm::generate::generate_using(
+        &loaded.model,
+        served.wt.as_ref(),
+        std::slice::from_ref(&prep.ids),
+        &prep.cfg,
+        |_, _| true,
+    )
+    .map_err(internal)?;
     let g = g.into_iter().next().ok_or_else(|| internal(anyhow!("no generation")))?;
     let content = loaded.tokenizer.decode(g.content(), true).map_err(internal)?;
-    drop(loaded);
+    drop(served);
     let (id, created) = new_id(state);
     let (prompt_tokens, completion_tokens) = (prep.ids.len(), g.content().len());
     Ok(json_response(
@@ -558,11 +573,12 @@ fn open_stream(req: tiny_http::Request) -> Option<Sink> {
 /// `stream: true`: validates like [`completion`] (errors are ordinary JSON
 /// responses), then sends each piece of text as it is generated.
 fn stream_completion(state: &State, req: tiny_http::Request, p: &Params) {
-    let loaded = state.model.lock().unwrap_or_else(|e| e.into_inner());
-    let prep = match prepare(state, &loaded, p) {
+    let served = state.model.lock().unwrap_or_else(|e| e.into_inner());
+    let loaded = &served.loaded;
+    let prep = match prepare(state, loaded, p) {
         Ok(x) => x,
         Err(e) => {
-            drop(loaded);
+            drop(served);
             let _ = req.respond(json_response(e.status, &error_body(&e)));
             return;
         }
@@ -582,8 +598,12 @@ fn stream_completion(state: &State, req: tiny_http::Request, p: &Params) {
     let mut text = TextStream::new();
     let mut failure: Option<anyhow::Error> = None;
     let mut connected = true;
-    let generated =
-        lm::generate::generate_with(&loaded.model, std::slice::from_ref(&prep.ids), &prep.cfg, |_, new| {
+    let generated = lm::generate::generate_using(
+        &loaded.model,
+        served.wt.as_ref(),
+        std::slice::from_ref(&prep.ids),
+        &prep.cfg,
+        |_, new| {
             let Some(&Some(t)) = new.first() else { return true };
             if stops.contains(&t) {
                 return true;
@@ -599,7 +619,8 @@ fn stream_completion(state: &State, req: tiny_http::Request, p: &Params) {
                     false
                 }
             }
-        });
+        },
+    );
     if !connected {
         return; // the client left; nothing more to send
     }
@@ -619,7 +640,7 @@ fn stream_completion(state: &State, req: tiny_http::Request, p: &Params) {
         // The status line is out: the error goes as an event, as OpenAI does.
         Err(e) => format!("data: {}\n\n", error_body(&internal(e))),
     };
-    drop(loaded);
+    drop(served);
     if sink.send(&events) && sink.send("data: [DONE]\n\n") {
         sink.finish();
     }

@@ -148,6 +148,26 @@ pub fn generate_with<F>(
     model: &Gemma,
     prompts: &[Vec<i64>],
     cfg: &GenerationConfig,
+    on_step: F,
+) -> Result<Vec<Generation>>
+where
+    F: FnMut(usize, &[Option<i64>]) -> bool,
+{
+    let wt = InferenceWeights::for_model(model); // the CPU's fast layout for few-row matmuls
+    generate_using(model, wt.as_ref(), prompts, cfg, on_step)
+}
+
+/// [`generate_with`] with an inference layout made beforehand, for a model
+/// whose weights do not change between calls (serving, chat, judging): the
+/// layout is then made once instead of on every call, which for a model
+/// near [`InferenceWeights::MAX_BYTES`] saves a copy of all its weights per
+/// request. `wt` must come from [`InferenceWeights::for_model`] on `model`
+/// with its current weights; None generates with the training layout.
+pub fn generate_using<F>(
+    model: &Gemma,
+    wt: Option<&InferenceWeights>,
+    prompts: &[Vec<i64>],
+    cfg: &GenerationConfig,
     mut on_step: F,
 ) -> Result<Vec<Generation>>
 where
@@ -199,10 +219,9 @@ where
     // to every cached key) needs no mask: the fast path.
     let padded = prompts.iter().any(|p| p.len() as i64 != plen);
     let mask = if padded { Some(padded_causal_mask(&valid_p, plen)?) } else { None }; // (B, 1, P, P)
-    let wt = InferenceWeights::for_model(model); // the CPU's fast layout for few-row matmuls
-    let hidden = model.forward_hidden_with(&ids, &positions, mask.as_ref(), Some(&mut cache), wt.as_ref())?;
+    let hidden = model.forward_hidden_with(&ids, &positions, mask.as_ref(), Some(&mut cache), wt)?;
     let mut logits =
-        model.logits_with(&hidden.narrow(1, plen - 1, 1), wt.as_ref()).squeeze_dim(1).to_kind(Kind::Float); // (B, V)
+        model.logits_with(&hidden.narrow(1, plen - 1, 1), wt).squeeze_dim(1).to_kind(Kind::Float); // (B, V)
 
     let mut rng = ChaCha8Rng::seed_from_u64(cfg.seed);
     let mut out: Vec<Generation> = (0..b)
@@ -241,9 +260,8 @@ where
         let x = Tensor::from_slice(&feed).view([b, 1]).to_device(dev); // (B, 1)
         let s = cache.len + 1;
         let step_mask = padded.then(|| valid_all.narrow(1, 0, s).view([b, 1, 1, s])); // (B, 1, 1, S)
-        let hidden =
-            model.forward_hidden_with(&x, &next_pos, step_mask.as_ref(), Some(&mut cache), wt.as_ref())?; // (B, 1, H)
-        logits = model.logits_with(&hidden, wt.as_ref()).squeeze_dim(1).to_kind(Kind::Float);
+        let hidden = model.forward_hidden_with(&x, &next_pos, step_mask.as_ref(), Some(&mut cache), wt)?; // (B, 1, H)
+        logits = model.logits_with(&hidden, wt).squeeze_dim(1).to_kind(Kind::Float);
         next_pos += 1;
     }
     Ok(out)

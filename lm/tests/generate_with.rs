@@ -78,3 +78,22 @@ fn returning_false_stops_generation() {
         assert_eq!(c.stop_reason, StopReason::Length);
     }
 }
+
+/// A layout made once and reused for several calls (serving, chat, judging)
+/// gives what a layout made per call gives, bit for bit.
+#[test]
+fn a_layout_made_once_serves_many_calls_unchanged() {
+    let m = load("mqa");
+    let wt = lm::InferenceWeights::for_model(&m.model);
+    assert!(wt.is_some(), "a small CPU model gets the inference layout");
+    for seed in [1, 2, 3] {
+        let cfg = GenerationConfig { temperature: 0.8, seed, eos_id: -1, ..greedy(10) };
+        let fresh = lm::generate(&m.model, &prompts(), &cfg).unwrap();
+        let reused = lm::generate::generate_using(&m.model, wt.as_ref(), &prompts(), &cfg, |_, _| true).unwrap();
+        for (a, b) in fresh.iter().zip(&reused) {
+            assert_eq!(a.tokens, b.tokens);
+            assert_eq!(a.logprobs, b.logprobs);
+            assert_eq!(a.stop_reason, b.stop_reason);
+        }
+    }
+}
