@@ -89,7 +89,8 @@ fn a_layout_made_once_serves_many_calls_unchanged() {
     for seed in [1, 2, 3] {
         let cfg = GenerationConfig { temperature: 0.8, seed, eos_id: -1, ..greedy(10) };
         let fresh = lm::generate(&m.model, &prompts(), &cfg).unwrap();
-        let reused = lm::generate::generate_using(&m.model, wt.as_ref(), &prompts(), &cfg, |_, _| true).unwrap();
+        let reused =
+            lm::generate::generate_using(&m.model, wt.as_ref(), &prompts(), &cfg, |_, _| true).unwrap();
         for (a, b) in fresh.iter().zip(&reused) {
             assert_eq!(a.tokens, b.tokens);
             assert_eq!(a.logprobs, b.logprobs);
