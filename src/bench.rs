@@ -208,8 +208,9 @@ fn bench_sft(b: &SftBench) -> Result<()> {
         }
     };
     step()?; // warm-up
-             // Interleaved (one align step, one PyTorch step, again), so that both
-             // see the same state of a shared machine.
+
+    // Interleaved (one align step, one PyTorch step, again), so that both
+    // see the same state of a shared machine.
     let (mut times, mut ref_times) = (vec![], vec![]);
     for _ in 0..b.steps {
         times.push(step()?);
@@ -265,10 +266,13 @@ fn bench_sft(b: &SftBench) -> Result<()> {
 struct MatmulFloor {
     layers: Vec<[tch::Tensor; 4]>,
     head: tch::Tensor,
+    /// The projections' inputs (H, NH·D and I wide) for the prefill's rows,
+    /// then for one decoding step's, made once so that timing covers only
+    /// the matmuls.
+    prefill: [tch::Tensor; 3],
+    step: [tch::Tensor; 3],
     device: tch::Device,
-    kind: tch::Kind,
     batch: i64,
-    prompt_len: i64,
     new_tokens: usize,
 }
 
@@ -287,24 +291,26 @@ impl MatmulFloor {
                 ]
             })
             .collect();
-        let head = tch::Tensor::randn([h, cfg.vocab_size], o);
+        let inputs = |rows: i64| {
+            [
+                tch::Tensor::randn([rows, h], o),
+                tch::Tensor::randn([rows, nh * d], o),
+                tch::Tensor::randn([rows, i], o),
+            ]
+        };
         MatmulFloor {
             layers,
-            head,
+            head: tch::Tensor::randn([h, cfg.vocab_size], o),
+            prefill: inputs(b.batch * b.prompt_len),
+            step: inputs(b.batch),
             device,
-            kind,
             batch: b.batch,
-            prompt_len: b.prompt_len,
             new_tokens: b.new_tokens,
         }
     }
 
-    /// Every layer's projections on `rows` rows, then the head on batch rows.
-    fn pass(&self, rows: i64) -> Result<()> {
-        let o = (self.kind, self.device);
-        let x = tch::Tensor::randn([rows, self.layers[0][0].size()[0]], o); // (rows, H)
-        let a = tch::Tensor::randn([rows, self.layers[0][1].size()[0]], o); // (rows, NH·D)
-        let m = tch::Tensor::randn([rows, self.layers[0][3].size()[0]], o); // (rows, I)
+    /// Every layer's projections on `inputs`' rows, then the head on batch rows.
+    fn pass(&self, [x, a, m]: &[tch::Tensor; 3]) -> Result<()> {
         for [qkv, out, gate_up, down] in &self.layers {
             let _ = x.f_matmul(qkv)?;
             let _ = a.f_matmul(out)?;
@@ -319,9 +325,9 @@ impl MatmulFloor {
     fn time(&self) -> Result<f64> {
         let _g = tch::no_grad_guard();
         let t0 = Instant::now();
-        self.pass(self.batch * self.prompt_len)?;
+        self.pass(&self.prefill)?;
         for _ in 1..self.new_tokens {
-            self.pass(self.batch)?;
+            self.pass(&self.step)?;
         }
         if let tch::Device::Cuda(i) = self.device {
             tch::Cuda::synchronize(i as i64);
@@ -390,8 +396,9 @@ fn bench_generate(b: &GenerateBench) -> Result<()> {
     lm::generate(&model, &prompts, &gcfg)?; // warm-up
     let floor = MatmulFloor::new(&cfg, b, device, kind);
     floor.time()?; // warm-up
-                   // Interleaved (align, the matmuls alone, transformers, again), so that
-                   // all three see the same state of a shared machine.
+
+    // Interleaved (align, the matmuls alone, transformers, again), so that
+    // all three see the same state of a shared machine.
     let (mut times, mut floor_times, mut ref_times) = (vec![], vec![], vec![]);
     for _ in 0..b.repeats {
         let t0 = Instant::now();

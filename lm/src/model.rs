@@ -47,9 +47,10 @@ impl Module for Linear {
 /// 384 → 8192, 548 µs against 1472 µs), 5–30% for a whole small-20m
 /// decoding step, whose weights stream from L3. Each libtorch call saved
 /// (the joins, the fused norms) is also a few microseconds per layer and
-/// token. The
-/// copies are made once per `generate` call, so weights the optimiser has
-/// just changed (RL) are always current; they cost one more copy of the
+/// token. [`crate::generate::generate`] makes the copies on every call, so
+/// weights the optimiser has just changed (RL) are always current; callers
+/// whose model is frozen make them once and pass them to
+/// [`crate::generate::generate_using`]. They cost one more copy of the
 /// weights in memory while generating. GPUs gain nothing from them.
 pub struct InferenceWeights {
     layers: Vec<LayerWeights>,

@@ -520,6 +520,16 @@ pub fn config_hash<T: Serialize>(cfg: &T) -> Result<String> {
     Ok(format!("{h:016x}"))
 }
 
+/// The hash that ties a stage's checkpoints to its config: [`config_hash`]
+/// of `cfg` after `clear` has reset the settings that change what a run logs,
+/// keeps or where it stops, not its weights (`eval_every`, `save_every`,
+/// `keep_last`, `stop_after`), so that a resumed run may change them.
+pub fn checkpoint_hash<T: Serialize + Clone>(cfg: &T, clear: impl FnOnce(&mut T)) -> Result<String> {
+    let mut c = cfg.clone();
+    clear(&mut c);
+    config_hash(&c)
+}
+
 /// Metrics as JSON lines, one object per record, flushed as written.
 pub struct MetricsLog {
     file: std::fs::File,

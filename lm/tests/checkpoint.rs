@@ -14,6 +14,14 @@ fn copy_dir(from: &Path, to: &Path) {
     }
 }
 
+/// The names in `dir`, sorted.
+fn entries(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> =
+        std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into()).collect();
+    names.sort();
+    names
+}
+
 fn probe() -> Vec<i64> {
     vec![2, 17, 99, 230, 5, 301, 44, 7]
 }
@@ -42,8 +50,7 @@ fn saved_checkpoint_reloads_with_identical_logits() {
     let b = last_logits(&again.model, &probe());
     assert!(a.equal(&b), "logits changed after a save/load round trip");
     // No temp directories are left beside the checkpoint.
-    let names: Vec<_> = std::fs::read_dir(tmp.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
-    assert_eq!(names, vec![std::ffi::OsString::from("ckpt")]);
+    assert_eq!(entries(tmp.path()), ["ckpt"]);
 }
 
 #[test]
@@ -57,11 +64,7 @@ fn overwriting_a_checkpoint_replaces_it_whole() {
     checkpoint::save(&out, &m.vs, &m.model.cfg, &m.tokenizer, &SaveOptions::default()).unwrap();
     assert!(!out.join("model.safetensors.index.json").exists(), "stale shard index survived");
     checkpoint::load_causal_lm(&out, Device::Cpu, Kind::Float).unwrap();
-    let names: Vec<String> = std::fs::read_dir(tmp.path())
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into())
-        .collect();
-    assert_eq!(names, ["ckpt"], "staging or old directories left behind");
+    assert_eq!(entries(tmp.path()), ["ckpt"], "staging or old directories left behind");
 }
 
 #[test]
@@ -78,10 +81,7 @@ fn replacing_a_directory_swaps_it_whole_and_a_failed_fill_keeps_the_old_one() {
     };
     write(&["a", "b"]).unwrap();
     write(&["c"]).unwrap();
-    let mut names: Vec<String> =
-        std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into()).collect();
-    names.sort();
-    assert_eq!(names, ["c"]);
+    assert_eq!(entries(&dir), ["c"]);
     let e = checkpoint::write_dir_atomic(&dir, |d| {
         std::fs::write(d.join("half"), "x")?;
         anyhow::bail!("fill failed")
@@ -89,11 +89,7 @@ fn replacing_a_directory_swaps_it_whole_and_a_failed_fill_keeps_the_old_one() {
     .unwrap_err();
     assert_eq!(e.to_string(), "fill failed");
     assert_eq!(std::fs::read_to_string(dir.join("c")).unwrap(), "c", "the old directory is kept");
-    let left: Vec<String> = std::fs::read_dir(tmp.path())
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into())
-        .collect();
-    assert_eq!(left, ["d"], "staging or old directories left behind");
+    assert_eq!(entries(tmp.path()), ["d"], "staging or old directories left behind");
 }
 
 #[test]

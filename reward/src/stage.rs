@@ -129,17 +129,11 @@ impl RewardConfig {
         }
     }
 
-    /// The hash that ties checkpoints to this configuration: every field
-    /// that shapes the training trajectory. Left out: `stop_after` (where
-    /// this invocation stops), `eval_every`, `save_every` and `keep_last`
-    /// (they change what is logged and kept, not the weights).
+    /// The checkpoints' config hash ([`train::checkpoint_hash`]).
     pub fn hash(&self) -> Result<String> {
-        let mut c = self.clone();
-        c.stop_after = None;
-        c.eval_every = 0;
-        c.save_every = 0;
-        c.keep_last = 0;
-        train::config_hash(&c)
+        train::checkpoint_hash(self, |c| {
+            (c.stop_after, c.eval_every, c.save_every, c.keep_last) = (None, 0, 0, 0);
+        })
     }
 }
 

@@ -92,16 +92,9 @@ fn default_batch_size() -> usize {
 }
 
 impl SftConfig {
-    /// The hash that ties checkpoints to this configuration: every field
-    /// that shapes the training trajectory. Left out: `eval_every`,
-    /// `save_every` and `keep_last` (they change what is logged and kept,
-    /// not the weights), so a resumed run may change them.
+    /// The checkpoints' config hash ([`train::checkpoint_hash`]).
     pub fn hash(&self) -> Result<String> {
-        let mut c = self.clone();
-        c.eval_every = 0;
-        c.save_every = 0;
-        c.keep_last = 0;
-        train::config_hash(&c)
+        train::checkpoint_hash(self, |c| (c.eval_every, c.save_every, c.keep_last) = (0, 0, 0))
     }
 
     /// Reads a TOML config; a top-level `[sft]` table or the fields alone.
