@@ -18,9 +18,10 @@
 //! The recipe for the CLI: build [`BenchOptions`] from the flags, call
 //! [`bench`], print the report (its `Display` is the table).
 
+use crate::config::RlConfig;
 use crate::reward::RewardModelFn;
 use crate::rollout::{Prompt, Specials};
-use crate::stage::{RlConfig, Trainer};
+use crate::trainer::{StepStats, Trainer};
 use crate::RewardConfig;
 use anyhow::{bail, Context, Result};
 use lm::reference::Reference;
@@ -279,7 +280,7 @@ pub fn bench(o: &BenchOptions) -> Result<BenchReport> {
             trl_runs.push(t);
         }
     }
-    let pick = |f: &dyn Fn(&(crate::stage::StepStats, f64)) -> f64| median(runs.iter().map(f).collect());
+    let pick = |f: &dyn Fn(&(StepStats, f64)) -> f64| median(runs.iter().map(f).collect());
     let align = StepTimes {
         generate: pick(&|r| r.0.time_generate),
         score: pick(&|r| r.0.time_score),

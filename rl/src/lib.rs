@@ -11,28 +11,41 @@
 //! - [`rollout`] — prompts, k samples per prompt from the policy with seeds
 //!   that are a pure function of (seed, step), and teacher-forced per-token
 //!   log-probabilities of the responses.
-//! - [`stage`] — [`RlConfig`] (the `[rl]` section), the [`Trainer`] holding
-//!   policy, frozen reference, reward and optimiser, [`run`] with metrics,
-//!   evaluation, samples, checkpoints and bit-identical resumption, and
-//!   [`cli_train`] for `align rl --config`.
+//! - [`config`] — [`RlConfig`] (the `[rl]` section), its defaults and
+//!   validation, and [`KlMode`].
+//! - [`prompts`] — [`Prompts`]: the training prompts in the mixture's epoch
+//!   order and the held-out evaluation prompts, chat-formatted.
+//! - [`trainer`] — the [`Trainer`] holding policy, frozen reference, reward
+//!   and optimiser; [`Trainer::step`] is one step (rollouts → rewards →
+//!   advantages → update → KL controller), [`Trainer::evaluate`] one
+//!   evaluation.
+//! - [`run`](mod@run) — [`run`] and [`run_with_reward`]: the loop with
+//!   metrics, evaluation, samples, checkpoints and bit-identical resumption,
+//!   the final model, plot and summary; [`cli_train`] for `align rl --config`.
+//!
+//! The modules form a DAG: `run → {trainer, prompts} → config →
+//! {control, loss, reward, rollout}`.
 //! - [`bench`] — the time split of one RL step on a random model, for
 //!   `align bench rl`.
 
 pub mod bench;
+pub mod config;
 pub mod control;
 pub mod loss;
+pub mod prompts;
 pub mod reward;
 pub mod rollout;
-pub mod stage;
+pub mod run;
+pub mod trainer;
 
+pub use config::{KlMode, RlConfig};
 pub use control::KlController;
 pub use loss::{
     clipped_reinforce_loss, kl_loss, kl_per_token, reinforce_loss, rloo_advantages, sequence_rewards, whiten,
     KlEstimator,
 };
+pub use prompts::{load_prompts, Prompts};
 pub use reward::{ContainsReward, LengthReward, OracleReward, RewardConfig, RewardFn, RewardModelFn};
 pub use rollout::{Prompt, Rollout, Specials};
-pub use stage::{
-    cli_train, load_prompts, run, run_with_reward, EvalReport, KlMode, RlConfig, RlSummary, StepStats,
-    Trainer,
-};
+pub use run::{cli_train, plot_metrics, run, run_with_reward, RlSummary};
+pub use trainer::{EvalReport, StepStats, Trainer};

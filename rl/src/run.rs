@@ -1,0 +1,371 @@
+//! A whole RL run: the loop over steps with metrics, evaluation, sample
+//! files, checkpoints and bit-identical resumption, the final model, the
+//! plot and the summary; [`cli_train`] for `align rl --config`.
+
+use crate::config::RlConfig;
+use crate::prompts::{load_prompts, Prompts};
+use crate::reward::RewardFn;
+use crate::rollout::{Rollout, Specials};
+use crate::trainer::{EvalReport, StepStats, Trainer};
+use anyhow::{Context, Result};
+use lm::checkpoint::{self, SaveOptions};
+use lm::fsio;
+use lm::train::{self, MetricsLog, TrainerState};
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+use tch::Kind;
+
+/// What a finished run reports (also written as `summary.json`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RlSummary {
+    pub steps: u64,
+    pub resumed_from: Option<u64>,
+    /// True when `stop_after` ended the run early (no final model).
+    pub stopped_early: bool,
+    pub reward: String,
+    /// Mean reward of the first (up to 5) steps of this run.
+    pub first_rewards: Vec<f64>,
+    /// Mean reward of the last (up to 5) steps.
+    pub last_rewards: Vec<f64>,
+    pub final_kl: f64,
+    pub final_beta: f64,
+    pub eval: Vec<EvalReport>,
+    pub train_prompts: usize,
+    pub eval_prompts: usize,
+    pub skipped_prompts: usize,
+    /// Seconds spent in this run, by phase.
+    pub time_generate: f64,
+    pub time_score: f64,
+    pub time_update: f64,
+    pub rollout_tokens_per_s: f64,
+    pub model_dir: Option<PathBuf>,
+    pub plot: Option<PathBuf>,
+}
+
+const ARCH: &str = "GemmaForCausalLM";
+
+/// Runs the stage with the reward the config names.
+pub fn run(cfg: &RlConfig, base: &Path) -> Result<RlSummary> {
+    let device = lm::device::parse_device(&cfg.device)?;
+    let kind = lm::device::parse_dtype(&cfg.dtype)?;
+    let reward = cfg.reward.build(device, kind)?;
+    run_with_reward(cfg, base, reward)
+}
+
+fn write_samples(dir: &Path, step: u64, samples: &[(Rollout, f64)], n: usize) -> Result<()> {
+    let mut text = String::new();
+    for (r, reward) in samples.iter().take(n) {
+        let v = serde_json::json!({
+            "step": step,
+            "prompt": r.prompt.messages,
+            "response": r.text,
+            "reward": reward,
+            "stop_reason": r.stop_reason,
+            "tokens": r.response_ids.len(),
+            "category": r.prompt.category,
+        });
+        text.push_str(&v.to_string());
+        text.push('\n');
+    }
+    fsio::write_atomic(&dir.join(format!("samples-step-{step}.jsonl")), text.as_bytes())
+}
+
+fn eval_row(e: &EvalReport) -> serde_json::Value {
+    serde_json::json!({
+        "step": e.step, "eval_reward": e.reward_mean, "eval_reward_std": e.reward_std,
+        "eval_ended_frac": e.ended_frac, "eval_response_len": e.response_len,
+        "eval_per_category": e.per_category, "eval_oracle_accuracy": e.oracle_accuracy,
+    })
+}
+
+/// Draws `rl.png` from `metrics.jsonl`: the mean reward per step (and
+/// the evaluation reward) above the KL to the reference.
+pub fn plot_metrics(metrics: &Path, out: &Path) -> Result<()> {
+    use lm::plot::{line_charts, Panel, Series};
+    let rows = train::read_metrics(metrics)?;
+    let pts = |key: &str| -> Vec<(f64, f64)> {
+        rows.iter().filter_map(|r| Some((r["step"].as_f64()?, r.get(key)?.as_f64()?))).collect()
+    };
+    let panels = [
+        Panel {
+            title: "reward".into(),
+            y_label: "mean reward".into(),
+            series: vec![
+                Series::line("train", pts("reward_mean")),
+                Series::points("eval", pts("eval_reward")),
+                Series::points("eval oracle accuracy", pts("eval_oracle_accuracy")),
+            ],
+        },
+        Panel {
+            title: "KL to the reference".into(),
+            y_label: "KL per sample".into(),
+            series: vec![Series::line("KL", pts("kl"))],
+        },
+    ];
+    line_charts(out, "RL: reward and KL", "step", &panels)
+}
+
+/// Runs the stage with the reward function `reward` (the config's `reward`
+/// section is then only recorded). Resumes from the newest checkpoint in
+/// `output_dir/checkpoints` when its config hash matches.
+pub fn run_with_reward(cfg: &RlConfig, base: &Path, reward: Box<dyn RewardFn>) -> Result<RlSummary> {
+    cfg.validate()?;
+    let (mut tr, prompts) = load_trainer(cfg, base, reward)?;
+    let ckpt_root = cfg.output_dir.join("checkpoints");
+    tr.ckpt_root = Some(ckpt_root.clone());
+    let (mut state, resumed_from) = resume_or_start(cfg, &mut tr, &ckpt_root)?;
+
+    std::fs::create_dir_all(&cfg.output_dir)?;
+    let metrics_path = cfg.output_dir.join("metrics.jsonl");
+    let log = MetricsLog::open(&metrics_path, resumed_from)?;
+    let pb = train::progress_bar(cfg.steps, state.step);
+    pb.set_prefix("rl");
+    let mut run = Run { cfg, prompts, ckpt_root, log, evals: vec![] };
+    if cfg.eval_every > 0 && run.prompts.eval.is_empty() {
+        eprintln!("warning: eval_every is set but the mixture has no held-out prompts (data.held_out); no evaluation");
+    }
+    if cfg.eval_every > 0 && resumed_from.is_none() {
+        run.evaluate(&mut tr, 0)?;
+    }
+    let done = run.steps(&mut tr, &mut state, |step, st| {
+        pb.set_position(step);
+        pb.set_message(format!(
+            "reward {:.3} kl {:.3} β {:.3} len {:.0} (gen {:.1}s score {:.1}s update {:.1}s)",
+            st.reward_mean, st.kl, st.beta, st.response_len, st.time_generate, st.time_score, st.time_update
+        ));
+    })?;
+    pb.finish_and_clear();
+    let (model_dir, plot) = match done.stopped_early {
+        true => (None, None),
+        false => run.finish(&mut tr, &mut state, &metrics_path)?,
+    };
+    let summary = run.summary(&tr, &state, resumed_from, done, model_dir, plot);
+    if !summary.stopped_early {
+        fsio::write_atomic(
+            &cfg.output_dir.join("summary.json"),
+            serde_json::to_string_pretty(&summary)?.as_bytes(),
+        )?;
+    }
+    Ok(summary)
+}
+
+/// Loads the policy and the reference (`model` unless `reference` is set)
+/// and the prompts, and sets up the trainer.
+fn load_trainer(cfg: &RlConfig, base: &Path, reward: Box<dyn RewardFn>) -> Result<(Trainer, Prompts)> {
+    let device = lm::device::parse_device(&cfg.device)?;
+    let loaded = checkpoint::load_causal_lm(&cfg.model, device, Kind::Float)
+        .with_context(|| format!("loading the policy from {}", cfg.model.display()))?;
+    let ref_dir = cfg.reference.clone().unwrap_or_else(|| cfg.model.clone());
+    let reference = checkpoint::load_causal_lm(&ref_dir, device, Kind::Float)
+        .with_context(|| format!("loading the reference from {}", ref_dir.display()))?;
+    let tok = loaded.tokenizer;
+    let prompts = load_prompts(cfg, &tok, base)?;
+    let specials = Specials::of(&tok);
+    let tr = Trainer::new(
+        cfg.clone(),
+        (loaded.vs, loaded.model),
+        (reference.vs, reference.model),
+        Some(tok),
+        specials,
+        reward,
+    )?;
+    Ok((tr, prompts))
+}
+
+/// The trainer state of the newest checkpoint under `ckpt_root` when there
+/// is one (its config hash must match; the policy, the optimiser and the
+/// KL coefficient are restored into `tr`), else a fresh one; and the step
+/// resumed from.
+fn resume_or_start(
+    cfg: &RlConfig,
+    tr: &mut Trainer,
+    ckpt_root: &Path,
+) -> Result<(TrainerState, Option<u64>)> {
+    let fresh = TrainerState {
+        step: 0,
+        total_steps: cfg.steps,
+        epoch: 0,
+        batch_in_epoch: 0,
+        rng_word_pos: "0".into(),
+        config_hash: cfg.hash()?,
+        extra: kl_state(tr),
+    };
+    let (state, resumed_from) =
+        train::resume_or_start(ckpt_root, &tr.policy_vs, &mut tr.opt, fresh, &["lm_head.weight"])?;
+    // One optimiser update per update of each batch.
+    tr.opt.t = state.step * cfg.updates_per_batch as u64;
+    if resumed_from.is_some() {
+        let bits = state.extra["beta_bits"]
+            .as_str()
+            .context("the checkpoint's trainer_state.json has no extra.beta_bits (KL coefficient)")?;
+        tr.kl.set_beta_bits(bits)?;
+    }
+    Ok((state, resumed_from))
+}
+
+/// The KL coefficient as checkpoints record it (`extra` of the trainer
+/// state): its value, and its exact bits for resumption.
+fn kl_state(tr: &Trainer) -> serde_json::Value {
+    serde_json::json!({"beta": tr.kl.beta, "beta_bits": tr.kl.beta_bits()})
+}
+
+/// A run in progress: what its steps, evaluations and saves share.
+struct Run<'a> {
+    cfg: &'a RlConfig,
+    prompts: Prompts,
+    ckpt_root: PathBuf,
+    log: MetricsLog,
+    evals: Vec<EvalReport>,
+}
+
+/// What the loop over steps left.
+struct Done {
+    /// This run's steps' metrics.
+    history: Vec<StepStats>,
+    /// True when `stop_after` ended the loop.
+    stopped_early: bool,
+}
+
+impl Run<'_> {
+    /// The steps from `state` to `steps` (or `stop_after`), each logged and
+    /// reported to `progress` with the step count; evaluates and saves
+    /// checkpoints at their intervals (the last step's are left to
+    /// [`Run::finish`]).
+    fn steps(
+        &mut self,
+        tr: &mut Trainer,
+        state: &mut TrainerState,
+        progress: impl Fn(u64, &StepStats),
+    ) -> Result<Done> {
+        let cfg = self.cfg;
+        let mut history: Vec<StepStats> = vec![];
+        let mut stopped_early = false;
+        while state.step < cfg.steps {
+            if cfg.stop_after.is_some_and(|s| state.step >= s) {
+                stopped_early = true;
+                break;
+            }
+            let batch = self.prompts.next_batch(state, cfg.batch_size)?;
+            let (st, _) = tr.step(state.step, &batch)?;
+            state.step += 1;
+            let mut row = serde_json::to_value(&st)?;
+            row["epoch"] = serde_json::json!(state.epoch);
+            self.log.write(&row)?;
+            progress(state.step, &st);
+            history.push(st);
+            if cfg.eval_every > 0 && state.step.is_multiple_of(cfg.eval_every) && state.step < cfg.steps {
+                self.evaluate(tr, state.step)?;
+            }
+            if cfg.save_every > 0 && state.step.is_multiple_of(cfg.save_every) && state.step < cfg.steps {
+                self.save(tr, state)?;
+            }
+        }
+        Ok(Done { history, stopped_early })
+    }
+
+    /// Evaluates on the held-out prompts (when there are any): the samples
+    /// file and a metrics row.
+    fn evaluate(&mut self, tr: &mut Trainer, step: u64) -> Result<()> {
+        if self.prompts.eval.is_empty() {
+            return Ok(());
+        }
+        let (rep, samples) = tr.evaluate(step, &self.prompts.eval)?;
+        write_samples(&self.cfg.output_dir, step, &samples, self.cfg.eval_samples)?;
+        self.log.write(&eval_row(&rep))?;
+        self.evals.push(rep);
+        Ok(())
+    }
+
+    /// Saves a resumable checkpoint of step `st.step`, with the KL
+    /// coefficient in its trainer state.
+    fn save(&self, tr: &Trainer, st: &mut TrainerState) -> Result<PathBuf> {
+        st.extra = kl_state(tr);
+        let tok = tr.tokenizer.as_ref().context("the trainer has no tokenizer to save")?;
+        train::save_checkpoint(
+            &self.ckpt_root,
+            &tr.policy_vs,
+            &tr.policy.cfg,
+            tok,
+            &tr.opt,
+            st,
+            ARCH,
+            self.cfg.keep_last,
+            &[],
+        )
+    }
+
+    /// After the last step: the final evaluation and checkpoint, the model
+    /// in `output_dir/model` and the plot. Returns the model's directory and
+    /// the plot's path (none when it could not be drawn).
+    fn finish(
+        &mut self,
+        tr: &mut Trainer,
+        state: &mut TrainerState,
+        metrics_path: &Path,
+    ) -> Result<(Option<PathBuf>, Option<PathBuf>)> {
+        if self.cfg.eval_every > 0 {
+            self.evaluate(tr, state.step)?;
+        }
+        self.save(tr, state)?;
+        let dir = self.cfg.output_dir.join("model");
+        let tok = tr.tokenizer.as_ref().context("the trainer has no tokenizer to save")?;
+        checkpoint::save(&dir, &tr.policy_vs, &tr.policy.cfg, tok, &SaveOptions::default())?;
+        let png = self.cfg.output_dir.join("rl.png");
+        let plot = match plot_metrics(metrics_path, &png) {
+            Ok(()) => Some(png),
+            Err(e) => {
+                eprintln!("warning: could not draw {}: {e:#}", png.display());
+                None
+            }
+        };
+        Ok((Some(dir), plot))
+    }
+
+    /// The run's summary.
+    fn summary(
+        self,
+        tr: &Trainer,
+        state: &TrainerState,
+        resumed_from: Option<u64>,
+        done: Done,
+        model_dir: Option<PathBuf>,
+        plot: Option<PathBuf>,
+    ) -> RlSummary {
+        let history = &done.history;
+        let means: Vec<f64> = history.iter().map(|s| s.reward_mean).collect();
+        let total = |f: fn(&StepStats) -> f64| history.iter().fold(0.0, |t, s| t + f(s));
+        let tg = total(|s| s.time_generate);
+        let gen_tokens: usize = history.iter().map(|s| s.rollout_tokens).sum();
+        RlSummary {
+            steps: state.step,
+            resumed_from,
+            stopped_early: done.stopped_early,
+            reward: tr.reward.name(),
+            first_rewards: means.iter().take(5).copied().collect(),
+            last_rewards: means[means.len().saturating_sub(5)..].to_vec(),
+            final_kl: history.last().map_or(f64::NAN, |s| s.kl),
+            final_beta: tr.kl.beta,
+            eval: self.evals,
+            train_prompts: self.prompts.train.len(),
+            eval_prompts: self.prompts.eval.len(),
+            skipped_prompts: self.prompts.skipped,
+            time_generate: tg,
+            time_score: total(|s| s.time_score),
+            time_update: total(|s| s.time_update),
+            rollout_tokens_per_s: gen_tokens as f64 / tg.max(1e-9),
+            model_dir,
+            plot,
+        }
+    }
+}
+
+/// `align rl --config FILE`: reads the config (paths relative to its
+/// directory), runs the stage and prints the summary as JSON.
+pub fn cli_train(config: &Path) -> Result<()> {
+    let mut cfg = RlConfig::from_toml_file(config)?;
+    let base = config.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new(".")).to_path_buf();
+    cfg.resolve_paths(&base);
+    let s = run(&cfg, &base)?;
+    println!("{}", serde_json::to_string_pretty(&s)?);
+    Ok(())
+}
