@@ -238,7 +238,7 @@ impl Attention {
 
     /// `x` (B, T, H); `cos`, `sin_signed` from [`Rope::tables`]; `mask`
     /// (B, 1, T, S) bool, true = may attend, or None for plain causal
-    /// attention without a cache. A badly shaped input is an
+    /// attention (over the cached positions too, with a cache). A badly shaped input is an
     /// error naming the shapes, never a panic (the checks read sizes only).
     pub fn forward(
         &self,
@@ -294,6 +294,16 @@ impl Attention {
                 "attention mask must be (B, 1, T, S) = ({b}, 1, {t}, {s}) or broadcast to it, got {ms:?}"
             );
         }
+        // Several new queries over a cache holding earlier positions: SDPA's
+        // `is_causal` aligns its mask top-left (query i sees keys 0..=i), so
+        // the mask is made here, aligned bottom-right (query i sees the
+        // cached keys and the new ones up to its own: 0..=S−T+i).
+        let offset_causal = (mask.is_none() && t > 1 && s > t).then(|| {
+            let q_pos = Tensor::arange_start(s - t, s, (Kind::Int64, x.device())).view([t, 1]); // (T, 1)
+            let k_pos = Tensor::arange(s, (Kind::Int64, x.device())).view([1, s]); // (1, S)
+            k_pos.le_tensor(&q_pos).view([1, 1, t, s]) // (1, 1, T, S)
+        });
+        let mask = mask.or(offset_causal.as_ref());
         let rep = self.n_heads / self.n_kv;
         let scale = 1.0 / (d as f64).sqrt();
         if let Some(w) = wt.filter(|_| t == 1 && rep > 1) {
@@ -446,8 +456,8 @@ impl Gemma {
     /// Final hidden states (B, T, H) after the last norm.
     ///
     /// `input_ids` (B, T) int64; `positions` (B, T) int64; `mask` (B, 1, T, S)
-    /// bool (true = may attend) or None for causal attention over `input_ids`
-    /// alone; `cache` receives the new keys/values at positions
+    /// bool (true = may attend) or None for causal attention (over the
+    /// cached positions and `input_ids`); `cache` receives the new keys/values at positions
     /// `cache.len .. cache.len + T` and `cache.len` advances.
     pub fn forward_hidden(
         &self,
@@ -523,7 +533,9 @@ impl Gemma {
 
     /// Logits (B, T, V) for a batch without padding (causal attention).
     pub fn forward(&self, input_ids: &Tensor) -> Result<Tensor> {
-        let (b, t) = input_ids.size2()?;
+        let (b, t) = input_ids.size2().map_err(|_| {
+            anyhow::anyhow!("input ids must be (batch, time), got shape {:?}", input_ids.size())
+        })?;
         let positions = Tensor::arange(t, (Kind::Int64, self.device)).unsqueeze(0).expand([b, t], true);
         let hidden = self.forward_hidden(input_ids, &positions, None, None)?;
         Ok(self.logits(&hidden))
@@ -640,6 +652,6 @@ mod tests {
         let e = format!("{:#}", model.forward_hidden(&ids, &positions, Some(&bad_mask), None).unwrap_err());
         assert!(e.contains("layer 0") && e.contains("attention mask must be (B, 1, T, S)"), "{e}");
         let e = model.forward(&Tensor::from_slice(&[1i64, 2, 3])).unwrap_err().to_string();
-        assert!(!e.is_empty());
+        assert!(e.contains("input ids must be (batch, time), got shape [3]"), "{e}");
     }
 }
