@@ -10,12 +10,30 @@ pub fn fixture_dir(name: &str) -> PathBuf {
 }
 
 pub fn expected(name: &str) -> serde_json::Value {
-    let text = std::fs::read_to_string(fixture_dir(name).join("expected.json")).unwrap();
-    serde_json::from_str(&text).unwrap()
+    fixture_json(name, "expected.json")
+}
+
+/// A committed fixture file, read as JSON. A missing one fails the test with
+/// the command that makes it: no parity test is skipped for want of Python.
+pub fn fixture_json(name: &str, file: &str) -> serde_json::Value {
+    let path = fixture_dir(name).join(file);
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| {
+        panic!(
+            "fixture {} is missing ({e}): it is made by scripts/make_fixtures.py (`make fixtures`) and committed",
+            path.display()
+        )
+    });
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("fixture {}: {e}", path.display()))
 }
 
 pub fn load(name: &str) -> Loaded {
-    checkpoint::load_causal_lm(&fixture_dir(name), Device::Cpu, Kind::Float).unwrap()
+    let dir = fixture_dir(name);
+    checkpoint::load_causal_lm(&dir, Device::Cpu, Kind::Float).unwrap_or_else(|e| {
+        panic!(
+            "fixture model {}: {e:#} (made by scripts/make_fixtures.py, `make fixtures`, and committed)",
+            dir.display()
+        )
+    })
 }
 
 pub fn ids(v: &serde_json::Value) -> Vec<i64> {
