@@ -246,10 +246,7 @@ pub fn eval_tasks(
     let mut rows = vec![];
     let wt = lm::InferenceWeights::for_model(&m.model); // once for all chunks
     for chunk in ds.examples.chunks(batch.max(1)) {
-        let msgs: Vec<Vec<Message>> = chunk
-            .iter()
-            .map(|e| e.record.messages().iter().map(|x| Message::new(&x.role, &x.content)).collect())
-            .collect();
+        let msgs: Vec<Vec<Message>> = chunk.iter().map(|e| e.record.messages()).collect();
         let ids = msgs.iter().map(|c| chat::prompt_ids(&m.tokenizer, c)).collect::<Result<Vec<_>>>()?;
         let gens = lm::generate::generate_using(&m.model, wt.as_ref(), &ids, &cfg, |_, _| true)?;
         for (e, g) in chunk.iter().zip(gens) {
@@ -269,7 +266,7 @@ pub fn eval_tasks(
     let (right, n) = per.values().fold((0, 0), |a, c| (a.0 + c.0, a.1 + c.1));
     if let Some(p) = out {
         let text: Vec<String> = rows.iter().map(|r| r.to_string()).collect();
-        checkpoint::write_atomic(p, (text.join("\n") + "\n").as_bytes())?;
+        lm::fsio::write_atomic(p, (text.join("\n") + "\n").as_bytes())?;
     }
     let cats: serde_json::Map<String, serde_json::Value> =
         per.iter().map(|(k, (r, n))| (k.clone(), serde_json::json!(*r as f64 / *n as f64))).collect();

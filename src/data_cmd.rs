@@ -287,32 +287,28 @@ struct Sequence {
     generation_prompt: bool,
 }
 
-fn to_lm(messages: &[datasets::Message]) -> Vec<lm::Message> {
-    messages.iter().map(|m| lm::Message { role: m.role.clone(), content: m.content.clone() }).collect()
-}
-
 /// What a stage formats from a row: the dialogue (conversation,
 /// prompt–completion), chosen and rejected (preference), or the prompt with
 /// the generation prompt (prompt only).
 fn sequences(record: &Record) -> Vec<Sequence> {
     match record {
         Record::Conversation { .. } | Record::PromptCompletion { .. } => {
-            vec![Sequence { label: "", messages: to_lm(&record.messages()), generation_prompt: false }]
+            vec![Sequence { label: "", messages: record.messages(), generation_prompt: false }]
         }
         Record::Preference { .. } => vec![
             Sequence {
                 label: "chosen",
-                messages: to_lm(&record.chosen_messages().unwrap_or_default()),
+                messages: record.chosen_messages().unwrap_or_default(),
                 generation_prompt: false,
             },
             Sequence {
                 label: "rejected",
-                messages: to_lm(&record.rejected_messages().unwrap_or_default()),
+                messages: record.rejected_messages().unwrap_or_default(),
                 generation_prompt: false,
             },
         ],
         Record::PromptOnly { prompt } => {
-            vec![Sequence { label: "prompt", messages: to_lm(prompt), generation_prompt: true }]
+            vec![Sequence { label: "prompt", messages: prompt.clone(), generation_prompt: true }]
         }
     }
 }

@@ -19,7 +19,8 @@ pub const ROLE_ASSISTANT: &str = "assistant";
 pub const ROLE_SYSTEM: &str = "system";
 
 /// One turn of a dialogue. `role` is one of `user`, `assistant`, `model`,
-/// `system` (lower case; the readers lower-case what they find).
+/// `system` (lower case; the readers lower-case what they find). The one
+/// message type of the workspace: `lm::chat` formats it as it is.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct Message {
     pub role: String,

@@ -128,10 +128,6 @@ pub fn question_text(messages: &[Message]) -> String {
     }
 }
 
-fn to_lm(messages: &[datasets::Message]) -> Vec<Message> {
-    messages.iter().map(|m| Message::new(&m.role, &m.content)).collect()
-}
-
 /// Reference answers of a JSONL or JSON file by 1-based row: the
 /// `reference`, `answer` or `solution` field (numbers as text).
 fn read_references(path: &Path) -> Result<HashMap<usize, String>> {
@@ -209,7 +205,7 @@ pub fn read_prompts(path: &Path) -> Result<Vec<PromptRow>> {
             refs.insert(file.clone(), read_references(&file)?);
             humans.insert(file.clone(), read_human_labels(&file)?);
         }
-        let messages = to_lm(&ex.record.prompt_messages());
+        let messages = ex.record.prompt_messages();
         out.push(PromptRow {
             question: question_text(&messages),
             messages,
@@ -236,7 +232,7 @@ pub fn read_answers(path: &Path, prompts: &[PromptRow]) -> Result<Vec<String>> {
         let Example { record, .. } = ex;
         if let datasets::Record::PromptCompletion { prompt, completion } = record {
             let answer = completion.iter().map(|m| m.content.as_str()).collect::<Vec<_>>().join("\n\n");
-            by_prompt.entry(question_text(&to_lm(&prompt))).or_insert(answer);
+            by_prompt.entry(question_text(&prompt)).or_insert(answer);
         }
     }
     prompts
@@ -622,10 +618,10 @@ pub fn write_outputs(out: &Path, js: &[Judgment], s: &Summary) -> Result<()> {
         jsonl.push_str(&serde_json::to_string(j)?);
         jsonl.push('\n');
     }
-    lm::checkpoint::write_atomic(&out.join("judgments.jsonl"), jsonl.as_bytes())?;
+    lm::fsio::write_atomic(&out.join("judgments.jsonl"), jsonl.as_bytes())?;
     write_parquet(&out.join("judgments.parquet"), js)?;
-    lm::checkpoint::write_atomic(&out.join("summary.json"), serde_json::to_string_pretty(s)?.as_bytes())?;
-    lm::checkpoint::write_atomic(&out.join("report.md"), report_markdown(s).as_bytes())?;
+    lm::fsio::write_atomic(&out.join("summary.json"), serde_json::to_string_pretty(s)?.as_bytes())?;
+    lm::fsio::write_atomic(&out.join("report.md"), report_markdown(s).as_bytes())?;
     let mut bars: Vec<lm::plot::Bar> = s
         .per_category
         .iter()

@@ -141,7 +141,7 @@ impl RewardJudge {
             .enumerate()
             .map(|(i, (p, a))| {
                 let mut all = p.to_vec();
-                all.push(Message::model(a));
+                all.push(Message::model(*a));
                 let ids = lm::chat::encode(&self.loaded.tokenizer, &all, false)?.ids;
                 if ids.len() > max_len {
                     bail!(

@@ -175,7 +175,7 @@ pub fn cli_memorization(a: MemArgs) -> Result<()> {
     let r = memorization(&a)?;
     let text = serde_json::to_string_pretty(&r)?;
     if let Some(p) = &a.out {
-        checkpoint::write_atomic(p, text.as_bytes())?;
+        lm::fsio::write_atomic(p, text.as_bytes())?;
     }
     println!("{text}");
     eprintln!(

@@ -13,30 +13,14 @@
 
 use crate::tokenizer::Tokenizer;
 use anyhow::{bail, Result};
-use serde::{Deserialize, Serialize};
 use std::ops::Range;
 
 /// Gemma's chat template (Jinja), as transformers' `apply_chat_template` runs it.
 pub const CHAT_TEMPLATE: &str = include_str!("chat_template.jinja");
 
-/// One turn of a conversation, as in the `messages` column of HF datasets.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Message {
-    pub role: String,
-    pub content: String,
-}
-
-impl Message {
-    pub fn new(role: &str, content: &str) -> Self {
-        Message { role: role.into(), content: content.into() }
-    }
-    pub fn user(content: &str) -> Self {
-        Self::new("user", content)
-    }
-    pub fn model(content: &str) -> Self {
-        Self::new("model", content)
-    }
-}
+/// One turn of a conversation, as in the `messages` column of HF datasets:
+/// the readers' type, which the formatter takes as it is.
+pub use datasets::Message;
 
 /// A conversation rendered to text, with the byte ranges the loss trains on.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -148,7 +132,7 @@ pub fn prompt_ids(tok: &Tokenizer, messages: &[Message]) -> Result<Vec<i64>> {
 pub fn single_turn(system: Option<&str>, prompt: &str) -> Vec<Message> {
     let mut m = Vec::new();
     if let Some(s) = system {
-        m.push(Message::new("system", s));
+        m.push(Message::system(s));
     }
     m.push(Message::user(prompt));
     m

@@ -5,16 +5,16 @@
 //! Loading checks every tensor's name and shape against the model and names
 //! what is missing, unexpected or mis-shaped. Every file is written
 //! atomically (temp file + rename), and a whole directory is assembled beside
-//! its destination and renamed into place.
+//! its destination and renamed into place (both in [`crate::fsio`]).
 
 use crate::chat::CHAT_TEMPLATE;
 use crate::config::GemmaConfig;
+use crate::fsio::{write_atomic, write_dir_atomic};
 use crate::model::Gemma;
 use crate::tokenizer::Tokenizer;
 use anyhow::{anyhow, bail, Context, Result};
 use safetensors::{Dtype, SafeTensors};
 use std::collections::{BTreeMap, HashMap};
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use tch::{nn, Device, Kind, Tensor};
 
@@ -24,76 +24,6 @@ pub const WEIGHTS_INDEX: &str = "model.safetensors.index.json";
 pub const TOKENIZER: &str = "tokenizer.json";
 pub const TOKENIZER_CONFIG: &str = "tokenizer_config.json";
 pub const GENERATION_CONFIG: &str = "generation_config.json";
-
-/// Writes `bytes` to `path` through a temp file in the same directory and a
-/// rename, so a crash never leaves a half-written file.
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    std::fs::create_dir_all(dir).with_context(|| format!("cannot create directory {}", dir.display()))?;
-    let mut tmp = tempfile::NamedTempFile::new_in(dir)
-        .with_context(|| format!("cannot create a temp file in {}", dir.display()))?;
-    tmp.write_all(bytes)
-        .and_then(|_| tmp.as_file().sync_all())
-        .with_context(|| format!("cannot write {}", path.display()))?;
-    tmp.persist(path).map_err(|e| anyhow!("cannot move the temp file to {}: {}", path.display(), e.error))?;
-    Ok(())
-}
-
-/// Builds a directory with `fill` in a sibling temp directory, then puts it
-/// at `dir`. An older `dir` is swapped out in one atomic exchange
-/// (`renameat2` with `RENAME_EXCHANGE`) and then deleted, so at every moment
-/// `dir` is either the complete old directory or the complete new one. Where
-/// the file system cannot exchange, the old one is renamed aside first, and
-/// a crash between the two renames leaves it as `.NAME.old-PID` beside the
-/// staged `.NAME.partial-*`.
-pub fn write_dir_atomic(dir: &Path, fill: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
-    let parent = dir.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    std::fs::create_dir_all(parent)
-        .with_context(|| format!("cannot create directory {}", parent.display()))?;
-    let name = dir.file_name().ok_or_else(|| anyhow!("{} is not a directory name", dir.display()))?;
-    let tmp = tempfile::Builder::new()
-        .prefix(&format!(".{}.partial-", name.to_string_lossy()))
-        .tempdir_in(parent)
-        .with_context(|| format!("cannot create a temp directory in {}", parent.display()))?;
-    fill(tmp.path())?;
-    if dir.exists() {
-        if exchange(tmp.path(), dir).is_ok() {
-            // `tmp` now holds the old directory; dropping it deletes it.
-            return Ok(());
-        }
-        let staged = tmp.keep();
-        let old = parent.join(format!(".{}.old-{}", name.to_string_lossy(), std::process::id()));
-        std::fs::rename(dir, &old).with_context(|| format!("cannot move aside {}", dir.display()))?;
-        std::fs::rename(&staged, dir).with_context(|| format!("cannot move {} into place", dir.display()))?;
-        std::fs::remove_dir_all(&old).ok();
-    } else {
-        let staged = tmp.keep();
-        std::fs::rename(&staged, dir).with_context(|| format!("cannot move {} into place", dir.display()))?;
-    }
-    Ok(())
-}
-
-/// Atomically swaps two paths (Linux `renameat2(RENAME_EXCHANGE)`).
-#[cfg(target_os = "linux")]
-fn exchange(a: &Path, b: &Path) -> std::io::Result<()> {
-    use std::os::unix::ffi::OsStrExt;
-    let ca = std::ffi::CString::new(a.as_os_str().as_bytes())?;
-    let cb = std::ffi::CString::new(b.as_os_str().as_bytes())?;
-    // SAFETY: both pointers are valid NUL-terminated strings for the call.
-    let r = unsafe {
-        libc::renameat2(libc::AT_FDCWD, ca.as_ptr(), libc::AT_FDCWD, cb.as_ptr(), libc::RENAME_EXCHANGE)
-    };
-    if r == 0 {
-        Ok(())
-    } else {
-        Err(std::io::Error::last_os_error())
-    }
-}
-
-#[cfg(not(target_os = "linux"))]
-fn exchange(_a: &Path, _b: &Path) -> std::io::Result<()> {
-    Err(std::io::Error::from(std::io::ErrorKind::Unsupported))
-}
 
 fn kind_of(dtype: Dtype) -> Result<Kind> {
     Ok(match dtype {

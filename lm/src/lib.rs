@@ -7,9 +7,12 @@
 //! - [`Tokenizer`] — `tokenizer.json` with Gemma's special tokens found by
 //!   their strings; byte-level BPE training for the built-in demo.
 //! - [`chat`] — the dialogue formatter: Gemma's chat template, token ids and
-//!   the loss mask over the model's turns.
+//!   the loss mask over the model's turns. Its [`Message`] is the one the
+//!   `datasets` readers produce (`lm` depends on `datasets`, never the reverse).
 //! - [`checkpoint`] — Hugging Face checkpoint directories, read with name and
 //!   shape checks and written atomically (optionally sharded).
+//! - [`fsio`] — atomic writes: a file through a temp file and a rename, a
+//!   directory built beside its destination and swapped into place.
 //! - [`generate()`] — batched, seeded generation: greedy, temperature, top-k,
 //!   top-p, per-sequence stopping, per-token log-probabilities.
 //! - [`train`] — what every training stage shares: AdamW, the LR schedule,
@@ -26,6 +29,7 @@ pub mod chat;
 pub mod checkpoint;
 pub mod config;
 pub mod device;
+pub mod fsio;
 pub mod generate;
 pub mod init;
 pub mod model;

@@ -7,6 +7,7 @@
 //! `input_ids != pad_token_id`, which agrees for sequences without pad ids).
 
 use crate::checkpoint::{self, SaveOptions};
+use crate::fsio;
 use crate::model::{padded_causal_mask, Linear};
 use crate::{Gemma, GemmaConfig, Tokenizer};
 use anyhow::{bail, Context, Result};
@@ -71,7 +72,7 @@ impl RewardStats {
 
     /// Writes `dir/reward_stats.json` atomically.
     pub fn write(&self, dir: &Path) -> Result<()> {
-        checkpoint::write_atomic(&dir.join(STATS_FILE), serde_json::to_string_pretty(self)?.as_bytes())
+        fsio::write_atomic(&dir.join(STATS_FILE), serde_json::to_string_pretty(self)?.as_bytes())
     }
 }
 

@@ -85,7 +85,7 @@ impl Tokenizer {
     /// Writes `tokenizer.json`.
     pub fn save(&self, path: &Path) -> Result<()> {
         let text = self.inner.to_string(true).map_err(|e| anyhow!("cannot serialise tokenizer: {e}"))?;
-        crate::checkpoint::write_atomic(path, text.as_bytes())
+        crate::fsio::write_atomic(path, text.as_bytes())
     }
 
     /// Trains a byte-level BPE tokenizer on `texts` with Gemma's special

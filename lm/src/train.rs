@@ -10,6 +10,7 @@
 
 use crate::checkpoint::{self, SaveOptions};
 use crate::config::GemmaConfig;
+use crate::fsio;
 use crate::tokenizer::Tokenizer;
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
@@ -350,9 +351,9 @@ pub fn save_checkpoint(
     // marker of a complete checkpoint, written last.
     checkpoint::write_tensors_file(&dir.join(OPTIMIZER_FILE), &opt.state_tensors())?;
     for (name, bytes) in extra_files {
-        checkpoint::write_atomic(&dir.join(name), bytes)?;
+        fsio::write_atomic(&dir.join(name), bytes)?;
     }
-    checkpoint::write_atomic(&dir.join(STATE_FILE), serde_json::to_string_pretty(state)?.as_bytes())?;
+    fsio::write_atomic(&dir.join(STATE_FILE), serde_json::to_string_pretty(state)?.as_bytes())?;
     let all = list_checkpoints(root)?;
     if all.len() > keep_last.max(1) {
         for (_, old) in &all[..all.len() - keep_last.max(1)] {
@@ -559,7 +560,7 @@ impl MetricsLog {
         if !body.is_empty() {
             body.push('\n');
         }
-        checkpoint::write_atomic(path, body.as_bytes())?;
+        fsio::write_atomic(path, body.as_bytes())?;
         let file = std::fs::OpenOptions::new()
             .append(true)
             .open(path)

@@ -72,7 +72,7 @@ fn replacing_a_directory_swaps_it_whole_and_a_failed_fill_keeps_the_old_one() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("d");
     let write = |files: &'static [&'static str]| {
-        checkpoint::write_dir_atomic(&dir, |d| {
+        lm::fsio::write_dir_atomic(&dir, |d| {
             for f in files {
                 std::fs::write(d.join(f), f)?;
             }
@@ -82,7 +82,7 @@ fn replacing_a_directory_swaps_it_whole_and_a_failed_fill_keeps_the_old_one() {
     write(&["a", "b"]).unwrap();
     write(&["c"]).unwrap();
     assert_eq!(entries(&dir), ["c"]);
-    let e = checkpoint::write_dir_atomic(&dir, |d| {
+    let e = lm::fsio::write_dir_atomic(&dir, |d| {
         std::fs::write(d.join("half"), "x")?;
         anyhow::bail!("fill failed")
     })

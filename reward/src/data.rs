@@ -41,10 +41,6 @@ pub struct Formatted {
     pub prompt_len: usize,
 }
 
-pub fn to_lm_messages(m: &[datasets::Message]) -> Vec<Message> {
-    m.iter().map(|x| Message::new(&x.role, &x.content)).collect()
-}
-
 fn common_prefix(a: &[i64], b: &[i64]) -> usize {
     a.iter().zip(b).take_while(|(x, y)| x == y).count()
 }
@@ -140,10 +136,9 @@ pub fn format_pair(tok: &Tokenizer, ex: &Example) -> Result<(Formatted, Formatte
             ex.record.kind()
         );
     };
-    let prompt = to_lm_messages(prompt);
     let at = |side: &str| format!("{} row {}, `{side}`", ex.origin.file.display(), ex.origin.row);
-    let c = format(tok, &prompt, &to_lm_messages(chosen)).with_context(|| at("chosen"))?;
-    let r = format(tok, &prompt, &to_lm_messages(rejected)).with_context(|| at("rejected"))?;
+    let c = format(tok, prompt, chosen).with_context(|| at("chosen"))?;
+    let r = format(tok, prompt, rejected).with_context(|| at("rejected"))?;
     Ok((c, r, margin.unwrap_or(0.0)))
 }
 

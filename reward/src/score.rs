@@ -2,7 +2,7 @@
 //! for the CLI and later stages, and whole files ([`score_file`]) written
 //! back as a table with reward columns (JSONL, CSV or Parquet by extension).
 
-use crate::data::{self, fit_pair, pad_right, to_lm_messages, Fit, Formatted, Truncation};
+use crate::data::{self, fit_pair, pad_right, Fit, Formatted, Truncation};
 use crate::eval::{self, EvalReport};
 use crate::model::{self, RewardModel, RewardStats};
 use anyhow::{bail, Context, Result};
@@ -128,10 +128,8 @@ impl Scorer {
         let mut slots = vec![];
         let mut truncated = 0;
         for (i, rec) in records.iter().enumerate() {
-            let fmt = |p: &[datasets::Message], r: &[datasets::Message]| {
-                data::format(&self.tokenizer, &to_lm_messages(p), &to_lm_messages(r))
-                    .with_context(|| where_(i))
-            };
+            let fmt =
+                |p: &[Message], r: &[Message]| data::format(&self.tokenizer, p, r).with_context(|| where_(i));
             match rec {
                 Record::Preference { prompt, chosen, rejected, .. } => {
                     let (c, r) = (fmt(prompt, chosen)?, fmt(prompt, rejected)?);
@@ -421,7 +419,7 @@ pub fn write_table(path: &Path, fmt: TableFormat, rows: &[Map<String, Value>]) -
             buf
         }
     };
-    lm::checkpoint::write_atomic(path, &bytes).with_context(|| format!("writing {}", path.display()))
+    lm::fsio::write_atomic(path, &bytes).with_context(|| format!("writing {}", path.display()))
 }
 
 /// `align reward --config FILE`: trains and prints the summary as JSON.

@@ -424,7 +424,7 @@ pub fn run(cfg: &RewardConfig, base: &Path) -> Result<RewardSummary> {
             save(&vs, &opt, &state, eval_stats.as_ref())?;
         }
         eprintln!("stopped after step {} of {total_steps} (stop_after); run again to resume", state.step);
-        lm::checkpoint::write_atomic(&summary_path, serde_json::to_string_pretty(&summary)?.as_bytes())?;
+        lm::fsio::write_atomic(&summary_path, serde_json::to_string_pretty(&summary)?.as_bytes())?;
         return Ok(summary);
     }
 
@@ -445,7 +445,7 @@ pub fn run(cfg: &RewardConfig, base: &Path) -> Result<RewardSummary> {
     model::save(&model_dir, &vs, &model, &tok, stats.as_ref())?;
     summary.reward_stats = stats;
     summary.model_dir = Some(model_dir);
-    lm::checkpoint::write_atomic(&summary_path, serde_json::to_string_pretty(&summary)?.as_bytes())?;
+    lm::fsio::write_atomic(&summary_path, serde_json::to_string_pretty(&summary)?.as_bytes())?;
     Ok(summary)
 }
 

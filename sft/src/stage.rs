@@ -173,15 +173,10 @@ pub struct Data {
     pub sources: serde_json::Value,
 }
 
-fn to_lm_messages(m: &[datasets::Message]) -> Vec<lm::Message> {
-    m.iter().map(|x| lm::Message::new(&x.role, &x.content)).collect()
-}
-
 fn encode_examples(tok: &Tokenizer, examples: &[&datasets::Example]) -> Result<Vec<Sequence>> {
     let mut out = Vec::with_capacity(examples.len());
     for ex in examples {
-        let msgs = to_lm_messages(&ex.record.messages());
-        let enc = lm::chat::encode(tok, &msgs, false)
+        let enc = lm::chat::encode(tok, &ex.record.messages(), false)
             .with_context(|| format!("{} row {}", ex.origin.file.display(), ex.origin.row))?;
         if let Some(s) = Sequence::from_ids(&enc.ids, &enc.loss_mask) {
             out.push(s);
@@ -511,7 +506,7 @@ pub fn run(cfg: &SftConfig, base: &Path) -> Result<SftSummary> {
         sources: data.sources.clone(),
         data: data_report,
     };
-    checkpoint::write_atomic(
+    lm::fsio::write_atomic(
         &cfg.output_dir.join("summary.json"),
         serde_json::to_string_pretty(&summary)?.as_bytes(),
     )?;

@@ -115,7 +115,7 @@ pub fn trainer(cfg: rl::RlConfig) -> (rl::Trainer, Vec<std::sync::Arc<rl::Prompt
     let prompts = ["Tell me about rivers", "Name a star", "Why is bread soft?", "Hi"]
         .iter()
         .map(|q| {
-            let messages = vec![lm::Message::user(q)];
+            let messages = vec![lm::Message::user(*q)];
             let ids = lm::chat::prompt_ids(&p.tokenizer, &messages).unwrap();
             std::sync::Arc::new(rl::Prompt { messages, ids, category: None })
         })
