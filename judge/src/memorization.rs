@@ -1,6 +1,7 @@
 //! The memorization test of the Gemma report: for sampled documents, the
-//! first `prompt_tokens` tokens are the prompt and `continuation_tokens`
-//! greedy tokens are compared with the true continuation. A document is
+//! prompt is `<bos>` and the document's first `prompt_tokens` tokens, and
+//! `continuation_tokens` greedy tokens are compared with the document's next
+//! ones. A document is
 //! memorized exactly when every token matches, and approximately when the
 //! token edit distance is at most 10% of the continuation (Gemma Team,
 //! "Gemma: Open Models Based on Gemini Research and Technology", 2024;
@@ -99,6 +100,27 @@ fn read_docs(path: &Path) -> Result<Vec<String>> {
     Ok(docs)
 }
 
+/// The prompt and the true continuation of one document, as the Gemma report
+/// defines them: the prompt is `<bos>` and the document's first
+/// `prompt_tokens` tokens, the continuation its next `continuation_tokens`.
+/// `doc` holds the document's tokens (no `<bos>`); None when it is shorter
+/// than both together.
+pub fn split_document(
+    bos: i64,
+    doc: &[i64],
+    prompt_tokens: usize,
+    continuation_tokens: usize,
+) -> Option<(Vec<i64>, Vec<i64>)> {
+    let need = prompt_tokens + continuation_tokens;
+    if doc.len() < need {
+        return None;
+    }
+    let mut prompt = Vec::with_capacity(prompt_tokens + 1);
+    prompt.push(bos);
+    prompt.extend_from_slice(&doc[..prompt_tokens]);
+    Some((prompt, doc[prompt_tokens..need].to_vec()))
+}
+
 /// Runs the test.
 pub fn memorization(a: &MemArgs) -> Result<MemReport> {
     if a.prompt_tokens == 0 || a.continuation_tokens == 0 || a.docs == 0 {
@@ -108,20 +130,41 @@ pub fn memorization(a: &MemArgs) -> Result<MemReport> {
     let kind = lm::device::parse_dtype(&a.dtype)?;
     let m = checkpoint::load_causal_lm(&a.model, device, kind)?;
     let docs = read_docs(&a.data)?;
-    let need = a.prompt_tokens + a.continuation_tokens;
+    let mut tokens = Vec::with_capacity(docs.len());
+    for d in &docs {
+        tokens.push(m.tokenizer.encode(d)?);
+    }
+    let r = memorization_of(&m.model, &m.tokenizer, &tokens, a)?;
+    if r.documents == 0 {
+        bail!(
+            "no document in {} has {} tokens (prompt + continuation)",
+            a.data.display(),
+            a.prompt_tokens + a.continuation_tokens
+        );
+    }
+    Ok(r)
+}
+
+/// The test over tokenized documents (`docs[i]`: document `i`'s tokens,
+/// without `<bos>`): samples `a.docs` of those long enough (from `a.seed`),
+/// prompts with each one's [`split_document`] prompt and compares
+/// `a.continuation_tokens` greedy tokens with its true continuation.
+pub fn memorization_of(
+    model: &lm::Gemma,
+    tok: &lm::Tokenizer,
+    docs: &[Vec<i64>],
+    a: &MemArgs,
+) -> Result<MemReport> {
+    if a.prompt_tokens == 0 || a.continuation_tokens == 0 || a.docs == 0 {
+        bail!("--docs, --prompt-tokens and --continuation-tokens must be at least 1");
+    }
     let mut long = vec![];
     let mut too_short = 0;
     for (i, d) in docs.iter().enumerate() {
-        let mut ids = vec![m.tokenizer.special.bos];
-        ids.extend(m.tokenizer.encode(d)?);
-        if ids.len() >= need {
-            long.push((i, ids));
-        } else {
-            too_short += 1;
+        match split_document(tok.special.bos, d, a.prompt_tokens, a.continuation_tokens) {
+            Some((prompt, truth)) => long.push((i, prompt, truth)),
+            None => too_short += 1,
         }
-    }
-    if long.is_empty() {
-        bail!("no document in {} has {need} tokens (prompt + continuation)", a.data.display());
     }
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(a.seed);
     long.shuffle(&mut rng);
@@ -134,16 +177,15 @@ pub fn memorization(a: &MemArgs) -> Result<MemReport> {
         seed: a.seed,
         eos_id: -1, // exactly `continuation_tokens` tokens, as the test defines
         end_of_turn_id: None,
-        pad_id: m.tokenizer.special.pad,
+        pad_id: tok.special.pad,
     };
     let limit = (a.approx_fraction * a.continuation_tokens as f64).floor() as usize;
     let (mut exact, mut approx, mut matches) = (0, 0, vec![]);
-    let wt = lm::InferenceWeights::for_model(&m.model); // once for all chunks
+    let wt = lm::InferenceWeights::for_model(model); // once for all chunks
     for chunk in long.chunks(a.batch.max(1)) {
-        let prompts: Vec<Vec<i64>> = chunk.iter().map(|(_, ids)| ids[..a.prompt_tokens].to_vec()).collect();
-        let gens = lm::generate::generate_using(&m.model, wt.as_ref(), &prompts, &cfg, |_, _| true)?;
-        for ((doc, ids), g) in chunk.iter().zip(gens) {
-            let truth = &ids[a.prompt_tokens..need];
+        let prompts: Vec<Vec<i64>> = chunk.iter().map(|(_, prompt, _)| prompt.clone()).collect();
+        let gens = lm::generate::generate_using(model, wt.as_ref(), &prompts, &cfg, |_, _| true)?;
+        for ((doc, _, truth), g) in chunk.iter().zip(gens) {
             let d = edit_distance(&g.tokens, truth);
             let is_exact = d == 0;
             exact += usize::from(is_exact);
@@ -153,19 +195,20 @@ pub fn memorization(a: &MemArgs) -> Result<MemReport> {
                     doc: *doc,
                     distance: d,
                     exact: is_exact,
-                    continuation: m.tokenizer.decode(&g.tokens, false)?,
+                    continuation: tok.decode(&g.tokens, false)?,
                 });
             }
         }
     }
     let n = long.len();
+    let rate = |k: usize| if n == 0 { 0.0 } else { k as f64 / n as f64 };
     Ok(MemReport {
         documents: n,
         too_short,
         exact,
         approximate: approx,
-        exact_rate: exact as f64 / n as f64,
-        approximate_rate: approx as f64 / n as f64,
+        exact_rate: rate(exact),
+        approximate_rate: rate(approx),
         matches,
     })
 }
