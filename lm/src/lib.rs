@@ -17,6 +17,9 @@
 //!   top-p, per-sequence stopping, per-token log-probabilities.
 //! - [`train`] — what every training stage shares: AdamW, the LR schedule,
 //!   clipping, resumable training checkpoints, metrics and progress.
+//! - [`stage_settings`] — [`stage_settings::StageSettings`], the settings
+//!   every stage config embeds (model, output_dir, optim, seed, …), and the
+//!   one strict reader of stage configs.
 //! - [`reward_model`] — a Gemma backbone with a `score` head
 //!   (`GemmaForSequenceClassification`): the reward model the reward stage
 //!   trains and the RL stage and the judge use.
@@ -36,6 +39,7 @@ pub mod model;
 pub mod plot;
 pub mod reference;
 pub mod reward_model;
+pub mod stage_settings;
 pub mod tokenizer;
 pub mod train;
 

@@ -497,19 +497,6 @@ pub mod defaults {
     }
 }
 
-/// Reads a stage's TOML config: the `[table]` section when the file has one,
-/// else the whole file. Errors name the file (and, from serde, the key).
-pub fn read_stage_config<T: serde::de::DeserializeOwned>(path: &Path, table: &str) -> Result<T> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
-    let value: toml::Value =
-        toml::from_str(&text).with_context(|| format!("{} is not valid TOML", path.display()))?;
-    let section = match value.get(table) {
-        Some(t) => t.clone(),
-        None => value,
-    };
-    section.try_into().map_err(|e: toml::de::Error| anyhow::anyhow!("{}: {e}", path.display()))
-}
-
 /// A stable hash of a serialisable config (FNV-1a over its JSON).
 pub fn config_hash<T: Serialize>(cfg: &T) -> Result<String> {
     let text = serde_json::to_string(cfg)?;

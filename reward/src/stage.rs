@@ -7,7 +7,8 @@ use crate::loss::reward_loss;
 use crate::model::{self, RewardStats, ARCHITECTURE};
 use anyhow::{bail, Context, Result};
 use datasets::{Mixture, MixtureConfig, RecordKind};
-use lm::train::{self, AdamW, MetricsLog, OptimConfig, TrainerState};
+use lm::stage_settings::StageSettings;
+use lm::train::{self, AdamW, MetricsLog, TrainerState};
 use lm::Tokenizer;
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
@@ -19,11 +20,12 @@ use tch::{nn, Device, Kind};
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RewardConfig {
-    /// The checkpoint to start from: a causal LM (an SFT model; the head is
-    /// new) or a reward model (trained further).
-    pub model: PathBuf,
-    /// Where checkpoints, metrics, the summary and the final `model/` go.
-    pub output_dir: PathBuf,
+    /// The settings every stage has; `model` is the checkpoint to start
+    /// from: a causal LM (an SFT model; the head is new) or a reward model
+    /// (trained further); `seed` seeds the head's init and the batch order;
+    /// bf16 runs on CUDA.
+    #[serde(flatten)]
+    pub stage: StageSettings,
     /// Preference pairs (`prompt`, `chosen`, `rejected`, optional `margin`
     /// and `category`); the held-out split is the evaluation set.
     pub data: MixtureConfig,
@@ -49,8 +51,6 @@ pub struct RewardConfig {
     /// `max_steps` it changes neither the schedule nor the config hash.
     #[serde(default)]
     pub stop_after: Option<u64>,
-    #[serde(default)]
-    pub optim: OptimConfig,
     /// Coefficient of the reward-centring term mean((r_c + r_r)²), as TRL's
     /// `center_rewards_coefficient` (0 disables; 0.01 is TRL's suggestion).
     #[serde(default)]
@@ -58,22 +58,6 @@ pub struct RewardConfig {
     /// Std of the new head's normal init (default: the model's `initializer_range`).
     #[serde(default)]
     pub head_init_std: Option<f64>,
-    /// Evaluate on the held-out pairs every N steps (0: only at the end).
-    #[serde(default)]
-    pub eval_every: u64,
-    /// Save a resumable checkpoint every N steps (0: only at the end).
-    #[serde(default)]
-    pub save_every: u64,
-    #[serde(default = "lm::train::defaults::keep_last")]
-    pub keep_last: usize,
-    /// Seeds the head's init and the batch order.
-    #[serde(default)]
-    pub seed: u64,
-    #[serde(default = "lm::train::defaults::device")]
-    pub device: String,
-    /// f32 (CPU and CUDA) or bf16 (weights in bf16; CUDA).
-    #[serde(default = "lm::train::defaults::dtype")]
-    pub dtype: String,
 }
 
 fn default_max_seq_len() -> usize {
@@ -86,13 +70,13 @@ fn default_batch_size() -> usize {
 impl RewardConfig {
     /// Reads a TOML config: a top-level `[reward]` table or the fields alone.
     pub fn from_toml_file(path: &Path) -> Result<Self> {
-        let cfg: RewardConfig = lm::train::read_stage_config(path, "reward")?;
+        let cfg: RewardConfig = lm::stage_settings::read_stage_config(path, "reward")?;
         cfg.validate().with_context(|| format!("{}", path.display()))?;
         Ok(cfg)
     }
 
     pub fn validate(&self) -> Result<()> {
-        self.optim.validate()?;
+        self.stage.optim.validate()?;
         if self.batch_size == 0 || self.grad_accum == 0 {
             bail!("batch_size and grad_accum must be at least 1");
         }
@@ -122,17 +106,14 @@ impl RewardConfig {
     /// Resolves relative paths against `base` (the config file's
     /// directory); the mixture's paths are resolved when it is loaded.
     pub fn resolve_paths(&mut self, base: &Path) {
-        for p in [&mut self.model, &mut self.output_dir] {
-            if p.is_relative() {
-                *p = base.join(&*p);
-            }
-        }
+        self.stage.resolve_paths(base);
     }
 
     /// The checkpoints' config hash ([`train::checkpoint_hash`]).
     pub fn hash(&self) -> Result<String> {
         train::checkpoint_hash(self, |c| {
-            (c.stop_after, c.eval_every, c.save_every, c.keep_last) = (None, 0, 0, 0);
+            c.stop_after = None;
+            c.stage.clear_run_only();
         })
     }
 }
@@ -247,12 +228,12 @@ fn eval_row(step: u64, r: &EvalReport) -> serde_json::Value {
 /// uninterrupted run on the CPU with the same thread count.
 pub fn run(cfg: &RewardConfig, base: &Path) -> Result<RewardSummary> {
     cfg.validate()?;
-    let device = lm::device::parse_device(&cfg.device)?;
-    let kind = lm::device::parse_dtype(&cfg.dtype)?;
+    let device = lm::device::parse_device(&cfg.stage.device)?;
+    let kind = lm::device::parse_dtype(&cfg.stage.dtype)?;
     if kind == Kind::BFloat16 && device == Device::Cpu {
         bail!("dtype = \"bf16\" training is for CUDA; use f32 on the CPU");
     }
-    let loaded = model::load(&cfg.model, device, Kind::Float, cfg.head_init_std, cfg.seed)?;
+    let loaded = model::load(&cfg.stage.model, device, Kind::Float, cfg.head_init_std, cfg.stage.seed)?;
     let (mut vs, model, tok) = (loaded.vs, loaded.model, loaded.tokenizer);
     // bf16: keep the exact f32 weights as the optimiser's fp32 masters.
     let exact: std::collections::BTreeMap<String, tch::Tensor> = if kind != Kind::Float {
@@ -275,14 +256,15 @@ pub fn run(cfg: &RewardConfig, base: &Path) -> Result<RewardSummary> {
         data.eval.dropped
     );
     let lens: Vec<usize> = data.train.pairs.iter().map(|p| p.as_ref().map_or(0, PairTokens::len)).collect();
-    let plan =
-        |epoch: u64| plan_epoch(&lens, &epoch_order(&data, epoch), cfg.batch_size, cfg.seed ^ (epoch << 20));
+    let plan = |epoch: u64| {
+        plan_epoch(&lens, &epoch_order(&data, epoch), cfg.batch_size, cfg.stage.seed ^ (epoch << 20))
+    };
     let batches_per_epoch = plan(0).len() as u64;
     let steps_per_epoch = batches_per_epoch.div_ceil(cfg.grad_accum as u64).max(1);
     let total_steps = if cfg.max_steps > 0 { cfg.max_steps } else { cfg.epochs * steps_per_epoch };
 
-    let ckpt_root = cfg.output_dir.join("checkpoints");
-    let mut opt = AdamW::new(&vs, &cfg.optim);
+    let ckpt_root = cfg.stage.output_dir.join("checkpoints");
+    let mut opt = AdamW::new(&vs, &cfg.stage.optim);
     opt.set_masters(exact)?;
     let fresh = TrainerState {
         step: 0,
@@ -295,9 +277,9 @@ pub fn run(cfg: &RewardConfig, base: &Path) -> Result<RewardSummary> {
     };
     let (mut state, resumed_from) = train::resume_or_start(&ckpt_root, &vs, &mut opt, fresh, &[])?;
 
-    std::fs::create_dir_all(&cfg.output_dir)
-        .with_context(|| format!("cannot create {}", cfg.output_dir.display()))?;
-    let mut log = MetricsLog::open(&cfg.output_dir.join("metrics.jsonl"), Some(state.step))?;
+    std::fs::create_dir_all(&cfg.stage.output_dir)
+        .with_context(|| format!("cannot create {}", cfg.stage.output_dir.display()))?;
+    let mut log = MetricsLog::open(&cfg.stage.output_dir.join("metrics.jsonl"), Some(state.step))?;
     let pb = train::progress_bar(total_steps, state.step);
     pb.set_prefix("reward");
     let eval_pairs: Vec<&PairTokens> = data.eval.kept().collect();
@@ -318,17 +300,24 @@ pub fn run(cfg: &RewardConfig, base: &Path) -> Result<RewardSummary> {
             None => None,
         },
     };
-    let save = |vs: &nn::VarStore,
-                opt: &AdamW,
-                st: &TrainerState,
-                stats: Option<&RewardStats>|
-     -> Result<PathBuf> {
-        let extra = match stats {
-            Some(s) => vec![(lm::reward_model::STATS_FILE, serde_json::to_vec_pretty(s)?)],
-            None => vec![],
+    let save =
+        |vs: &nn::VarStore, opt: &AdamW, st: &TrainerState, stats: Option<&RewardStats>| -> Result<PathBuf> {
+            let extra = match stats {
+                Some(s) => vec![(lm::reward_model::STATS_FILE, serde_json::to_vec_pretty(s)?)],
+                None => vec![],
+            };
+            train::save_checkpoint(
+                &ckpt_root,
+                vs,
+                &model.cfg,
+                &tok,
+                opt,
+                st,
+                ARCHITECTURE,
+                cfg.stage.keep_last,
+                &extra,
+            )
         };
-        train::save_checkpoint(&ckpt_root, vs, &model.cfg, &tok, opt, st, ARCHITECTURE, cfg.keep_last, &extra)
-    };
     let stop_at = cfg.stop_after.filter(|&s| s < total_steps);
 
     while state.step < total_steps {
@@ -368,8 +357,8 @@ pub fn run(cfg: &RewardConfig, base: &Path) -> Result<RewardSummary> {
             pair_count += b.pairs;
             tok_count += b.tokens;
         }
-        let lr = train::lr_at(state.step, total_steps, &cfg.optim);
-        let gnorm = opt.clip_and_step(cfg.optim.grad_clip, lr, state.step + 1, Some(&ckpt_root))?;
+        let lr = train::lr_at(state.step, total_steps, &cfg.stage.optim);
+        let gnorm = opt.clip_and_step(cfg.stage.optim.grad_clip, lr, state.step + 1, Some(&ckpt_root))?;
         state.step += 1;
         (last_loss, last_acc) = (loss_sum, correct / denom);
         if first_losses.len() < 5 && resumed_from.is_none() {
@@ -383,12 +372,12 @@ pub fn run(cfg: &RewardConfig, base: &Path) -> Result<RewardSummary> {
         }))?;
         pb.set_position(state.step);
         pb.set_message(format!("loss {loss_sum:.4} acc {last_acc:.2} lr {lr:.2e} {pps:.1} pairs/s"));
-        if cfg.eval_every > 0 && state.step % cfg.eval_every == 0 && !eval_pairs.is_empty() {
+        if cfg.stage.eval_every > 0 && state.step % cfg.stage.eval_every == 0 && !eval_pairs.is_empty() {
             let (r, all) = eval::evaluate(&model, &eval_pairs, cfg.batch_size, pad, coef)?;
             log.write(&eval_row(state.step, &r))?;
             eval_stats = RewardStats::of(&all, "eval");
         }
-        if cfg.save_every > 0 && state.step % cfg.save_every == 0 && state.step < total_steps {
+        if cfg.stage.save_every > 0 && state.step % cfg.stage.save_every == 0 && state.step < total_steps {
             save(&vs, &opt, &state, eval_stats.as_ref())?;
             last_saved = Some(state.step);
         }
@@ -418,7 +407,7 @@ pub fn run(cfg: &RewardConfig, base: &Path) -> Result<RewardSummary> {
         model_dir: None,
         sources: serde_json::to_value(&data.mixture.report().sources).unwrap_or_default(),
     };
-    let summary_path = cfg.output_dir.join("summary.json");
+    let summary_path = cfg.stage.output_dir.join("summary.json");
     if !summary.completed {
         if last_saved != Some(state.step) {
             save(&vs, &opt, &state, eval_stats.as_ref())?;
@@ -441,7 +430,7 @@ pub fn run(cfg: &RewardConfig, base: &Path) -> Result<RewardSummary> {
         RewardStats::of(&all, "eval")
     };
     save(&vs, &opt, &state, stats.as_ref())?;
-    let model_dir = cfg.output_dir.join("model");
+    let model_dir = cfg.stage.output_dir.join("model");
     model::save(&model_dir, &vs, &model, &tok, stats.as_ref())?;
     summary.reward_stats = stats;
     summary.model_dir = Some(model_dir);
@@ -469,11 +458,11 @@ sources = [{ name = "s", path = "p.jsonl" }]
         let a = cfg();
         let mut b = a.clone();
         b.stop_after = Some(3);
-        b.save_every = 7;
-        b.eval_every = 2;
-        b.keep_last = 9;
+        b.stage.save_every = 7;
+        b.stage.eval_every = 2;
+        b.stage.keep_last = 9;
         assert_eq!(a.hash().unwrap(), b.hash().unwrap());
-        b.optim.lr *= 2.0;
+        b.stage.optim.lr *= 2.0;
         assert_ne!(a.hash().unwrap(), b.hash().unwrap());
         let mut c = a.clone();
         c.center_rewards_coefficient = 0.01;

@@ -40,11 +40,11 @@ fn learns_a_synthetic_preference_to_90_percent_held_out() {
     let config = read(&model_dir.join("config.json"));
     assert_eq!(config["architectures"][0], "GemmaForSequenceClassification");
     // Metrics: one row per step plus the evaluations; the summary on disk.
-    let metrics = lm::train::read_metrics(&cfg.output_dir.join("metrics.jsonl")).unwrap();
+    let metrics = lm::train::read_metrics(&cfg.stage.output_dir.join("metrics.jsonl")).unwrap();
     let steps = metrics.iter().filter(|m| m.get("loss").is_some()).count() as u64;
     assert_eq!(steps, s.steps);
     assert!(metrics.iter().filter(|m| m.get("eval_accuracy").is_some()).count() >= 2);
-    assert_eq!(read(&cfg.output_dir.join("summary.json"))["steps"], s.steps);
+    assert_eq!(read(&cfg.stage.output_dir.join("summary.json"))["steps"], s.steps);
 }
 
 fn weights(dir: &Path) -> Vec<u8> {
@@ -62,19 +62,19 @@ fn resume_after_an_interruption_is_bit_identical() {
     reward::cli_train(&config_path).unwrap();
     let cfg = load_config(&config_path);
     let whole: reward::RewardSummary =
-        serde_json::from_value(read(&cfg.output_dir.join("summary.json"))).unwrap();
+        serde_json::from_value(read(&cfg.stage.output_dir.join("summary.json"))).unwrap();
     assert!(whole.completed && whole.steps == 9);
     let want = weights(&whole.model_dir.unwrap());
 
     // Interrupted: stop after step 5, then lose the step-5 checkpoint as a
     // kill between saves would; the next run resumes from step 3.
     let mut cut = cfg.clone();
-    cut.output_dir = dir.path().join("cut");
+    cut.stage.output_dir = dir.path().join("cut");
     cut.stop_after = Some(5);
     let first = reward::run(&cut, dir.path()).unwrap();
     assert!(!first.completed && first.model_dir.is_none());
     assert_eq!(first.steps, 5);
-    let ckpts = lm::train::list_checkpoints(&cut.output_dir.join("checkpoints")).unwrap();
+    let ckpts = lm::train::list_checkpoints(&cut.stage.output_dir.join("checkpoints")).unwrap();
     assert_eq!(ckpts.iter().map(|c| c.0).collect::<Vec<_>>(), vec![3, 5]);
     std::fs::remove_dir_all(&ckpts[1].1).unwrap();
     cut.stop_after = None;
@@ -94,11 +94,11 @@ fn resume_after_an_interruption_is_bit_identical() {
             .map(|m| (m["step"].as_u64().unwrap(), m["loss"].as_f64().unwrap()))
             .collect()
     };
-    assert_eq!(loss_of(&cut.output_dir), loss_of(&cfg.output_dir));
+    assert_eq!(loss_of(&cut.stage.output_dir), loss_of(&cfg.stage.output_dir));
 
     // Another configuration does not resume from these checkpoints.
     let mut other = cut.clone();
-    other.optim.lr = 1e-2;
+    other.stage.optim.lr = 1e-2;
     let e = reward::run(&other, dir.path()).unwrap_err().to_string();
     assert!(e.contains("different configuration"), "{e}");
 }
@@ -191,12 +191,12 @@ fn every_checkpoint_after_an_eval_carries_that_evals_reward_stats() {
     ));
     let s = reward::run(&cfg, dir.path()).unwrap();
     assert_eq!(s.steps, 7);
-    let root = cfg.output_dir.join("checkpoints");
+    let root = cfg.stage.output_dir.join("checkpoints");
     let ckpts = lm::train::list_checkpoints(&root).unwrap();
     assert_eq!(ckpts.iter().map(|c| c.0).collect::<Vec<_>>(), vec![2, 4, 6, 7]);
     // The evaluations the metrics log recorded, by step.
     let evals: std::collections::BTreeMap<u64, (f64, f64)> =
-        lm::train::read_metrics(&cfg.output_dir.join("metrics.jsonl"))
+        lm::train::read_metrics(&cfg.stage.output_dir.join("metrics.jsonl"))
             .unwrap()
             .iter()
             .filter(|m| m.get("eval_reward_mean").is_some())
@@ -233,10 +233,10 @@ fn every_checkpoint_after_an_eval_carries_that_evals_reward_stats() {
     // After a resume, the stats come back from the checkpoint resumed from:
     // stop at 5 (saving step 5 beside step 4), lose step 5, resume to 5 again.
     let mut cut = cfg.clone();
-    cut.output_dir = dir.path().join("cut");
+    cut.stage.output_dir = dir.path().join("cut");
     cut.stop_after = Some(5);
     reward::run(&cut, dir.path()).unwrap();
-    let cut_root = cut.output_dir.join("checkpoints");
+    let cut_root = cut.stage.output_dir.join("checkpoints");
     let step5 = cut_root.join("step-00000005");
     let first = reward::RewardStats::read(&step5).unwrap().unwrap();
     assert_eq!(Some(first.clone()), stats_at(4));

@@ -231,10 +231,10 @@ pub fn bench(o: &BenchOptions) -> Result<BenchReport> {
     rl_cfg.max_new_tokens = o.new_tokens;
     rl_cfg.max_prompt_len = o.prompt_len;
     rl_cfg.beta = o.beta;
-    rl_cfg.device = o.device.clone();
-    rl_cfg.dtype = o.dtype.clone();
+    rl_cfg.stage.device = o.device.clone();
+    rl_cfg.stage.dtype = o.dtype.clone();
     rl_cfg.steps = 1000;
-    rl_cfg.optim.lr = 1e-6;
+    rl_cfg.stage.optim.lr = 1e-6;
     let specials = Specials::of(&tok);
     let mut tr =
         Trainer::new(rl_cfg, (policy_vs, policy), (ref_vs, reference), None, specials, Box::new(reward))?;

@@ -7,7 +7,8 @@ use crate::reward::RewardConfig;
 use crate::rollout::Sampling;
 use anyhow::{bail, Context, Result};
 use datasets::MixtureConfig;
-use lm::train::{self, OptimConfig};
+use lm::stage_settings::StageSettings;
+use lm::train;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 
@@ -28,13 +29,15 @@ pub enum KlMode {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RlConfig {
-    /// The SFT checkpoint the policy starts from (a Hugging Face directory).
-    pub model: PathBuf,
+    /// The settings every stage has; `model` is the SFT checkpoint the
+    /// policy starts from, `output_dir` also gets the evaluation samples,
+    /// and `eval_every` evaluates on held-out prompts every N steps (0:
+    /// never), also before the first step and after the last.
+    #[serde(flatten)]
+    pub stage: StageSettings,
     /// The reference model; default: `model` (the same weights, frozen).
     #[serde(default)]
     pub reference: Option<PathBuf>,
-    /// Where checkpoints, metrics, samples and the final `model/` go.
-    pub output_dir: PathBuf,
     pub reward: RewardConfig,
     /// The prompts: a mixture of any record kind (each record's prompt is
     /// used); its held-out split gives the evaluation prompts.
@@ -106,12 +109,6 @@ pub struct RlConfig {
     /// Sequences per generation call; 0: all B·k at once.
     #[serde(default)]
     pub generation_batch_size: usize,
-    #[serde(default)]
-    pub optim: OptimConfig,
-    /// Evaluate on held-out prompts every N steps (0: never); also before
-    /// the first step and after the last.
-    #[serde(default)]
-    pub eval_every: u64,
     /// Held-out prompts used for evaluation (the first N).
     #[serde(default = "default_eval_prompts")]
     pub eval_prompts: usize,
@@ -121,18 +118,6 @@ pub struct RlConfig {
     /// Sampling temperature of evaluation; default: `temperature`.
     #[serde(default)]
     pub eval_temperature: Option<f64>,
-    /// Save a resumable checkpoint every N steps (0: only at the end).
-    #[serde(default)]
-    pub save_every: u64,
-    #[serde(default = "lm::train::defaults::keep_last")]
-    pub keep_last: usize,
-    #[serde(default)]
-    pub seed: u64,
-    #[serde(default = "lm::train::defaults::device")]
-    pub device: String,
-    /// f32, or bf16 (bf16 weights with fp32 master weights in the optimiser).
-    #[serde(default = "lm::train::defaults::dtype")]
-    pub dtype: String,
     /// Stop after this many steps as if killed (no final save): for resume
     /// tests. Not part of the config hash.
     #[serde(default, skip_serializing)]
@@ -177,7 +162,7 @@ impl RlConfig {
     /// The checkpoints' config hash ([`train::checkpoint_hash`]);
     /// `stop_after` is never serialised.
     pub fn hash(&self) -> Result<String> {
-        train::checkpoint_hash(self, |c| (c.eval_every, c.save_every, c.keep_last) = (0, 0, 0))
+        train::checkpoint_hash(self, |c| c.stage.clear_run_only())
     }
 
     /// A config with every default, for programmatic use (benchmarks).
@@ -190,13 +175,13 @@ impl RlConfig {
 
     /// Reads a TOML config; a top-level `[rl]` table or the fields alone.
     pub fn from_toml_file(path: &Path) -> Result<Self> {
-        let cfg: RlConfig = lm::train::read_stage_config(path, "rl")?;
+        let cfg: RlConfig = lm::stage_settings::read_stage_config(path, "rl")?;
         cfg.validate().with_context(|| format!("invalid RL config {}", path.display()))?;
         Ok(cfg)
     }
 
     pub fn validate(&self) -> Result<()> {
-        self.optim.validate()?;
+        self.stage.optim.validate()?;
         self.reward.validate()?;
         if self.batch_size == 0 {
             bail!("batch_size (prompts per step) must be at least 1");
@@ -266,8 +251,7 @@ impl RlConfig {
                 *p = base.join(&*p);
             }
         };
-        fix(&mut self.model);
-        fix(&mut self.output_dir);
+        self.stage.resolve_paths(base);
         if let Some(r) = self.reference.as_mut() {
             fix(r);
         }
@@ -313,7 +297,7 @@ path = "prompts.jsonl"
             (4, 0.05, KlEstimator::K1, KlMode::Reward)
         );
         c.resolve_paths(dir.path());
-        assert_eq!(c.model, dir.path().join("sft/model"));
+        assert_eq!(c.stage.model, dir.path().join("sft/model"));
         std::fs::write(&p, body.replace("steps = 3", "steps = 3\nbeta_typo = 1")).unwrap();
         let err = format!("{:#}", RlConfig::from_toml_file(&p).unwrap_err());
         assert!(err.contains("beta_typo"), "{err}");
@@ -340,9 +324,9 @@ path = "prompts.jsonl"
         .unwrap();
         let h = c.hash().unwrap();
         c.stop_after = Some(3);
-        c.save_every = 7;
-        c.eval_every = 5;
-        c.keep_last = 9;
+        c.stage.save_every = 7;
+        c.stage.eval_every = 5;
+        c.stage.keep_last = 9;
         assert_eq!(
             c.hash().unwrap(),
             h,

@@ -46,8 +46,8 @@ const ARCH: &str = "GemmaForCausalLM";
 
 /// Runs the stage with the reward the config names.
 pub fn run(cfg: &RlConfig, base: &Path) -> Result<RlSummary> {
-    let device = lm::device::parse_device(&cfg.device)?;
-    let kind = lm::device::parse_dtype(&cfg.dtype)?;
+    let device = lm::device::parse_device(&cfg.stage.device)?;
+    let kind = lm::device::parse_dtype(&cfg.stage.dtype)?;
     let reward = cfg.reward.build(device, kind)?;
     run_with_reward(cfg, base, reward)
 }
@@ -111,20 +111,20 @@ pub fn plot_metrics(metrics: &Path, out: &Path) -> Result<()> {
 pub fn run_with_reward(cfg: &RlConfig, base: &Path, reward: Box<dyn RewardFn>) -> Result<RlSummary> {
     cfg.validate()?;
     let (mut tr, prompts) = load_trainer(cfg, base, reward)?;
-    let ckpt_root = cfg.output_dir.join("checkpoints");
+    let ckpt_root = cfg.stage.output_dir.join("checkpoints");
     tr.ckpt_root = Some(ckpt_root.clone());
     let (mut state, resumed_from) = resume_or_start(cfg, &mut tr, &ckpt_root)?;
 
-    std::fs::create_dir_all(&cfg.output_dir)?;
-    let metrics_path = cfg.output_dir.join("metrics.jsonl");
+    std::fs::create_dir_all(&cfg.stage.output_dir)?;
+    let metrics_path = cfg.stage.output_dir.join("metrics.jsonl");
     let log = MetricsLog::open(&metrics_path, resumed_from)?;
     let pb = train::progress_bar(cfg.steps, state.step);
     pb.set_prefix("rl");
     let mut run = Run { cfg, prompts, ckpt_root, log, evals: vec![] };
-    if cfg.eval_every > 0 && run.prompts.eval.is_empty() {
+    if cfg.stage.eval_every > 0 && run.prompts.eval.is_empty() {
         eprintln!("warning: eval_every is set but the mixture has no held-out prompts (data.held_out); no evaluation");
     }
-    if cfg.eval_every > 0 && resumed_from.is_none() {
+    if cfg.stage.eval_every > 0 && resumed_from.is_none() {
         run.evaluate(&mut tr, 0)?;
     }
     let done = run.steps(&mut tr, &mut state, |step, st| {
@@ -142,7 +142,7 @@ pub fn run_with_reward(cfg: &RlConfig, base: &Path, reward: Box<dyn RewardFn>) -
     let summary = run.summary(&tr, &state, resumed_from, done, model_dir, plot);
     if !summary.stopped_early {
         fsio::write_atomic(
-            &cfg.output_dir.join("summary.json"),
+            &cfg.stage.output_dir.join("summary.json"),
             serde_json::to_string_pretty(&summary)?.as_bytes(),
         )?;
     }
@@ -152,10 +152,10 @@ pub fn run_with_reward(cfg: &RlConfig, base: &Path, reward: Box<dyn RewardFn>) -
 /// Loads the policy and the reference (`model` unless `reference` is set)
 /// and the prompts, and sets up the trainer.
 fn load_trainer(cfg: &RlConfig, base: &Path, reward: Box<dyn RewardFn>) -> Result<(Trainer, Prompts)> {
-    let device = lm::device::parse_device(&cfg.device)?;
-    let loaded = checkpoint::load_causal_lm(&cfg.model, device, Kind::Float)
-        .with_context(|| format!("loading the policy from {}", cfg.model.display()))?;
-    let ref_dir = cfg.reference.clone().unwrap_or_else(|| cfg.model.clone());
+    let device = lm::device::parse_device(&cfg.stage.device)?;
+    let loaded = checkpoint::load_causal_lm(&cfg.stage.model, device, Kind::Float)
+        .with_context(|| format!("loading the policy from {}", cfg.stage.model.display()))?;
+    let ref_dir = cfg.reference.clone().unwrap_or_else(|| cfg.stage.model.clone());
     let reference = checkpoint::load_causal_lm(&ref_dir, device, Kind::Float)
         .with_context(|| format!("loading the reference from {}", ref_dir.display()))?;
     let tok = loaded.tokenizer;
@@ -253,10 +253,16 @@ impl Run<'_> {
             self.log.write(&row)?;
             progress(state.step, &st);
             history.push(st);
-            if cfg.eval_every > 0 && state.step.is_multiple_of(cfg.eval_every) && state.step < cfg.steps {
+            if cfg.stage.eval_every > 0
+                && state.step.is_multiple_of(cfg.stage.eval_every)
+                && state.step < cfg.steps
+            {
                 self.evaluate(tr, state.step)?;
             }
-            if cfg.save_every > 0 && state.step.is_multiple_of(cfg.save_every) && state.step < cfg.steps {
+            if cfg.stage.save_every > 0
+                && state.step.is_multiple_of(cfg.stage.save_every)
+                && state.step < cfg.steps
+            {
                 self.save(tr, state)?;
             }
         }
@@ -270,7 +276,7 @@ impl Run<'_> {
             return Ok(());
         }
         let (rep, samples) = tr.evaluate(step, &self.prompts.eval)?;
-        write_samples(&self.cfg.output_dir, step, &samples, self.cfg.eval_samples)?;
+        write_samples(&self.cfg.stage.output_dir, step, &samples, self.cfg.eval_samples)?;
         self.log.write(&eval_row(&rep))?;
         self.evals.push(rep);
         Ok(())
@@ -289,7 +295,7 @@ impl Run<'_> {
             &tr.opt,
             st,
             ARCH,
-            self.cfg.keep_last,
+            self.cfg.stage.keep_last,
             &[],
         )
     }
@@ -303,14 +309,14 @@ impl Run<'_> {
         state: &mut TrainerState,
         metrics_path: &Path,
     ) -> Result<(Option<PathBuf>, Option<PathBuf>)> {
-        if self.cfg.eval_every > 0 {
+        if self.cfg.stage.eval_every > 0 {
             self.evaluate(tr, state.step)?;
         }
         self.save(tr, state)?;
-        let dir = self.cfg.output_dir.join("model");
+        let dir = self.cfg.stage.output_dir.join("model");
         let tok = tr.tokenizer.as_ref().context("the trainer has no tokenizer to save")?;
         checkpoint::save(&dir, &tr.policy_vs, &tr.policy.cfg, tok, &SaveOptions::default())?;
-        let png = self.cfg.output_dir.join("rl.png");
+        let png = self.cfg.stage.output_dir.join("rl.png");
         let plot = match plot_metrics(metrics_path, &png) {
             Ok(()) => Some(png),
             Err(e) => {

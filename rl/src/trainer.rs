@@ -273,7 +273,7 @@ impl Trainer {
                 reference.cfg.vocab_size
             );
         }
-        let kind = lm::device::parse_dtype(&cfg.dtype)?;
+        let kind = lm::device::parse_dtype(&cfg.stage.dtype)?;
         let exact: BTreeMap<String, Tensor> = if kind != Kind::Float && policy_vs.kind() == Kind::Float {
             policy_vs.variables().into_iter().map(|(k, v)| (k, v.copy())).collect()
         } else {
@@ -286,7 +286,7 @@ impl Trainer {
             reference_vs.set_kind(kind);
         }
         reference_vs.freeze();
-        let mut opt = AdamW::new(&policy_vs, &cfg.optim);
+        let mut opt = AdamW::new(&policy_vs, &cfg.stage.optim);
         opt.set_masters(exact)?;
         if cfg.kl_mode == KlMode::Loss && cfg.kl_estimator == KlEstimator::K1 && cfg.beta > 0.0 {
             eprintln!(
@@ -334,7 +334,7 @@ impl Trainer {
             &self.cfg.sampling(),
             self.specials,
             self.tokenizer.as_ref(),
-            self.cfg.seed,
+            self.cfg.stage.seed,
             step,
             SALT_TRAIN,
         )
@@ -536,9 +536,13 @@ impl Trainer {
                 loss.backward();
                 loss_u += v;
             }
-            lr = train::lr_at(self.opt.t, total_opt_steps, &self.cfg.optim);
-            gnorm =
-                self.opt.clip_and_step(self.cfg.optim.grad_clip, lr, step + 1, self.ckpt_root.as_deref())?;
+            lr = train::lr_at(self.opt.t, total_opt_steps, &self.cfg.stage.optim);
+            gnorm = self.opt.clip_and_step(
+                self.cfg.stage.optim.grad_clip,
+                lr,
+                step + 1,
+                self.ckpt_root.as_deref(),
+            )?;
             loss_sum += loss_u;
         }
         Ok(UpdateStats {
@@ -595,7 +599,7 @@ impl Trainer {
             &sampling,
             self.specials,
             self.tokenizer.as_ref(),
-            self.cfg.seed,
+            self.cfg.stage.seed,
             0,
             SALT_EVAL,
         )?;

@@ -13,7 +13,7 @@ fn train(lr: &str, extra: &str) -> (Vec<serde_json::Value>, rl::RlSummary, tempf
     let d = tempfile::tempdir().unwrap();
     let prompts = write_prompts(d.path(), 24);
     let mut cfg = config(d.path(), &prompts, extra);
-    cfg.optim.lr = lr.parse().unwrap();
+    cfg.stage.optim.lr = lr.parse().unwrap();
     let s = rl::run_with_reward(&cfg, d.path(), Box::new(LowIds { below: 128 })).unwrap();
     let out = d.path().join("out");
     assert!(out.join("model/model.safetensors").exists());

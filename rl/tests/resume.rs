@@ -95,8 +95,8 @@ fn importance_ratios_are_clipped_only_after_the_policy_moves() {
     let prompts = write_prompts(d.path(), 8);
     let clip_fracs = |extra: &str, lr: f64| -> Vec<f64> {
         let mut cfg = config(d.path(), &prompts, extra);
-        cfg.optim.lr = lr;
-        cfg.optim.warmup_steps = 0;
+        cfg.stage.optim.lr = lr;
+        cfg.stage.optim.warmup_steps = 0;
         let (mut t, batch) = common::trainer(cfg);
         (0..3).map(|s| t.step(s, &batch).unwrap().0.clip_frac).collect()
     };

@@ -69,10 +69,10 @@ fn stage_normalises_reward_model_scores_by_the_stored_statistics() {
     }
     // Clipping applies after normalisation.
     let mut cfg2 = cfg.clone();
-    cfg2.output_dir = d.path().join("out2");
+    cfg2.stage.output_dir = d.path().join("out2");
     cfg2.reward_clip = Some(1e-3);
     rl::run(&cfg2, d.path()).unwrap();
-    for r in common::steps(&cfg2.output_dir) {
+    for r in common::steps(&cfg2.stage.output_dir) {
         assert!(r["score_mean"].as_f64().unwrap().abs() <= 1e-3 + 1e-12);
     }
 }

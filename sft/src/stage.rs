@@ -5,7 +5,8 @@ use crate::loss::masked_cross_entropy_sum;
 use anyhow::{bail, Context, Result};
 use datasets::{DataReportSummary, Mixture, MixtureConfig};
 use lm::checkpoint::{self, SaveOptions};
-use lm::train::{self, AdamW, MetricsLog, OptimConfig, TrainerState};
+use lm::stage_settings::StageSettings;
+use lm::train::{self, AdamW, MetricsLog, TrainerState};
 use lm::{Gemma, Tokenizer};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
@@ -28,10 +29,9 @@ pub enum Mode {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SftConfig {
-    /// The checkpoint to start from (a Hugging Face directory).
-    pub model: PathBuf,
-    /// Where checkpoints, metrics and the final `model/` go.
-    pub output_dir: PathBuf,
+    /// The settings every stage has (`model`: the checkpoint to start from).
+    #[serde(flatten)]
+    pub stage: StageSettings,
     #[serde(default)]
     pub mode: Mode,
     /// Chat mode: a mixture of conversational or prompt–completion sources.
@@ -61,24 +61,6 @@ pub struct SftConfig {
     /// Stop after this many optimiser steps (0: run `epochs`).
     #[serde(default)]
     pub max_steps: u64,
-    #[serde(default)]
-    pub optim: OptimConfig,
-    /// Evaluate on the held-out split every N steps (0: only at the end).
-    #[serde(default)]
-    pub eval_every: u64,
-    /// Save a resumable checkpoint every N steps (0: only at the end).
-    #[serde(default)]
-    pub save_every: u64,
-    #[serde(default = "lm::train::defaults::keep_last")]
-    pub keep_last: usize,
-    #[serde(default)]
-    pub seed: u64,
-    #[serde(default = "lm::train::defaults::device")]
-    pub device: String,
-    /// f32, or bf16: bf16 weights and activations with fp32 master weights
-    /// in the optimiser (CUDA, and CPUs with AVX512-BF16).
-    #[serde(default = "lm::train::defaults::dtype")]
-    pub dtype: String,
 }
 
 fn default_eval_fraction() -> f64 {
@@ -94,18 +76,18 @@ fn default_batch_size() -> usize {
 impl SftConfig {
     /// The checkpoints' config hash ([`train::checkpoint_hash`]).
     pub fn hash(&self) -> Result<String> {
-        train::checkpoint_hash(self, |c| (c.eval_every, c.save_every, c.keep_last) = (0, 0, 0))
+        train::checkpoint_hash(self, |c| c.stage.clear_run_only())
     }
 
     /// Reads a TOML config; a top-level `[sft]` table or the fields alone.
     pub fn from_toml_file(path: &Path) -> Result<Self> {
-        let cfg: SftConfig = lm::train::read_stage_config(path, "sft")?;
+        let cfg: SftConfig = lm::stage_settings::read_stage_config(path, "sft")?;
         cfg.validate()?;
         Ok(cfg)
     }
 
     pub fn validate(&self) -> Result<()> {
-        self.optim.validate()?;
+        self.stage.optim.validate()?;
         if self.batch_size == 0 || self.grad_accum == 0 || self.max_seq_len < 2 {
             bail!("batch_size and grad_accum must be at least 1 and max_seq_len at least 2");
         }
@@ -130,8 +112,7 @@ impl SftConfig {
                 *p = base.join(&*p);
             }
         };
-        fix(&mut self.model);
-        fix(&mut self.output_dir);
+        self.stage.resolve_paths(base);
         self.text_files.iter_mut().for_each(fix);
     }
 }
@@ -360,9 +341,9 @@ pub fn plot_losses(dir: &Path) -> Result<()> {
 /// `output_dir/checkpoints` when its config hash matches.
 pub fn run(cfg: &SftConfig, base: &Path) -> Result<SftSummary> {
     cfg.validate()?;
-    let device = lm::device::parse_device(&cfg.device)?;
-    let kind = lm::device::parse_dtype(&cfg.dtype)?;
-    let loaded = checkpoint::load_causal_lm(&cfg.model, device, Kind::Float)?;
+    let device = lm::device::parse_device(&cfg.stage.device)?;
+    let kind = lm::device::parse_dtype(&cfg.stage.dtype)?;
+    let loaded = checkpoint::load_causal_lm(&cfg.stage.model, device, Kind::Float)?;
     let (mut vs, model, tok) = (loaded.vs, loaded.model, loaded.tokenizer);
     let exact: std::collections::BTreeMap<String, Tensor> = if kind != Kind::Float {
         vs.variables().into_iter().map(|(k, v)| (k, v.copy())).collect()
@@ -376,14 +357,14 @@ pub fn run(cfg: &SftConfig, base: &Path) -> Result<SftSummary> {
 
     // Plan: batches per epoch are a pure function of (seed, epoch).
     let plan = |epoch: u64| -> Vec<Vec<Row>> {
-        let order = epoch_order(&data, &sampler, epoch, cfg.seed);
+        let order = epoch_order(&data, &sampler, epoch, cfg.stage.seed);
         plan_epoch(
             &data.train,
             &order,
             cfg.batch_size,
             cfg.max_seq_len,
             cfg.packing,
-            cfg.seed ^ (epoch << 20),
+            cfg.stage.seed ^ (epoch << 20),
         )
     };
     let batches_per_epoch = plan(0).len() as u64;
@@ -391,8 +372,8 @@ pub fn run(cfg: &SftConfig, base: &Path) -> Result<SftSummary> {
     let total_steps = if cfg.max_steps > 0 { cfg.max_steps } else { cfg.epochs * steps_per_epoch };
     let hash = cfg.hash()?;
 
-    let ckpt_root = cfg.output_dir.join("checkpoints");
-    let mut opt = AdamW::new(&vs, &cfg.optim);
+    let ckpt_root = cfg.stage.output_dir.join("checkpoints");
+    let mut opt = AdamW::new(&vs, &cfg.stage.optim);
     opt.set_masters(exact)?;
     let fresh = TrainerState {
         step: 0,
@@ -406,9 +387,9 @@ pub fn run(cfg: &SftConfig, base: &Path) -> Result<SftSummary> {
     let (mut state, resumed_from) =
         train::resume_or_start(&ckpt_root, &vs, &mut opt, fresh, &["lm_head.weight"])?;
 
-    std::fs::create_dir_all(&cfg.output_dir)?;
-    let data_report = data_report(&sampler, &cfg.output_dir)?;
-    let mut log = MetricsLog::open(&cfg.output_dir.join("metrics.jsonl"), Some(state.step))?;
+    std::fs::create_dir_all(&cfg.stage.output_dir)?;
+    let data_report = data_report(&sampler, &cfg.stage.output_dir)?;
+    let mut log = MetricsLog::open(&cfg.stage.output_dir.join("metrics.jsonl"), Some(state.step))?;
     let pb = train::progress_bar(total_steps, state.step);
     pb.set_prefix("sft");
     let mut first_losses = vec![];
@@ -424,7 +405,7 @@ pub fn run(cfg: &SftConfig, base: &Path) -> Result<SftSummary> {
             opt,
             st,
             "GemmaForCausalLM",
-            cfg.keep_last,
+            cfg.stage.keep_last,
             &[],
         )
     };
@@ -459,8 +440,8 @@ pub fn run(cfg: &SftConfig, base: &Path) -> Result<SftSummary> {
             loss_sum += v;
             tok_count += b.tokens;
         }
-        let lr = train::lr_at(state.step, total_steps, &cfg.optim);
-        let gnorm = opt.clip_and_step(cfg.optim.grad_clip, lr, state.step + 1, Some(&ckpt_root))?;
+        let lr = train::lr_at(state.step, total_steps, &cfg.stage.optim);
+        let gnorm = opt.clip_and_step(cfg.stage.optim.grad_clip, lr, state.step + 1, Some(&ckpt_root))?;
         state.step += 1;
         last_loss = loss_sum;
         if first_losses.len() < 5 && resumed_from.is_none() {
@@ -470,11 +451,11 @@ pub fn run(cfg: &SftConfig, base: &Path) -> Result<SftSummary> {
         log.write(&serde_json::json!({"step": state.step, "loss": loss_sum, "lr": lr, "grad_norm": gnorm, "tokens_per_s": tps, "epoch": state.epoch}))?;
         pb.set_position(state.step);
         pb.set_message(format!("loss {loss_sum:.4} lr {lr:.2e} {tps:.0} tok/s"));
-        if cfg.eval_every > 0 && state.step % cfg.eval_every == 0 && !data.eval.is_empty() {
+        if cfg.stage.eval_every > 0 && state.step % cfg.stage.eval_every == 0 && !data.eval.is_empty() {
             let el = evaluate(&model, &data.eval, cfg.batch_size, tok.special.pad)?;
             log.write(&serde_json::json!({"step": state.step, "eval_loss": el, "eval_ppl": el.exp()}))?;
         }
-        if cfg.save_every > 0 && state.step % cfg.save_every == 0 && state.step < total_steps {
+        if cfg.stage.save_every > 0 && state.step % cfg.stage.save_every == 0 && state.step < total_steps {
             save(&vs, &opt, &state)?;
         }
     }
@@ -487,8 +468,8 @@ pub fn run(cfg: &SftConfig, base: &Path) -> Result<SftSummary> {
         (Some(el), Some(el.exp()))
     };
     save(&vs, &opt, &state)?;
-    plot_losses(&cfg.output_dir)?;
-    let model_dir = cfg.output_dir.join("model");
+    plot_losses(&cfg.stage.output_dir)?;
+    let model_dir = cfg.stage.output_dir.join("model");
     checkpoint::save(&model_dir, &vs, &model.cfg, &tok, &SaveOptions::default())?;
     let summary = SftSummary {
         steps: state.step,
@@ -507,11 +488,15 @@ pub fn run(cfg: &SftConfig, base: &Path) -> Result<SftSummary> {
         data: data_report,
     };
     lm::fsio::write_atomic(
-        &cfg.output_dir.join("summary.json"),
+        &cfg.stage.output_dir.join("summary.json"),
         serde_json::to_string_pretty(&summary)?.as_bytes(),
     )?;
     if sampler.is_some() {
-        eprintln!("sft data report ({}):\n{}", cfg.output_dir.join("summary.json").display(), summary.data);
+        eprintln!(
+            "sft data report ({}):\n{}",
+            cfg.stage.output_dir.join("summary.json").display(),
+            summary.data
+        );
     }
     Ok(summary)
 }

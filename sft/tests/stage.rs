@@ -170,11 +170,11 @@ fn non_finite_loss_stops_with_a_clear_error_and_keeps_the_last_checkpoint() {
     let mut cfg = config(tmp.path(), &data);
     // Adam moves each weight by about lr per step: 1e30 is finite after the
     // first step (saved), and overflows the logits at the next.
-    cfg.optim.lr = 1e30;
-    cfg.optim.warmup_steps = 0;
-    cfg.optim.grad_clip = 0.0;
+    cfg.stage.optim.lr = 1e30;
+    cfg.stage.optim.warmup_steps = 0;
+    cfg.stage.optim.grad_clip = 0.0;
     cfg.max_steps = 30;
-    cfg.save_every = 1;
+    cfg.stage.save_every = 1;
     let e = format!("{:#}", sft::run(&cfg, tmp.path()).unwrap_err());
     assert!(e.contains("non-finite loss") || e.contains("non-finite gradient norm"), "{e}");
     let ckpts = lm::train::list_checkpoints(&tmp.path().join("out/checkpoints")).unwrap();
@@ -201,10 +201,10 @@ fn non_finite_loss_stops_with_a_clear_error_and_keeps_the_last_checkpoint() {
     // never saved as a checkpoint: the run stops naming the step.
     let tmp = tempfile::tempdir().unwrap();
     let mut cfg = config(tmp.path(), &data);
-    cfg.optim.lr = 1e38;
-    cfg.optim.warmup_steps = 0;
-    cfg.optim.grad_clip = 0.0;
-    cfg.save_every = 1;
+    cfg.stage.optim.lr = 1e38;
+    cfg.stage.optim.warmup_steps = 0;
+    cfg.stage.optim.grad_clip = 0.0;
+    cfg.stage.save_every = 1;
     let e = format!("{:#}", sft::run(&cfg, tmp.path()).unwrap_err());
     assert!(e.contains("non-finite weights after step 1"), "{e}");
     assert!(e.contains("model.embed_tokens.weight"), "{e}");
@@ -256,7 +256,7 @@ fn bf16_training_with_fp32_masters_lowers_the_loss() {
     let tmp = tempfile::tempdir().unwrap();
     let data = write_data(tmp.path(), 80);
     let mut cfg = config(tmp.path(), &data);
-    cfg.dtype = "bf16".into();
+    cfg.stage.dtype = "bf16".into();
     let s = sft::run(&cfg, tmp.path()).unwrap();
     assert!(s.final_loss < s.first_losses[0] * 0.8, "{:?} → {}", s.first_losses, s.final_loss);
     let cfg_json: serde_json::Value =
@@ -358,10 +358,10 @@ fn only_settings_that_shape_training_are_in_the_config_hash() {
     let data = write_data(tmp.path(), 8);
     let mut c = config(tmp.path(), &data);
     let h = c.hash().unwrap();
-    c.save_every = 7;
-    c.eval_every = 5;
-    c.keep_last = 9;
+    c.stage.save_every = 7;
+    c.stage.eval_every = 5;
+    c.stage.keep_last = 9;
     assert_eq!(c.hash().unwrap(), h, "where a run saves, evaluates and what it keeps may change on resume");
-    c.optim.lr *= 2.0;
+    c.stage.optim.lr *= 2.0;
     assert_ne!(c.hash().unwrap(), h);
 }

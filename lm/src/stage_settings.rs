@@ -1,0 +1,278 @@
+//! What every training stage's config shares ([`StageSettings`], embedded
+//! with `#[serde(flatten)]` so that its keys sit beside the stage's own),
+//! and the one strict reader of stage configs ([`typed_toml`],
+//! [`read_stage_config`]).
+//!
+//! serde cannot combine `flatten` with `deny_unknown_fields` on the
+//! embedded struct, and a flattened field's errors lose their key path. So a
+//! stage config denies unknown fields itself (serde then rejects the keys
+//! neither it nor the settings take), and [`typed_toml`] gives back what
+//! serde drops: the key path of an error in a shared setting
+//! (`optim.lr: invalid type …`) and the list of accepted keys after
+//! `unknown field …`.
+
+use crate::train::{defaults, OptimConfig};
+use anyhow::{Context, Result};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+/// The settings every training stage (SFT, reward, RL) has, with the same
+/// keys in each stage's table.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StageSettings {
+    /// The checkpoint the stage starts from (a Hugging Face directory).
+    pub model: PathBuf,
+    /// Where checkpoints, metrics, the summary and the final `model/` go.
+    pub output_dir: PathBuf,
+    #[serde(default)]
+    pub optim: OptimConfig,
+    /// Evaluate on the held-out split every N steps (0: only at the end; RL:
+    /// never, and with N > 0 also before the first step).
+    #[serde(default)]
+    pub eval_every: u64,
+    /// Save a resumable checkpoint every N steps (0: only at the end).
+    #[serde(default)]
+    pub save_every: u64,
+    /// Training checkpoints kept.
+    #[serde(default = "defaults::keep_last")]
+    pub keep_last: usize,
+    /// Seeds initialisation, data order and sampling.
+    #[serde(default)]
+    pub seed: u64,
+    #[serde(default = "defaults::device")]
+    pub device: String,
+    /// f32, or bf16: bf16 weights and activations with fp32 master weights
+    /// in the optimiser (CUDA, and CPUs with AVX512-BF16).
+    #[serde(default = "defaults::dtype")]
+    pub dtype: String,
+}
+
+impl StageSettings {
+    /// The keys of a stage table that belong to these settings.
+    pub const KEYS: [&'static str; 9] =
+        ["model", "output_dir", "optim", "eval_every", "save_every", "keep_last", "seed", "device", "dtype"];
+
+    /// Resets the settings that change what a run logs or keeps, not its
+    /// weights (`eval_every`, `save_every`, `keep_last`): what a
+    /// checkpoint's config hash leaves out, so that a resumed run may
+    /// change them.
+    pub fn clear_run_only(&mut self) {
+        (self.eval_every, self.save_every, self.keep_last) = (0, 0, 0);
+    }
+
+    /// Resolves `model` and `output_dir` against `base` when relative.
+    pub fn resolve_paths(&mut self, base: &Path) {
+        for p in [&mut self.model, &mut self.output_dir] {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        }
+    }
+}
+
+/// A key path as errors print it: `optim.lr`, `data.sources[0].path`
+/// (keys with dots, spaces or quotes quoted); empty at the top.
+pub fn path_text(p: &serde_path_to_error::Path) -> String {
+    use serde_path_to_error::Segment;
+    let mut out = String::new();
+    for seg in p.iter() {
+        let part = match seg {
+            Segment::Seq { index } => {
+                out.push_str(&format!("[{index}]"));
+                continue;
+            }
+            Segment::Map { key } if key.contains(['.', ' ', '"']) => format!("{key:?}"),
+            Segment::Map { key } => key.clone(),
+            Segment::Enum { variant } => variant.clone(),
+            Segment::Unknown => "?".to_string(),
+        };
+        if !out.is_empty() {
+            out.push('.');
+        }
+        out.push_str(&part);
+    }
+    out
+}
+
+/// Types a TOML value with serde; an error gives the key path where it
+/// happened (empty at the top) and serde's message.
+pub fn typed_path<T: DeserializeOwned>(v: toml::Value) -> std::result::Result<T, (String, String)> {
+    serde_path_to_error::deserialize(v)
+        .map_err(|e| (path_text(e.path()), e.inner().message().trim().to_string()))
+}
+
+/// Types a stage config (a struct that embeds [`StageSettings`] with
+/// `flatten` and denies unknown fields) strictly. An error gives the key
+/// path (empty at the top) and the message, as a struct without `flatten`
+/// would: `optim.lr` and `invalid type: …` for a shared setting,
+/// ``unknown field `frm`, expected one of `model`, …`` for an unknown key.
+pub fn typed_toml<T: DeserializeOwned + Serialize>(
+    v: toml::Value,
+) -> std::result::Result<T, (String, String)> {
+    let (path, msg) = match typed_path::<T>(v.clone()) {
+        Ok(t) => return Ok(t),
+        Err(e) => e,
+    };
+    if !path.is_empty() {
+        return Err((path, msg));
+    }
+    let Some(table) = v.as_table() else { return Err((path, msg)) };
+    // An error inside a shared setting surfaces at the top, without its
+    // path: type the shared keys alone to find it.
+    let shared: toml::Table = table
+        .iter()
+        .filter(|(k, _)| StageSettings::KEYS.contains(&k.as_str()))
+        .map(|(k, x)| (k.clone(), x.clone()))
+        .collect();
+    if let Err((p, m)) = typed_path::<StageSettings>(toml::Value::Table(shared)) {
+        if !m.starts_with("missing field") {
+            return Err((p, m));
+        }
+    }
+    match unknown_key(&msg) {
+        Some(key) if table.contains_key(&key) && !msg.contains(", expected") => {
+            Err((path, format!("{msg}, {}", expected_keys::<T>(table.clone()).unwrap_or_default())))
+        }
+        _ => Err((path, msg)),
+    }
+}
+
+/// `k` of serde's ``unknown field `k`…``.
+fn unknown_key(msg: &str) -> Option<String> {
+    let rest = msg.strip_prefix("unknown field `")?;
+    Some(rest[..rest.find('`')?].to_string())
+}
+
+/// serde's list of the keys a struct takes (``expected one of `a`, `b` ``),
+/// for `T` typed from `table` less its unknown keys: the keys of `T`
+/// serialised, in declaration order. None when `T` cannot be typed.
+fn expected_keys<T: DeserializeOwned + Serialize>(mut table: toml::Table) -> Option<String> {
+    let t = loop {
+        match typed_path::<T>(toml::Value::Table(table.clone())) {
+            Ok(t) => break t,
+            Err((p, m)) if p.is_empty() => {
+                table.remove(&unknown_key(&m)?)?;
+            }
+            Err(_) => return None,
+        }
+    };
+    let keys = top_level_keys(&serde_json::to_string(&t).ok()?)?;
+    let quoted: Vec<String> = keys.iter().map(|k| format!("`{k}`")).collect();
+    Some(match quoted.as_slice() {
+        [] => "there are no fields".to_string(),
+        [one] => format!("expected {one}"),
+        [a, b] => format!("expected {a} or {b}"),
+        _ => format!("expected one of {}", quoted.join(", ")),
+    })
+}
+
+/// The keys of a JSON object, in the order they are written.
+fn top_level_keys(json: &str) -> Option<Vec<String>> {
+    struct Keys;
+    impl<'de> serde::de::Visitor<'de> for Keys {
+        type Value = Vec<String>;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("an object")
+        }
+        fn visit_map<A: serde::de::MapAccess<'de>>(
+            self,
+            mut map: A,
+        ) -> std::result::Result<Vec<String>, A::Error> {
+            let mut keys = vec![];
+            while let Some(k) = map.next_key::<String>()? {
+                map.next_value::<serde::de::IgnoredAny>()?;
+                keys.push(k);
+            }
+            Ok(keys)
+        }
+    }
+    let mut de = serde_json::Deserializer::from_str(json);
+    serde::Deserializer::deserialize_map(&mut de, Keys).ok()
+}
+
+/// Types a stage config with [`typed_toml`]; errors read
+/// `{place}.{key path}: {message}` (`{place}: {message}` at the top).
+pub fn from_toml_strict<T: DeserializeOwned + Serialize>(v: toml::Value, place: &str) -> Result<T> {
+    typed_toml(v).map_err(|(p, m)| match (place.is_empty(), p.is_empty()) {
+        (_, true) => anyhow::anyhow!("{place}: {m}"),
+        (true, false) => anyhow::anyhow!("{p}: {m}"),
+        (false, false) if p.starts_with('[') => anyhow::anyhow!("{place}{p}: {m}"),
+        (false, false) => anyhow::anyhow!("{place}.{p}: {m}"),
+    })
+}
+
+/// Reads a stage's TOML config: the `[table]` section when the file has one,
+/// else the whole file. Errors read `{file}: {key path}: {message}`.
+pub fn read_stage_config<T: DeserializeOwned + Serialize>(path: &Path, table: &str) -> Result<T> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let value: toml::Value =
+        toml::from_str(&text).with_context(|| format!("{} is not valid TOML", path.display()))?;
+    let section = match value.get(table) {
+        Some(t) => t.clone(),
+        None => value,
+    };
+    typed_toml(section).map_err(|(p, m)| match p.is_empty() {
+        true => anyhow::anyhow!("{}: {m}", path.display()),
+        false => anyhow::anyhow!("{}: {p}: {m}", path.display()),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, Serialize, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Stage {
+        #[serde(flatten)]
+        stage: StageSettings,
+        #[serde(default)]
+        max_steps: u64,
+        #[serde(default, skip_serializing)]
+        stop_after: Option<u64>,
+    }
+
+    fn typed(text: &str) -> std::result::Result<Stage, (String, String)> {
+        typed_toml(toml::from_str(text).unwrap())
+    }
+
+    #[test]
+    fn shared_and_own_keys_sit_side_by_side_with_their_defaults() {
+        let s = typed("model = 'm'\noutput_dir = 'o'\nmax_steps = 3\noptim.lr = 0.5").unwrap();
+        assert_eq!((s.stage.model.to_str(), s.max_steps, s.stage.optim.lr), (Some("m"), 3, 0.5));
+        assert_eq!((s.stage.keep_last, s.stage.device.as_str(), s.stage.dtype.as_str()), (2, "auto", "f32"));
+        assert_eq!(s.stop_after, None);
+        let json = serde_json::to_value(&s).unwrap();
+        assert_eq!(json["model"], "m", "flattened: the keys serialise at the top");
+    }
+
+    #[test]
+    fn errors_name_the_key_path_as_without_flatten() {
+        let e = |t: &str| typed(&format!("model = 'm'\noutput_dir = 'o'\n{t}")).unwrap_err();
+        let (p, m) = e("optim.lr = 'slow'");
+        assert_eq!(p, "optim.lr");
+        assert!(m.starts_with("invalid type: string \"slow\""), "{m}");
+        let (p, m) = e("optim.lrr = 1.0");
+        assert_eq!(p, "optim.lrr");
+        assert!(m.starts_with("unknown field `lrr`, expected one of `lr`"), "{m}");
+        assert_eq!(e("seed = -1").0, "seed");
+        assert_eq!(e("max_steps = 'x'").0, "max_steps");
+        let (p, m) = e("frm = 1");
+        assert_eq!(p, "");
+        assert_eq!(
+            m,
+            "unknown field `frm`, expected one of `model`, `output_dir`, `optim`, `eval_every`, \
+             `save_every`, `keep_last`, `seed`, `device`, `dtype`, `max_steps`"
+        );
+        let (p, m) = typed("output_dir = 'o'").unwrap_err();
+        assert_eq!((p.as_str(), m.as_str()), ("", "missing field `model`"));
+    }
+
+    #[test]
+    fn keys_list_every_field_of_the_settings() {
+        let s = typed("model = 'm'\noutput_dir = 'o'").unwrap();
+        let keys = top_level_keys(&serde_json::to_string(&s.stage).unwrap()).unwrap();
+        assert_eq!(keys, StageSettings::KEYS);
+    }
+}
