@@ -32,7 +32,7 @@ ORIG_LD_LIBRARY_PATH := $(LD_LIBRARY_PATH)
 export LD_LIBRARY_PATH = $(LIBTORCH)/lib:$(ORIG_LD_LIBRARY_PATH)
 export ALIGN_PYTHON := $(PYTHON)
 
-.PHONY: all build test quickstart bench fixtures pydeps fmt clippy clean verify-hf
+.PHONY: all build test quickstart bench fixtures pydeps fonts fmt clippy clean verify-hf
 
 all: build
 
@@ -56,10 +56,20 @@ $(STAMPS)/pydeps: $(STAMPS)/torch
 	touch $@
 pydeps: $(STAMPS)/pydeps
 
-build: $(STAMPS)/torch
+# The charts (lm::plot) are set in DejaVu Sans: Debian's fonts-dejavu-core.
+FONT_FILE := /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf
+FONT_PACKAGE := fonts-dejavu-core
+fonts:
+	if [ ! -f $(FONT_FILE) ]; then
+	  echo ">> installing $(FONT_PACKAGE) (the charts' font, $(FONT_FILE))"
+	  SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo)
+	  $$SUDO apt-get install -y -q $(FONT_PACKAGE) || { $$SUDO apt-get update -q && $$SUDO apt-get install -y -q $(FONT_PACKAGE); }
+	fi
+
+build: $(STAMPS)/torch fonts
 	$(CARGO) build --release --bin align
 
-test: $(STAMPS)/torch
+test: $(STAMPS)/torch fonts
 	$(CARGO) test --release --workspace
 
 QS_MODEL := runs/quickstart/rl/model

@@ -500,6 +500,9 @@ pub fn judge_answers(
         .collect())
 }
 
+/// The category of prompts that have none.
+pub const NO_CATEGORY: &str = "(none)";
+
 /// The summary of judgments.
 pub fn summarize_all(
     js: &[Judgment],
@@ -511,7 +514,7 @@ pub fn summarize_all(
     let all: Vec<&Judgment> = js.iter().collect();
     let mut cats: BTreeMap<String, Vec<&Judgment>> = BTreeMap::new();
     for j in js {
-        cats.entry(j.category.clone().unwrap_or_else(|| "(none)".into())).or_default().push(j);
+        cats.entry(j.category.clone().unwrap_or_else(|| NO_CATEGORY.into())).or_default().push(j);
     }
     let orders = || js.iter().flat_map(|j| [&j.result.candidate_first, &j.result.baseline_first]);
     Summary {
@@ -622,18 +625,6 @@ pub fn write_outputs(out: &Path, js: &[Judgment], s: &Summary) -> Result<()> {
     write_parquet(&out.join("judgments.parquet"), js)?;
     lm::fsio::write_atomic(&out.join("summary.json"), serde_json::to_string_pretty(s)?.as_bytes())?;
     lm::fsio::write_atomic(&out.join("report.md"), report_markdown(s).as_bytes())?;
-    let mut bars: Vec<lm::plot::Bar> = s
-        .per_category
-        .iter()
-        .map(|(k, g)| lm::plot::Bar {
-            label: k.clone(),
-            value: g.win_rate.win_rate,
-            lo: g.win_rate.lo,
-            hi: g.win_rate.hi,
-        })
-        .collect();
-    let o = &s.overall.win_rate;
-    bars.push(lm::plot::Bar { label: "overall".into(), value: o.win_rate, lo: o.lo, hi: o.hi });
     lm::plot::bar_chart(
         &out.join("winrate.png"),
         &format!(
@@ -643,9 +634,24 @@ pub fn write_outputs(out: &Path, js: &[Judgment], s: &Summary) -> Result<()> {
             short_name(&s.judge)
         ),
         "candidate win rate",
-        &bars,
+        &winrate_bars(s),
         Some(0.5),
     )
+}
+
+/// The bars of `winrate.png`: one per category, then "overall". When no
+/// prompt has a category, the one category ([`NO_CATEGORY`]) would repeat
+/// "overall", so it is left out.
+pub fn winrate_bars(s: &Summary) -> Vec<lm::plot::Bar> {
+    let uncategorised = s.per_category.len() == 1 && s.per_category.contains_key(NO_CATEGORY);
+    let bar = |label: &str, g: &GroupSummary| lm::plot::Bar {
+        label: label.into(),
+        value: g.win_rate.win_rate,
+        lo: g.win_rate.lo,
+        hi: g.win_rate.hi,
+    };
+    let cats = s.per_category.iter().filter(|_| !uncategorised).map(|(k, g)| bar(k, g));
+    cats.chain([bar("overall", &s.overall)]).collect()
 }
 
 /// A model's short name for a picture's title: `runs/q/rl/model` → `rl`,
@@ -811,5 +817,18 @@ mod tests {
         assert_eq!(super::short_name("reward:runs/q/judge-rm/model/"), "reward:judge-rm");
         assert_eq!(super::short_name("answers/base.jsonl"), "base.jsonl");
         assert_eq!(super::short_name("oracle:tasks"), "oracle:tasks");
+    }
+
+    #[test]
+    fn uncategorised_prompts_draw_no_none_bar() {
+        let mut s = super::summarize_all(&[], ("j", "c", "b"), None, 10, 1);
+        let labels =
+            |s: &super::Summary| super::winrate_bars(s).into_iter().map(|b| b.label).collect::<Vec<_>>();
+        assert_eq!(labels(&s), ["overall"]);
+        s.per_category.insert(super::NO_CATEGORY.into(), s.overall.clone());
+        assert_eq!(labels(&s), ["overall"]);
+        // Beside real categories, the uncategorised prompts keep their bar.
+        s.per_category.insert("math".into(), s.overall.clone());
+        assert_eq!(labels(&s), ["(none)", "math", "overall"]);
     }
 }

@@ -1,7 +1,7 @@
-//! PNG charts for the stages' reports, drawn without a plotting library:
+//! PNG charts for the stages' reports, drawn with the `plotters` crate:
 //!
 //! - [`line_chart`] — one chart with one or more series (SFT train loss per
-//!   step as a line, eval loss as points).
+//!   step, faint, under its moving average; eval loss as points).
 //! - [`line_charts`] — several charts stacked vertically in one picture,
 //!   sharing the x axis (RL reward above KL).
 //! - [`bar_chart`] — bars with error whiskers and an optional dashed
@@ -11,10 +11,13 @@
 //! Pictures are RGB8 PNGs, 1000 px wide, on a white background with a grey
 //! grid. Axes get "nice" ticks ({1, 2, 5} × 10^k, see [`nice_ticks`]) with
 //! numeric labels; series get distinct colours (a palette of 8, repeated
-//! after that) and a legend of their names above the plot. Text uses a
-//! built-in 5×7 bitmap font (with descenders) drawn ×2, ×3 for titles; it
-//! covers printable ASCII, and any other character is drawn as `?`. Series
-//! lines are anti-aliased and 2 px thick.
+//! after that) and a legend of their names above the plot, which lists
+//! only the series that have a point to draw.
+//!
+//! Text is set in DejaVu Sans, read from [`FONT_FILE`] (Debian's package
+//! [`FONT_PACKAGE`]; `make fonts` installs it) or from the file named by
+//! `ALIGN_PLOT_FONT`. Without it a chart is an error that names the
+//! package.
 //!
 //! Non-finite points (and bars with a non-finite value) are skipped. A chart
 //! with nothing to draw — no series, or no finite point — is still written,
@@ -24,8 +27,14 @@
 //! if missing) and renamed into place.
 
 use anyhow::{anyhow, bail, Context, Result};
+use plotters::coord::ranged1d::{DefaultFormatting, KeyPointHint, Ranged};
+use plotters::coord::Shift;
+use plotters::element::DashedPathElement;
+use plotters::prelude::*;
+use plotters::style::text_anchor::{HPos, Pos, VPos};
 use std::io::Write;
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
 
 /// How a [`Series`] is drawn.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -37,12 +46,16 @@ pub enum SeriesStyle {
     Points,
     /// Both: a line with a dot on every point.
     LinePoints,
+    /// A thin pale line in the colour of the series after it: the raw
+    /// values under their moving average (see [`ema`]).
+    Faint,
 }
 
 /// One named series of (x, y) points.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Series {
-    /// The legend entry; an empty name leaves the series out of the legend.
+    /// The legend entry; an empty name, or no finite point, leaves the
+    /// series out of the legend.
     pub name: String,
     /// Drawn in this order; points with a non-finite coordinate are skipped.
     pub points: Vec<(f64, f64)>,
@@ -59,14 +72,22 @@ impl Series {
     pub fn points(name: impl Into<String>, points: Vec<(f64, f64)>) -> Self {
         Series { name: name.into(), points, style: SeriesStyle::Points }
     }
+
+    /// A series drawn as a thin pale line in the colour of the next series.
+    pub fn faint(name: impl Into<String>, points: Vec<(f64, f64)>) -> Self {
+        Series { name: name.into(), points, style: SeriesStyle::Faint }
+    }
 }
 
-/// One chart of [`line_charts`]: its title, y-axis label and series.
-#[derive(Clone, Debug, PartialEq)]
+/// One chart of [`line_charts`]: its title, y-axis label and series, and
+/// optionally a range the y axis always spans (e.g. 0–1 for an accuracy;
+/// points outside it widen the axis).
+#[derive(Clone, Debug, Default, PartialEq)]
 pub struct Panel {
     pub title: String,
     pub y_label: String,
     pub series: Vec<Series>,
+    pub y_range: Option<(f64, f64)>,
 }
 
 /// One bar of [`bar_chart`]: `value` with the interval `lo..=hi` drawn as
@@ -80,11 +101,15 @@ pub struct Bar {
     pub hi: f64,
 }
 
+/// The font the charts are set in, and the Debian package that has it.
+pub const FONT_FILE: &str = "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf";
+pub const FONT_PACKAGE: &str = "fonts-dejavu-core";
+
 /// Writes one line chart to `path` (PNG, 1000 px wide): `title` on top, the
 /// legend, the axes with their labels, and every series in its own colour.
 pub fn line_chart(path: &Path, title: &str, x_label: &str, y_label: &str, series: &[Series]) -> Result<()> {
-    let panel = PanelRef { title: None, y_label, series };
-    save(path, &render_panels(title, x_label, &[panel], 420))
+    let panel = PanelRef { title: None, y_label, series, y_range: None };
+    render_panels(path, title, x_label, &[panel], 420)
 }
 
 /// Writes several line charts stacked vertically to `path`, under one
@@ -97,9 +122,14 @@ pub fn line_charts(path: &Path, title: &str, x_label: &str, panels: &[Panel]) ->
     }
     let refs: Vec<PanelRef> = panels
         .iter()
-        .map(|p| PanelRef { title: Some(&p.title), y_label: &p.y_label, series: &p.series })
+        .map(|p| PanelRef {
+            title: Some(&p.title),
+            y_label: &p.y_label,
+            series: &p.series,
+            y_range: p.y_range,
+        })
         .collect();
-    save(path, &render_panels(title, x_label, &refs, 260))
+    render_panels(path, title, x_label, &refs, 260)
 }
 
 /// Writes a bar chart to `path`: one bar per entry of `bars` (in order) from
@@ -119,7 +149,25 @@ pub fn bar_chart(
     bars: &[Bar],
     reference: Option<f64>,
 ) -> Result<()> {
-    save(path, &render_bars(title, value_label, bars, reference))
+    render_bars(path, title, value_label, bars, reference)
+}
+
+/// The exponential moving average of the finite points of `points` with
+/// the weight 2 / (`span` + 1) on each new value (pandas' `span`); the
+/// average starts at the first value. A `span` of 0 or 1 returns the
+/// points unchanged.
+pub fn ema(points: &[(f64, f64)], span: usize) -> Vec<(f64, f64)> {
+    let w = 2.0 / (span.max(1) as f64 + 1.0);
+    let mut avg: Option<f64> = None;
+    points
+        .iter()
+        .filter(|(x, y)| x.is_finite() && y.is_finite())
+        .map(|&(x, y)| {
+            let a = avg.map_or(y, |a| a + w * (y - a));
+            avg = Some(a);
+            (x, a)
+        })
+        .collect()
 }
 
 /// "Nice" tick values inside `lo..=hi`: the multiples of a step of 1, 2 or
@@ -228,242 +276,89 @@ fn short(v: f64) -> String {
 
 // ---------------------------------------------------------------- drawing
 
-type Rgb = [u8; 3];
-
 const WIDTH: usize = 1000;
-/// Scale of labels and of titles (font pixels per glyph pixel).
-const TEXT: usize = 2;
-const TITLE: usize = 3;
-const INK: Rgb = [25, 25, 25];
-const MUTED: Rgb = [75, 75, 75];
-const GRID: Rgb = [226, 226, 226];
-const FRAME: Rgb = [150, 150, 150];
-const REFERENCE: Rgb = [214, 39, 40];
+/// Font sizes (px) of labels and of titles.
+const TEXT: u32 = 19;
+const TITLE: u32 = 28;
+/// Height of a line of label text.
+const LINE: i32 = 26;
+const INK: RGBColor = RGBColor(25, 25, 25);
+const MUTED: RGBColor = RGBColor(75, 75, 75);
+const GRID: RGBColor = RGBColor(226, 226, 226);
+const FRAME: RGBColor = RGBColor(150, 150, 150);
+const REFERENCE: RGBColor = RGBColor(214, 39, 40);
 /// Series colours, in order (Tableau's palette).
-const PALETTE: [Rgb; 8] = [
-    [31, 119, 180],
-    [255, 127, 14],
-    [44, 160, 44],
-    [214, 39, 40],
-    [148, 103, 189],
-    [140, 86, 75],
-    [227, 119, 194],
-    [127, 127, 127],
+const PALETTE: [RGBColor; 8] = [
+    RGBColor(31, 119, 180),
+    RGBColor(255, 127, 14),
+    RGBColor(44, 160, 44),
+    RGBColor(214, 39, 40),
+    RGBColor(148, 103, 189),
+    RGBColor(140, 86, 75),
+    RGBColor(227, 119, 194),
+    RGBColor(127, 127, 127),
 ];
-const BAR: Rgb = PALETTE[0];
+const BAR: RGBColor = PALETTE[0];
+const FAMILY: &str = "sans-serif";
 
-/// Glyph cell: 5 columns × 9 rows (7 above the baseline, 2 descender rows);
-/// characters advance by 6 columns and lines by 11 rows.
-const GLYPH_ROWS: usize = 9;
-const CAP: usize = 7;
-const ADVANCE: usize = 6;
-const LINE: usize = 11;
+type Area<'a> = DrawingArea<BitMapBackend<'a>, Shift>;
 
-fn glyph(c: char) -> &'static [u8; GLYPH_ROWS] {
-    let i = c as usize;
-    let i = if (32..127).contains(&i) { i - 32 } else { '?' as usize - 32 };
-    &FONT[i]
+/// Registers the font with plotters, once per process.
+fn font_ready() -> Result<()> {
+    static READY: OnceLock<std::result::Result<(), String>> = OnceLock::new();
+    READY
+        .get_or_init(|| {
+            let path =
+                std::env::var_os("ALIGN_PLOT_FONT").map_or_else(|| PathBuf::from(FONT_FILE), PathBuf::from);
+            let bytes = read_font(&path).map_err(|e| format!("{e:#}"))?;
+            plotters::style::register_font(FAMILY, FontStyle::Normal, bytes)
+                .map_err(|_| format!("the chart font {} is not a TrueType font", path.display()))
+        })
+        .clone()
+        .map_err(|e| anyhow!(e))
 }
 
-fn text_width(s: &str, scale: usize) -> usize {
-    let n = s.chars().count();
-    if n == 0 {
-        0
-    } else {
-        (n * ADVANCE - 1) * scale
-    }
-}
-
-fn text_height(scale: usize) -> usize {
-    LINE * scale
-}
-
-/// An RGB8 picture.
-struct Canvas {
-    w: usize,
-    h: usize,
-    px: Vec<u8>,
-}
-
-impl Canvas {
-    fn new(w: usize, h: usize) -> Self {
-        Canvas { w, h, px: vec![255; w * h * 3] }
-    }
-
-    fn blend(&mut self, x: i64, y: i64, c: Rgb, a: f32) {
-        if x < 0 || y < 0 || x >= self.w as i64 || y >= self.h as i64 || a <= 0.0 {
-            return;
-        }
-        let i = (y as usize * self.w + x as usize) * 3;
-        let a = a.min(1.0);
-        for (p, &c) in self.px[i..i + 3].iter_mut().zip(&c) {
-            let old = *p as f32;
-            *p = (old + (c as f32 - old) * a).round() as u8;
-        }
-    }
-
-    /// Fills `x0..x1` × `y0..y1` (clipped).
-    fn rect(&mut self, x0: i64, y0: i64, x1: i64, y1: i64, c: Rgb) {
-        let (x0, x1) = (x0.max(0), x1.min(self.w as i64));
-        let (y0, y1) = (y0.max(0), y1.min(self.h as i64));
-        for y in y0..y1 {
-            for x in x0..x1 {
-                let i = (y as usize * self.w + x as usize) * 3;
-                self.px[i..i + 3].copy_from_slice(&c);
-            }
-        }
-    }
-
-    /// `s` with the top of its capitals at `y`, starting at `x`.
-    fn text(&mut self, x: i64, y: i64, s: &str, scale: usize, c: Rgb) {
-        let k = scale as i64;
-        for (i, ch) in s.chars().enumerate() {
-            let x0 = x + (i * ADVANCE) as i64 * k;
-            for (row, bits) in glyph(ch).iter().enumerate() {
-                for col in 0..5 {
-                    if bits >> (4 - col) & 1 == 1 {
-                        let (gx, gy) = (x0 + col * k, y + row as i64 * k);
-                        self.rect(gx, gy, gx + k, gy + k, c);
-                    }
-                }
-            }
-        }
-    }
-
-    /// `s` on a white box (so that grid and reference lines do not cross
-    /// it), starting at `x`.
-    fn text_boxed(&mut self, x: i64, y: i64, s: &str, scale: usize, c: Rgb) {
-        let (w, k) = (text_width(s, scale) as i64, scale as i64);
-        self.rect(x - 2 * k, y - 2 * k, x + w + 2 * k, y + (CAP + 2) as i64 * k, [255, 255, 255]);
-        self.text(x, y, s, scale, c);
-    }
-
-    /// `s` centred on `cx`.
-    fn text_centred(&mut self, cx: i64, y: i64, s: &str, scale: usize, c: Rgb) {
-        self.text(cx - text_width(s, scale) as i64 / 2, y, s, scale, c);
-    }
-
-    /// `s` ending at `x`.
-    fn text_right(&mut self, x: i64, y: i64, s: &str, scale: usize, c: Rgb) {
-        self.text(x - text_width(s, scale) as i64, y, s, scale, c);
-    }
-
-    /// `s` turned a quarter left (read upwards), in the box whose top-left
-    /// corner is (`x`, `y`); the box is `text_width` tall.
-    fn text_up(&mut self, x: i64, y: i64, s: &str, scale: usize, c: Rgb) {
-        let k = scale as i64;
-        let tw = text_width(s, scale) as i64;
-        for (i, ch) in s.chars().enumerate() {
-            for (row, bits) in glyph(ch).iter().enumerate() {
-                for col in 0..5 {
-                    if bits >> (4 - col) & 1 == 1 {
-                        let u = (i * ADVANCE) as i64 + col;
-                        let (gx, gy) = (x + row as i64 * k, y + tw - (u + 1) * k);
-                        self.rect(gx, gy, gx + k, gy + k, c);
-                    }
-                }
-            }
-        }
-    }
-
-    /// Paints `c` through the coverage of `m`.
-    fn paint(&mut self, m: &Mask, c: Rgb) {
-        for y in 0..m.h {
-            for x in 0..m.w {
-                let a = m.cov[(y * m.w + x) as usize];
-                if a > 0.0 {
-                    self.blend(m.x0 + x, m.y0 + y, c, a);
-                }
-            }
-        }
-    }
-
-    fn encode(&self) -> Result<Vec<u8>> {
-        let mut out = Vec::new();
-        let mut enc = png::Encoder::new(&mut out, self.w as u32, self.h as u32);
-        enc.set_color(png::ColorType::Rgb);
-        enc.set_depth(png::BitDepth::Eight);
-        let mut writer = enc.write_header()?;
-        writer.write_image_data(&self.px)?;
-        writer.finish()?;
-        Ok(out)
-    }
-}
-
-/// Anti-aliased coverage (0..=1) over a rectangle of the canvas, built up
-/// with `max` so that overlapping strokes of one colour do not darken.
-struct Mask {
-    x0: i64,
-    y0: i64,
-    w: i64,
-    h: i64,
-    cov: Vec<f32>,
-}
-
-impl Mask {
-    /// Covers `x0..x1` × `y0..y1`; strokes outside are clipped.
-    fn new(x0: i64, y0: i64, x1: i64, y1: i64) -> Self {
-        let (w, h) = ((x1 - x0).max(0), (y1 - y0).max(0));
-        Mask { x0, y0, w, h, cov: vec![0.0; (w * h) as usize] }
-    }
-
-    /// The pixels within `r` (+1 for the soft edge) of the box `a`..`b`, in
-    /// mask coordinates, clipped.
-    fn span(&self, lo: (f64, f64), hi: (f64, f64), r: f64) -> (i64, i64, i64, i64) {
-        let clip = |v: f64, off: i64, n: i64| (v.floor() as i64 - off).clamp(0, n);
-        (
-            clip(lo.0 - r - 1.0, self.x0, self.w),
-            clip(lo.1 - r - 1.0, self.y0, self.h),
-            clip(hi.0 + r + 2.0, self.x0, self.w),
-            clip(hi.1 + r + 2.0, self.y0, self.h),
+/// The font file's bytes, kept for the life of the process (plotters wants
+/// them `'static`).
+fn read_font(path: &Path) -> Result<&'static [u8]> {
+    let bytes = std::fs::read(path).with_context(|| {
+        format!(
+            "the charts need the font {}: install Debian's package {FONT_PACKAGE} \
+             (`apt-get install {FONT_PACKAGE}`, or `make fonts`), or name another \
+             TrueType file in ALIGN_PLOT_FONT",
+            path.display()
         )
-    }
+    })?;
+    Ok(Box::leak(bytes.into_boxed_slice()))
+}
 
-    fn cover(&mut self, x: i64, y: i64, a: f64) {
-        let i = (y * self.w + x) as usize;
-        self.cov[i] = self.cov[i].max(a.clamp(0.0, 1.0) as f32);
-    }
+fn font(size: u32, colour: RGBColor) -> TextStyle<'static> {
+    (FAMILY, size).into_font().color(&colour)
+}
 
-    /// A stroke `2 × half` px wide from `a` to `b` (round ends); pixel
-    /// centres are at `i + 0.5`.
-    fn segment(&mut self, a: (f64, f64), b: (f64, f64), half: f64) {
-        let (x0, y0, x1, y1) = self.span((a.0.min(b.0), a.1.min(b.1)), (a.0.max(b.0), a.1.max(b.1)), half);
-        let (dx, dy) = (b.0 - a.0, b.1 - a.1);
-        let len2 = dx * dx + dy * dy;
-        for y in y0..y1 {
-            for x in x0..x1 {
-                let (px, py) = ((x + self.x0) as f64 + 0.5, (y + self.y0) as f64 + 0.5);
-                let t = if len2 > 0.0 {
-                    (((px - a.0) * dx + (py - a.1) * dy) / len2).clamp(0.0, 1.0)
-                } else {
-                    0.0
-                };
-                let (qx, qy) = (a.0 + t * dx - px, a.1 + t * dy - py);
-                self.cover(x, y, half + 0.5 - (qx * qx + qy * qy).sqrt());
-            }
-        }
-    }
+/// Width of `s` set at `size` px.
+fn text_width(s: &str, size: u32) -> i32 {
+    (FAMILY, size)
+        .into_font()
+        .box_size(s)
+        .map_or(s.chars().count() as i32 * size as i32 / 2, |(w, _)| w as i32)
+}
 
-    /// A filled disc of radius `r` around `c`.
-    fn disc(&mut self, c: (f64, f64), r: f64) {
-        self.segment(c, c, r);
-    }
+/// A plotters error as an anyhow one.
+fn de(e: impl std::fmt::Display) -> anyhow::Error {
+    anyhow!("{e}")
+}
 
-    /// A dashed stroke from `a` to `b`: dashes of `on` px, gaps of `off` px.
-    fn dashed(&mut self, a: (f64, f64), b: (f64, f64), half: f64, on: f64, off: f64) {
-        let (dx, dy) = (b.0 - a.0, b.1 - a.1);
-        let len = (dx * dx + dy * dy).sqrt();
-        if len.is_nan() || len <= 0.0 {
-            return;
-        }
-        let (ux, uy) = (dx / len, dy / len);
-        let mut s = 0.0;
-        while s < len {
-            let e = (s + on).min(len);
-            self.segment((a.0 + ux * s, a.1 + uy * s), (a.0 + ux * e, a.1 + uy * e), half);
-            s += on + off;
-        }
+/// Draws a `WIDTH` × `height` picture with `draw` and writes it to `path`.
+fn render(path: &Path, height: usize, draw: impl FnOnce(&Area) -> Result<()>) -> Result<()> {
+    let mut px = vec![255u8; WIDTH * height * 3];
+    {
+        let root = BitMapBackend::with_buffer(&mut px, (WIDTH as u32, height as u32)).into_drawing_area();
+        draw(&root)
+            .and_then(|()| root.present().map_err(de))
+            .with_context(|| format!("cannot draw the chart {}", path.display()))?;
     }
+    save(path, height, &px)
 }
 
 /// An axis: its range, ticks and their labels.
@@ -483,28 +378,70 @@ impl Axis {
 
     /// The most ticks (up to 10 intervals) whose labels fit side by side in
     /// `len` pixels.
-    fn fitting(lo: f64, hi: f64, len: usize) -> Self {
+    fn fitting(lo: f64, hi: f64, len: i32) -> Self {
         for target in (3..=10).rev() {
             let a = Axis::new(lo, hi, target);
-            if a.widest() + 24 <= len / a.ticks.len().max(1) {
+            if a.widest() + 24 <= len / a.ticks.len().max(1) as i32 {
                 return a;
             }
         }
         Axis::new(lo, hi, 2)
     }
 
-    fn widest(&self) -> usize {
+    fn widest(&self) -> i32 {
         self.labels.iter().map(|l| text_width(l, TEXT)).max().unwrap_or(0)
     }
 
-    /// Where `v` falls, 0 at `lo` and 1 at `hi`.
-    fn frac(&self, v: f64) -> f64 {
-        let span = self.hi - self.lo;
-        if span > 0.0 && span.is_finite() {
-            (v - self.lo) / span
+    /// The label of the tick nearest to `v`.
+    fn label(&self, v: f64) -> String {
+        let near =
+            self.ticks.iter().zip(&self.labels).min_by(|a, b| (a.0 - v).abs().total_cmp(&(b.0 - v).abs()));
+        near.map_or_else(|| short(v), |(_, l)| l.clone())
+    }
+
+    fn range(&self) -> std::ops::Range<f64> {
+        if self.hi > self.lo {
+            self.lo..self.hi
         } else {
-            0.5
+            self.lo - 0.5..self.lo + 0.5
         }
+    }
+
+    /// The axis as a plotters coordinate whose key points are our ticks.
+    fn coord(&self) -> Ticked {
+        Ticked { range: self.range(), ticks: self.ticks.clone() }
+    }
+}
+
+/// A linear f64 coordinate whose grid lines and labels are at `ticks`.
+struct Ticked {
+    range: std::ops::Range<f64>,
+    ticks: Vec<f64>,
+}
+
+impl Ranged for Ticked {
+    type ValueType = f64;
+    type FormatOption = DefaultFormatting;
+
+    fn map(&self, v: &f64, limit: (i32, i32)) -> i32 {
+        let frac = (v - self.range.start) / (self.range.end - self.range.start);
+        let len = limit.1 - limit.0;
+        if len == 0 {
+            return limit.1;
+        }
+        limit.0 + (len as f64 * frac + 1e-3).floor() as i32
+    }
+
+    fn key_points<H: KeyPointHint>(&self, hint: H) -> Vec<f64> {
+        if hint.weight().allow_light_points() {
+            Vec::new()
+        } else {
+            self.ticks.clone()
+        }
+    }
+
+    fn range(&self) -> std::ops::Range<f64> {
+        self.range.clone()
     }
 }
 
@@ -532,86 +469,38 @@ fn finite_points(s: &Series) -> impl Iterator<Item = (f64, f64)> + '_ {
     s.points.iter().copied().filter(|(x, y)| x.is_finite() && y.is_finite())
 }
 
-/// The plot rectangle `x0..x1` × `y0..y1` with its axes, mapping data to
-/// pixel-centre coordinates.
-struct Frame<'a> {
-    x0: i64,
-    y0: i64,
-    x1: i64,
-    y1: i64,
-    x: &'a Axis,
-    y: &'a Axis,
+/// The series that get a legend entry: named, with a point to draw.
+fn legend_entries(series: &[Series]) -> Vec<usize> {
+    (0..series.len())
+        .filter(|&i| !series[i].name.is_empty() && finite_points(&series[i]).next().is_some())
+        .collect()
 }
 
-impl Frame<'_> {
-    fn px(&self, v: f64) -> f64 {
-        self.x0 as f64 + 0.5 + self.x.frac(v) * (self.x1 - self.x0 - 1) as f64
-    }
-
-    fn py(&self, v: f64) -> f64 {
-        self.y1 as f64 - 0.5 - self.y.frac(v) * (self.y1 - self.y0 - 1) as f64
-    }
-
-    fn mask(&self) -> Mask {
-        Mask::new(self.x0, self.y0, self.x1, self.y1)
-    }
-
-    /// Grid lines and tick marks; labels under the x ticks and left of the
-    /// y ticks (`x_labels` false leaves the x labels out).
-    fn grid(&self, c: &mut Canvas, x_labels: bool) {
-        let half = (CAP * TEXT / 2) as i64;
-        for (t, l) in self.y.ticks.iter().zip(&self.y.labels) {
-            let y = self.py(*t).floor() as i64;
-            c.rect(self.x0, y, self.x1, y + 1, GRID);
-            c.rect(self.x0 - 6, y, self.x0, y + 1, FRAME);
-            c.text_right(self.x0 - 10, y - half, l, TEXT, MUTED);
-        }
-        for (t, l) in self.x.ticks.iter().zip(&self.x.labels) {
-            let x = self.px(*t).floor() as i64;
-            c.rect(x, self.y0, x + 1, self.y1, GRID);
-            c.rect(x, self.y1, x + 1, self.y1 + 6, FRAME);
-            if x_labels {
-                c.text_centred(x, self.y1 + 10, l, TEXT, MUTED);
+/// Each series' palette colour: in order, except that a faint series takes
+/// the colour of the series after it.
+fn colours(series: &[Series]) -> Vec<RGBColor> {
+    let mut next = 0;
+    series
+        .iter()
+        .map(|s| {
+            let c = PALETTE[next % PALETTE.len()];
+            if s.style != SeriesStyle::Faint {
+                next += 1;
             }
-        }
-    }
-
-    fn border(&self, c: &mut Canvas) {
-        c.rect(self.x0 - 1, self.y0 - 1, self.x1 + 1, self.y0, FRAME);
-        c.rect(self.x0 - 1, self.y1, self.x1 + 1, self.y1 + 1, FRAME);
-        c.rect(self.x0 - 1, self.y0 - 1, self.x0, self.y1 + 1, FRAME);
-        c.rect(self.x1, self.y0 - 1, self.x1 + 1, self.y1 + 1, FRAME);
-    }
-
-    fn note(&self, c: &mut Canvas, s: &str) {
-        let y = (self.y0 + self.y1) / 2 - (CAP * TEXT / 2) as i64;
-        c.text_centred((self.x0 + self.x1) / 2, y, s, TEXT, MUTED);
-    }
+            c
+        })
+        .collect()
 }
 
-/// Margin left of a plot: the y label (turned), its gap, the tick labels
-/// and the tick marks.
-fn left_margin(tick_label_width: usize) -> usize {
-    16 + GLYPH_ROWS * TEXT + 14 + tick_label_width + 10
-}
-
-/// Writes a rotated `label` centred along the left edge of `f`.
-fn y_label(c: &mut Canvas, f: &Frame, label: &str) {
-    let tw = text_width(label, TEXT) as i64;
-    c.text_up(16, (f.y0 + f.y1) / 2 - tw / 2, label, TEXT, INK);
-}
-
-const SWATCH: usize = 26;
+const SWATCH: i32 = 26;
+const RIGHT: i32 = 40;
 
 /// Legend rows for `series` within `width` px: (series index, x offset).
-fn legend_rows(series: &[Series], width: usize) -> Vec<Vec<(usize, usize)>> {
-    let mut rows: Vec<Vec<(usize, usize)>> = Vec::new();
+fn legend_rows(series: &[Series], width: i32) -> Vec<Vec<(usize, i32)>> {
+    let mut rows: Vec<Vec<(usize, i32)>> = Vec::new();
     let mut x = 0;
-    for (i, s) in series.iter().enumerate() {
-        if s.name.is_empty() {
-            continue;
-        }
-        let w = SWATCH + 8 + text_width(&s.name, TEXT);
+    for i in legend_entries(series) {
+        let w = SWATCH + 8 + text_width(&series[i].name, TEXT);
         if rows.is_empty() || (x > 0 && x + w > width) {
             rows.push(Vec::new());
             x = 0;
@@ -624,59 +513,57 @@ fn legend_rows(series: &[Series], width: usize) -> Vec<Vec<(usize, usize)>> {
     rows
 }
 
-fn draw_swatch(c: &mut Canvas, x: i64, cy: i64, style: SeriesStyle, colour: Rgb) {
-    let mut m = Mask::new(x, cy - 8, x + SWATCH as i64, cy + 8);
-    let (a, b) = ((x as f64 + 2.0, cy as f64), ((x + SWATCH as i64) as f64 - 2.0, cy as f64));
-    if style != SeriesStyle::Points {
-        m.segment(a, b, 1.5);
+fn stroke(style: SeriesStyle, c: RGBColor) -> ShapeStyle {
+    if style == SeriesStyle::Faint {
+        c.mix(0.35).stroke_width(1)
+    } else {
+        c.stroke_width(2)
     }
-    if style != SeriesStyle::Line {
-        m.disc(((a.0 + b.0) / 2.0, cy as f64), 4.0);
-    }
-    c.paint(&m, colour);
 }
 
-fn draw_series(c: &mut Canvas, f: &Frame, s: &Series, colour: Rgb) {
-    let pts: Vec<(f64, f64)> = finite_points(s).map(|(x, y)| (f.px(x), f.py(y))).collect();
-    let mut m = f.mask();
-    if s.style != SeriesStyle::Points {
-        for w in pts.windows(2) {
-            m.segment(w[0], w[1], 1.0);
-        }
-        if pts.len() == 1 {
-            m.disc(pts[0], 2.0);
-        }
+fn draw_swatch(a: &Area, x: i32, cy: i32, style: SeriesStyle, c: RGBColor) -> Result<()> {
+    if style != SeriesStyle::Points {
+        let s = if style == SeriesStyle::Faint { c.mix(0.35).stroke_width(3) } else { c.stroke_width(3) };
+        a.draw(&PathElement::new(vec![(x + 2, cy), (x + SWATCH - 2, cy)], s)).map_err(de)?;
     }
-    if s.style != SeriesStyle::Line {
-        for &p in &pts {
-            m.disc(p, 3.5);
-        }
+    if matches!(style, SeriesStyle::Points | SeriesStyle::LinePoints) {
+        a.draw(&Circle::new((x + SWATCH / 2, cy), 4, c.filled())).map_err(de)?;
     }
-    c.paint(&m, colour);
+    Ok(())
 }
 
 struct PanelRef<'a> {
     title: Option<&'a str>,
     y_label: &'a str,
     series: &'a [Series],
+    y_range: Option<(f64, f64)>,
+}
+
+/// Left margin of a plot: the y label (turned), the tick labels and marks.
+fn left_margin(tick_label_width: i32) -> i32 {
+    14 + LINE + 10 + tick_label_width + 14
 }
 
 /// `panels` stacked under `title`, each plot `plot_h` px tall, sharing the
 /// x range; the picture is as tall as they need.
-fn render_panels(title: &str, x_label: &str, panels: &[PanelRef], plot_h: usize) -> Canvas {
-    let line = text_height(TEXT) as i64;
-    let y_target = (plot_h / 55).clamp(3, 8);
+fn render_panels(path: &Path, title: &str, x_label: &str, panels: &[PanelRef], plot_h: i32) -> Result<()> {
+    font_ready()?;
+    let y_target = (plot_h / 55).clamp(3, 8) as usize;
     let y_axes: Vec<Axis> = panels
         .iter()
         .map(|p| {
             let ys = p.series.iter().flat_map(|s| finite_points(s).map(|(_, y)| y));
-            let (lo, hi) = span(ys).map_or(pad(0.0, 1.0, 0.05), |(lo, hi)| pad(lo, hi, 0.05));
+            let (lo, hi) = match (span(ys), p.y_range) {
+                (Some((lo, hi)), Some((a, b))) => (lo.min(a), hi.max(b)),
+                (None, Some(r)) => r,
+                (Some((lo, hi)), None) => pad(lo, hi, 0.05),
+                (None, None) => pad(0.0, 1.0, 0.05),
+            };
             Axis::new(lo, hi, y_target)
         })
         .collect();
     let left = left_margin(y_axes.iter().map(Axis::widest).max().unwrap_or(0));
-    let right = 40;
-    let plot_w = WIDTH - left - right;
+    let plot_w = WIDTH as i32 - left - RIGHT;
     let xs = panels.iter().flat_map(|p| p.series.iter().flat_map(|s| finite_points(s).map(|(x, _)| x)));
     let (xlo, xhi) = span(xs).map_or((0.0, 1.0), |(lo, hi)| pad(lo, hi, 0.02));
     let x_axis = Axis::fitting(xlo, xhi, plot_w);
@@ -684,59 +571,123 @@ fn render_panels(title: &str, x_label: &str, panels: &[PanelRef], plot_h: usize)
 
     // Heights: title band; per panel its title, legend, plot, tick labels
     // (and the x label under the last one).
-    let top = 14 + text_height(TITLE) as i64 + 4;
-    let panel_h = |i: usize| -> i64 {
-        let title = if panels[i].title.is_some() { line + 2 } else { 0 };
-        let x_label = if i + 1 == panels.len() { line + 6 } else { 0 };
-        title + legends[i].len() as i64 * line + 10 + plot_h as i64 + 10 + line + x_label + 14
-    };
-    let height = top + (0..panels.len()).map(panel_h).sum::<i64>();
-    let mut c = Canvas::new(WIDTH, height.max(1) as usize);
-    c.text_centred(WIDTH as i64 / 2, 14, title, TITLE, INK);
-
-    let mut y = top;
-    for (i, p) in panels.iter().enumerate() {
-        let next = y + panel_h(i);
-        let cx = (left + plot_w / 2) as i64;
-        if let Some(t) = p.title {
-            c.text_centred(cx, y, t, TEXT, INK);
-            y += line + 2;
-        }
-        for row in &legends[i] {
-            for &(k, off) in row {
-                let s = &p.series[k];
-                let x = (left + off) as i64;
-                draw_swatch(&mut c, x, y + (CAP * TEXT / 2) as i64, s.style, PALETTE[k % PALETTE.len()]);
-                c.text(x + SWATCH as i64 + 8, y, &s.name, TEXT, MUTED);
+    let top = 16 + TITLE as i32 + 10;
+    let x_area = |i: usize| if i + 1 == panels.len() { 34 + LINE + 4 } else { 34 };
+    let head =
+        |i: usize| if panels[i].title.is_some() { LINE + 4 } else { 0 } + legends[i].len() as i32 * LINE + 8;
+    let gap = |i: usize| if i + 1 == panels.len() { 12 } else { 28 };
+    let panel_h = |i: usize| head(i) + plot_h + x_area(i) + gap(i);
+    let height = top + (0..panels.len()).map(panel_h).sum::<i32>();
+    render(path, height as usize, |root| {
+        root.fill(&WHITE).map_err(de)?;
+        let centre = Pos::new(HPos::Center, VPos::Top);
+        root.draw_text(title, &font(TITLE, INK).pos(centre), (WIDTH as i32 / 2, 14)).map_err(de)?;
+        let mut rest = root.split_vertically(top).1;
+        for (i, p) in panels.iter().enumerate() {
+            let (area, below) = rest.split_vertically(panel_h(i));
+            rest = below;
+            let mut y = 0;
+            if let Some(t) = p.title {
+                area.draw_text(t, &font(TEXT, INK).pos(centre), (left + plot_w / 2, y)).map_err(de)?;
+                y += LINE + 4;
             }
-            y += line;
+            let colours = colours(p.series);
+            for row in &legends[i] {
+                for &(k, off) in row {
+                    let s = &p.series[k];
+                    let cy = y + LINE / 2;
+                    draw_swatch(&area, left + off, cy, s.style, colours[k])?;
+                    let at = Pos::new(HPos::Left, VPos::Center);
+                    area.draw_text(&s.name, &font(TEXT, MUTED).pos(at), (left + off + SWATCH + 8, cy))
+                        .map_err(de)?;
+                }
+                y += LINE;
+            }
+            let area = area.split_vertically(head(i)).1.split_vertically(plot_h + x_area(i)).0;
+            draw_panel(
+                &area,
+                p,
+                &x_axis,
+                &y_axes[i],
+                left,
+                x_area(i),
+                (i + 1 == panels.len()).then_some(x_label),
+            )?;
         }
-        y += 10;
-        let f = Frame {
-            x0: left as i64,
-            y0: y,
-            x1: (left + plot_w) as i64,
-            y1: y + plot_h as i64,
-            x: &x_axis,
-            y: &y_axes[i],
-        };
-        f.grid(&mut c, true);
-        let mut any = false;
-        for (k, s) in p.series.iter().enumerate() {
-            any |= finite_points(s).next().is_some();
-            draw_series(&mut c, &f, s, PALETTE[k % PALETTE.len()]);
-        }
-        if !any {
-            f.note(&mut c, "no data");
-        }
-        f.border(&mut c);
-        y_label(&mut c, &f, p.y_label);
-        if i + 1 == panels.len() {
-            c.text_centred(cx, f.y1 + 10 + line + 6, x_label, TEXT, INK);
-        }
-        y = next;
+        Ok(())
+    })
+}
+
+/// One panel's axes, grid, series and frame in `area`.
+fn draw_panel(
+    area: &Area,
+    p: &PanelRef,
+    x: &Axis,
+    y: &Axis,
+    left: i32,
+    x_area: i32,
+    x_label: Option<&str>,
+) -> Result<()> {
+    let mut chart = ChartBuilder::on(area)
+        .margin_right(RIGHT)
+        .x_label_area_size(x_area)
+        .y_label_area_size(left)
+        .build_cartesian_2d(x.coord(), y.coord())
+        .map_err(de)?;
+    let (xf, yf) = (|v: &f64| x.label(*v), |v: &f64| y.label(*v));
+    let mut mesh = chart.configure_mesh();
+    mesh.bold_line_style(GRID)
+        .light_line_style(TRANSPARENT)
+        .axis_style(FRAME)
+        .set_all_tick_mark_size(6)
+        .label_style(font(TEXT, MUTED))
+        .axis_desc_style(font(TEXT, INK))
+        .x_label_formatter(&xf)
+        .y_label_formatter(&yf);
+    if let Some(l) = x_label {
+        mesh.x_desc(l);
     }
-    c
+    mesh.draw().map_err(de)?;
+    y_desc(area, chart.plotting_area(), p.y_label)?;
+    let colours = colours(p.series);
+    let mut any = false;
+    for (k, s) in p.series.iter().enumerate() {
+        let pts: Vec<(f64, f64)> = finite_points(s).collect();
+        any |= !pts.is_empty();
+        let c = colours[k];
+        if s.style != SeriesStyle::Points {
+            if pts.len() == 1 {
+                chart.draw_series([Circle::new(pts[0], 3, c.filled())]).map_err(de)?;
+            } else {
+                chart.draw_series([PathElement::new(pts.clone(), stroke(s.style, c))]).map_err(de)?;
+            }
+        }
+        if matches!(s.style, SeriesStyle::Points | SeriesStyle::LinePoints) {
+            chart.draw_series(pts.iter().map(|&p| Circle::new(p, 4, c.filled()))).map_err(de)?;
+        }
+    }
+    let plot = chart.plotting_area().strip_coord_spec();
+    let (w, h) = plot.dim_in_pixel();
+    let (w, h) = (w as i32, h as i32);
+    if !any {
+        plot.draw_text(
+            "no data",
+            &font(TEXT, MUTED).pos(Pos::new(HPos::Center, VPos::Center)),
+            (w / 2, h / 2),
+        )
+        .map_err(de)?;
+    }
+    plot.draw(&Rectangle::new([(0, 0), (w - 1, h - 1)], FRAME.stroke_width(1))).map_err(de)?;
+    Ok(())
+}
+
+/// Writes `label` turned a quarter left (read upwards) in `area`, at its
+/// left edge, centred on the height of `plot` (a drawing area inside it).
+fn y_desc<C: CoordTranslate>(area: &Area, plot: &DrawingArea<BitMapBackend, C>, label: &str) -> Result<()> {
+    let (_, ys) = plot.get_pixel_range();
+    let base = area.get_base_pixel();
+    let style = font(TEXT, INK).transform(FontTransform::Rotate270).pos(Pos::new(HPos::Center, VPos::Center));
+    area.draw_text(label, &style, (14 + LINE / 2, (ys.start + ys.end) / 2 - base.1)).map_err(de)
 }
 
 /// Labels are cut to this many characters.
@@ -750,7 +701,33 @@ fn cut(label: &str) -> String {
     }
 }
 
-fn render_bars(title: &str, value_label: &str, bars: &[Bar], reference: Option<f64>) -> Canvas {
+/// `s` on a white box (so that grid and reference lines do not cross it),
+/// anchored at `at` by `pos`.
+fn boxed_text(a: &Area, s: &str, at: (i32, i32), pos: Pos) -> Result<()> {
+    let w = text_width(s, TEXT);
+    let h = TEXT as i32;
+    let x0 = match pos.h_pos {
+        HPos::Left => at.0,
+        HPos::Center => at.0 - w / 2,
+        HPos::Right => at.0 - w,
+    };
+    let y0 = match pos.v_pos {
+        VPos::Top => at.1,
+        VPos::Center => at.1 - h / 2,
+        VPos::Bottom => at.1 - h,
+    };
+    a.draw(&Rectangle::new([(x0 - 3, y0 - 2), (x0 + w + 3, y0 + h + 2)], WHITE.filled())).map_err(de)?;
+    a.draw_text(s, &font(TEXT, MUTED).pos(pos), at).map_err(de)
+}
+
+fn render_bars(
+    path: &Path,
+    title: &str,
+    value_label: &str,
+    bars: &[Bar],
+    reference: Option<f64>,
+) -> Result<()> {
+    font_ready()?;
     let reference = reference.filter(|r| r.is_finite());
     let vals = bars.iter().flat_map(|b| [b.value, b.lo, b.hi]).chain(reference).chain([0.0]);
     let (mut lo, mut hi) = span(vals).unwrap_or((0.0, 1.0));
@@ -765,158 +742,161 @@ fn render_bars(title: &str, value_label: &str, bars: &[Bar], reference: Option<f
     let widest = labels.iter().map(|l| text_width(l, TEXT)).max().unwrap_or(0);
     let values: Vec<String> =
         bars.iter().map(|b| if b.value.is_finite() { short(b.value) } else { "n/a".into() }).collect();
-
-    let top = 14 + text_height(TITLE) as i64 + 16;
-    let line = text_height(TEXT) as i64;
+    let n = bars.len().max(1) as f64;
+    let top = 16 + TITLE as i32 + 20;
     let right = 64;
     // Vertical bars if every label fits under its bar.
     let y_axis = Axis::new(lo, hi, 8);
     let left = left_margin(y_axis.widest());
-    let slot = (WIDTH - left - right) / bars.len().max(1);
-    if bars.is_empty() || widest + 12 <= slot {
-        let height = 600;
-        let mut c = Canvas::new(WIDTH, height);
-        c.text_centred(WIDTH as i64 / 2, 14, title, TITLE, INK);
-        let x_axis = Axis { lo: 0.0, hi: 1.0, ticks: Vec::new(), labels: Vec::new() };
-        let f = Frame {
-            x0: left as i64,
-            y0: top,
-            x1: (WIDTH - right) as i64,
-            y1: height as i64 - 14 - line - 14,
-            x: &x_axis,
-            y: &y_axis,
+    let slot = (WIDTH as i32 - left - right) / bars.len().max(1) as i32;
+    let vertical = bars.is_empty() || widest + 12 <= slot;
+    let row = 40;
+    let (height, left) = if vertical {
+        (600, left)
+    } else {
+        let ref_band = if reference.is_some() { LINE } else { 0 };
+        (top + ref_band + row * bars.len() as i32 + 34 + LINE + 14, 16 + widest + 14)
+    };
+    render(path, height as usize, |root| {
+        root.fill(&WHITE).map_err(de)?;
+        let centre = Pos::new(HPos::Center, VPos::Top);
+        root.draw_text(title, &font(TITLE, INK).pos(centre), (WIDTH as i32 / 2, 14)).map_err(de)?;
+        let cats = Axis {
+            lo: 0.0,
+            hi: n,
+            ticks: (0..bars.len())
+                .map(|i| if vertical { i as f64 + 0.5 } else { n - i as f64 - 0.5 })
+                .collect(),
+            labels: labels.clone(),
         };
-        f.grid(&mut c, false);
-        let slot = (f.x1 - f.x0) as f64 / bars.len().max(1) as f64;
-        let bar_w = (slot * 0.6).min(110.0);
-        let zero = f.py(0.0);
-        let mut m = f.mask();
-        let mut whiskers = f.mask();
-        let mut text_after = Vec::new();
+        let value_axis = if vertical { y_axis } else { Axis::fitting(lo, hi, WIDTH as i32 - left - right) };
+        // Where bar `i` stands and where value `v` falls, as chart coordinates.
+        let at = |i: usize, v: f64| if vertical { (cats.ticks[i], v) } else { (v, cats.ticks[i]) };
+        let (xa, ya) = if vertical { (&cats, &value_axis) } else { (&value_axis, &cats) };
+        let ref_band = if !vertical && reference.is_some() { LINE } else { 0 };
+        let area = root.split_vertically(top + ref_band).1;
+        let mut chart = ChartBuilder::on(&area)
+            .margin_right(right)
+            .x_label_area_size(if vertical { 40 } else { 34 + LINE + 4 })
+            .y_label_area_size(left)
+            .build_cartesian_2d(xa.coord(), ya.coord())
+            .map_err(de)?;
+        let (xf, yf) = (|v: &f64| xa.label(*v), |v: &f64| ya.label(*v));
+        let mut mesh = chart.configure_mesh();
+        mesh.bold_line_style(GRID)
+            .light_line_style(TRANSPARENT)
+            .axis_style(FRAME)
+            .set_all_tick_mark_size(6)
+            .label_style(font(TEXT, MUTED))
+            .axis_desc_style(font(TEXT, INK))
+            .x_label_formatter(&xf)
+            .y_label_formatter(&yf);
+        if vertical {
+            mesh.disable_x_mesh().x_label_style(font(TEXT, INK));
+        } else {
+            mesh.disable_y_mesh().y_label_style(font(TEXT, INK)).x_desc(value_label);
+        }
+        mesh.draw().map_err(de)?;
+        if vertical {
+            y_desc(&area, chart.plotting_area(), value_label)?;
+        }
+        let half = if vertical {
+            let bar_px = (WIDTH as i32 - left - right) as f64 / n * 0.6;
+            (bar_px.min(110.0) / 2.0) * n / (WIDTH as i32 - left - right) as f64
+        } else {
+            0.3
+        };
+        let cap = half * 0.35;
+        let whisker = INK.stroke_width(2);
         for (i, b) in bars.iter().enumerate() {
-            let cx = f.x0 as f64 + slot * (i as f64 + 0.5);
-            let mut top_y = zero;
+            let c = cats.ticks[i];
+            let box_at = |v: f64, dc: f64| if vertical { (c + dc, v) } else { (v, c + dc) };
             if b.value.is_finite() {
-                let v = f.py(b.value);
-                fill(&mut m, (cx - bar_w / 2.0, zero.min(v)), (cx + bar_w / 2.0, zero.max(v)));
-                top_y = top_y.min(v);
+                chart
+                    .draw_series([Rectangle::new([box_at(0.0, -half), box_at(b.value, half)], BAR.filled())])
+                    .map_err(de)?;
             }
             if b.lo.is_finite() && b.hi.is_finite() {
-                let (a, e) = (f.py(b.lo), f.py(b.hi));
-                let cap = (bar_w * 0.2).max(6.0);
-                whiskers.segment((cx, a), (cx, e), 1.0);
-                whiskers.segment((cx - cap, a), (cx + cap, a), 1.0);
-                whiskers.segment((cx - cap, e), (cx + cap, e), 1.0);
-                top_y = top_y.min(a).min(e);
+                for seg in [
+                    [box_at(b.lo, 0.0), box_at(b.hi, 0.0)],
+                    [box_at(b.lo, -cap), box_at(b.lo, cap)],
+                    [box_at(b.hi, -cap), box_at(b.hi, cap)],
+                ] {
+                    chart.draw_series([PathElement::new(seg.to_vec(), whisker)]).map_err(de)?;
+                }
             }
-            let ty = top_y as i64 - 8 - (CAP * TEXT) as i64;
-            let tx = cx as i64 - text_width(&values[i], TEXT) as i64 / 2;
-            text_after.push((tx, ty, i));
-            c.text_centred(cx as i64, f.y1 + 12, &labels[i], TEXT, INK);
         }
-        c.paint(&m, BAR);
-        c.paint(&whiskers, INK);
+        // The zero line, across the plot.
+        let (lo_px, hi_px) = (
+            chart.backend_coord(&(xa.range().start, ya.range().start)),
+            chart.backend_coord(&(xa.range().end, ya.range().end)),
+        );
+        let zero = chart.backend_coord(&(0.0, 0.0));
+        let zero_line = if vertical {
+            vec![(lo_px.0, zero.1), (hi_px.0, zero.1)]
+        } else {
+            vec![(zero.0, lo_px.1), (zero.0, hi_px.1)]
+        };
+        root.draw(&PathElement::new(zero_line, FRAME.stroke_width(1))).map_err(de)?;
         if let Some(r) = reference {
-            let mut m = f.mask();
-            let y = f.py(r);
-            m.dashed((f.x0 as f64, y), (f.x1 as f64, y), 1.0, 10.0, 6.0);
-            c.paint(&m, REFERENCE);
-            c.text(f.x1 + 8, y as i64 - (CAP * TEXT / 2) as i64, &short(r), TEXT, REFERENCE);
+            let line = if vertical {
+                vec![(xa.range().start, r), (xa.range().end, r)]
+            } else {
+                vec![(r, ya.range().start), (r, ya.range().end)]
+            };
+            chart
+                .draw_series([DashedPathElement::new(line, 10, 6, REFERENCE.stroke_width(2))])
+                .map_err(de)?;
+            let (px, py) =
+                chart.backend_coord(&if vertical { (xa.range().end, r) } else { (r, ya.range().end) });
+            let (pos, at) = if vertical {
+                (Pos::new(HPos::Left, VPos::Center), (px + 8, py))
+            } else {
+                (Pos::new(HPos::Center, VPos::Bottom), (px, py - 6))
+            };
+            root.draw_text(&short(r), &font(TEXT, REFERENCE).pos(pos), at).map_err(de)?;
         }
-        c.rect(f.x0, zero.floor() as i64, f.x1, zero.floor() as i64 + 1, FRAME);
-        for (x, y, i) in text_after {
-            c.text_boxed(x, y, &values[i], TEXT, MUTED);
+        // Each value beyond the end of its bar and whisker.
+        for (i, b) in bars.iter().enumerate() {
+            let far =
+                [b.value, b.lo, b.hi, 0.0].into_iter().filter(|v| v.is_finite()).fold(f64::MIN, f64::max);
+            let (ex, ey) = chart.backend_coord(&at(i, far));
+            if vertical {
+                boxed_text(root, &values[i], (ex, ey - 8), Pos::new(HPos::Center, VPos::Bottom))?;
+            } else {
+                boxed_text(root, &values[i], (ex + 10, ey), Pos::new(HPos::Left, VPos::Center))?;
+            }
         }
+        let plot = chart.plotting_area().strip_coord_spec();
+        let (w, h) = plot.dim_in_pixel();
+        let (w, h) = (w as i32, h as i32);
         if bars.is_empty() {
-            f.note(&mut c, "no data");
+            plot.draw_text(
+                "no data",
+                &font(TEXT, MUTED).pos(Pos::new(HPos::Center, VPos::Center)),
+                (w / 2, h / 2),
+            )
+            .map_err(de)?;
         }
-        f.border(&mut c);
-        y_label(&mut c, &f, value_label);
-        return c;
-    }
+        plot.draw(&Rectangle::new([(0, 0), (w - 1, h - 1)], FRAME.stroke_width(1))).map_err(de)?;
+        Ok(())
+    })
+}
 
-    // Horizontal bars: labels on the left, the value axis at the bottom.
-    let row = 40i64;
-    let left = 16 + widest + 14;
-    let plot_w = WIDTH - left - right;
-    let x_axis = Axis::fitting(lo, hi, plot_w);
-    let no_y = Axis { lo: 0.0, hi: 1.0, ticks: Vec::new(), labels: Vec::new() };
-    let plot_top = top + if reference.is_some() { line } else { 0 };
-    let plot_bottom = plot_top + row * bars.len() as i64;
-    let height = plot_bottom + 10 + line + 6 + line + 14;
-    let mut c = Canvas::new(WIDTH, height as usize);
-    c.text_centred(WIDTH as i64 / 2, 14, title, TITLE, INK);
-    let f = Frame {
-        x0: left as i64,
-        y0: plot_top,
-        x1: (left + plot_w) as i64,
-        y1: plot_bottom,
-        x: &x_axis,
-        y: &no_y,
+/// Encodes the RGB8 pixels `px` (`WIDTH` × `height`) and writes them
+/// atomically to `path`.
+fn save(path: &Path, height: usize, px: &[u8]) -> Result<()> {
+    let encode = || -> Result<Vec<u8>> {
+        let mut out = Vec::new();
+        let mut enc = png::Encoder::new(&mut out, WIDTH as u32, height as u32);
+        enc.set_color(png::ColorType::Rgb);
+        enc.set_depth(png::BitDepth::Eight);
+        let mut writer = enc.write_header()?;
+        writer.write_image_data(px)?;
+        writer.finish()?;
+        Ok(out)
     };
-    f.grid(&mut c, true);
-    let zero = f.px(0.0);
-    let bar_h = row as f64 * 0.6;
-    let mut m = f.mask();
-    let mut whiskers = f.mask();
-    let mut text_after = Vec::new();
-    let half = (CAP * TEXT / 2) as i64;
-    for (i, b) in bars.iter().enumerate() {
-        let cy = f.y0 as f64 + row as f64 * (i as f64 + 0.5);
-        let mut end = zero;
-        if b.value.is_finite() {
-            let v = f.px(b.value);
-            fill(&mut m, (zero.min(v), cy - bar_h / 2.0), (zero.max(v), cy + bar_h / 2.0));
-            end = end.max(v);
-        }
-        if b.lo.is_finite() && b.hi.is_finite() {
-            let (a, e) = (f.px(b.lo), f.px(b.hi));
-            let cap = bar_h * 0.3;
-            whiskers.segment((a, cy), (e, cy), 1.0);
-            whiskers.segment((a, cy - cap), (a, cy + cap), 1.0);
-            whiskers.segment((e, cy - cap), (e, cy + cap), 1.0);
-            end = end.max(a).max(e);
-        }
-        text_after.push((end as i64 + 10, cy as i64 - half, i));
-        c.text_right(f.x0 - 10, cy as i64 - half, &labels[i], TEXT, INK);
-    }
-    c.paint(&m, BAR);
-    c.paint(&whiskers, INK);
-    if let Some(r) = reference {
-        let mut m = f.mask();
-        let x = f.px(r);
-        m.dashed((x, f.y0 as f64), (x, f.y1 as f64), 1.0, 10.0, 6.0);
-        c.paint(&m, REFERENCE);
-        c.text_centred(x as i64, f.y0 - 6 - (CAP * TEXT) as i64, &short(r), TEXT, REFERENCE);
-    }
-    c.rect(zero.floor() as i64, f.y0, zero.floor() as i64 + 1, f.y1, FRAME);
-    for (x, y, i) in text_after {
-        c.text_boxed(x, y, &values[i], TEXT, MUTED);
-    }
-    f.border(&mut c);
-    c.text_centred((f.x0 + f.x1) / 2, f.y1 + 10 + line + 6, value_label, TEXT, INK);
-    c
-}
-
-/// Covers the box `a`..`b` (pixel-centre coordinates), with soft edges
-/// where its sides fall between pixels.
-fn fill(m: &mut Mask, a: (f64, f64), b: (f64, f64)) {
-    let (x0, y0, x1, y1) = m.span(a, b, 0.0);
-    for y in y0..y1 {
-        for x in x0..x1 {
-            let (px, py) = ((x + m.x0) as f64, (y + m.y0) as f64);
-            // Overlap of the pixel px..px+1 with the box a..b (edges at
-            // centre coordinates, so shifted by half a pixel).
-            let ox = ((px + 1.0).min(b.0 + 0.5) - px.max(a.0 - 0.5)).clamp(0.0, 1.0);
-            let oy = ((py + 1.0).min(b.1 + 0.5) - py.max(a.1 - 0.5)).clamp(0.0, 1.0);
-            m.cover(x, y, ox * oy);
-        }
-    }
-}
-
-/// Encodes `c` and writes it atomically to `path`.
-fn save(path: &Path, c: &Canvas) -> Result<()> {
-    let bytes = c.encode().with_context(|| format!("cannot encode the chart {}", path.display()))?;
+    let bytes = encode().with_context(|| format!("cannot encode the chart {}", path.display()))?;
     let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create directory {}", dir.display()))?;
     let mut tmp = tempfile::NamedTempFile::new_in(dir)
@@ -935,108 +915,6 @@ fn save(path: &Path, c: &Canvas) -> Result<()> {
     Ok(())
 }
 
-/// The font: printable ASCII from ' ' (32) to '~' (126), one glyph per
-/// character as 9 rows of 5 bits (the high bit is the left column). Rows
-/// 0–6 stand on the baseline; rows 7–8 hold descenders.
-#[rustfmt::skip]
-const FONT: [[u8; GLYPH_ROWS]; 95] = [
-    [0b00000, 0b00000, 0b00000, 0b00000, 0b00000, 0b00000, 0b00000, 0b00000, 0b00000], // space
-    [0b00100, 0b00100, 0b00100, 0b00100, 0b00100, 0b00000, 0b00100, 0b00000, 0b00000], // !
-    [0b01010, 0b01010, 0b00000, 0b00000, 0b00000, 0b00000, 0b00000, 0b00000, 0b00000], // "
-    [0b01010, 0b01010, 0b11111, 0b01010, 0b11111, 0b01010, 0b01010, 0b00000, 0b00000], // #
-    [0b00100, 0b01111, 0b10100, 0b01110, 0b00101, 0b11110, 0b00100, 0b00000, 0b00000], // $
-    [0b11000, 0b11001, 0b00010, 0b00100, 0b01000, 0b10011, 0b00011, 0b00000, 0b00000], // %
-    [0b01100, 0b10010, 0b10100, 0b01000, 0b10101, 0b10010, 0b01101, 0b00000, 0b00000], // &
-    [0b00100, 0b00100, 0b00000, 0b00000, 0b00000, 0b00000, 0b00000, 0b00000, 0b00000], // quote
-    [0b00010, 0b00100, 0b01000, 0b01000, 0b01000, 0b00100, 0b00010, 0b00000, 0b00000], // (
-    [0b01000, 0b00100, 0b00010, 0b00010, 0b00010, 0b00100, 0b01000, 0b00000, 0b00000], // )
-    [0b00000, 0b00100, 0b10101, 0b01110, 0b10101, 0b00100, 0b00000, 0b00000, 0b00000], // *
-    [0b00000, 0b00100, 0b00100, 0b11111, 0b00100, 0b00100, 0b00000, 0b00000, 0b00000], // +
-    [0b00000, 0b00000, 0b00000, 0b00000, 0b00000, 0b01100, 0b01100, 0b00100, 0b01000], // ,
-    [0b00000, 0b00000, 0b00000, 0b11111, 0b00000, 0b00000, 0b00000, 0b00000, 0b00000], // -
-    [0b00000, 0b00000, 0b00000, 0b00000, 0b00000, 0b01100, 0b01100, 0b00000, 0b00000], // .
-    [0b00001, 0b00001, 0b00010, 0b00100, 0b01000, 0b10000, 0b10000, 0b00000, 0b00000], // /
-    [0b01110, 0b10001, 0b10011, 0b10101, 0b11001, 0b10001, 0b01110, 0b00000, 0b00000], // 0
-    [0b00100, 0b01100, 0b00100, 0b00100, 0b00100, 0b00100, 0b01110, 0b00000, 0b00000], // 1
-    [0b01110, 0b10001, 0b00001, 0b00010, 0b00100, 0b01000, 0b11111, 0b00000, 0b00000], // 2
-    [0b11111, 0b00010, 0b00100, 0b00010, 0b00001, 0b10001, 0b01110, 0b00000, 0b00000], // 3
-    [0b00010, 0b00110, 0b01010, 0b10010, 0b11111, 0b00010, 0b00010, 0b00000, 0b00000], // 4
-    [0b11111, 0b10000, 0b11110, 0b00001, 0b00001, 0b10001, 0b01110, 0b00000, 0b00000], // 5
-    [0b00110, 0b01000, 0b10000, 0b11110, 0b10001, 0b10001, 0b01110, 0b00000, 0b00000], // 6
-    [0b11111, 0b00001, 0b00010, 0b00100, 0b01000, 0b01000, 0b01000, 0b00000, 0b00000], // 7
-    [0b01110, 0b10001, 0b10001, 0b01110, 0b10001, 0b10001, 0b01110, 0b00000, 0b00000], // 8
-    [0b01110, 0b10001, 0b10001, 0b01111, 0b00001, 0b00010, 0b01100, 0b00000, 0b00000], // 9
-    [0b00000, 0b01100, 0b01100, 0b00000, 0b01100, 0b01100, 0b00000, 0b00000, 0b00000], // :
-    [0b00000, 0b01100, 0b01100, 0b00000, 0b01100, 0b01100, 0b00100, 0b01000, 0b00000], // ;
-    [0b00010, 0b00100, 0b01000, 0b10000, 0b01000, 0b00100, 0b00010, 0b00000, 0b00000], // <
-    [0b00000, 0b00000, 0b11111, 0b00000, 0b11111, 0b00000, 0b00000, 0b00000, 0b00000], // =
-    [0b01000, 0b00100, 0b00010, 0b00001, 0b00010, 0b00100, 0b01000, 0b00000, 0b00000], // >
-    [0b01110, 0b10001, 0b00001, 0b00010, 0b00100, 0b00000, 0b00100, 0b00000, 0b00000], // ?
-    [0b01110, 0b10001, 0b00001, 0b01101, 0b10101, 0b10101, 0b01110, 0b00000, 0b00000], // @
-    [0b01110, 0b10001, 0b10001, 0b11111, 0b10001, 0b10001, 0b10001, 0b00000, 0b00000], // A
-    [0b11110, 0b10001, 0b10001, 0b11110, 0b10001, 0b10001, 0b11110, 0b00000, 0b00000], // B
-    [0b01110, 0b10001, 0b10000, 0b10000, 0b10000, 0b10001, 0b01110, 0b00000, 0b00000], // C
-    [0b11100, 0b10010, 0b10001, 0b10001, 0b10001, 0b10010, 0b11100, 0b00000, 0b00000], // D
-    [0b11111, 0b10000, 0b10000, 0b11110, 0b10000, 0b10000, 0b11111, 0b00000, 0b00000], // E
-    [0b11111, 0b10000, 0b10000, 0b11110, 0b10000, 0b10000, 0b10000, 0b00000, 0b00000], // F
-    [0b01110, 0b10001, 0b10000, 0b10111, 0b10001, 0b10001, 0b01111, 0b00000, 0b00000], // G
-    [0b10001, 0b10001, 0b10001, 0b11111, 0b10001, 0b10001, 0b10001, 0b00000, 0b00000], // H
-    [0b01110, 0b00100, 0b00100, 0b00100, 0b00100, 0b00100, 0b01110, 0b00000, 0b00000], // I
-    [0b00111, 0b00010, 0b00010, 0b00010, 0b00010, 0b10010, 0b01100, 0b00000, 0b00000], // J
-    [0b10001, 0b10010, 0b10100, 0b11000, 0b10100, 0b10010, 0b10001, 0b00000, 0b00000], // K
-    [0b10000, 0b10000, 0b10000, 0b10000, 0b10000, 0b10000, 0b11111, 0b00000, 0b00000], // L
-    [0b10001, 0b11011, 0b10101, 0b10101, 0b10001, 0b10001, 0b10001, 0b00000, 0b00000], // M
-    [0b10001, 0b10001, 0b11001, 0b10101, 0b10011, 0b10001, 0b10001, 0b00000, 0b00000], // N
-    [0b01110, 0b10001, 0b10001, 0b10001, 0b10001, 0b10001, 0b01110, 0b00000, 0b00000], // O
-    [0b11110, 0b10001, 0b10001, 0b11110, 0b10000, 0b10000, 0b10000, 0b00000, 0b00000], // P
-    [0b01110, 0b10001, 0b10001, 0b10001, 0b10101, 0b10010, 0b01101, 0b00000, 0b00000], // Q
-    [0b11110, 0b10001, 0b10001, 0b11110, 0b10100, 0b10010, 0b10001, 0b00000, 0b00000], // R
-    [0b01111, 0b10000, 0b10000, 0b01110, 0b00001, 0b00001, 0b11110, 0b00000, 0b00000], // S
-    [0b11111, 0b00100, 0b00100, 0b00100, 0b00100, 0b00100, 0b00100, 0b00000, 0b00000], // T
-    [0b10001, 0b10001, 0b10001, 0b10001, 0b10001, 0b10001, 0b01110, 0b00000, 0b00000], // U
-    [0b10001, 0b10001, 0b10001, 0b10001, 0b10001, 0b01010, 0b00100, 0b00000, 0b00000], // V
-    [0b10001, 0b10001, 0b10001, 0b10101, 0b10101, 0b10101, 0b01010, 0b00000, 0b00000], // W
-    [0b10001, 0b10001, 0b01010, 0b00100, 0b01010, 0b10001, 0b10001, 0b00000, 0b00000], // X
-    [0b10001, 0b10001, 0b01010, 0b00100, 0b00100, 0b00100, 0b00100, 0b00000, 0b00000], // Y
-    [0b11111, 0b00001, 0b00010, 0b00100, 0b01000, 0b10000, 0b11111, 0b00000, 0b00000], // Z
-    [0b01110, 0b01000, 0b01000, 0b01000, 0b01000, 0b01000, 0b01110, 0b00000, 0b00000], // [
-    [0b10000, 0b10000, 0b01000, 0b00100, 0b00010, 0b00001, 0b00001, 0b00000, 0b00000], // backslash
-    [0b01110, 0b00010, 0b00010, 0b00010, 0b00010, 0b00010, 0b01110, 0b00000, 0b00000], // ]
-    [0b00100, 0b01010, 0b10001, 0b00000, 0b00000, 0b00000, 0b00000, 0b00000, 0b00000], // ^
-    [0b00000, 0b00000, 0b00000, 0b00000, 0b00000, 0b00000, 0b00000, 0b11111, 0b00000], // _
-    [0b01000, 0b00100, 0b00000, 0b00000, 0b00000, 0b00000, 0b00000, 0b00000, 0b00000], // `
-    [0b00000, 0b00000, 0b01110, 0b00001, 0b01111, 0b10001, 0b01111, 0b00000, 0b00000], // a
-    [0b10000, 0b10000, 0b10110, 0b11001, 0b10001, 0b10001, 0b11110, 0b00000, 0b00000], // b
-    [0b00000, 0b00000, 0b01110, 0b10000, 0b10000, 0b10001, 0b01110, 0b00000, 0b00000], // c
-    [0b00001, 0b00001, 0b01101, 0b10011, 0b10001, 0b10001, 0b01111, 0b00000, 0b00000], // d
-    [0b00000, 0b00000, 0b01110, 0b10001, 0b11111, 0b10000, 0b01110, 0b00000, 0b00000], // e
-    [0b00110, 0b01001, 0b01000, 0b11100, 0b01000, 0b01000, 0b01000, 0b00000, 0b00000], // f
-    [0b00000, 0b00000, 0b01111, 0b10001, 0b10001, 0b10001, 0b01111, 0b00001, 0b01110], // g
-    [0b10000, 0b10000, 0b10110, 0b11001, 0b10001, 0b10001, 0b10001, 0b00000, 0b00000], // h
-    [0b00100, 0b00000, 0b01100, 0b00100, 0b00100, 0b00100, 0b01110, 0b00000, 0b00000], // i
-    [0b00010, 0b00000, 0b00110, 0b00010, 0b00010, 0b00010, 0b00010, 0b10010, 0b01100], // j
-    [0b10000, 0b10000, 0b10010, 0b10100, 0b11000, 0b10100, 0b10010, 0b00000, 0b00000], // k
-    [0b01100, 0b00100, 0b00100, 0b00100, 0b00100, 0b00100, 0b00011, 0b00000, 0b00000], // l
-    [0b00000, 0b00000, 0b11010, 0b10101, 0b10101, 0b10101, 0b10101, 0b00000, 0b00000], // m
-    [0b00000, 0b00000, 0b10110, 0b11001, 0b10001, 0b10001, 0b10001, 0b00000, 0b00000], // n
-    [0b00000, 0b00000, 0b01110, 0b10001, 0b10001, 0b10001, 0b01110, 0b00000, 0b00000], // o
-    [0b00000, 0b00000, 0b11110, 0b10001, 0b10001, 0b10001, 0b11110, 0b10000, 0b10000], // p
-    [0b00000, 0b00000, 0b01111, 0b10001, 0b10001, 0b10001, 0b01111, 0b00001, 0b00001], // q
-    [0b00000, 0b00000, 0b10110, 0b11001, 0b10000, 0b10000, 0b10000, 0b00000, 0b00000], // r
-    [0b00000, 0b00000, 0b01111, 0b10000, 0b01110, 0b00001, 0b11110, 0b00000, 0b00000], // s
-    [0b01000, 0b01000, 0b11100, 0b01000, 0b01000, 0b01001, 0b00110, 0b00000, 0b00000], // t
-    [0b00000, 0b00000, 0b10001, 0b10001, 0b10001, 0b10011, 0b01101, 0b00000, 0b00000], // u
-    [0b00000, 0b00000, 0b10001, 0b10001, 0b10001, 0b01010, 0b00100, 0b00000, 0b00000], // v
-    [0b00000, 0b00000, 0b10001, 0b10001, 0b10101, 0b10101, 0b01010, 0b00000, 0b00000], // w
-    [0b00000, 0b00000, 0b10001, 0b01010, 0b00100, 0b01010, 0b10001, 0b00000, 0b00000], // x
-    [0b00000, 0b00000, 0b10001, 0b10001, 0b10001, 0b10001, 0b01111, 0b00001, 0b01110], // y
-    [0b00000, 0b00000, 0b11111, 0b00010, 0b00100, 0b01000, 0b11111, 0b00000, 0b00000], // z
-    [0b00011, 0b00100, 0b00100, 0b01000, 0b00100, 0b00100, 0b00011, 0b00000, 0b00000], // {
-    [0b00100, 0b00100, 0b00100, 0b00100, 0b00100, 0b00100, 0b00100, 0b00100, 0b00100], // |
-    [0b11000, 0b00100, 0b00100, 0b00010, 0b00100, 0b00100, 0b11000, 0b00000, 0b00000], // }
-    [0b00000, 0b00000, 0b01000, 0b10101, 0b00010, 0b00000, 0b00000, 0b00000, 0b00000], // ~
-];
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1053,8 +931,8 @@ mod tests {
         (info.width, info.height, buf)
     }
 
-    fn count(px: &[u8], c: Rgb) -> usize {
-        px.chunks(3).filter(|p| *p == c).count()
+    fn count(px: &[u8], c: RGBColor) -> usize {
+        px.chunks(3).filter(|p| *p == [c.0, c.1, c.2]).count()
     }
 
     fn non_white(px: &[u8]) -> usize {
@@ -1098,17 +976,89 @@ mod tests {
     }
 
     #[test]
-    fn the_font_covers_printable_ascii_with_distinct_glyphs() {
-        for c in '!'..='~' {
-            assert!(glyph(c).iter().any(|&r| r != 0), "{c:?} is blank");
-            assert!(glyph(c).iter().all(|&r| r < 32), "{c:?} is wider than 5");
-            for d in '!'..c {
-                assert_ne!(glyph(c), glyph(d), "{c:?} looks like {d:?}");
-            }
-        }
-        assert!(glyph(' ').iter().all(|&r| r == 0));
-        assert_eq!(glyph('é'), glyph('?'));
-        assert_eq!(text_width("ab", 2), 22);
+    fn a_missing_font_is_an_error_naming_the_package() {
+        let err = read_font(Path::new("/nonexistent/DejaVuSans.ttf")).unwrap_err();
+        let msg = format!("{err:#}");
+        assert!(msg.contains(FONT_PACKAGE) && msg.contains("/nonexistent/DejaVuSans.ttf"), "{msg}");
+        font_ready().unwrap();
+        assert!(text_width("ab", TEXT) > 10 && text_width("abab", TEXT) > text_width("ab", TEXT));
+    }
+
+    #[test]
+    fn ema_smooths_from_the_first_value() {
+        let pts = [(0.0, 1.0), (1.0, 3.0), (2.0, f64::NAN), (3.0, 3.0)];
+        assert_eq!(ema(&pts, 3), vec![(0.0, 1.0), (1.0, 2.0), (3.0, 2.5)]);
+        assert_eq!(ema(&pts[..2], 1), pts[..2].to_vec());
+        assert!(ema(&[], 10).is_empty());
+    }
+
+    #[test]
+    fn legends_leave_out_unnamed_and_empty_series() {
+        let series = [
+            Series::line("train", vec![(0.0, 1.0), (1.0, 2.0)]),
+            Series::points("eval oracle accuracy", vec![]),
+            Series::points("only nan", vec![(f64::NAN, 1.0)]),
+            Series::line("", vec![(0.0, 1.0)]),
+            Series::points("eval", vec![(1.0, 1.5)]),
+        ];
+        assert_eq!(legend_entries(&series), vec![0, 4]);
+        font_ready().unwrap();
+        let rows = legend_rows(&series, 800);
+        assert_eq!(rows.len(), 1);
+        assert_eq!(rows[0].iter().map(|r| r.0).collect::<Vec<_>>(), vec![0, 4]);
+        // In the picture: no swatch in the empty series' colour.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("legend.png");
+        line_chart(&path, "RL", "step", "reward", &series[..2]).unwrap();
+        let (_, _, px) = decode(&path);
+        assert!(count(&px, PALETTE[0]) > 300);
+        assert_eq!(count(&px, PALETTE[1]), 0);
+        // A faint series shares the colour of the one after it.
+        let c = colours(&[
+            Series::faint("raw", vec![]),
+            Series::line("ema", vec![]),
+            Series::line("eval", vec![]),
+        ]);
+        assert_eq!(c, vec![PALETTE[0], PALETTE[0], PALETTE[1]]);
+    }
+
+    #[test]
+    fn every_chart_kind_writes_a_png_of_the_expected_size() {
+        let dir = tempfile::tempdir().unwrap();
+        let pts: Vec<(f64, f64)> = (0..50).map(|i| (i as f64, (i as f64).sqrt())).collect();
+        let one = dir.path().join("one.png");
+        line_chart(&one, "one", "step", "y", &[Series::line("y", pts.clone())]).unwrap();
+        let (w, h1, _) = decode(&one);
+        assert_eq!(w as usize, WIDTH);
+        let panel = |title: &str| Panel {
+            title: title.into(),
+            y_label: "y".into(),
+            series: vec![Series::line("y", pts.clone())],
+            ..Default::default()
+        };
+        let (two, three) = (dir.path().join("two.png"), dir.path().join("three.png"));
+        line_charts(&two, "two", "step", &[panel("a"), panel("b")]).unwrap();
+        line_charts(&three, "three", "step", &[panel("a"), panel("b"), panel("c")]).unwrap();
+        let (w2, h2, _) = decode(&two);
+        let (w3, h3, _) = decode(&three);
+        assert_eq!((w2 as usize, w3 as usize), (WIDTH, WIDTH));
+        // Each further panel adds the same height.
+        assert!(h2 > h1 && h3 - h2 > 260, "{h1} {h2} {h3}");
+        let bars = dir.path().join("bars.png");
+        let b = |l: &str, v: f64| Bar { label: l.into(), value: v, lo: v - 0.1, hi: v + 0.1 };
+        bar_chart(&bars, "bars", "win rate", &[b("a", 0.4), b("overall", 0.6)], Some(0.5)).unwrap();
+        assert_eq!(decode(&bars).0 as usize, WIDTH);
+        assert_eq!(decode(&bars).1, 600);
+        // A fixed y range: an accuracy panel spans 0..1 even at 0.3..0.4.
+        let acc = Panel {
+            title: "oracle".into(),
+            y_label: "accuracy".into(),
+            series: vec![Series::points("eval oracle accuracy", vec![(0.0, 0.3), (10.0, 0.4)])],
+            y_range: Some((0.0, 1.0)),
+        };
+        let (lo, hi) = (Axis::new(0.0, 1.0, 4).ticks[0], *Axis::new(0.0, 1.0, 4).ticks.last().unwrap());
+        assert_eq!((lo, hi), (0.0, 1.0));
+        line_charts(&two, "acc", "step", &[acc]).unwrap();
     }
 
     #[test]
@@ -1167,11 +1117,13 @@ mod tests {
                     Series::line("reward", reward.clone()),
                     Series::line("baseline", vec![(0.0, 0.1), (199.0, 0.1)]),
                 ],
+                ..Default::default()
             },
             Panel {
                 title: "KL".into(),
                 y_label: "KL to reference".into(),
                 series: vec![Series::line("kl", kl)],
+                ..Default::default()
             },
         ];
         line_charts(&path, "RL", "step", &panels).unwrap();
@@ -1241,7 +1193,8 @@ mod tests {
         let eval: Vec<_> =
             (0..=12).map(|i| (i as f64 * 100.0, 2.1 * (-(i as f64) / 2.6).exp() + 1.05)).collect();
         let series = [
-            Series::line("train loss", train),
+            Series::faint("train loss", train.clone()),
+            Series::line("train loss (EMA)", ema(&train, 50)),
             Series { name: "eval loss".into(), points: eval, style: SeriesStyle::LinePoints },
         ];
         line_chart(&dir.join("sft_loss.png"), "SFT loss (gemma-2b, lr 2e-5)", "step", "loss", &series)
@@ -1256,12 +1209,24 @@ mod tests {
                 series: vec![
                     Series::line("mean reward", reward),
                     Series::line("[ref] = 0.0", vec![(0.0, 0.0), (399.0, 0.0)]),
+                    Series::points("eval oracle accuracy", vec![]),
                 ],
+                ..Default::default()
+            },
+            Panel {
+                title: "Eval oracle accuracy".into(),
+                y_label: "accuracy".into(),
+                series: vec![Series {
+                    style: SeriesStyle::LinePoints,
+                    ..Series::line("eval", (0..5).map(|i| (i as f64 * 100.0, 0.2 + 0.1 * i as f64)).collect())
+                }],
+                y_range: Some((0.0, 1.0)),
             },
             Panel {
                 title: "KL(policy || reference)".into(),
                 y_label: "KL".into(),
                 series: vec![Series::line("kl", kl)],
+                ..Default::default()
             },
         ];
         line_charts(&dir.join("rl.png"), "RL: reward and KL", "step", &panels).unwrap();
@@ -1309,8 +1274,11 @@ mod tests {
             .collect();
         bar_chart(&dir.join("neg.png"), "Reward margin", "margin", &neg, Some(0.0)).unwrap();
         let font: String = (' '..='~').collect();
-        let lines: Vec<Series> =
-            font.as_bytes().chunks(32).map(|c| Series::line(String::from_utf8_lossy(c), vec![])).collect();
+        let lines: Vec<Series> = font
+            .as_bytes()
+            .chunks(32)
+            .map(|c| Series::line(String::from_utf8_lossy(c), vec![(0.0, 1.0)]))
+            .collect();
         line_chart(&dir.join("font.png"), "The quick brown fox: 0.123456789", "x_label", "y_label", &lines)
             .unwrap();
     }

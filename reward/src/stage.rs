@@ -223,6 +223,39 @@ fn eval_row(step: u64, r: &EvalReport) -> serde_json::Value {
     })
 }
 
+/// Writes `loss.png` from `metrics.jsonl` in `dir`: the training loss per
+/// step (faint, under its moving average) and the held-out loss, above the
+/// accuracy (the share of pairs whose chosen answer scores higher) on the
+/// training batches and on the held-out pairs, on a 0–1 axis.
+pub fn plot_metrics(dir: &Path) -> Result<()> {
+    use lm::plot::{ema, line_charts, Panel, Series, SeriesStyle};
+    let rows = train::read_metrics(&dir.join("metrics.jsonl"))?;
+    let pick = |key: &str| -> Vec<(f64, f64)> {
+        rows.iter().filter_map(|r| Some((r["step"].as_f64()?, r.get(key)?.as_f64()?))).collect()
+    };
+    let (loss, acc) = (pick("loss"), pick("accuracy"));
+    let span = (loss.len() / 20).clamp(2, 100);
+    let smooth =
+        |pts: &[(f64, f64)]| Series::line(format!("train, moving average ({span} steps)"), ema(pts, span));
+    let held_out =
+        |key: &str| Series { style: SeriesStyle::LinePoints, ..Series::line("held-out", pick(key)) };
+    let panels = [
+        Panel {
+            title: "loss".into(),
+            y_label: "loss".into(),
+            series: vec![Series::faint("train", loss.clone()), smooth(&loss), held_out("eval_loss")],
+            ..Default::default()
+        },
+        Panel {
+            title: "accuracy (chosen scored above rejected)".into(),
+            y_label: "accuracy".into(),
+            series: vec![Series::faint("train", acc.clone()), smooth(&acc), held_out("eval_accuracy")],
+            y_range: Some((0.0, 1.0)),
+        },
+    ];
+    line_charts(&dir.join("loss.png"), "Reward model: loss and accuracy", "step", &panels)
+}
+
 /// Runs the stage. Resumes from the newest checkpoint in
 /// `output_dir/checkpoints` when its config hash matches; bit-identical to an
 /// uninterrupted run on the CPU with the same thread count.
@@ -408,7 +441,13 @@ pub fn run(cfg: &RewardConfig, base: &Path) -> Result<RewardSummary> {
         sources: serde_json::to_value(&data.mixture.report().sources).unwrap_or_default(),
     };
     let summary_path = cfg.stage.output_dir.join("summary.json");
+    let plot = || {
+        if let Err(e) = plot_metrics(&cfg.stage.output_dir) {
+            eprintln!("warning: no loss.png: {e:#}");
+        }
+    };
     if !summary.completed {
+        plot();
         if last_saved != Some(state.step) {
             save(&vs, &opt, &state, eval_stats.as_ref())?;
         }
@@ -434,6 +473,7 @@ pub fn run(cfg: &RewardConfig, base: &Path) -> Result<RewardSummary> {
     model::save(&model_dir, &vs, &model, &tok, stats.as_ref())?;
     summary.reward_stats = stats;
     summary.model_dir = Some(model_dir);
+    plot();
     lm::fsio::write_atomic(&summary_path, serde_json::to_string_pretty(&summary)?.as_bytes())?;
     Ok(summary)
 }

@@ -45,6 +45,9 @@ fn learns_a_synthetic_preference_to_90_percent_held_out() {
     assert_eq!(steps, s.steps);
     assert!(metrics.iter().filter(|m| m.get("eval_accuracy").is_some()).count() >= 2);
     assert_eq!(read(&cfg.stage.output_dir.join("summary.json"))["steps"], s.steps);
+    // The picture of the loss and accuracy.
+    let png = std::fs::read(cfg.stage.output_dir.join("loss.png")).unwrap();
+    assert!(png.starts_with(b"\x89PNG"), "loss.png is a PNG");
 }
 
 fn weights(dir: &Path) -> Vec<u8> {

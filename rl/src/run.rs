@@ -79,29 +79,35 @@ fn eval_row(e: &EvalReport) -> serde_json::Value {
 }
 
 /// Draws `rl.png` from `metrics.jsonl`: the mean reward per step (and
-/// the evaluation reward) above the KL to the reference.
+/// the evaluation reward), the oracle's accuracy on the evaluation prompts
+/// (on its own 0–1 axis, when there is one) and the KL to the reference.
 pub fn plot_metrics(metrics: &Path, out: &Path) -> Result<()> {
-    use lm::plot::{line_charts, Panel, Series};
+    use lm::plot::{line_charts, Panel, Series, SeriesStyle};
     let rows = train::read_metrics(metrics)?;
     let pts = |key: &str| -> Vec<(f64, f64)> {
         rows.iter().filter_map(|r| Some((r["step"].as_f64()?, r.get(key)?.as_f64()?))).collect()
     };
-    let panels = [
-        Panel {
-            title: "reward".into(),
-            y_label: "mean reward".into(),
-            series: vec![
-                Series::line("train", pts("reward_mean")),
-                Series::points("eval", pts("eval_reward")),
-                Series::points("eval oracle accuracy", pts("eval_oracle_accuracy")),
-            ],
-        },
-        Panel {
-            title: "KL to the reference".into(),
-            y_label: "KL per sample".into(),
-            series: vec![Series::line("KL", pts("kl"))],
-        },
-    ];
+    let mut panels = vec![Panel {
+        title: "reward".into(),
+        y_label: "mean reward".into(),
+        series: vec![Series::line("train", pts("reward_mean")), Series::points("eval", pts("eval_reward"))],
+        ..Default::default()
+    }];
+    let oracle = pts("eval_oracle_accuracy");
+    if !oracle.is_empty() {
+        panels.push(Panel {
+            title: "oracle accuracy on the evaluation prompts".into(),
+            y_label: "accuracy".into(),
+            series: vec![Series { style: SeriesStyle::LinePoints, ..Series::line("eval", oracle) }],
+            y_range: Some((0.0, 1.0)),
+        });
+    }
+    panels.push(Panel {
+        title: "KL to the reference".into(),
+        y_label: "KL per sample".into(),
+        series: vec![Series::line("KL", pts("kl"))],
+        ..Default::default()
+    });
     line_charts(out, "RL: reward and KL", "step", &panels)
 }
 

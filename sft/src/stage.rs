@@ -320,15 +320,21 @@ fn epoch_order(data: &Data, sampler: &Option<Sampler>, epoch: u64, seed: u64) ->
     }
 }
 
-/// Writes `loss.png` (train loss per step, eval loss points) from
-/// `metrics.jsonl` in `dir`.
+/// Writes `loss.png` (train loss per step, faint, under its moving
+/// average; eval loss points) from `metrics.jsonl` in `dir`.
 pub fn plot_losses(dir: &Path) -> Result<()> {
     let rows = train::read_metrics(&dir.join("metrics.jsonl"))?;
     let pick = |key: &str| -> Vec<(f64, f64)> {
         rows.iter().filter_map(|r| Some((r["step"].as_f64()?, r.get(key)?.as_f64()?))).collect()
     };
+    let loss = pick("loss");
+    let span = (loss.len() / 20).clamp(2, 100);
     let series = [
-        lm::plot::Series::line("train loss", pick("loss")),
+        lm::plot::Series::faint("train loss", loss.clone()),
+        lm::plot::Series::line(
+            format!("train loss, moving average ({span} steps)"),
+            lm::plot::ema(&loss, span),
+        ),
         lm::plot::Series {
             style: lm::plot::SeriesStyle::LinePoints,
             ..lm::plot::Series::line("eval loss", pick("eval_loss"))
@@ -468,7 +474,9 @@ pub fn run(cfg: &SftConfig, base: &Path) -> Result<SftSummary> {
         (Some(el), Some(el.exp()))
     };
     save(&vs, &opt, &state)?;
-    plot_losses(&cfg.stage.output_dir)?;
+    if let Err(e) = plot_losses(&cfg.stage.output_dir) {
+        eprintln!("warning: no loss.png: {e:#}");
+    }
     let model_dir = cfg.stage.output_dir.join("model");
     checkpoint::save(&model_dir, &vs, &model.cfg, &tok, &SaveOptions::default())?;
     let summary = SftSummary {
