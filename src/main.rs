@@ -152,7 +152,7 @@ enum Command {
     /// Compare two systems' answers side by side with a judge (both orders).
     Judge(Box<judge::JudgeArgs>),
     /// Serve a checkpoint with an OpenAI-compatible chat-completions API on loopback.
-    Serve(judge::ServeArgs),
+    Serve(serve::ServeArgs),
     /// Data tools: inspect, filter, mix.
     Data {
         #[command(subcommand)]
@@ -244,7 +244,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Reward { config } => reward::cli_train(&config),
         Command::Rl { config } => rl::cli_train(&config),
         Command::Judge(args) => judge::cli_judge(*args),
-        Command::Serve(args) => judge::cli_serve(args),
+        Command::Serve(args) => serve::cli_serve(args),
         Command::Score { reward_model, data, out } => reward::cli_score(&reward_model, &data, out.as_deref()),
         Command::Data { command } => data_cmd::run(command),
     }

@@ -1,5 +1,6 @@
 //! `align serve` as a process: SIGTERM and SIGINT stop it cleanly — no new
-//! requests, the one in progress finished, exit status 0, the port closed.
+//! requests, the one in progress finished, exit status 0, the port closed;
+//! `--workers 0` and `--max-tokens-limit 0` are refused.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -127,4 +128,19 @@ fn sigint_stops_an_idle_server_with_status_0() {
     err.read_to_string(&mut rest).unwrap();
     assert!(rest.contains("SIGINT") && rest.contains("stopped"), "{rest}");
     assert!(TcpStream::connect(addr).is_err(), "the port is closed");
+}
+
+#[test]
+fn zero_workers_or_token_limit_are_refused() {
+    for (flag, value) in [("--workers", "0"), ("--max-tokens-limit", "0")] {
+        let out = Command::new(env!("CARGO_BIN_EXE_align"))
+            .args(["serve", "--model", &fixture(), "--port", "0", "--device", "cpu", flag, value])
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "{flag} {value} was accepted");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(flag) && err.contains("0"), "{flag}: {err}");
+        assert!(!err.contains("serving"), "it must not start: {err}");
+    }
 }

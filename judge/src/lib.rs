@@ -1,6 +1,6 @@
-//! `judge`: side-by-side comparison of two systems' answers, an
-//! OpenAI-compatible server for a local checkpoint, and the memorization
-//! eval.
+//! `judge`: side-by-side comparison of two systems' answers (with an
+//! OpenAI-compatible client for `http:` judges) and the memorization eval.
+//! `align serve`, the OpenAI-compatible server, is the `serve` crate.
 //!
 //! - [`verdict`] — verdicts and the `[[A]]`/`[[B]]`/`[[C]]` parser.
 //! - [`stats`] — win rate (wins + ties/2)/n with a seeded bootstrap interval.
@@ -9,7 +9,6 @@
 //! - [`oracle`] — programmatic checkers with a registry (`oracle:NAME`).
 //! - [`judges`] — `lm:DIR`, `reward:DIR`, `oracle:NAME` and `http:URL`.
 //! - [`http`] — the `http:URL` judge (an OpenAI-compatible client).
-//! - [`server`] — `align serve`: OpenAI-compatible chat completions.
 //! - [`harness`] — `align judge`: answers, judging, report.
 //! - [`memorization`] — `align eval memorization`: exact and approximate
 //!   memorization rates of 50-token continuations.
@@ -20,11 +19,9 @@ pub mod judges;
 pub mod memorization;
 pub mod oracle;
 pub mod pairwise;
-pub mod server;
 pub mod stats;
 pub mod template;
 pub mod verdict;
 
 pub use harness::{cli_judge, JudgeArgs};
 pub use memorization::{cli_memorization, MemArgs};
-pub use server::{cli_serve, ServeArgs};

@@ -1,5 +1,5 @@
-//! The `http:` judge against a fake OpenAI-compatible server (tiny_http in
-//! the test) that fails on purpose, counts requests in flight, checks the
+//! The `http:` judge against a fake OpenAI-compatible server (axum in the
+//! test) that fails on purpose, counts requests in flight, checks the
 //! API key and answers with a verdict.
 
 use clap::Parser;
@@ -10,7 +10,7 @@ use judge::template::Template;
 use judge::verdict::Verdict;
 use serde_json::{json, Value};
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -27,74 +27,85 @@ struct Seen {
 struct Fake {
     url: String,
     seen: Arc<Seen>,
-    server: Arc<tiny_http::Server>,
-    stop: Arc<AtomicBool>,
-    threads: Vec<JoinHandle<()>>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<JoinHandle<()>>,
 }
 
 impl Drop for Fake {
     fn drop(&mut self) {
-        self.stop.store(true, Ordering::SeqCst);
-        for _ in 0..self.threads.len() {
-            self.server.unblock();
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
         }
-        for t in self.threads.drain(..) {
+        if let Some(t) = self.thread.take() {
             t.join().unwrap();
         }
     }
 }
 
+#[derive(Clone)]
+struct FakeState {
+    seen: Arc<Seen>,
+    failures: Arc<Vec<u16>>,
+    delay: Duration,
+    answer: fn(&str) -> String,
+}
+
+async fn fake_completion(
+    axum::extract::State(st): axum::extract::State<FakeState>,
+    headers: axum::http::HeaderMap,
+    body: String,
+) -> (axum::http::StatusCode, String) {
+    let seen = &st.seen;
+    let now = seen.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+    seen.max_in_flight.fetch_max(now, Ordering::SeqCst);
+    let n = seen.requests.fetch_add(1, Ordering::SeqCst);
+    let auth = headers.get("Authorization").map(|v| v.to_str().unwrap().to_string());
+    seen.authorization.lock().unwrap().push(auth);
+    tokio::time::sleep(st.delay).await;
+    let (status, reply) = match st.failures.get(n) {
+        Some(&s) => (s, json!({"error": {"message": format!("try again ({s})")}})),
+        None => {
+            let v: Value = serde_json::from_str(&body).unwrap();
+            assert_eq!(v["model"], "fake-judge");
+            let prompt = v["messages"][0]["content"].as_str().unwrap();
+            (
+                200,
+                json!({"id": "x", "object": "chat.completion",
+                       "choices": [{"index": 0, "finish_reason": "stop",
+                                    "message": {"role": "assistant", "content": (st.answer)(prompt)}}]}),
+            )
+        }
+    };
+    seen.in_flight.fetch_sub(1, Ordering::SeqCst);
+    (axum::http::StatusCode::from_u16(status).unwrap(), reply.to_string())
+}
+
 /// A fake `/v1/chat/completions`: the first `failures.len()` requests get
 /// those statuses, later ones `answer(prompt)` as the message content after
-/// `delay`. Eight threads, so that it never limits concurrency itself.
+/// `delay`. Asynchronous, so that it never limits concurrency itself.
 fn fake(failures: Vec<u16>, delay: Duration, answer: fn(&str) -> String) -> Fake {
-    let server = Arc::new(tiny_http::Server::http("127.0.0.1:0").unwrap());
-    let url = format!("http://{}", server.server_addr().to_ip().unwrap());
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
     let seen = Arc::new(Seen::default());
-    let stop = Arc::new(AtomicBool::new(false));
-    let failures = Arc::new(failures);
-    let threads = (0..8)
-        .map(|_| {
-            let (server, seen, stop, failures) = (server.clone(), seen.clone(), stop.clone(), failures.clone());
-            std::thread::spawn(move || loop {
-                let mut req = match server.recv() {
-                    Ok(r) => r,
-                    Err(_) if stop.load(Ordering::SeqCst) => break,
-                    Err(_) => continue,
-                };
-                let now = seen.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
-                seen.max_in_flight.fetch_max(now, Ordering::SeqCst);
-                let n = seen.requests.fetch_add(1, Ordering::SeqCst);
-                let auth = req
-                    .headers()
-                    .iter()
-                    .find(|h| h.field.equiv("Authorization"))
-                    .map(|h| h.value.as_str().to_string());
-                seen.authorization.lock().unwrap().push(auth);
-                let mut body = String::new();
-                req.as_reader().read_to_string(&mut body).unwrap();
-                std::thread::sleep(delay);
-                let (status, reply) = match failures.get(n) {
-                    Some(&s) => (s, json!({"error": {"message": format!("try again ({s})")}})),
-                    None => {
-                        let v: Value = serde_json::from_str(&body).unwrap();
-                        assert_eq!(v["model"], "fake-judge");
-                        let prompt = v["messages"][0]["content"].as_str().unwrap();
-                        (
-                            200,
-                            json!({"id": "x", "object": "chat.completion",
-                                   "choices": [{"index": 0, "finish_reason": "stop",
-                                                "message": {"role": "assistant", "content": answer(prompt)}}]}),
-                        )
-                    }
-                };
-                seen.in_flight.fetch_sub(1, Ordering::SeqCst);
-                let r = tiny_http::Response::from_string(reply.to_string()).with_status_code(status);
-                let _ = req.respond(r);
-            })
-        })
-        .collect();
-    Fake { url, seen, server, stop, threads }
+    let state = FakeState { seen: seen.clone(), failures: Arc::new(failures), delay, answer };
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let thread = std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+        rt.block_on(async move {
+            let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+            let app = axum::Router::new()
+                .route("/v1/chat/completions", axum::routing::post(fake_completion))
+                .with_state(state);
+            axum::serve(listener, app)
+                .with_graceful_shutdown(async {
+                    let _ = stopped.await;
+                })
+                .await
+                .unwrap();
+        });
+    });
+    Fake { url, seen, stop: Some(stop), thread: Some(thread) }
 }
 
 fn settings(key_env: &str, retries: u32, max_in_flight: usize) -> HttpSettings {

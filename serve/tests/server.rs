@@ -5,8 +5,8 @@ mod common;
 use clap::Parser;
 use judge::harness::{cli_judge, JudgeArgs};
 use judge::http::{HttpJudge, HttpSettings};
-use judge::server::{start, ServerHandle};
 use serde_json::{json, Value};
+use serve::{start, ServerHandle};
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
@@ -382,7 +382,7 @@ fn text_deltas_hold_back_incomplete_utf8() {
     let tok = &loaded.tokenizer;
     let text = "naïve café – 東京 😀 ok";
     let ids = tok.encode(text).unwrap();
-    let mut ts = judge::server::TextStream::new();
+    let mut ts = serve::TextStream::new();
     let mut deltas = vec![];
     for &id in &ids {
         deltas.push(ts.push(tok, id).unwrap());
@@ -398,7 +398,7 @@ fn text_deltas_hold_back_incomplete_utf8() {
     // once finished, as the non-streaming answer does.
     let emoji = tok.encode("😀").unwrap();
     assert!(emoji.len() > 1, "the emoji is several byte tokens: {emoji:?}");
-    let mut ts = judge::server::TextStream::new();
+    let mut ts = serve::TextStream::new();
     let mut partial = String::new();
     for &id in &emoji[..emoji.len() - 1] {
         partial.push_str(&ts.push(tok, id).unwrap());
@@ -479,4 +479,237 @@ fn max_tokens_defaults_to_what_the_context_leaves() {
     let (s, b) = post(&url, &req.to_string());
     assert_eq!(s, 400);
     assert!(error_message(&b).contains("context"), "{b}");
+}
+
+/// Sends `request` on a new connection and reads the reply to its end.
+fn raw(addr: SocketAddr, request: &[u8]) -> std::io::Result<String> {
+    let mut s = TcpStream::connect(addr)?;
+    s.set_read_timeout(Some(Duration::from_secs(60)))?;
+    s.write_all(request)?;
+    let mut reply = vec![];
+    s.read_to_end(&mut reply)?;
+    Ok(String::from_utf8_lossy(&reply).into_owned())
+}
+
+fn status_of(reply: &str) -> u16 {
+    reply.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or(0)
+}
+
+fn models_request(addr: SocketAddr) -> Vec<u8> {
+    format!("GET /v1/models HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").into_bytes()
+}
+
+fn assert_still_answers(h: &ServerHandle) {
+    let reply = raw(h.addr, &models_request(h.addr)).unwrap();
+    assert_eq!(status_of(&reply), 200, "{reply}");
+    let req = json!({"model": "mqa", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4});
+    assert_eq!(post(&h.url(), &req.to_string()).0, 200);
+}
+
+/// Abusive bodies: a declared 10^12 bytes (then a hang-up, and once read
+/// back), and a chunked body past the limit. None of them is read or
+/// allocated in full, and the server answers the next request.
+#[test]
+fn huge_bodies_are_refused_before_they_are_read() {
+    let h = serve();
+    let addr = h.addr;
+    let head = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\n\
+         Content-Length: 1000000000000\r\n\r\n{{\"model\": \"mqa\", "
+    );
+    // 1. Declares 10^12 bytes, sends a few, hangs up.
+    {
+        let mut s = TcpStream::connect(addr).unwrap();
+        s.write_all(head.as_bytes()).unwrap();
+        s.shutdown(std::net::Shutdown::Both).unwrap();
+    }
+    assert_still_answers(&h);
+    // 2. The same, waiting for the answer: a 413 in the usual error shape, at once.
+    let t0 = std::time::Instant::now();
+    let reply = raw(addr, head.as_bytes()).unwrap();
+    assert_eq!(status_of(&reply), 413, "{reply}");
+    let body = reply.split_once("\r\n\r\n").unwrap().1;
+    assert!(error_message(body).contains("over 1048576 bytes"), "{body}");
+    assert!(t0.elapsed() < Duration::from_secs(10));
+    // 3. Chunked, no declared length: refused once past 1 MiB.
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    write!(s, "POST /v1/chat/completions HTTP/1.1\r\nHost: {addr}\r\nTransfer-Encoding: chunked\r\n\r\n")
+        .unwrap();
+    let piece = vec![b' '; 64 * 1024];
+    for _ in 0..24 {
+        // The server may close as soon as it has refused.
+        if write!(s, "{:x}\r\n", piece.len())
+            .and_then(|_| s.write_all(&piece))
+            .and_then(|_| s.write_all(b"\r\n"))
+            .is_err()
+        {
+            break;
+        }
+    }
+    let mut reply = vec![];
+    let _ = s.read_to_end(&mut reply);
+    let reply = String::from_utf8_lossy(&reply);
+    assert!(reply.is_empty() || status_of(&reply) == 413, "{reply}");
+    drop(s);
+    assert_still_answers(&h);
+}
+
+/// Idle sockets, headers that never end and bodies that never come are
+/// closed after the timeouts, and the server goes on answering.
+#[test]
+fn idle_and_slow_connections_are_timed_out() {
+    let model = lm::checkpoint::load_causal_lm(&fixture(), tch::Device::Cpu, tch::Kind::Float).unwrap();
+    let mut opts = serve::Options::new("mqa", 0, 2, 64);
+    opts.timeouts = serve::Timeouts {
+        header_read: Duration::from_millis(300),
+        body_read: Duration::from_millis(300),
+        write: Duration::from_secs(5),
+        close: Duration::from_secs(5),
+    };
+    let h = serve::start_with(model, opts).unwrap();
+    let addr = h.addr;
+    let closed_within = |s: &mut TcpStream, limit: Duration| -> String {
+        s.set_read_timeout(Some(limit)).unwrap();
+        let mut reply = vec![];
+        s.read_to_end(&mut reply).expect("the server closed the connection");
+        String::from_utf8_lossy(&reply).into_owned()
+    };
+    // A socket that sends nothing.
+    let mut idle = TcpStream::connect(addr).unwrap();
+    // Headers that never end.
+    let mut partial = TcpStream::connect(addr).unwrap();
+    write!(partial, "POST /v1/chat/completions HTTP/1.1\r\nHost: {addr}\r\n").unwrap();
+    // A body that never comes: a 408.
+    let mut slow = TcpStream::connect(addr).unwrap();
+    write!(
+        slow,
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: {addr}\r\nContent-Length: 100\r\n\r\n{{\"model\""
+    )
+    .unwrap();
+    // A keep-alive connection that goes idle after one request.
+    let mut kept = TcpStream::connect(addr).unwrap();
+    write!(kept, "GET /v1/models HTTP/1.1\r\nHost: {addr}\r\n\r\n").unwrap();
+
+    assert_eq!(closed_within(&mut idle, Duration::from_secs(10)), "");
+    assert_eq!(closed_within(&mut partial, Duration::from_secs(10)), "");
+    let reply = closed_within(&mut slow, Duration::from_secs(10));
+    assert_eq!(status_of(&reply), 408, "{reply}");
+    assert!(error_message(reply.split_once("\r\n\r\n").unwrap().1).contains("did not arrive"), "{reply}");
+    let reply = closed_within(&mut kept, Duration::from_secs(10));
+    assert_eq!(status_of(&reply), 200, "{reply}");
+    assert_still_answers(&h);
+}
+
+#[test]
+fn zero_workers_or_token_limit_are_refused() {
+    let load = || lm::checkpoint::load_causal_lm(&fixture(), tch::Device::Cpu, tch::Kind::Float).unwrap();
+    let e = start(load(), "mqa", 0, 0, 64).err().expect("--workers 0 is refused").to_string();
+    assert!(e.contains("--workers must be at least 1"), "{e}");
+    let e = start(load(), "mqa", 0, 2, 0).err().expect("--max-tokens-limit 0 is refused").to_string();
+    assert!(e.contains("--max-tokens-limit must be at least 1"), "{e}");
+}
+
+/// Shutdown while requests are in progress and others keep arriving: the
+/// ones accepted before it are answered in full (200), those that arrive
+/// during it get a 503 with a JSON error, then the port closes.
+#[test]
+fn shutdown_answers_accepted_requests_and_503s_the_rest() {
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    let h = serve();
+    let addr = h.addr;
+    // Two requests in progress: their bodies are half sent when the
+    // shutdown starts, and finished once it is under way.
+    let whole = json!({"model": "mqa", "messages": [{"role": "user", "content": "Tell me a story"}],
+                       "max_tokens": 32, "temperature": 0})
+    .to_string();
+    let mut streamed = serde_json::from_str::<Value>(&whole).unwrap();
+    streamed["stream"] = json!(true);
+    let streamed = streamed.to_string();
+    let open = |body: &str| {
+        let mut s = TcpStream::connect(addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+        write!(
+            s,
+            "POST /v1/chat/completions HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\n\
+             Content-Length: {}\r\nConnection: close\r\n\r\n{}",
+            body.len(),
+            &body[..10]
+        )
+        .unwrap();
+        s
+    };
+    let (mut a, mut b) = (open(&whole), open(&streamed));
+    let t0 = std::time::Instant::now();
+    while h.in_flight() < 2 {
+        assert!(t0.elapsed() < Duration::from_secs(10), "the two requests never started");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let unavailable = AtomicUsize::new(0);
+    let done = AtomicBool::new(false);
+    std::thread::scope(|sc| {
+        // Clients that keep sending requests, each on a new connection,
+        // until the port is closed (at most 500 each).
+        let probers: Vec<_> = (0..3)
+            .map(|_| {
+                sc.spawn(|| {
+                    let mut statuses = vec![];
+                    for _ in 0..500 {
+                        match raw(addr, &models_request(addr)) {
+                            Ok(reply) if !reply.is_empty() => {
+                                let s = status_of(&reply);
+                                if s == 503 {
+                                    let body = reply.split_once("\r\n\r\n").unwrap().1;
+                                    assert!(error_message(body).contains("shutting down"), "{body}");
+                                    unavailable.fetch_add(1, Ordering::SeqCst);
+                                }
+                                statuses.push(s);
+                            }
+                            // Refused or reset: the port is closing.
+                            _ => break,
+                        }
+                        if done.load(Ordering::SeqCst) {
+                            break;
+                        }
+                        std::thread::sleep(Duration::from_millis(5));
+                    }
+                    statuses
+                })
+            })
+            .collect();
+        let stopper = sc.spawn(|| h.shutdown());
+        let t0 = std::time::Instant::now();
+        while unavailable.load(Ordering::SeqCst) == 0 {
+            assert!(t0.elapsed() < Duration::from_secs(20), "no 503 while shutting down");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        // The shutdown is under way: the accepted requests finish.
+        a.write_all(whole[10..].as_bytes()).unwrap();
+        b.write_all(streamed[10..].as_bytes()).unwrap();
+        let mut reply = String::new();
+        a.read_to_string(&mut reply).unwrap();
+        assert_eq!(status_of(&reply), 200, "{reply}");
+        let v: Value = serde_json::from_str(reply.split_once("\r\n\r\n").unwrap().1).unwrap();
+        assert_eq!(v["object"], "chat.completion");
+        let mut reply = String::new();
+        b.read_to_string(&mut reply).unwrap();
+        assert_eq!(status_of(&reply), 200, "{reply}");
+        assert!(reply.contains("data: [DONE]") && reply.ends_with("0\r\n\r\n"), "{reply}");
+        stopper.join().unwrap();
+        done.store(true, Ordering::SeqCst);
+        let mut total = 0;
+        for p in probers {
+            let statuses = p.join().unwrap();
+            total += statuses.len();
+            assert!(statuses.iter().all(|s| *s == 200 || *s == 503), "{statuses:?}");
+            // Once a 503, never a 200 again.
+            let first503 = statuses.iter().position(|s| *s == 503).unwrap_or(statuses.len());
+            assert!(statuses[first503..].iter().all(|s| *s == 503), "{statuses:?}");
+        }
+        eprintln!(
+            "the probers sent {total} requests, {} answered 503",
+            unavailable.load(Ordering::SeqCst)
+        );
+    });
+    assert!(TcpStream::connect(addr).is_err(), "the port is closed");
 }
