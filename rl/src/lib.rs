@@ -19,14 +19,15 @@
 //!   and optimiser; [`Trainer::step`] is one step (rollouts → rewards →
 //!   advantages → update → KL controller), [`Trainer::evaluate`] one
 //!   evaluation.
-//! - [`run`](mod@run) — [`run`] and [`run_with_reward`]: the loop with
+//! - [`run`](mod@run) — [`run`](fn@run) and [`run_with_reward`]: the loop with
 //!   metrics, evaluation, samples, checkpoints and bit-identical resumption,
 //!   the final model, plot and summary; [`cli_train`] for `align rl --config`.
-//!
-//! The modules form a DAG: `run → {trainer, prompts} → config →
-//! {control, loss, reward, rollout}`.
 //! - [`bench`] — the time split of one RL step on a random model, for
 //!   `align bench rl`.
+//!
+//! The modules form a DAG: `bench` and `run` use `trainer` (and `run`
+//! `prompts`), which use `config`, which uses the pure pieces (`control`,
+//! `loss`, `reward`, `rollout`); nothing points back up.
 
 pub mod bench;
 pub mod config;
