@@ -89,6 +89,37 @@ pub fn apply_truncation(
     (out, truncated, dropped)
 }
 
+/// Cuts a sequence longer than `max_len` pairs into windows of at most
+/// `max_len` pairs, one starting every `stride` pairs (`stride` ≤
+/// `max_len`; `stride == max_len`: no overlap). Where windows overlap, the
+/// pairs a window shares with the one before are context only (mask false),
+/// so every pair of the sequence is trained once. The last window ends at
+/// the sequence's end; a sequence of at most `max_len` pairs is one window.
+pub fn windows(seq: &Sequence, max_len: usize, stride: usize) -> Vec<Sequence> {
+    let n = seq.len();
+    if n <= max_len {
+        return vec![seq.clone()];
+    }
+    let stride = stride.clamp(1, max_len);
+    let mut out = vec![];
+    let (mut start, mut covered) = (0usize, 0usize); // covered: pairs trained by earlier windows
+    loop {
+        let end = (start + max_len).min(n);
+        let mut mask = seq.mask[start..end].to_vec();
+        mask[..covered.saturating_sub(start)].iter_mut().for_each(|m| *m = false);
+        out.push(Sequence {
+            input: seq.input[start..end].to_vec(),
+            target: seq.target[start..end].to_vec(),
+            mask,
+        });
+        if end == n {
+            return out;
+        }
+        covered = end;
+        start += stride;
+    }
+}
+
 /// A row plan: which sequences (by index) share one row.
 pub type Row = Vec<usize>;
 
@@ -213,6 +244,25 @@ mod tests {
 
     fn seq(n: usize) -> Sequence {
         Sequence { input: (0..n as i64).collect(), target: (1..=n as i64).collect(), mask: vec![true; n] }
+    }
+
+    #[test]
+    fn windows_cover_a_long_sequence_and_train_each_pair_once() {
+        let s = seq(10);
+        let w = windows(&s, 4, 4);
+        assert_eq!(w.iter().map(Sequence::len).collect::<Vec<_>>(), vec![4, 4, 2]);
+        let targets: Vec<i64> = w.iter().flat_map(|x| x.target.clone()).collect();
+        assert_eq!(targets, s.target);
+        assert!(w.iter().all(|x| x.mask.iter().all(|&m| m)));
+        // Overlapping windows: the shared pairs are context only.
+        let w = windows(&s, 4, 3);
+        assert_eq!(w.iter().map(|x| x.input[0]).collect::<Vec<_>>(), vec![0, 3, 6]);
+        assert_eq!(w[1].mask, vec![false, true, true, true]);
+        assert_eq!(w[2].mask, vec![false, true, true, true]);
+        let trained: Vec<i64> =
+            w.iter().flat_map(|x| x.target.iter().zip(&x.mask).filter(|p| *p.1).map(|p| *p.0)).collect();
+        assert_eq!(trained, s.target);
+        assert_eq!(windows(&seq(4), 4, 2), vec![seq(4)]);
     }
 
     #[test]

@@ -1,6 +1,6 @@
 //! The SFT stage: config → data → train → checkpoints → final model.
 
-use crate::batch::{apply_truncation, make_batch, plan_epoch, Batch, Row, Sequence, Truncation};
+use crate::batch::{apply_truncation, make_batch, plan_epoch, windows, Batch, Row, Sequence, Truncation};
 use crate::loss::masked_cross_entropy_sum;
 use anyhow::{bail, Context, Result};
 use datasets::{DataReportSummary, Mixture, MixtureConfig};
@@ -41,11 +41,17 @@ pub struct SftConfig {
     /// with a `text` field.
     #[serde(default)]
     pub text_files: Vec<PathBuf>,
-    /// Pretrain mode: the fraction of documents held out for evaluation.
+    /// Pretrain mode: the fraction of documents held out for evaluation
+    /// (whole documents, drawn from `seed`).
     #[serde(default = "default_eval_fraction")]
     pub eval_fraction: f64,
     #[serde(default = "default_max_seq_len")]
     pub max_seq_len: usize,
+    /// Pretrain mode: a document longer than `max_seq_len` is cut into
+    /// windows of `max_seq_len` tokens, one every `stride` tokens (default
+    /// `max_seq_len`: no overlap); overlapping tokens are context only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stride: Option<usize>,
     /// Rows per micro-batch.
     #[serde(default = "default_batch_size")]
     pub batch_size: usize,
@@ -102,6 +108,11 @@ impl SftConfig {
         if !(0.0..1.0).contains(&self.eval_fraction) {
             bail!("eval_fraction must be in [0, 1)");
         }
+        if let Some(s) = self.stride {
+            if s == 0 || s > self.max_seq_len {
+                bail!("stride must be in 1..=max_seq_len ({}), got {s}", self.max_seq_len);
+            }
+        }
         Ok(())
     }
 
@@ -139,6 +150,23 @@ pub struct SftSummary {
     /// [`DataReportSummary::MAX_LISTED`]). Empty in pretrain mode.
     #[serde(default)]
     pub data: DataReportSummary,
+    /// Pretrain mode: the documents of each split and the windows cut from them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub windows: Option<WindowCounts>,
+}
+
+/// Pretrain mode: how the documents were split and cut into windows.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WindowCounts {
+    pub documents: usize,
+    pub train_documents: usize,
+    pub eval_documents: usize,
+    /// Documents longer than `max_seq_len`, cut into more than one window.
+    pub long_documents: usize,
+    pub train_windows: usize,
+    pub eval_windows: usize,
+    pub max_seq_len: usize,
+    pub stride: usize,
 }
 
 /// The chat-mode sampler: the mixture and, per (source, row), the index of
@@ -152,6 +180,8 @@ pub struct Data {
     pub truncated: usize,
     pub dropped: usize,
     pub sources: serde_json::Value,
+    /// Pretrain mode: the split and window counts.
+    pub windows: Option<WindowCounts>,
 }
 
 fn encode_examples(tok: &Tokenizer, examples: &[&datasets::Example]) -> Result<Vec<Sequence>> {
@@ -200,25 +230,49 @@ pub fn load_data(cfg: &SftConfig, tok: &Tokenizer, base: &Path) -> Result<(Data,
         Mode::Pretrain => {
             let docs = read_text_docs(&cfg.text_files)?;
             let n_eval = ((docs.len() as f64) * cfg.eval_fraction).round() as usize;
-            let encode = |d: &String| -> Result<Option<Sequence>> {
+            // Held out: whole documents, drawn from the seed (not the last ones).
+            let mut order: Vec<usize> = (0..docs.len()).collect();
+            {
+                use rand::seq::SliceRandom;
+                use rand::SeedableRng;
+                order.shuffle(&mut rand_chacha::ChaCha8Rng::seed_from_u64(
+                    cfg.stage.seed ^ 0x6865_6c64_5f6f_7574,
+                ));
+            }
+            let mut is_eval = vec![false; docs.len()];
+            order.iter().take(n_eval.min(docs.len())).for_each(|&i| is_eval[i] = true);
+            let stride = cfg.stride.unwrap_or(cfg.max_seq_len);
+            let mut counts = WindowCounts {
+                documents: docs.len(),
+                max_seq_len: cfg.max_seq_len,
+                stride,
+                ..Default::default()
+            };
+            let (mut train, mut eval) = (vec![], vec![]);
+            for (i, d) in docs.iter().enumerate() {
                 let mut ids = vec![tok.special.bos];
                 ids.extend(tok.encode(d)?);
                 ids.push(tok.special.eos);
                 let mask = vec![true; ids.len()];
-                Ok(Sequence::from_ids(&ids, &mask))
-            };
-            let mut all = vec![];
-            for d in &docs {
-                all.extend(encode(d)?);
+                let Some(seq) = Sequence::from_ids(&ids, &mask) else { continue };
+                // A long document is cut into windows, not truncated.
+                let w = windows(&seq, cfg.max_seq_len, stride);
+                counts.long_documents += usize::from(w.len() > 1);
+                if is_eval[i] {
+                    counts.eval_documents += 1;
+                    counts.eval_windows += w.len();
+                    eval.extend(w);
+                } else {
+                    counts.train_documents += 1;
+                    counts.train_windows += w.len();
+                    train.extend(w);
+                }
             }
-            let eval: Vec<Sequence> = all.split_off(all.len() - n_eval.min(all.len()));
-            let (train, t1, d1) = apply_truncation(all, cfg.max_seq_len, cfg.truncation);
-            let (eval, _, _) = apply_truncation(eval, cfg.max_seq_len, Truncation::Truncate);
             if train.is_empty() {
-                bail!("no training text left after truncation");
+                bail!("no training text in {:?}", cfg.text_files);
             }
             let sources = serde_json::json!({"text_files": cfg.text_files, "documents": docs.len()});
-            Ok((Data { train, eval, truncated: t1, dropped: d1, sources }, None))
+            Ok((Data { train, eval, truncated: 0, dropped: 0, sources, windows: Some(counts) }, None))
         }
         Mode::Chat => {
             let mcfg = cfg.data.as_ref().context("chat mode needs data")?;
@@ -253,7 +307,7 @@ pub fn load_data(cfg: &SftConfig, tok: &Tokenizer, base: &Path) -> Result<(Data,
                 bail!("no training example left after truncation (max_seq_len {})", cfg.max_seq_len);
             }
             let sources = serde_json::to_value(&mix.report().sources).unwrap_or_default();
-            Ok((Data { train, eval, truncated, dropped, sources }, Some((mix, index))))
+            Ok((Data { train, eval, truncated, dropped, sources, windows: None }, Some((mix, index))))
         }
     }
 }
@@ -299,8 +353,9 @@ pub fn evaluate(model: &Gemma, seqs: &[Sequence], batch_size: usize, pad: i64) -
     Ok(if n == 0 { f64::NAN } else { sum / n as f64 })
 }
 
-/// The training order of one epoch as sequence indices.
-fn epoch_order(data: &Data, sampler: &Option<Sampler>, epoch: u64, seed: u64) -> Vec<usize> {
+/// The training order of one epoch as sequence indices (what [`run`] plans
+/// the epoch's batches from, with [`crate::batch::plan_epoch`]).
+pub fn epoch_order(data: &Data, sampler: &Option<Sampler>, epoch: u64, seed: u64) -> Vec<usize> {
     match sampler {
         Some((mix, index)) => mix
             .epoch(epoch)
@@ -494,6 +549,7 @@ pub fn run(cfg: &SftConfig, base: &Path) -> Result<SftSummary> {
         model_dir,
         sources: data.sources.clone(),
         data: data_report,
+        windows: data.windows.clone(),
     };
     lm::fsio::write_atomic(
         &cfg.stage.output_dir.join("summary.json"),
