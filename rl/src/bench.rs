@@ -16,7 +16,7 @@
 //! so that a shared machine's changing speed sways both alike.
 //!
 //! The recipe for the CLI: build [`BenchOptions`] from the flags, call
-//! [`bench`], print the report (its `Display` is the table).
+//! [`bench`](fn@bench), print the report (its `Display` is the table).
 
 use crate::config::RlConfig;
 use crate::reward::RewardModelFn;
@@ -88,7 +88,7 @@ pub struct StepTimes {
     pub rollout_tokens_per_s: f64,
 }
 
-/// What [`bench`] measured.
+/// What [`bench`](fn@bench) measured.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct BenchReport {
     pub preset: String,

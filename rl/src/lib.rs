@@ -22,7 +22,7 @@
 //! - [`run`](mod@run) — [`run`](fn@run) and [`run_with_reward`]: the loop with
 //!   metrics, evaluation, samples, checkpoints and bit-identical resumption,
 //!   the final model, plot and summary; [`cli_train`] for `align rl --config`.
-//! - [`bench`] — the time split of one RL step on a random model, for
+//! - [`bench`](mod@bench) — the time split of one RL step on a random model, for
 //!   `align bench rl`.
 //!
 //! The modules form a DAG: `bench` and `run` use `trainer` (and `run`
