@@ -6,7 +6,7 @@ use crate::model::{submit, Info, Job, Pool, Reply};
 use anyhow::{bail, Context, Result};
 use axum::body::Body;
 use axum::extract::{DefaultBodyLimit, Request, State};
-use axum::http::{header, HeaderMap, Method, StatusCode, Uri, Version};
+use axum::http::{header, HeaderMap, StatusCode, Uri, Version};
 use axum::middleware::Next;
 use axum::response::sse::{Event, Sse};
 use axum::response::{IntoResponse, Response};
@@ -310,12 +310,10 @@ async fn read_body(headers: &HeaderMap, body: Body, limit: Duration) -> Result<V
 async fn chat(
     State(app): State<App>,
     Extension(entered): Extension<Arc<Entered>>,
-    method: Method,
     version: Version,
     headers: HeaderMap,
     body: Body,
 ) -> Response {
-    debug_assert_eq!(method, Method::POST);
     let body = match read_body(&headers, body, app.body_read).await {
         Ok(b) => b,
         Err(e) => return e.into_response(),

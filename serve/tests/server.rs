@@ -684,8 +684,8 @@ fn shutdown_answers_accepted_requests_and_503s_the_rest() {
             std::thread::sleep(Duration::from_millis(5));
         }
         // The shutdown is under way: the accepted requests finish.
-        a.write_all(whole[10..].as_bytes()).unwrap();
-        b.write_all(streamed[10..].as_bytes()).unwrap();
+        a.write_all(&whole.as_bytes()[10..]).unwrap();
+        b.write_all(&streamed.as_bytes()[10..]).unwrap();
         let mut reply = String::new();
         a.read_to_string(&mut reply).unwrap();
         assert_eq!(status_of(&reply), 200, "{reply}");
@@ -706,10 +706,7 @@ fn shutdown_answers_accepted_requests_and_503s_the_rest() {
             let first503 = statuses.iter().position(|s| *s == 503).unwrap_or(statuses.len());
             assert!(statuses[first503..].iter().all(|s| *s == 503), "{statuses:?}");
         }
-        eprintln!(
-            "the probers sent {total} requests, {} answered 503",
-            unavailable.load(Ordering::SeqCst)
-        );
+        eprintln!("the probers sent {total} requests, {} answered 503", unavailable.load(Ordering::SeqCst));
     });
     assert!(TcpStream::connect(addr).is_err(), "the port is closed");
 }
