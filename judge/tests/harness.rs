@@ -2,6 +2,7 @@
 
 mod common;
 use clap::Parser;
+use common::{answer_file_args, read_jsonl, summary, write_jsonl as write, Cli};
 use judge::harness::{cli_judge, JudgeArgs};
 use serde_json::Value;
 use std::path::{Path, PathBuf};
@@ -10,21 +11,27 @@ fn fixture() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../lm/tests/fixtures/mqa")
 }
 
-#[derive(Parser)]
-struct Cli {
-    #[command(flatten)]
-    args: JudgeArgs,
-}
-
 fn args(extra: &[&str]) -> JudgeArgs {
     let mut v = vec!["judge", "--device", "cpu", "--bootstrap", "300"];
     v.extend_from_slice(extra);
     Cli::parse_from(v).args
 }
 
-fn write(path: &Path, rows: &[Value]) {
-    let text: String = rows.iter().map(|r| format!("{r}\n")).collect();
-    std::fs::write(path, text).unwrap();
+/// [`args`] for a judgement of the answer files `p`, `c`, `b` into `out`,
+/// and `extra`.
+fn answers_args(p: &Path, c: &Path, b: &Path, out: &Path, extra: &[&str]) -> JudgeArgs {
+    let mut v = answer_file_args(p, c, b, out);
+    v.extend_from_slice(extra);
+    args(&v)
+}
+
+/// A reward model in `dir/rm`: the fixture's backbone with a fresh (seeded)
+/// head.
+fn write_reward_model(dir: &Path) -> PathBuf {
+    let l = lm::reward_model::load(&fixture(), tch::Device::Cpu, tch::Kind::Float, Some(0.5), 0).unwrap();
+    let rm = dir.join("rm");
+    lm::reward_model::save(&rm, &l.vs, &l.model, &l.tokenizer, None).unwrap();
+    rm
 }
 
 /// Prompts with categories and references, and two answer files: the
@@ -68,28 +75,12 @@ fn setup(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
     (p, c, b)
 }
 
-fn summary(out: &Path) -> Value {
-    serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).unwrap()).unwrap()
-}
-
 #[test]
 fn oracle_judge_on_answer_files() {
     let dir = tempfile::tempdir().unwrap();
     let (p, c, b) = setup(dir.path());
     let out = dir.path().join("out");
-    cli_judge(args(&[
-        "--prompts",
-        p.to_str().unwrap(),
-        "--candidate-answers",
-        c.to_str().unwrap(),
-        "--baseline-answers",
-        b.to_str().unwrap(),
-        "--judge",
-        "oracle:exact",
-        "--out",
-        out.to_str().unwrap(),
-    ]))
-    .unwrap();
+    cli_judge(answers_args(&p, &c, &b, &out, &["--judge", "oracle:exact"])).unwrap();
     let s = summary(&out);
     // math: wins on 2+2, 10-7, 8/2 is a loss-free tie? 8/2: cand 5 (wrong), base 3 (wrong) -> tie;
     // 3*3 both right -> tie. So math: 2 wins, 2 ties -> 0.75.
@@ -176,25 +167,11 @@ fn lm_judges_on_the_fixture() {
     let dir = tempfile::tempdir().unwrap();
     let (p, c, b) = setup(dir.path());
     let fx = fixture();
-    let common = |out: &Path, extra: &[&str]| {
-        let mut v = vec![
-            "--prompts",
-            p.to_str().unwrap(),
-            "--candidate-answers",
-            c.to_str().unwrap(),
-            "--baseline-answers",
-            b.to_str().unwrap(),
-            "--out",
-            out.to_str().unwrap(),
-        ];
-        v.extend_from_slice(extra);
-        let a = args(&v.iter().map(|s| &**s).collect::<Vec<_>>());
-        a
-    };
+    let lm_args = |out: &Path, extra: &[&str]| answers_args(&p, &c, &b, out, extra);
     // Log-probability of "A" vs "B": every verdict parses.
     let out = dir.path().join("logprob");
     let judge = format!("lm:{}", fx.display());
-    cli_judge(common(&out, &["--judge", &judge, "--lm-mode", "logprob", "--oracle", "exact"])).unwrap();
+    cli_judge(lm_args(&out, &["--judge", &judge, "--lm-mode", "logprob", "--oracle", "exact"])).unwrap();
     let s = summary(&out);
     assert_eq!(s["unparseable_verdicts"].as_u64(), Some(0));
     assert_eq!(s["overall"]["n"].as_u64(), Some(6));
@@ -213,7 +190,7 @@ fn lm_judges_on_the_fixture() {
     let out = dir.path().join("reason");
     let t = t.to_str().unwrap();
     let extra = ["--judge", &judge, "--lm-mode", "reason", "--judge-max-new-tokens", "4", "--template", t];
-    cli_judge(common(&out, &extra)).unwrap();
+    cli_judge(lm_args(&out, &extra)).unwrap();
     let s = summary(&out);
     assert_eq!(s["unparseable_verdicts"].as_u64(), Some(12));
     assert_eq!(s["retried_verdicts"].as_u64(), Some(12));
@@ -227,43 +204,18 @@ fn lm_judges_on_the_fixture() {
 fn reward_judge_on_the_fixture() {
     let dir = tempfile::tempdir().unwrap();
     let (p, c, b) = setup(dir.path());
-    // A reward model: the fixture's backbone with a fresh (seeded) head.
-    let l = lm::reward_model::load(&fixture(), tch::Device::Cpu, tch::Kind::Float, Some(0.5), 0).unwrap();
-    let rm = dir.path().join("rm");
-    lm::reward_model::save(&rm, &l.vs, &l.model, &l.tokenizer, None).unwrap();
+    let rm = write_reward_model(dir.path());
     let out = dir.path().join("out");
     let judge = format!("reward:{}", rm.display());
-    cli_judge(args(&[
-        "--prompts",
-        p.to_str().unwrap(),
-        "--candidate-answers",
-        c.to_str().unwrap(),
-        "--baseline-answers",
-        b.to_str().unwrap(),
-        "--judge",
-        &judge,
-        "--out",
-        out.to_str().unwrap(),
-    ]))
-    .unwrap();
+    cli_judge(answers_args(&p, &c, &b, &out, &["--judge", &judge])).unwrap();
     let s = summary(&out);
     // A reward model does not see positions: the orders always agree.
     assert_eq!(s["overall"]["order_agreement"].as_f64(), Some(1.0));
     assert_eq!(s["overall"]["n"].as_u64(), Some(6));
     // A causal LM directory is refused as a reward judge.
-    let e = cli_judge(args(&[
-        "--prompts",
-        p.to_str().unwrap(),
-        "--candidate-answers",
-        c.to_str().unwrap(),
-        "--baseline-answers",
-        b.to_str().unwrap(),
-        "--judge",
-        &format!("reward:{}", fixture().display()),
-        "--out",
-        out.to_str().unwrap(),
-    ]))
-    .unwrap_err();
+    let e =
+        cli_judge(answers_args(&p, &c, &b, &out, &["--judge", &format!("reward:{}", fixture().display())]))
+            .unwrap_err();
     assert!(format!("{e:#}").contains("not a reward model"), "{e:#}");
 }
 
@@ -274,9 +226,7 @@ fn reward_judge_ties_within_its_tolerance() {
     use judge::verdict::Verdict;
     let dir = tempfile::tempdir().unwrap();
     let (p, c, b) = setup(dir.path());
-    let l = lm::reward_model::load(&fixture(), tch::Device::Cpu, tch::Kind::Float, Some(0.5), 0).unwrap();
-    let rm = dir.path().join("rm");
-    lm::reward_model::save(&rm, &l.vs, &l.model, &l.tokenizer, None).unwrap();
+    let rm = write_reward_model(dir.path());
     let load = |tol: f64| RewardJudge::load(&rm, tch::Device::Cpu, tch::Kind::Float, tol, 4).unwrap();
 
     // Six answers to one prompt and their rewards.
@@ -326,21 +276,9 @@ fn reward_judge_ties_within_its_tolerance() {
         prompts.iter().zip(cand).zip(base).map(|((q, c), b)| (rr(q, c) - rr(q, b)).abs()).fold(0.0, f64::max)
             + 1.0;
     let run = |tol: f64, out: &Path| {
-        cli_judge(args(&[
-            "--prompts",
-            p.to_str().unwrap(),
-            "--candidate-answers",
-            c.to_str().unwrap(),
-            "--baseline-answers",
-            b.to_str().unwrap(),
-            "--judge",
-            &format!("reward:{}", rm.display()),
-            "--tie-tolerance",
-            &tol.to_string(),
-            "--out",
-            out.to_str().unwrap(),
-        ]))
-        .unwrap();
+        let judge = format!("reward:{}", rm.display());
+        cli_judge(answers_args(&p, &c, &b, out, &["--judge", &judge, "--tie-tolerance", &tol.to_string()]))
+            .unwrap();
         summary(out)
     };
     let s = run(big, &dir.path().join("tied"));
@@ -372,30 +310,13 @@ fn agreement_with_human_labels_is_reported() {
         .collect();
     write(&p, &rows);
     let out = dir.path().join("out");
-    let run = |out: &Path| {
-        cli_judge(args(&[
-            "--prompts",
-            p.to_str().unwrap(),
-            "--candidate-answers",
-            c.to_str().unwrap(),
-            "--baseline-answers",
-            b.to_str().unwrap(),
-            "--judge",
-            "oracle:exact",
-            "--out",
-            out.to_str().unwrap(),
-        ]))
-    };
+    let run = |out: &Path| cli_judge(answers_args(&p, &c, &b, out, &["--judge", "oracle:exact"]));
     run(&out).unwrap();
     let s = summary(&out);
     assert!((s["overall"]["human_agreement"].as_f64().unwrap() - 4.0 / 6.0).abs() < 1e-12, "{s}");
     assert!(std::fs::read_to_string(out.join("report.md")).unwrap().contains("human labels"));
     // The Parquet table carries the human outcome, as the JSONL does.
-    let jsonl: Vec<Value> = std::fs::read_to_string(out.join("judgments.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let jsonl = read_jsonl(&out.join("judgments.jsonl"));
     let from_jsonl: Vec<Option<String>> =
         jsonl.iter().map(|r| r["human_outcome"].as_str().map(String::from)).collect();
     assert_eq!(from_jsonl.iter().flatten().count(), 6);

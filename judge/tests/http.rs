@@ -2,14 +2,15 @@
 //! test) that fails on purpose, counts requests in flight, checks the
 //! API key and answers with a verdict.
 
+mod common;
 use clap::Parser;
-use judge::harness::{cli_judge, JudgeArgs};
+use common::{answer_file_args, read_jsonl, summary, write_jsonl, Cli};
+use judge::harness::cli_judge;
 use judge::http::{HttpJudge, HttpSettings};
 use judge::pairwise::{Judge, Shown};
 use judge::template::Template;
 use judge::verdict::Verdict;
 use serde_json::{json, Value};
-use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -197,16 +198,6 @@ fn never_more_requests_in_flight_than_configured_and_verdicts_parsed() {
     }
 }
 
-#[derive(Parser)]
-struct Cli {
-    #[command(flatten)]
-    args: JudgeArgs,
-}
-
-fn write_jsonl(path: &Path, rows: &[Value]) {
-    std::fs::write(path, rows.iter().map(|r| format!("{r}\n")).collect::<String>()).unwrap();
-}
-
 #[test]
 fn align_judge_with_parsed_http_verdicts() {
     // One 503 on the way: retried inside the client, not a verdict retry.
@@ -230,14 +221,9 @@ fn align_judge_with_parsed_http_verdicts() {
     std::fs::write(&t, "{question}\nA: {answer_a}\nB: {answer_b}\nReply [[A]], [[B]] or [[C]].").unwrap();
     let out = dir.path().join("out");
     let judge = format!("http:{}/v1", f.url);
-    let args = Cli::parse_from([
-        "judge",
-        "--prompts",
-        p.to_str().unwrap(),
-        "--candidate-answers",
-        c.to_str().unwrap(),
-        "--baseline-answers",
-        b.to_str().unwrap(),
+    let mut argv = vec!["judge"];
+    argv.extend(answer_file_args(&p, &c, &b, &out));
+    argv.extend([
         "--judge",
         &judge,
         "--http-model",
@@ -248,24 +234,18 @@ fn align_judge_with_parsed_http_verdicts() {
         "2",
         "--bootstrap",
         "200",
-        "--out",
-        out.to_str().unwrap(),
-    ])
-    .args;
+    ]);
+    let args = Cli::parse_from(argv).args;
     cli_judge(args).unwrap();
     assert_eq!(f.seen.requests.load(Ordering::SeqCst), 9, "8 verdicts, one 503 retried");
-    let s: Value = serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).unwrap()).unwrap();
+    let s = summary(&out);
     assert_eq!(s["unparseable_verdicts"].as_u64(), Some(0), "{s}");
     assert_eq!(s["retried_verdicts"].as_u64(), Some(0), "{s}");
     let o = &s["overall"];
     assert_eq!(o["n"].as_u64(), Some(4));
     assert!((o["win_rate"].as_f64().unwrap() - 3.5 / 4.0).abs() < 1e-12, "{o}");
     assert_eq!(o["order_agreement"].as_f64(), Some(1.0));
-    let rows: Vec<Value> = std::fs::read_to_string(out.join("judgments.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let rows = read_jsonl(&out.join("judgments.jsonl"));
     assert_eq!(rows[0]["candidate_first"]["verdict"], "A");
     assert_eq!(rows[0]["baseline_first"]["verdict"], "B");
     assert_eq!(rows[0]["outcome"], "win");
