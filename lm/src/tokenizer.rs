@@ -3,6 +3,8 @@
 
 use anyhow::{anyhow, bail, Context, Result};
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::OnceLock;
 use tokenizers::decoders::byte_level::ByteLevel as ByteLevelDecoder;
 use tokenizers::models::bpe::{BpeTrainerBuilder, BPE};
 use tokenizers::models::TrainerWrapper;
@@ -25,10 +27,32 @@ pub struct SpecialIds {
     pub end_of_turn: i64,
 }
 
+/// The process-wide default of [`Tokenizer::parse_special_tokens`]: off, so
+/// that message content is always text (see [`set_parse_special_tokens_default`]).
+static PARSE_SPECIAL_TOKENS_DEFAULT: AtomicBool = AtomicBool::new(false);
+
+/// Sets the default of [`Tokenizer::parse_special_tokens`] for tokenizers
+/// loaded after this call (the CLI's `--parse-special-tokens` flag).
+pub fn set_parse_special_tokens_default(parse: bool) {
+    PARSE_SPECIAL_TOKENS_DEFAULT.store(parse, Ordering::Relaxed);
+}
+
+/// The default of [`Tokenizer::parse_special_tokens`] for tokenizers loaded now.
+pub fn parse_special_tokens_default() -> bool {
+    PARSE_SPECIAL_TOKENS_DEFAULT.load(Ordering::Relaxed)
+}
+
 /// A tokenizer with Gemma's special tokens.
 pub struct Tokenizer {
     pub inner: tokenizers::Tokenizer,
     pub special: SpecialIds,
+    /// Whether special-token strings inside message content (`<end_of_turn>`,
+    /// `<start_of_turn>`, ...) become control tokens, as transformers'
+    /// `apply_chat_template` does. Off by default: content is text, so user
+    /// text cannot forge a turn. Only [`crate::chat::encode`] reads it.
+    pub parse_special_tokens: bool,
+    /// `inner` with special-token parsing off, made on first use.
+    text_only: OnceLock<tokenizers::Tokenizer>,
 }
 
 impl Tokenizer {
@@ -55,7 +79,12 @@ impl Tokenizer {
             start_of_turn: id("<start_of_turn>")?,
             end_of_turn: id("<end_of_turn>")?,
         };
-        Ok(Tokenizer { inner, special })
+        Ok(Tokenizer {
+            inner,
+            special,
+            parse_special_tokens: parse_special_tokens_default(),
+            text_only: OnceLock::new(),
+        })
     }
 
     pub fn vocab_size(&self) -> i64 {
@@ -66,6 +95,19 @@ impl Tokenizer {
     /// `<bos>` is added.
     pub fn encode_raw(&self, text: &str) -> Result<Encoding> {
         self.inner.encode(text, false).map_err(|e| anyhow!("tokenizer failed to encode text: {e}"))
+    }
+
+    /// Encodes text as text: special-token strings in it are spelled with
+    /// ordinary tokens, not turned into control tokens (transformers'
+    /// `split_special_tokens=True`). No `<bos>` is added. Added tokens that
+    /// are not special are still matched, as in [`Self::encode_raw`].
+    pub fn encode_text(&self, text: &str) -> Result<Encoding> {
+        let t = self.text_only.get_or_init(|| {
+            let mut t = self.inner.clone();
+            t.set_encode_special_tokens(true);
+            t
+        });
+        t.encode(text, false).map_err(|e| anyhow!("tokenizer failed to encode text: {e}"))
     }
 
     pub fn encode(&self, text: &str) -> Result<Vec<i64>> {

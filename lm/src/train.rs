@@ -573,27 +573,196 @@ pub fn read_metrics(path: &Path) -> Result<Vec<serde_json::Value>> {
         .collect()
 }
 
-/// A progress bar for `total` steps (hidden when stderr is not a terminal
-/// unless `ALIGN_PROGRESS=1`).
-pub fn progress_bar(total: u64, start: u64) -> indicatif::ProgressBar {
-    let pb = indicatif::ProgressBar::new(total);
-    let visible =
-        std::io::IsTerminal::is_terminal(&std::io::stderr()) || std::env::var("ALIGN_PROGRESS").is_ok();
-    if !visible {
-        pb.set_draw_target(indicatif::ProgressDrawTarget::hidden());
+/// A progress bar for `total` steps on a terminal; when stderr is not a
+/// terminal (a log file, CI), a progress line every [`LOG_EVERY_FRACTION`]
+/// of the run or every [`LOG_INTERVAL`], whichever comes first, as TRL's
+/// logging does (`ALIGN_PROGRESS=1` draws the bar anyway).
+pub fn progress_bar(total: u64, start: u64) -> Progress {
+    let terminal = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    if terminal || std::env::var("ALIGN_PROGRESS").is_ok() {
+        let pb = indicatif::ProgressBar::new(total);
+        pb.set_style(
+            indicatif::ProgressStyle::with_template("{prefix} [{bar:30}] {pos}/{len} {msg} ETA {eta}")
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+                .progress_chars("=> "),
+        );
+        pb.set_position(start);
+        Progress { bar: Some(pb), lines: None }
+    } else {
+        let every_steps = total.div_ceil(LOG_EVERY_FRACTION).max(1);
+        Progress::lines(total, start, every_steps, LOG_INTERVAL, Box::new(std::io::stderr()))
     }
-    pb.set_style(
-        indicatif::ProgressStyle::with_template("{prefix} [{bar:30}] {pos}/{len} {msg} ETA {eta}")
-            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
-            .progress_chars("=> "),
-    );
-    pb.set_position(start);
-    pb
+}
+
+/// Without a terminal, a progress line at least every `total / this` steps.
+pub const LOG_EVERY_FRACTION: u64 = 20;
+/// Without a terminal, a progress line at least this often.
+pub const LOG_INTERVAL: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// A stage's progress: an `indicatif` bar, or progress lines written when
+/// the message is set (step, the stage's message — loss, throughput — and
+/// the ETA).
+pub struct Progress {
+    bar: Option<indicatif::ProgressBar>,
+    lines: Option<std::sync::Mutex<ProgressLines>>,
+}
+
+struct ProgressLines {
+    out: Box<dyn Write + Send>,
+    prefix: String,
+    total: u64,
+    pos: u64,
+    start: u64,
+    started: std::time::Instant,
+    every_steps: u64,
+    every: std::time::Duration,
+    last_pos: u64,
+    last_time: std::time::Instant,
+}
+
+impl Progress {
+    /// Progress lines to `out`: one when `every_steps` steps or `every` have
+    /// passed since the last line, and one at the last step.
+    pub fn lines(
+        total: u64,
+        start: u64,
+        every_steps: u64,
+        every: std::time::Duration,
+        out: Box<dyn Write + Send>,
+    ) -> Progress {
+        let now = std::time::Instant::now();
+        let lines = ProgressLines {
+            out,
+            prefix: String::new(),
+            total,
+            pos: start,
+            start,
+            started: now,
+            every_steps: every_steps.max(1),
+            every,
+            last_pos: start,
+            last_time: now,
+        };
+        Progress { bar: None, lines: Some(std::sync::Mutex::new(lines)) }
+    }
+
+    fn with_lines(&self, f: impl FnOnce(&mut ProgressLines)) {
+        if let Some(l) = &self.lines {
+            if let Ok(mut l) = l.lock() {
+                f(&mut l);
+            }
+        }
+    }
+
+    pub fn set_prefix(&self, prefix: impl Into<String>) {
+        let prefix = prefix.into();
+        if let Some(b) = &self.bar {
+            b.set_prefix(prefix.clone());
+        }
+        self.with_lines(|l| l.prefix = prefix);
+    }
+
+    pub fn set_position(&self, pos: u64) {
+        if let Some(b) = &self.bar {
+            b.set_position(pos);
+        }
+        self.with_lines(|l| l.pos = pos);
+    }
+
+    /// Sets the message (loss, throughput); without a terminal, writes a
+    /// progress line when one is due.
+    pub fn set_message(&self, msg: impl Into<String>) {
+        let msg = msg.into();
+        if let Some(b) = &self.bar {
+            b.set_message(msg.clone());
+        }
+        self.with_lines(|l| {
+            let now = std::time::Instant::now();
+            let due = l.pos >= l.last_pos + l.every_steps
+                || now.duration_since(l.last_time) >= l.every
+                || (l.pos == l.total && l.pos > l.last_pos);
+            if !due {
+                return;
+            }
+            let done = l.pos.saturating_sub(l.start);
+            let eta = match done {
+                0 => "?".to_string(),
+                _ => {
+                    let per_step = now.duration_since(l.started).as_secs_f64() / done as f64;
+                    format_duration(per_step * l.total.saturating_sub(l.pos) as f64)
+                }
+            };
+            // A failed write to stderr is not worth stopping training for.
+            let _ = writeln!(l.out, "{} step {}/{} {msg} ETA {eta}", l.prefix, l.pos, l.total);
+            let _ = l.out.flush();
+            l.last_pos = l.pos;
+            l.last_time = now;
+        });
+    }
+
+    pub fn finish_and_clear(&self) {
+        if let Some(b) = &self.bar {
+            b.finish_and_clear();
+        }
+    }
+}
+
+/// `1h02m03s`, `4m05s`, `6s`.
+fn format_duration(secs: f64) -> String {
+    let s = secs.max(0.0).round() as u64;
+    match (s / 3600, s / 60 % 60, s % 60) {
+        (0, 0, sec) => format!("{sec}s"),
+        (0, m, sec) => format!("{m}m{sec:02}s"),
+        (h, m, sec) => format!("{h}h{m:02}m{sec:02}s"),
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A `Write` whose bytes a test can read back.
+    #[derive(Clone, Default)]
+    struct Shared(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+    impl Write for Shared {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn progress_without_a_terminal_prints_a_line_every_n_steps_and_at_the_end() {
+        let buf = Shared::default();
+        let p = Progress::lines(12, 0, 5, std::time::Duration::from_secs(3600), Box::new(buf.clone()));
+        p.set_prefix("sft");
+        for step in 1..=12 {
+            p.set_position(step);
+            p.set_message(format!("loss {:.2} 100 tok/s", 1.0 / step as f64));
+        }
+        p.finish_and_clear();
+        let text = String::from_utf8(buf.0.lock().unwrap().clone()).unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 3, "{text}");
+        assert!(lines[0].starts_with("sft step 5/12 loss 0.20 100 tok/s ETA "), "{text}");
+        assert!(lines[1].starts_with("sft step 10/12 "), "{text}");
+        assert!(lines[2].starts_with("sft step 12/12 ") && lines[2].ends_with("ETA 0s"), "{text}");
+    }
+
+    #[test]
+    fn progress_without_a_terminal_prints_a_line_when_the_interval_has_passed() {
+        let buf = Shared::default();
+        let p = Progress::lines(1000, 10, 1000, std::time::Duration::ZERO, Box::new(buf.clone()));
+        p.set_position(11);
+        p.set_message("loss 1.0");
+        let text = String::from_utf8(buf.0.lock().unwrap().clone()).unwrap();
+        assert!(text.starts_with(" step 11/1000 loss 1.0 ETA "), "{text}");
+        assert_eq!(format_duration(3723.0), "1h02m03s");
+        assert_eq!(format_duration(245.0), "4m05s");
+    }
 
     #[test]
     fn lr_schedule_warms_up_linearly_then_decays_by_cosine() {
