@@ -5,7 +5,6 @@ mod bench;
 mod commands;
 mod data_cmd;
 mod recipe;
-mod recipe_ext;
 
 use clap::{Args, Parser, Subcommand};
 use std::path::PathBuf;

@@ -196,7 +196,7 @@ impl Judge for RewardJudge {
 }
 
 /// How an LM judge decides.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum LmMode {
     /// Compare the log-probabilities of the tokens "A" and "B" as the first

@@ -10,9 +10,11 @@
 //! - [`judges`] — `lm:DIR`, `reward:DIR`, `oracle:NAME` and `http:URL`.
 //! - [`http`] — the `http:URL` judge (an OpenAI-compatible client).
 //! - [`harness`] — `align judge`: answers, judging, report.
+//! - [`config`] — a judge run's settings as a serde config (recipes).
 //! - [`memorization`] — `align eval memorization`: exact and approximate
 //!   memorization rates of 50-token continuations.
 
+pub mod config;
 pub mod harness;
 pub mod http;
 pub mod judges;

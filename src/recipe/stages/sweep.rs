@@ -1,278 +1,17 @@
-//! The recipe runner's glue for the RL, judge and sweep stages, and the
-//! checks of their configs that run before any stage does.
+//! `sweep`: variants of an SFT configuration (mixture weights and/or
+//! settings, listed or as a grid), each trained briefly from the input model
+//! and judged against the stage's `baseline`; the winner's model is the
+//! stage's output.
 
-use crate::recipe::{place, Kind, Loaded};
+use super::judge::{check_judge_spec, judge_inputs, judge_reference, resolve_judge_spec};
+use super::kind::{Ctx, Input, Output, Reference, StageKind};
+use crate::recipe::load::{place, typed_at, Loaded, StageSpec};
 use anyhow::{anyhow, bail, Context, Result};
-use clap::{CommandFactory, Parser};
+use judge::config::JudgeConfig;
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
-#[derive(Parser)]
-struct JudgeCli {
-    #[command(flatten)]
-    args: judge::JudgeArgs,
-}
-
-/// `align judge` options the runner sets from the stage itself.
-const RUNNER_SET: [&str; 5] = ["candidate", "baseline", "out", "candidate_answers", "baseline_answers"];
-
-/// Turns a config table into command-line flags (`max_new_tokens = 8` →
-/// `--max-new-tokens 8`; `true` → a bare flag).
-fn flags(t: &toml::Table) -> Result<Vec<String>> {
-    let mut out = vec![];
-    for (k, v) in t {
-        let flag = format!("--{}", k.replace('_', "-"));
-        match v {
-            toml::Value::Boolean(true) => out.push(flag),
-            toml::Value::Boolean(false) => {}
-            toml::Value::String(s) => out.extend([flag, s.clone()]),
-            toml::Value::Integer(i) => out.extend([flag, i.to_string()]),
-            toml::Value::Float(f) => out.extend([flag, f.to_string()]),
-            other => bail!("{k}: {other} is not a flag value (a string, number or boolean)"),
-        }
-    }
-    Ok(out)
-}
-
-/// A TOML scalar as command-line text.
-fn scalar_text(v: &toml::Value) -> Option<String> {
-    match v {
-        toml::Value::String(s) => Some(s.clone()),
-        toml::Value::Integer(i) => Some(i.to_string()),
-        toml::Value::Float(f) => Some(f.to_string()),
-        toml::Value::Boolean(b) => Some(b.to_string()),
-        _ => None,
-    }
-}
-
-/// The first line of a clap error, without its `error: ` prefix.
-fn clap_message(e: &clap::Error) -> String {
-    let text = e.render().to_string();
-    let line = text.lines().find(|l| !l.trim().is_empty()).unwrap_or("invalid value");
-    line.trim_start_matches("error: ").to_string()
-}
-
-/// Levenshtein distance, for suggesting a key.
-fn edit_distance(a: &str, b: &str) -> usize {
-    let b: Vec<char> = b.chars().collect();
-    let mut row: Vec<usize> = (0..=b.len()).collect();
-    for (i, ca) in a.chars().enumerate() {
-        let mut prev = row[0];
-        row[0] = i + 1;
-        for (j, cb) in b.iter().enumerate() {
-            let cur = row[j + 1];
-            row[j + 1] = (prev + usize::from(ca != *cb)).min(row[j] + 1).min(cur + 1);
-            prev = cur;
-        }
-    }
-    row[b.len()]
-}
-
-/// The keys a judge stage's config may hold: the `align judge` options
-/// (with underscores) less those the runner sets.
-fn judge_keys() -> Vec<String> {
-    JudgeCli::command()
-        .get_arguments()
-        .map(|a| a.get_id().to_string())
-        .filter(|k| k != "help" && !RUNNER_SET.contains(&k.as_str()))
-        .collect()
-}
-
-/// A judge spec as the judge runs it: `lm:`/`reward:` naming a stage → that
-/// stage's model, another directory → resolved against the recipe's
-/// directory; other specs as they are.
-fn resolve_judge_spec(l: &Loaded, spec: &str) -> String {
-    match spec.split_once(':') {
-        Some((kind @ ("lm" | "reward"), rest)) if l.recipe.stages.iter().any(|x| x.name == rest) => {
-            format!("{kind}:{}", l.model_of(rest).display())
-        }
-        Some((kind @ ("lm" | "reward"), rest)) => format!("{kind}:{}", l.base.join(rest).display()),
-        _ => spec.to_string(),
-    }
-}
-
-/// A judge template as the judge loads it: a built-in name, or a file
-/// resolved against the recipe's directory.
-fn resolve_template(l: &Loaded, t: &str) -> String {
-    if judge::template::BUILTIN.iter().any(|(n, _)| *n == t) {
-        t.to_string()
-    } else {
-        l.base.join(t).display().to_string()
-    }
-}
-
-/// Checks a judge spec (`at` names its place): the kind, and an oracle's
-/// name. Stage names are checked with the other references, directories
-/// with the other inputs.
-fn check_judge_spec(at: &str, spec: &str) -> Result<()> {
-    use judge::judges::JudgeSpec;
-    if let JudgeSpec::Oracle(name) = JudgeSpec::parse(spec).map_err(|e| anyhow!("{at}: {e}"))? {
-        judge::oracle::get_oracle(&name).map_err(|e| anyhow!("{at}: {e}"))?;
-    }
-    Ok(())
-}
-
-/// Checks a judge stage's config before anything runs: known keys, the
-/// required ones, every value through the parser the run uses (one key at a
-/// time, so an error names its key), the judge spec, the oracle and the
-/// template.
-pub fn check_judge(l: &Loaded, i: usize) -> Result<()> {
-    let s = &l.recipe.stages[i];
-    let at = format!("{}.config", place(i, &s.name));
-    let known = judge_keys();
-    for (k, v) in &s.config {
-        if RUNNER_SET.contains(&k.as_str()) {
-            bail!(
-                "{at}.{k}: the runner sets this from the stage's `candidate` and `baseline` and its \
-                 directory; remove it from the config"
-            );
-        }
-        if !known.contains(k) {
-            let near = known.iter().min_by_key(|c| edit_distance(c, k)).filter(|c| edit_distance(c, k) <= 2);
-            let hint = near.map(|c| format!(" (did you mean {c:?}?)")).unwrap_or_default();
-            bail!("{at}: unknown key {k:?}{hint}; a judge stage's config takes {}", known.join(", "));
-        }
-        if scalar_text(v).is_none() {
-            bail!("{at}.{k}: expected a string, number or boolean, found {}", v.type_str());
-        }
-    }
-    for k in ["prompts", "judge"] {
-        if !s.config.contains_key(k) {
-            bail!(
-                "{at}.{k} is missing: a judge stage needs `prompts` (a file, or builtin:eval?n=…&seed=…) \
-                 and `judge` (oracle:NAME, http:URL, or lm:/reward: with a directory or an earlier \
-                 stage's name)"
-            );
-        }
-    }
-    for (k, v) in &s.config {
-        let mut t = toml::Table::new();
-        t.insert("prompts".into(), toml::Value::String("placeholder".into()));
-        t.insert("judge".into(), toml::Value::String("oracle:exact".into()));
-        t.insert(k.clone(), v.clone());
-        let mut argv: Vec<String> =
-            ["judge", "--candidate", "x", "--baseline", "x"].map(String::from).to_vec();
-        argv.extend(flags(&t).map_err(|e| anyhow!("{at}.{e}"))?);
-        JudgeCli::try_parse_from(&argv).map_err(|e| anyhow!("{at}.{k}: {}", clap_message(&e)))?;
-    }
-    let text = |k: &str| s.config.get(k).and_then(scalar_text);
-    if let Some(j) = text("judge") {
-        check_judge_spec(&format!("{at}.judge"), &j)?;
-    }
-    if let Some(o) = text("oracle") {
-        judge::oracle::get_oracle(&o).map_err(|e| anyhow!("{at}.oracle: {e}"))?;
-    }
-    if let Some(t) = text("template") {
-        let path = resolve_template(l, &t);
-        if Path::new(&path).exists() || path == t {
-            judge::template::Template::load(&path).map_err(|e| anyhow!("{at}.template: {e}"))?;
-        }
-    }
-    Ok(())
-}
-
-/// The files and directories stage `i`'s config reads (beside its data), as
-/// (where in the recipe, path, "file" or "directory"): prompts, a template, a
-/// judge's model directory, an RL reward model or reference.
-pub fn input_paths(l: &Loaded, i: usize) -> Vec<(String, PathBuf, &'static str)> {
-    let s = &l.recipe.stages[i];
-    let text = |k: &str| s.config.get(k).and_then(|v| v.as_str());
-    let mut out = vec![];
-    match s.kind {
-        Kind::Judge | Kind::Sweep => {
-            if let Some(p) = text("prompts").filter(|p| !p.starts_with("builtin:")) {
-                out.push(("config.prompts".to_string(), l.base.join(p), "file"));
-            }
-            if let Some(t) = text("template") {
-                if resolve_template(l, t) != t {
-                    out.push(("config.template".to_string(), l.base.join(t), "file"));
-                }
-            }
-            if let Some((_, rest)) =
-                text("judge").and_then(|j| j.split_once(':')).filter(|(k, _)| matches!(*k, "lm" | "reward"))
-            {
-                if !l.recipe.stages.iter().any(|x| x.name == rest) {
-                    let what = "config.judge (names no stage, so a model directory)".to_string();
-                    out.push((what, l.base.join(rest), "directory"));
-                }
-            }
-        }
-        Kind::Rl => {
-            if let Some(r) = s.config.get("reward").and_then(|r| r.as_table()) {
-                if let Some(p) = r.get("path").and_then(|p| p.as_str()) {
-                    out.push(("config.reward.path".to_string(), l.base.join(p), "directory"));
-                }
-            }
-            if let Some(p) = text("reference") {
-                out.push(("config.reference".to_string(), l.base.join(p), "directory"));
-            }
-        }
-        _ => {}
-    }
-    out
-}
-
-fn run_judge(l: &Loaded, i: usize, dir: &Path) -> Result<serde_json::Value> {
-    let s = &l.recipe.stages[i];
-    let at = format!("{}.config", place(i, &s.name));
-    let mut t = s.config.clone();
-    let cand = s.candidate.as_ref().context("judge stage needs candidate")?;
-    let base = s.baseline.as_ref().context("judge stage needs baseline")?;
-    t.insert("candidate".into(), toml::Value::String(l.model_of(cand).display().to_string()));
-    t.insert("baseline".into(), toml::Value::String(l.model_of(base).display().to_string()));
-    t.insert("out".into(), toml::Value::String(dir.display().to_string()));
-    t.entry("device").or_insert(toml::Value::String(l.recipe.device.clone()));
-    t.entry("seed").or_insert(toml::Value::Integer(l.recipe.seed as i64));
-    if let Some(toml::Value::String(p)) = t.get("prompts").cloned() {
-        let r = datasets::read::resolve(&l.base, Path::new(&p));
-        t.insert("prompts".into(), toml::Value::String(r.display().to_string()));
-    }
-    if let Some(toml::Value::String(p)) = t.get("template").cloned() {
-        t.insert("template".into(), toml::Value::String(resolve_template(l, &p)));
-    }
-    if let Some(toml::Value::String(j)) = t.get("judge").cloned() {
-        t.insert("judge".into(), toml::Value::String(resolve_judge_spec(l, &j)));
-    }
-    let mut argv = vec!["judge".to_string()];
-    argv.extend(flags(&t).map_err(|e| anyhow!("{at}.{e}"))?);
-    let cli = JudgeCli::try_parse_from(&argv).map_err(|e| anyhow!("{at}: {}", clap_message(&e)))?;
-    judge::cli_judge(cli.args)?;
-    let text =
-        std::fs::read_to_string(dir.join("summary.json")).context("the judge wrote no summary.json")?;
-    Ok(serde_json::from_str(&text)?)
-}
-
-fn run_rl(l: &Loaded, i: usize, dir: &Path) -> Result<serde_json::Value> {
-    let s = &l.recipe.stages[i];
-    let mut t = s.config.clone();
-    t.insert("model".into(), toml::Value::String(l.input_model(i).display().to_string()));
-    t.insert("output_dir".into(), toml::Value::String(dir.display().to_string()));
-    t.insert("data".into(), crate::recipe::data_value(l, &s.data)?);
-    t.entry("seed").or_insert(toml::Value::Integer(l.recipe.seed as i64));
-    t.entry("device").or_insert(toml::Value::String(l.recipe.device.clone()));
-    // A reward model or reference named in the config is read from the
-    // recipe's directory, as the missing-input check looked for it.
-    if let Some(r) = t.get_mut("reward").and_then(|r| r.as_table_mut()) {
-        if let Some(p) = r.get("path").and_then(|p| p.as_str()).map(|p| l.base.join(p)) {
-            r.insert("path".into(), toml::Value::String(p.display().to_string()));
-        }
-    }
-    if let Some(p) = t.get("reference").and_then(|p| p.as_str()).map(|p| l.base.join(p)) {
-        t.insert("reference".into(), toml::Value::String(p.display().to_string()));
-    }
-    if !t.contains_key("reward") {
-        let rm = s
-            .reward
-            .as_ref()
-            .context("an rl stage needs `reward` (a reward stage) or a [config.reward] table")?;
-        let mut r = toml::Table::new();
-        r.insert("kind".into(), toml::Value::String("model".into()));
-        r.insert("path".into(), toml::Value::String(l.model_of(rm).display().to_string()));
-        t.insert("reward".into(), toml::Value::Table(r));
-    }
-    let cfg: rl::RlConfig = l.typed_stage(i, t, &format!("{}.config", place(i, &s.name)))?;
-    Ok(serde_json::to_value(rl::run(&cfg, &l.base)?)?)
-}
+pub struct Sweep;
 
 /// One variant of a sweep.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -419,7 +158,7 @@ pub fn expand_grid(grid: &BTreeMap<String, Vec<toml::Value>>) -> Result<Vec<Vari
 /// The sweep config of stage `i`, its errors naming the key path.
 fn sweep_config(l: &Loaded, i: usize) -> Result<SweepConfig> {
     let s = &l.recipe.stages[i];
-    crate::recipe::typed_at(s.config.clone(), &format!("{}.config", place(i, &s.name)))
+    typed_at(s.config.clone(), &format!("{}.config", place(i, &s.name)))
 }
 
 /// The names of a sweep stage's variants, listed ones first.
@@ -443,7 +182,7 @@ fn variant_table(
         set_dotted(&mut t, k, val.clone())
             .with_context(|| format!("{} variant {:?}", place(i, &s.name), v.name))?;
     }
-    let mut data = crate::recipe::data_value(l, &s.data)?;
+    let mut data = l.data_value(&s.data)?;
     if let Some(srcs) = data.get_mut("sources").and_then(|x| x.as_array_mut()) {
         for src in srcs.iter_mut().filter_map(|x| x.as_table_mut()) {
             let name = src.get("name").and_then(|n| n.as_str()).unwrap_or_default().to_string();
@@ -526,7 +265,8 @@ fn rate_cell(c: &serde_json::Value) -> String {
     }
 }
 
-fn run_sweep(l: &Loaded, i: usize, dir: &Path) -> Result<serde_json::Value> {
+fn run_sweep(ctx: &Ctx, dir: &Path) -> Result<serde_json::Value> {
+    let (l, i) = (ctx.l, ctx.i);
     let s = &l.recipe.stages[i];
     let cfg = sweep_config(l, i)?;
     let variants = cfg.all_variants().map_err(|e| anyhow!("{}.config: {e}", place(i, &s.name)))?;
@@ -540,28 +280,18 @@ fn run_sweep(l: &Loaded, i: usize, dir: &Path) -> Result<serde_json::Value> {
             eprintln!("-- variant {}: judged already, kept", v.name);
         } else {
             // Train (resuming if interrupted) …
-            let t = variant_table(l, i, &cfg, v, &l.input_model(i), &vdir)?;
+            let t = variant_table(l, i, &cfg, v, &ctx.input_model, &vdir)?;
             let vat = format!("{} variant {:?}: config", place(i, &s.name), v.name);
             let sc: sft::SftConfig = l.typed_stage(i, t, &vat)?;
             eprintln!("-- variant {}", v.name);
             sft::run(&sc, &l.base)?;
             // … then judge it against the baseline.
-            let mut argv: Vec<String> = vec!["judge".into()];
-            let mut flags_t = toml::Table::new();
-            flags_t.insert("candidate".into(), toml::Value::String(vdir.join("model").display().to_string()));
-            flags_t.insert("baseline".into(), toml::Value::String(baseline.display().to_string()));
-            flags_t.insert("out".into(), toml::Value::String(vdir.join("judge").display().to_string()));
             let prompts = datasets::read::resolve(&l.base, Path::new(&cfg.prompts));
-            flags_t.insert("prompts".into(), toml::Value::String(prompts.display().to_string()));
-            flags_t.insert("judge".into(), toml::Value::String(judge_spec.clone()));
-            flags_t.insert("max_new_tokens".into(), toml::Value::Integer(cfg.max_new_tokens as i64));
-            flags_t.insert("device".into(), toml::Value::String(l.recipe.device.clone()));
-            if let Some(o) = &cfg.oracle {
-                flags_t.insert("oracle".into(), toml::Value::String(o.clone()));
-            }
-            argv.extend(flags(&flags_t)?);
-            let cli = JudgeCli::try_parse_from(&argv).map_err(|e| anyhow!("sweep judge flags: {e}"))?;
-            judge::cli_judge(cli.args)?;
+            let mut jc = JudgeConfig::new(prompts, judge_spec.clone());
+            jc.max_new_tokens = cfg.max_new_tokens;
+            jc.device = l.recipe.device.clone();
+            jc.oracle = cfg.oracle.clone();
+            judge::cli_judge(jc.into_args(vdir.join("model"), baseline.clone(), vdir.join("judge")))?;
         }
         let summary: serde_json::Value = serde_json::from_str(
             &std::fs::read_to_string(&done).with_context(|| format!("cannot read {}", done.display()))?,
@@ -592,7 +322,7 @@ fn run_sweep(l: &Loaded, i: usize, dir: &Path) -> Result<serde_json::Value> {
     let winner = board.first().context("no variants")?.clone();
     // The winner's checkpoint becomes the stage's output.
     let src = Path::new(winner["model"].as_str().context("winner model path")?).to_path_buf();
-    lm::checkpoint::write_dir_atomic(&dir.join("model"), |tmp| {
+    lm::fsio::write_dir_atomic(&dir.join("model"), |tmp| {
         for e in std::fs::read_dir(&src)? {
             let e = e?;
             std::fs::copy(e.path(), tmp.join(e.file_name()))?;
@@ -652,7 +382,7 @@ fn run_sweep(l: &Loaded, i: usize, dir: &Path) -> Result<serde_json::Value> {
         winner["variant"].as_str().unwrap_or("?"),
         dir.display()
     ));
-    lm::checkpoint::write_atomic(&dir.join("leaderboard.md"), md.as_bytes())?;
+    lm::fsio::write_atomic(&dir.join("leaderboard.md"), md.as_bytes())?;
     lm::plot::bar_chart(
         &dir.join("leaderboard.png"),
         &format!("Sweep {}: win rate vs baseline", s.name),
@@ -661,74 +391,55 @@ fn run_sweep(l: &Loaded, i: usize, dir: &Path) -> Result<serde_json::Value> {
         Some(0.5),
     )?;
     let out = serde_json::json!({"winner": winner["variant"], "leaderboard": board});
-    lm::checkpoint::write_atomic(
-        &dir.join("leaderboard.json"),
-        serde_json::to_string_pretty(&out)?.as_bytes(),
-    )?;
+    lm::fsio::write_atomic(&dir.join("leaderboard.json"), serde_json::to_string_pretty(&out)?.as_bytes())?;
     Ok(out)
 }
 
-pub fn run_stage(l: &Loaded, i: usize, dir: &Path) -> Result<serde_json::Value> {
-    let s = &l.recipe.stages[i];
-    match s.kind {
-        Kind::Sweep => run_sweep(l, i, dir),
-        Kind::Judge => run_judge(l, i, dir),
-        Kind::Rl => run_rl(l, i, dir),
-        _ => bail!("stage {:?}: {:?} stages are not wired into the runner yet", s.name, s.kind),
+impl StageKind for Sweep {
+    fn name(&self) -> &'static str {
+        "sweep"
     }
-}
 
-pub fn key_figures(kind: Kind, s: &serde_json::Value) -> Vec<String> {
-    match kind {
-        Kind::Judge => {
-            let w = &s["overall"];
-            let mut v = vec![format!(
-                "win rate {:.1}% [{:.1}, {:.1}] over {} prompts",
-                100.0 * w["win_rate"].as_f64().unwrap_or(f64::NAN),
-                100.0 * w["lo"].as_f64().unwrap_or(f64::NAN),
-                100.0 * w["hi"].as_f64().unwrap_or(f64::NAN),
-                w["n"]
-            )];
-            if let Some(a) = s["overall"]["oracle_agreement"].as_f64() {
-                v.push(format!("agreement with the oracle {:.1}%", 100.0 * a));
-            }
-            let o = &s["overall"]["oracle_score"];
-            if let (Some(c), Some(b)) = (o["candidate"].as_f64(), o["baseline"].as_f64()) {
-                v.push(format!("oracle accuracy {:.1}% vs {:.1}% (baseline)", 100.0 * c, 100.0 * b));
-            }
-            v
-        }
-        Kind::Rl => {
-            let mean = |k: &str| {
-                let v: Vec<f64> = s[k]
-                    .as_array()
-                    .map(|a| a.iter().filter_map(|x| x.as_f64()).collect())
-                    .unwrap_or_default();
-                v.iter().sum::<f64>() / v.len().max(1) as f64
-            };
-            let mut v = vec![
-                format!("steps {}", s["steps"]),
-                format!("reward {:.3} → {:.3}", mean("first_rewards"), mean("last_rewards")),
-                format!("final KL {:.4}", s["final_kl"].as_f64().unwrap_or(f64::NAN)),
-            ];
-            if let Some(acc) =
-                s["eval"].as_array().and_then(|e| e.last()).and_then(|e| e["oracle_accuracy"].as_f64())
-            {
-                v.push(format!("held-out oracle accuracy {:.1}%", 100.0 * acc));
-            }
-            v
-        }
-        Kind::Sweep => {
-            let b = &s["leaderboard"];
-            let best = b.as_array().and_then(|a| a.first()).cloned().unwrap_or_default();
-            vec![format!(
-                "winner {} ({:.1}% vs baseline, {} variants)",
-                s["winner"].as_str().unwrap_or("?"),
-                100.0 * best["win_rate"].as_f64().unwrap_or(f64::NAN),
-                b.as_array().map_or(0, |a| a.len())
-            )]
-        }
-        _ => vec![],
+    fn title(&self) -> &'static str {
+        "Sweep"
+    }
+
+    fn makes(&self) -> Option<Output> {
+        Some(Output::Model)
+    }
+
+    fn config_references(&self, spec: &StageSpec) -> Vec<Reference> {
+        judge_reference(spec)
+    }
+
+    fn check(&self, ctx: &Ctx) -> Result<()> {
+        let s = ctx.spec();
+        ctx.needs("data", s.data.is_some())?;
+        ctx.needs("baseline", s.baseline.is_some())?;
+        check_sweep(ctx.l, ctx.i)
+    }
+
+    fn inputs(&self, ctx: &Ctx) -> Vec<Input> {
+        judge_inputs(ctx)
+    }
+
+    fn plan_notes(&self, ctx: &Ctx) -> Result<Vec<String>> {
+        Ok(vec![format!("variants: {}", variant_names(ctx.l, ctx.i)?.join(", "))])
+    }
+
+    fn run(&self, ctx: &Ctx, dir: &Path) -> Result<serde_json::Value> {
+        run_sweep(ctx, dir)
+    }
+
+    fn figures(&self, s: &serde_json::Value) -> Vec<String> {
+        let b = &s["leaderboard"];
+        let best = b.as_array().and_then(|a| a.first()).cloned().unwrap_or_default();
+        vec![format!(
+            "winner {} ({:.1}% vs baseline, {} variants)",
+            s["winner"].as_str().unwrap_or("?"),
+            100.0 * best["win_rate"].as_f64().unwrap_or(f64::NAN),
+            b.as_array().map_or(0, |a| a.len())
+        )]
     }
 }
 
@@ -815,13 +526,5 @@ variants = [{ name = "plain" }]
         assert!(e.contains("\"lr=1e-3\" is used twice"), "{e}");
         let none: SweepConfig = toml::from_str("prompts = \"p\"\njudge = \"oracle:tasks\"\n").unwrap();
         assert!(none.all_variants().unwrap_err().to_string().contains("no variants"));
-    }
-
-    #[test]
-    fn edit_distance_counts_single_character_edits() {
-        assert_eq!(edit_distance("max_new_tokns", "max_new_tokens"), 1);
-        assert_eq!(edit_distance("oracle", "oracle"), 0);
-        assert_eq!(edit_distance("", "abc"), 3);
-        assert_eq!(edit_distance("kitten", "sitting"), 3);
     }
 }

@@ -1,0 +1,317 @@
+//! Reading a recipe: the TOML file, `--set` overrides, and the typed
+//! recipe (`Recipe { stages: Vec<StageSpec> }`, each stage's own settings
+//! kept as its raw `config` table for its kind to type). Also the helpers
+//! every other part of the recipe module uses: where outputs go, how a
+//! message names a place, and typing a table with errors that name the key.
+//!
+//! This module imports none of the others.
+
+use anyhow::{anyhow, bail, Context, Result};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+/// The base model: a preset initialised here, or an existing checkpoint.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BaseModel {
+    #[serde(default)]
+    pub preset: Option<String>,
+    #[serde(default)]
+    pub checkpoint: Option<PathBuf>,
+}
+
+/// The tokenizer: a file, or trained (byte-level BPE) on named text.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokenizerSpec {
+    #[serde(default)]
+    pub file: Option<PathBuf>,
+    /// Text to train on: files, or `builtin:pretrain?n=…` specs.
+    #[serde(default)]
+    pub train_on: Vec<String>,
+    #[serde(default = "default_vocab")]
+    pub vocab_size: usize,
+}
+
+fn default_vocab() -> usize {
+    1024
+}
+
+/// One stage of a recipe: its kind's name, its references to other stages,
+/// and its own settings as a raw table (typed by its kind). Serialized as it
+/// is read: the manifest hash covers it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StageSpec {
+    pub name: String,
+    /// The kind's name (`tokenizer`, `pretrain`, `sft`, …), checked against
+    /// the kinds [`load`] is given.
+    pub kind: String,
+    /// The stage whose model this one starts from (default: the previous
+    /// model-producing stage; for `pretrain`, the base model).
+    #[serde(default)]
+    pub from: Option<String>,
+    /// A named entry of `[data]` (a mixture), or text specs for `pretrain`.
+    #[serde(default)]
+    pub data: Option<String>,
+    /// `rl`: the reward stage.
+    #[serde(default)]
+    pub reward: Option<String>,
+    /// `judge`: the stages compared.
+    #[serde(default)]
+    pub candidate: Option<String>,
+    #[serde(default)]
+    pub baseline: Option<String>,
+    /// The stage's own settings: the fields of its config type.
+    #[serde(default)]
+    pub config: toml::Table,
+}
+
+/// A recipe file.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Recipe {
+    pub name: String,
+    pub output_dir: PathBuf,
+    #[serde(default)]
+    pub seed: u64,
+    #[serde(default = "default_device")]
+    pub device: String,
+    pub base_model: BaseModel,
+    pub tokenizer: TokenizerSpec,
+    /// Named data: mixtures (`datasets::MixtureConfig` tables) or, for
+    /// pretraining, `{ text = ["file or builtin:pretrain?…", …] }`.
+    #[serde(default)]
+    pub data: BTreeMap<String, toml::Table>,
+    pub stages: Vec<StageSpec>,
+}
+
+fn default_device() -> String {
+    "auto".into()
+}
+
+/// Where a recipe lives and what it says.
+pub struct Loaded {
+    pub recipe: Recipe,
+    pub base: PathBuf,
+}
+
+/// Applies `--set stage.key=value` overrides (the value parsed as TOML, a
+/// bare string otherwise) to the raw recipe before it is typed.
+fn apply_sets(doc: &mut toml::Table, sets: &[String]) -> Result<()> {
+    for s in sets {
+        let (path, raw) =
+            s.split_once('=').with_context(|| format!("--set {s:?}: expected stage.key=value"))?;
+        let (stage, key) =
+            path.split_once('.').with_context(|| format!("--set {s:?}: expected stage.key=value"))?;
+        let value: toml::Value = toml::from_str::<toml::Table>(&format!("v = {raw}"))
+            .ok()
+            .and_then(|mut t| t.remove("v"))
+            .unwrap_or_else(|| toml::Value::String(raw.to_string()));
+        let stages =
+            doc.get_mut("stages").and_then(|v| v.as_array_mut()).context("the recipe has no [[stages]]")?;
+        let st = stages
+            .iter_mut()
+            .filter_map(|v| v.as_table_mut())
+            .find(|t| t.get("name").and_then(|n| n.as_str()) == Some(stage))
+            .with_context(|| format!("--set {s:?}: no stage named {stage:?}"))?;
+        let mut table = st.entry("config").or_insert_with(|| toml::Value::Table(Default::default()));
+        let parts: Vec<&str> = key.split('.').collect();
+        for p in &parts[..parts.len() - 1] {
+            table = table
+                .as_table_mut()
+                .context("--set: not a table")?
+                .entry(p.to_string())
+                .or_insert_with(|| toml::Value::Table(Default::default()));
+        }
+        table.as_table_mut().context("--set: not a table")?.insert(parts[parts.len() - 1].to_string(), value);
+    }
+    Ok(())
+}
+
+/// How messages name a stage: `stages[2] "sft"`.
+pub fn place(i: usize, name: &str) -> String {
+    format!("stages[{i}] {name:?}")
+}
+
+/// A serde path as recipe messages write it: `config.optim.lr`,
+/// `sources[0].path`; a key with a dot in it is quoted.
+fn path_text(p: &serde_path_to_error::Path) -> String {
+    use serde_path_to_error::Segment;
+    let mut out = String::new();
+    for seg in p.iter() {
+        let part = match seg {
+            Segment::Seq { index } => {
+                out.push_str(&format!("[{index}]"));
+                continue;
+            }
+            Segment::Map { key } if key.contains(['.', ' ', '"']) => format!("{key:?}"),
+            Segment::Map { key } => key.clone(),
+            Segment::Enum { variant } => variant.clone(),
+            Segment::Unknown => "?".to_string(),
+        };
+        if !out.is_empty() {
+            out.push('.');
+        }
+        out.push_str(&part);
+    }
+    out
+}
+
+/// `prefix` and a key path below it: `a.b` + `c[0]` → `a.b.c[0]`.
+pub fn join_path(prefix: &str, path: &str) -> String {
+    match (prefix.is_empty(), path.is_empty()) {
+        (_, true) => prefix.to_string(),
+        (true, false) => path.to_string(),
+        _ if path.starts_with('[') => format!("{prefix}{path}"),
+        _ => format!("{prefix}.{path}"),
+    }
+}
+
+/// Types a TOML value; an error gives the key path where it happened (empty
+/// at the top) and serde's message.
+pub fn typed_path<T: serde::de::DeserializeOwned>(
+    v: toml::Value,
+) -> std::result::Result<T, (String, String)> {
+    serde_path_to_error::deserialize(v)
+        .map_err(|e| (path_text(e.path()), e.inner().message().trim().to_string()))
+}
+
+/// Types a table; errors read `{prefix}.{key path}: {message}`.
+pub fn typed_at<T: serde::de::DeserializeOwned>(t: toml::Table, prefix: &str) -> Result<T> {
+    typed_path(toml::Value::Table(t)).map_err(|(p, msg)| anyhow!("{}: {msg}", join_path(prefix, &p)))
+}
+
+/// Names the stage in a key path of the whole recipe: `stages[2].kind` →
+/// `stages[2] "sft".kind`.
+fn name_stage_in_path(path: &str, names: &[Option<String>]) -> String {
+    let Some(rest) = path.strip_prefix("stages[") else { return path.to_string() };
+    let Some((idx, tail)) = rest.split_once(']') else { return path.to_string() };
+    match idx.parse::<usize>().ok().and_then(|i| Some((i, names.get(i)?.as_ref()?))) {
+        Some((i, name)) => format!("{}{tail}", place(i, name)),
+        None => path.to_string(),
+    }
+}
+
+/// serde's message for an unknown enum variant, for a kind name not in
+/// `kinds`.
+fn unknown_kind(kind: &str, kinds: &[&str]) -> String {
+    let quoted: Vec<String> = kinds.iter().map(|k| format!("`{k}`")).collect();
+    let expected = match quoted.as_slice() {
+        [] => "no variants".to_string(),
+        [one] => format!("expected {one}"),
+        [a, b] => format!("expected {a} or {b}"),
+        more => format!("expected one of {}", more.join(", ")),
+    };
+    format!("unknown variant `{kind}`, {expected}")
+}
+
+/// Reads a recipe and applies the overrides: the typed recipe, each stage's
+/// kind one of `kinds`. What the stages say is checked elsewhere.
+pub fn load(path: &Path, sets: &[String], kinds: &[&str]) -> Result<Loaded> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("cannot read recipe {}", path.display()))?;
+    let mut doc: toml::Table = toml::from_str(&text).map_err(|e| anyhow!("{}: {e}", path.display()))?;
+    apply_sets(&mut doc, sets)?;
+    let names: Vec<Option<String>> = doc
+        .get("stages")
+        .and_then(|v| v.as_array())
+        .map(|a| a.iter().map(|s| s.get("name").and_then(|n| n.as_str()).map(String::from)).collect())
+        .unwrap_or_default();
+    let recipe: Recipe = typed_path(toml::Value::Table(doc)).map_err(|(p, msg)| {
+        if p.is_empty() {
+            anyhow!("recipe {}: {msg}", path.display())
+        } else {
+            anyhow!("recipe {}: {}: {msg}", path.display(), name_stage_in_path(&p, &names))
+        }
+    })?;
+    for (i, s) in recipe.stages.iter().enumerate() {
+        if !kinds.contains(&s.kind.as_str()) {
+            bail!("recipe {}: {}.kind: {}", path.display(), place(i, &s.name), unknown_kind(&s.kind, kinds));
+        }
+    }
+    let base = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new(".")).to_path_buf();
+    Ok(Loaded { recipe, base })
+}
+
+fn path_value(p: &Path) -> toml::Value {
+    toml::Value::String(p.display().to_string())
+}
+
+impl Loaded {
+    pub fn out_dir(&self) -> PathBuf {
+        self.base.join(&self.recipe.output_dir)
+    }
+
+    pub fn stage_dir(&self, name: &str) -> PathBuf {
+        self.out_dir().join(name)
+    }
+
+    /// The stage of that name and its index.
+    pub fn stage(&self, name: &str) -> Option<(usize, &StageSpec)> {
+        self.recipe.stages.iter().enumerate().find(|(_, s)| s.name == name)
+    }
+
+    /// The model directory a stage produces.
+    pub fn model_of(&self, name: &str) -> PathBuf {
+        self.stage_dir(name).join("model")
+    }
+
+    /// The tokenizer file: the recipe's, or the one the tokenizer stage
+    /// trains.
+    pub fn tokenizer_path(&self) -> PathBuf {
+        match &self.recipe.tokenizer.file {
+            Some(f) => self.base.join(f),
+            None => self.out_dir().join("tokenizer.json"),
+        }
+    }
+
+    /// A path of the recipe as the runner reads it: relative to the
+    /// recipe's directory.
+    pub fn path(&self, p: impl AsRef<Path>) -> PathBuf {
+        self.base.join(p)
+    }
+
+    /// Types a stage's config (with the runner's additions) as `T`. Errors
+    /// name the key path under `prefix` (`stages[2] "sft".config.max_steps:
+    /// …`), or the `[data.NAME]` entry for keys of the stage's data.
+    pub fn typed_stage<T: serde::de::DeserializeOwned + serde::Serialize>(
+        &self,
+        i: usize,
+        t: toml::Table,
+        prefix: &str,
+    ) -> Result<T> {
+        let s = &self.recipe.stages[i];
+        // Stage configs embed lm's StageSettings with `flatten`: its typer
+        // keeps key paths and unknown-key lists that serde loses there.
+        lm::stage_settings::typed_toml(toml::Value::Table(t)).map_err(|(p, msg)| {
+            let data_key =
+                p.strip_prefix("data").filter(|rest| rest.is_empty() || rest.starts_with(['.', '[']));
+            match (data_key, &s.data) {
+                (Some(rest), Some(d)) => anyhow!("data.{d}{rest}: {msg} (the data of {})", place(i, &s.name)),
+                _ => anyhow!("{}: {msg}", join_path(prefix, &p)),
+            }
+        })
+    }
+
+    /// A named `[data]` entry as a mixture table, its paths (and the
+    /// held-out file's) resolved against the recipe's directory.
+    pub fn data_value(&self, name: &Option<String>) -> Result<toml::Value> {
+        let d = name.as_ref().context("no data")?;
+        let mut t = self.recipe.data.get(d).with_context(|| format!("no [data.{d}]"))?.clone();
+        let fix = |tab: &mut toml::Table| {
+            if let Some(p) = tab.get("path").and_then(|p| p.as_str()) {
+                let r = datasets::read::resolve(&self.base, Path::new(p));
+                tab.insert("path".into(), path_value(&r));
+            }
+        };
+        if let Some(srcs) = t.get_mut("sources").and_then(|v| v.as_array_mut()) {
+            srcs.iter_mut().filter_map(|v| v.as_table_mut()).for_each(fix);
+        }
+        if let Some(h) = t.get_mut("held_out").and_then(|v| v.as_table_mut()) {
+            fix(h);
+        }
+        Ok(toml::Value::Table(t))
+    }
+}

@@ -1,0 +1,187 @@
+//! The state of a recipe's stages (`align status`, `--dry-run`): each
+//! stage's resolved description and its hash against the manifest beside
+//! its outputs, the inputs the stages to run read that do not exist, and
+//! the printed plan.
+
+use crate::recipe::load::{place, Loaded};
+use crate::recipe::stages::{self, StageKind};
+use anyhow::Result;
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+/// What `manifest.json` beside a stage's outputs records.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Manifest {
+    pub stage: String,
+    /// The kind's name.
+    pub kind: String,
+    pub config_hash: String,
+    pub completed: bool,
+    pub summary: serde_json::Value,
+    /// Wall-clock seconds of the run that completed the stage (a resumed
+    /// stage counts its last run only).
+    #[serde(default)]
+    pub seconds: Option<f64>,
+}
+
+pub fn read_manifest(dir: &Path) -> Option<Manifest> {
+    serde_json::from_str(&std::fs::read_to_string(dir.join("manifest.json")).ok()?).ok()
+}
+
+/// The fully resolved description of a stage (what its hash covers): its
+/// own settings and inputs, the hash of the stage before it (so that a
+/// change reruns that stage and every stage after it), and the version of
+/// the built-in task generator (whose `builtin:` specs name data by seed).
+fn resolved(l: &Loaded, i: usize) -> Result<serde_json::Value> {
+    let s = &l.recipe.stages[i];
+    let data = s.data.as_ref().map(|d| l.recipe.data[d].clone());
+    let upstream = if i == 0 { String::new() } else { lm::train::config_hash(&resolved(l, i - 1)?)? };
+    Ok(serde_json::json!({
+        "stage": s, "data": data, "input_model": stages::input_model(l, i), "seed": l.recipe.seed,
+        "device": l.recipe.device, "tokenizer": l.recipe.tokenizer, "base_model": l.recipe.base_model,
+        "upstream": upstream, "builtin_data_version": datasets::tasks::GENERATOR_VERSION,
+    }))
+}
+
+/// The hash of stage `i`'s resolved description.
+pub fn stage_hash(l: &Loaded, i: usize) -> Result<String> {
+    lm::train::config_hash(&resolved(l, i)?)
+}
+
+/// One row of [`status`].
+pub struct StageStatus {
+    pub name: String,
+    pub kind: &'static dyn StageKind,
+    pub state: &'static str,
+    pub dir: PathBuf,
+    pub summary: serde_json::Value,
+}
+
+/// State of each stage for `--dry-run` and `align status`.
+pub fn status(l: &Loaded) -> Result<Vec<StageStatus>> {
+    let mut out = vec![];
+    for (i, s) in l.recipe.stages.iter().enumerate() {
+        let dir = l.stage_dir(&s.name);
+        let hash = stage_hash(l, i)?;
+        let (state, summary) = match read_manifest(&dir) {
+            Some(m) if m.completed && m.config_hash == hash => ("done", m.summary),
+            Some(m) if m.config_hash != hash => ("stale (config changed)", serde_json::Value::Null),
+            _ if dir.join("checkpoints").exists() => ("interrupted (resumes)", serde_json::Value::Null),
+            _ => ("pending", serde_json::Value::Null),
+        };
+        out.push(StageStatus { name: s.name.clone(), kind: stages::of(s), state, dir, summary });
+    }
+    Ok(out)
+}
+
+/// What a data source's path names: a file (it has an extension), or a
+/// directory of shards.
+fn data_noun(src: &toml::Value) -> &'static str {
+    match src.get("path").and_then(|p| p.as_str()).map(|p| Path::new(p).extension().is_some()) {
+        Some(true) => "file",
+        _ => "directory",
+    }
+}
+
+/// The input files and directories the given stages read that do not
+/// exist, one message each naming the place in the recipe. `builtin:`
+/// specs and paths inside the output directory (written by earlier stages)
+/// are not checked.
+pub fn missing_inputs(l: &Loaded, run: &[usize]) -> Vec<String> {
+    let out_dir = l.out_dir();
+    let specs = &l.recipe.stages;
+    let file = |spec: &str| (!spec.starts_with("builtin:")).then(|| l.path(spec));
+    let mut wanted: Vec<(String, PathBuf, &str)> = vec![];
+    let mut of_stages: Vec<(usize, Vec<stages::Input>)> = vec![];
+    for &i in run {
+        let (recipe_wide, own): (Vec<_>, Vec<_>) =
+            stages::of(&specs[i]).inputs(&stages::ctx(l, i)).into_iter().partition(|x| x.recipe_wide);
+        wanted.extend(recipe_wide.into_iter().map(|x| (x.what, x.path, x.noun)));
+        of_stages.push((i, own));
+    }
+    if let Some(c) = &l.recipe.base_model.checkpoint {
+        let c = l.path(c);
+        let user = run
+            .iter()
+            .find(|&&i| stages::of(&specs[i]).starts_from_model() && stages::input_model(l, i) == c);
+        if let Some(&i) = user {
+            let what = format!("base_model.checkpoint (the model {} starts from)", place(i, &specs[i].name));
+            wanted.push((what, c, "directory"));
+        }
+    }
+    for (i, own) in of_stages {
+        let s = &specs[i];
+        let at = place(i, &s.name);
+        if let Some((d, t)) = s.data.as_ref().and_then(|d| l.recipe.data.get(d).map(|t| (d, t))) {
+            for src in t.get("sources").and_then(|v| v.as_array()).into_iter().flatten() {
+                let name = src.get("name").and_then(|n| n.as_str()).unwrap_or("?");
+                if let Some(p) = src.get("path").and_then(|p| p.as_str()).and_then(file) {
+                    wanted.push((format!("{at}: data source {name:?}"), p, data_noun(src)));
+                }
+            }
+            if let Some(p) =
+                t.get("held_out").and_then(|h| h.get("path")).and_then(|p| p.as_str()).and_then(file)
+            {
+                wanted.push((format!("{at}: data.{d}.held_out.path"), p, "file"));
+            }
+            for (k, v) in t.get("text").and_then(|v| v.as_array()).into_iter().flatten().enumerate() {
+                if let Some(p) = v.as_str().and_then(file) {
+                    wanted.push((format!("{at}: data.{d}.text[{k}]"), p, "file"));
+                }
+            }
+        }
+        for x in own {
+            wanted.push((format!("{at}: {}", x.what), x.path, x.noun));
+        }
+    }
+    let mut out = vec![];
+    for (what, p, noun) in wanted {
+        if p.starts_with(&out_dir) || p.exists() {
+            continue;
+        }
+        let msg = format!("{what}: {noun} {} does not exist", p.display());
+        if !out.contains(&msg) {
+            out.push(msg);
+        }
+    }
+    out
+}
+
+/// Prints the `--dry-run` plan: each stage's state, whether it will run,
+/// its directory and input model, its kind's notes; then the missing
+/// inputs as warnings.
+pub fn print_plan(
+    l: &Loaded,
+    states: &[StageStatus],
+    will_run: &dyn Fn(usize) -> bool,
+    missing: &[String],
+) -> Result<()> {
+    println!("recipe {} → {}", l.recipe.name, l.out_dir().display());
+    for (i, st) in states.iter().enumerate() {
+        println!(
+            "  {:<16} {:<9} {:<24} {}  {}",
+            st.name,
+            st.kind.name(),
+            st.state,
+            if will_run(i) { "will run" } else { "skip" },
+            st.dir.display()
+        );
+        if st.kind.starts_from_model() {
+            println!("      from {}", stages::input_model(l, i).display());
+        }
+        for note in st.kind.plan_notes(&stages::ctx(l, i))? {
+            println!("      {note}");
+        }
+    }
+    if !missing.is_empty() {
+        println!(
+            "warning: {} input(s) of the stages that would run do not exist here; \
+             `align run` stops before any stage until they do:",
+            missing.len()
+        );
+        for m in missing {
+            println!("  - {m}");
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,91 @@
+//! `pretrain`: causal-LM training on plain text (`sft::SftConfig` in
+//! pretrain mode), from the base model (a preset initialised here, or a
+//! checkpoint) or the stage named in `from`.
+
+use super::kind::{path_value, placeholder, table_or, table_with, text_docs, tokenizer_file};
+use super::kind::{Ctx, Input, Output, StageKind};
+use anyhow::{Context, Result};
+use lm::checkpoint;
+use std::path::Path;
+
+pub struct Pretrain;
+
+impl StageKind for Pretrain {
+    fn name(&self) -> &'static str {
+        "pretrain"
+    }
+
+    fn title(&self) -> &'static str {
+        "Pretrain"
+    }
+
+    fn makes(&self) -> Option<Output> {
+        Some(Output::Model)
+    }
+
+    fn check(&self, ctx: &Ctx) -> Result<()> {
+        ctx.needs("data", ctx.spec().data.is_some())?;
+        let at = ctx.config_at();
+        let t = table_or(
+            &ctx.spec().config,
+            vec![
+                ("model", placeholder()),
+                ("output_dir", placeholder()),
+                ("mode", toml::Value::String("pretrain".into())),
+                ("text_files", toml::Value::Array(vec![placeholder()])),
+            ],
+        );
+        ctx.typed::<sft::SftConfig>(t, &at)?.validate().with_context(|| at.clone())
+    }
+
+    fn inputs(&self, ctx: &Ctx) -> Vec<Input> {
+        tokenizer_file(ctx.l)
+    }
+
+    fn run(&self, ctx: &Ctx, dir: &Path) -> Result<serde_json::Value> {
+        let (l, s) = (ctx.l, ctx.spec());
+        // Initialise the base model when the recipe names a preset.
+        let base_model = l.out_dir().join("base-model");
+        let init = match (&l.recipe.base_model.preset, &l.recipe.base_model.checkpoint) {
+            (Some(p), _) if s.from.is_none() => {
+                let tok = lm::Tokenizer::from_file(&l.tokenizer_path())?;
+                let mut cfg = lm::GemmaConfig::preset(p)?;
+                if !p.starts_with("gemma-") {
+                    cfg.vocab_size = (tok.vocab_size() + 63) / 64 * 64;
+                }
+                let vs = tch::nn::VarStore::new(tch::Device::Cpu);
+                let _m = lm::Gemma::new(&vs.root(), &cfg)?;
+                lm::init::init_seeded(&vs, cfg.initializer_range, l.recipe.seed)?;
+                checkpoint::save(&base_model, &vs, &cfg, &tok, &Default::default())?;
+                base_model
+            }
+            (_, Some(c)) if s.from.is_none() => l.path(c),
+            _ => ctx.input_model.clone(),
+        };
+        let d = &l.recipe.data[s.data.as_ref().context("no data")?];
+        let specs: Vec<String> = d
+            .get("text")
+            .and_then(|v| v.as_array())
+            .context("pretrain data needs `text = [...]`")?
+            .iter()
+            .filter_map(|v| v.as_str().map(String::from))
+            .collect();
+        let text = dir.join("pretrain.txt");
+        lm::fsio::write_atomic(&text, text_docs(l, &specs)?.join("\n").as_bytes())?;
+        let t = table_with(
+            &ctx.config_with_defaults(),
+            &[
+                ("model", path_value(&init)),
+                ("output_dir", path_value(dir)),
+                ("mode", toml::Value::String("pretrain".into())),
+                ("text_files", toml::Value::Array(vec![path_value(&text)])),
+            ],
+        );
+        let cfg: sft::SftConfig = ctx.typed(t, &ctx.config_at())?;
+        Ok(serde_json::to_value(sft::run(&cfg, &l.base)?)?)
+    }
+
+    fn figures(&self, s: &serde_json::Value) -> Vec<String> {
+        super::sft::lm_figures(s)
+    }
+}
