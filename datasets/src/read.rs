@@ -591,6 +591,8 @@ fn read_jsonl(path: &Path) -> Result<RawRows> {
     let mut rows = Vec::new();
     for (i, line) in reader.lines().enumerate() {
         let line = line.with_context(|| format!("line {}: cannot read (not UTF-8?)", i + 1))?;
+        // A UTF-8 byte-order mark (editors on Windows write one) is not data.
+        let line = if i == 0 { line.strip_prefix(BOM).map(str::to_string).unwrap_or(line) } else { line };
         if line.trim().is_empty() {
             continue;
         }
@@ -607,9 +609,12 @@ fn read_jsonl(path: &Path) -> Result<RawRows> {
     Ok(RawRows { columns, rows })
 }
 
+/// The UTF-8 byte-order mark, skipped at the start of a JSON or JSONL file.
+const BOM: &str = "\u{feff}";
+
 fn read_json(path: &Path) -> Result<RawRows> {
-    let reader = BufReader::new(fs::File::open(path)?);
-    let top: Value = serde_json::from_reader(reader).context(
+    let text = fs::read_to_string(path).context("cannot read the file (not UTF-8?)")?;
+    let top: Value = serde_json::from_str(text.strip_prefix(BOM).unwrap_or(&text)).context(
         "the file is not valid JSON (if it holds one object per line, name it .jsonl or set format = \"jsonl\")",
     )?;
     let items: Vec<Value> = match top {
@@ -684,14 +689,61 @@ mod polars_io_read {
         Ok(ParquetReader::new(file).finish()?)
     }
 
-    /// Every column as text: types are the record parser's business.
+    /// Every column as text: types are the record parser's business. A
+    /// row with more fields than the header is an error naming the row.
     pub fn csv(path: &Path) -> Result<DataFrame> {
-        Ok(CsvReadOptions::default()
+        let read = CsvReadOptions::default()
             .with_has_header(true)
             .with_infer_schema_length(Some(0))
             .try_into_reader_with_file_path(Some(path.to_path_buf()))?
-            .finish()?)
+            .finish();
+        match read {
+            Ok(df) => Ok(df),
+            Err(e) => {
+                let text = std::fs::read(path)?;
+                match super::ragged_csv_row(&String::from_utf8_lossy(&text)) {
+                    Some((row, fields, header)) => anyhow::bail!(
+                        "row {row} has {fields} fields but the header has {header} (a comma in an unquoted cell?)"
+                    ),
+                    None => Err(e.into()),
+                }
+            }
+        }
     }
+}
+
+/// The first data row (1-based) of a CSV text whose field count differs
+/// from the header's, with both counts. Quoted fields may hold commas, quotes
+/// (`""`) and line breaks.
+fn ragged_csv_row(text: &str) -> Option<(usize, usize, usize)> {
+    let text = text.strip_prefix(BOM).unwrap_or(text);
+    let mut counts = Vec::new();
+    let (mut fields, mut in_quotes, mut empty_record) = (1usize, false, true);
+    let mut chars = text.chars().peekable();
+    while let Some(c) = chars.next() {
+        match (c, in_quotes) {
+            ('"', true) if chars.peek() == Some(&'"') => {
+                chars.next();
+            }
+            ('"', _) => in_quotes = !in_quotes,
+            (',', false) => fields += 1,
+            ('\n', false) => {
+                if !empty_record {
+                    counts.push(fields);
+                }
+                (fields, empty_record) = (1, true);
+                continue;
+            }
+            ('\r', false) => continue,
+            _ => {}
+        }
+        empty_record = false;
+    }
+    if !empty_record {
+        counts.push(fields);
+    }
+    let header = *counts.first()?;
+    counts.iter().skip(1).position(|&n| n != header).map(|i| (i + 1, counts[i + 1], header))
 }
 
 fn frame_rows(df: &polars::prelude::DataFrame, wanted: &dyn Fn(&str) -> bool) -> Result<RawRows> {
