@@ -65,8 +65,11 @@ pub enum StopReason {
 pub struct Generation {
     /// Generated ids, the stop token (if any) included as the last one.
     pub tokens: Vec<i64>,
-    /// log π(token) under the model's unmodified distribution (temperature
-    /// 1, no top-k/top-p), one per entry of `tokens`.
+    /// log π_T(token) = `log_softmax(logits / T)` at the sampled token, one
+    /// per entry of `tokens`: the sampling distribution's temperature T
+    /// (T = 1 when decoding greedily), without the top-k/top-p
+    /// renormalisation, as TRL and OpenRLHF compute it (the filters only
+    /// restrict which tokens can be drawn).
     pub logprobs: Vec<f32>,
     pub stop_reason: StopReason,
 }
@@ -102,6 +105,19 @@ pub fn top_p_filter(logits: &Tensor, p: f64) -> Tensor {
     let remove_sorted = (cum - &probs).ge(p); // (B, V)
     let remove = remove_sorted.scatter(-1, &idx, &remove_sorted);
     logits.masked_fill(&remove, f64::NEG_INFINITY)
+}
+
+/// `log_softmax(logits / T)` over the last dimension: the log-probabilities
+/// of the sampling distribution at temperature `temperature` (T = 0, greedy,
+/// gives those of T = 1), without top-k/top-p renormalisation (as TRL and
+/// OpenRLHF). Teacher-forced log-probs that must agree with
+/// [`Generation::logprobs`] use this same function.
+pub fn sampling_log_softmax(logits: &Tensor, temperature: f64) -> Tensor {
+    if temperature > 0.0 && temperature != 1.0 {
+        (logits / temperature).log_softmax(-1, Kind::Float)
+    } else {
+        logits.log_softmax(-1, Kind::Float)
+    }
 }
 
 /// Picks the next token of each row. `logits` (B, V) f32; `uniform` one draw
@@ -231,7 +247,9 @@ where
     for step in 0..max_new {
         let uniform: Vec<f64> = (0..b).map(|_| rng.random::<f64>()).collect();
         let next = choose(&logits, cfg, &uniform); // (B,)
-        let lp = logits.log_softmax(-1, Kind::Float).gather(1, &next.unsqueeze(1), false).squeeze_dim(1); // (B,)
+        let lp = sampling_log_softmax(&logits, cfg.temperature)
+            .gather(1, &next.unsqueeze(1), false)
+            .squeeze_dim(1); // (B,)
         let next_v: Vec<i64> = Vec::<i64>::try_from(next.to_device(tch::Device::Cpu))?;
         let lp_v: Vec<f32> = Vec::<f32>::try_from(lp.to_device(tch::Device::Cpu))?;
         let mut feed = next_v.clone();

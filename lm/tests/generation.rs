@@ -158,3 +158,23 @@ fn bad_generation_requests_are_errors() {
     let bad = GenerationConfig { top_p: Some(1.5), temperature: 1.0, ..greedy(4) };
     assert!(lm::generate(&m.model, &[vec![2]], &bad).is_err());
 }
+
+#[test]
+fn sampled_logprobs_are_those_of_the_temperature_scaled_distribution() {
+    // At T = 0.7 with top-k, each stored log-prob is log_softmax(logits / T)
+    // at the sampled token (no top-k renormalisation), checked against the
+    // model's own forward over the sequence so far.
+    let m = load("mqa");
+    let cfg = GenerationConfig { temperature: 0.7, top_k: Some(20), top_p: None, ..sampling(5) };
+    let gens = lm::generate(&m.model, &prompts(), &cfg).unwrap();
+    for (p, g) in prompts().iter().zip(&gens) {
+        let mut seq = p.clone();
+        for (i, &t) in g.tokens.iter().enumerate() {
+            let logits = last_logits(&m.model, &seq);
+            let want = (&logits / 0.7).log_softmax(-1, Kind::Float).double_value(&[t]);
+            let got = f64::from(g.logprobs[i]);
+            assert!((want - got).abs() < 1e-4, "step {i}: {want} vs {got}");
+            seq.push(t);
+        }
+    }
+}

@@ -2,7 +2,7 @@
 //! config), its defaults and its validation.
 
 use crate::control::KlController;
-use crate::loss::KlEstimator;
+use crate::loss::{AdvantageScale, Baseline, KlEstimator, LossAggregation};
 use crate::reward::RewardConfig;
 use crate::rollout::Sampling;
 use anyhow::{bail, Context, Result};
@@ -20,8 +20,8 @@ pub enum KlMode {
     /// TRL's RLOO).
     #[default]
     Reward,
-    /// As a loss term β · mean_i mean_t KL_t with gradients (GRPO); use the
-    /// k3 estimator.
+    /// As a loss term β · KL_t with gradients (GRPO), aggregated as the
+    /// policy-gradient term (`loss_aggregation`); use the k3 estimator.
     Loss,
 }
 
@@ -57,6 +57,12 @@ pub struct RlConfig {
     /// Prompts longer than this (in tokens, template included) are skipped.
     #[serde(default = "default_max_prompt_len")]
     pub max_prompt_len: usize,
+    /// Sampling temperature T (> 0; greedy decoding is refused). Every
+    /// log-prob of the stage (stored at sampling, teacher-forced, the
+    /// reference's, hence the KL, the importance ratio and the entropy) is
+    /// that of the sampling distribution `log_softmax(logits / T)`; top-k
+    /// and top-p only restrict the draw and do not renormalise these (as
+    /// TRL and OpenRLHF).
     #[serde(default = "one_f64")]
     pub temperature: f64,
     #[serde(default)]
@@ -80,7 +86,25 @@ pub struct RlConfig {
     /// `<end_of_turn>` (cut at `max_new_tokens`, or ended by `<eos>`).
     #[serde(default)]
     pub missing_eot_penalty: f64,
-    /// Whiten the advantages over the batch (zero mean, unit variance).
+    /// How the per-token loss terms (policy gradient and, in `kl_mode =
+    /// "loss"`, the KL) are reduced: `"token_mean"` (the default: no
+    /// per-sequence length bias, Dr. GRPO / DAPO), `"sequence_mean"` or
+    /// `"sequence_sum"` (the RLOO paper); see [`LossAggregation`].
+    #[serde(default)]
+    pub loss_aggregation: LossAggregation,
+    /// The advantages' baseline over a prompt's k samples:
+    /// `"leave_one_out"` (RLOO, the default) or `"group_mean"` (GRPO).
+    #[serde(default)]
+    pub baseline: Baseline,
+    /// The advantages' scale: `"none"`, `"group_std"` (with `group_mean`:
+    /// GRPO) or `"batch_std"` (whitening over the batch). Unset: as
+    /// `whiten_advantages` says. A group of (nearly) equal rewards gets zero
+    /// advantage whatever the scale.
+    #[serde(default)]
+    pub scale: Option<AdvantageScale>,
+    /// Whiten the advantages over the batch (zero mean, unit variance): the
+    /// older spelling of `scale = "batch_std"` (false: `"none"`), used only
+    /// when `scale` is not set.
     #[serde(default)]
     pub whiten_advantages: bool,
     /// Normalise rewards as (r − mean) / std, with `reward_mean` and
@@ -196,7 +220,7 @@ impl RlConfig {
         }
         if !(self.temperature.is_finite() && self.temperature > 0.0) {
             bail!(
-                "temperature must be a positive number, got {} (greedy decoding would make the k samples identical)",
+                "temperature must be a positive number for RL, got {}: greedy decoding (temperature = 0) would make the k samples of a prompt identical, and the log-probs, KL and importance ratio are those of the sampling distribution log_softmax(logits / temperature)",
                 self.temperature
             );
         }
@@ -256,6 +280,16 @@ impl RlConfig {
             fix(r);
         }
         self.reward.resolve_paths(base);
+    }
+
+    /// The advantages' scale: `scale`, or else `batch_std` when
+    /// `whiten_advantages` and `none` otherwise.
+    pub fn advantage_scale(&self) -> AdvantageScale {
+        match (self.scale, self.whiten_advantages) {
+            (Some(s), _) => s,
+            (None, true) => AdvantageScale::BatchStd,
+            (None, false) => AdvantageScale::None,
+        }
     }
 
     pub(crate) fn sampling(&self) -> Sampling {

@@ -2,8 +2,10 @@
 //! (RLOO; Ahmadian et al., 2024).
 //!
 //! - [`loss`] — the pure pieces: k1/k3 KL estimators, sequence rewards with
-//!   the end-of-turn penalty, leave-one-out advantages, whitening, the
-//!   REINFORCE loss, its clipped importance-weighted variant, the KL loss term.
+//!   the end-of-turn penalty, leave-one-out or group-mean advantages scaled
+//!   by nothing, the group's std (GRPO) or the batch's (whitening), the
+//!   REINFORCE loss, its clipped importance-weighted variant, the KL loss
+//!   term, each aggregated per sequence (sum or mean) or per token.
 //! - [`control`] — the KL coefficient, fixed or adaptive (Ziegler et al., 2019).
 //! - [`reward`] — the [`RewardFn`] trait rollouts are scored through; a
 //!   trained reward model ([`RewardModelFn`], frozen), the oracle of the
@@ -42,8 +44,8 @@ pub mod trainer;
 pub use config::{KlMode, RlConfig};
 pub use control::KlController;
 pub use loss::{
-    clipped_reinforce_loss, kl_loss, kl_per_token, reinforce_loss, rloo_advantages, sequence_rewards, whiten,
-    KlEstimator,
+    advantages, aggregate, clipped_reinforce_loss, kl_loss, kl_per_token, reinforce_loss, rloo_advantages,
+    sequence_rewards, whiten, AdvantageScale, Baseline, BatchSize, KlEstimator, LossAggregation,
 };
 pub use prompts::{load_prompts, Prompts};
 pub use reward::{ContainsReward, LengthReward, OracleReward, RewardConfig, RewardFn, RewardModelFn};

@@ -164,10 +164,15 @@ impl RewardFn for OracleReward {
 
 /// A trained reward model, frozen: each rollout is formatted as the
 /// dialogue prompt + model turn (the response text, closed by
-/// `<end_of_turn>`), exactly as the reward model was trained, and scored at
-/// its last token. Prompts without messages (raw ids, benchmarks) are scored
-/// on prompt ids followed by the response ids as generated, which assumes
-/// the reward model shares the policy's tokenizer.
+/// `<end_of_turn>` when the response ended with it), exactly as the reward
+/// model was trained, and scored at its last token. A response that never
+/// emitted `<end_of_turn>` (cut at `max_new_tokens`, or ended by `<eos>`) is
+/// scored as it is, without a closing `<end_of_turn>` it never generated.
+/// Prompts without messages (raw ids, benchmarks) are scored on prompt ids
+/// followed by the response ids as generated, which assumes the reward
+/// model shares the policy's tokenizer. A sequence longer than
+/// `max_seq_len` loses its earliest prompt tokens (after `<bos>`), never
+/// response tokens; a response too long to fit alone is an error.
 pub struct RewardModelFn {
     /// Owns the variables of `model` (frozen).
     pub vs: nn::VarStore,
@@ -212,23 +217,32 @@ impl RewardModelFn {
         })
     }
 
-    /// The token ids the reward model scores for `r`, cut on the prompt side
-    /// (after `<bos>`) to `max_seq_len`.
+    /// The token ids the reward model scores for `r`: see
+    /// [`RewardModelFn`] for the formatting and [`cut_prompt_from_left`] for
+    /// the truncation to `max_seq_len`.
     pub fn format(&self, r: &Rollout) -> Result<Vec<i64>> {
-        let mut ids = if r.prompt.messages.is_empty() {
+        let ids = if r.prompt.messages.is_empty() {
             let mut v = r.prompt.ids.clone();
             v.extend_from_slice(&r.response_ids);
             v
         } else {
             let mut m = r.prompt.messages.clone();
             m.push(lm::Message::model(&r.text));
-            lm::chat::encode(&self.tokenizer, &m, false)?.ids
+            let mut ids = lm::chat::encode(&self.tokenizer, &m, false)?.ids;
+            if !r.ended() {
+                // Drop the `<end_of_turn>\n` the template closes the turn with.
+                let eot = self.tokenizer.special.end_of_turn;
+                if let Some(last) = ids.iter().rposition(|&t| t == eot) {
+                    ids.truncate(last);
+                }
+            }
+            ids
         };
-        if ids.len() > self.max_seq_len {
-            let cut = ids.len() - self.max_seq_len;
-            ids.drain(1..1 + cut);
-        }
-        Ok(ids)
+        // The prompt's tokens: those the formatted ids share with the
+        // prompt as generated (a conservative bound where the tokenizer
+        // merges across the prompt/response boundary).
+        let prompt_len = ids.iter().zip(&r.prompt.ids).take_while(|(a, b)| a == b).count();
+        cut_prompt_from_left(ids, prompt_len, self.max_seq_len)
     }
 
     /// Rewards of token sequences (each non-empty), batched by length.
@@ -291,6 +305,26 @@ impl RewardFn for RewardModelFn {
     fn stats(&self) -> Option<(f64, f64)> {
         self.stats.as_ref().map(|s| (s.mean, s.std))
     }
+}
+
+/// Cuts `ids` (`<bos>`, a prompt of `prompt_len` tokens counting `<bos>`,
+/// then the response) to at most `max_len` tokens by dropping the earliest
+/// prompt tokens after `<bos>`, never a response token: an error when the
+/// response (with `<bos>`) alone is longer than `max_len`.
+pub fn cut_prompt_from_left(mut ids: Vec<i64>, prompt_len: usize, max_len: usize) -> Result<Vec<i64>> {
+    if ids.len() <= max_len {
+        return Ok(ids);
+    }
+    let cut = ids.len() - max_len;
+    let droppable = prompt_len.min(ids.len()).saturating_sub(1);
+    if cut > droppable {
+        bail!(
+            "the response is {} tokens and with <bos> does not fit in the reward model's {max_len} tokens (reward.max_seq_len); the prompt may be cut, the response never: raise reward.max_seq_len or lower max_new_tokens",
+            ids.len() - prompt_len.min(ids.len())
+        );
+    }
+    ids.drain(1..1 + cut);
+    Ok(ids)
 }
 
 /// Reward = min(response tokens, `max_tokens`) · `scale`.
@@ -398,5 +432,16 @@ mod tests {
         let mut m: RewardConfig = toml::from_str("kind = \"model\"\npath = \"rm\"").unwrap();
         m.resolve_paths(Path::new("/runs"));
         assert_eq!(m, RewardConfig::Model { path: "/runs/rm".into(), batch_size: 16, max_seq_len: None });
+    }
+
+    #[test]
+    fn a_long_prompt_is_cut_from_the_left_and_the_response_never() {
+        // <bos>=2, prompt 10 11 12 13, response 20 21 22.
+        let ids = vec![2, 10, 11, 12, 13, 20, 21, 22];
+        assert_eq!(cut_prompt_from_left(ids.clone(), 5, 8).unwrap(), ids);
+        assert_eq!(cut_prompt_from_left(ids.clone(), 5, 6).unwrap(), vec![2, 12, 13, 20, 21, 22]);
+        assert_eq!(cut_prompt_from_left(ids.clone(), 5, 4).unwrap(), vec![2, 20, 21, 22]);
+        let err = cut_prompt_from_left(ids, 5, 3).unwrap_err().to_string();
+        assert!(err.contains("response is 3 tokens") && err.contains("max_seq_len"), "{err}");
     }
 }

@@ -33,7 +33,9 @@ pub struct Rollout {
     pub prompt: Arc<Prompt>,
     /// Generated ids, the stop token (if any) included as the last one.
     pub response_ids: Vec<i64>,
-    /// log π(token) at sampling time (temperature 1), one per response id.
+    /// log π_T(token) at sampling time: `log_softmax(logits / T)` at the
+    /// sampling temperature T, without top-k/top-p renormalisation (see
+    /// [`lm::generate::sampling_log_softmax`]), one per response id.
     pub sample_logprobs: Vec<f32>,
     /// The response without the stop token, decoded with special tokens
     /// skipped (empty when no tokenizer was given).
@@ -220,13 +222,21 @@ impl TeacherBatch {
 }
 
 /// Per-token log-probabilities (n, R) f32 of the responses of `batch` under
-/// `model`, zero where masked out, and with `entropy` the per-token entropy
-/// (n, R) of the model's distribution (detached). Runs with gradients unless
-/// the caller holds a no-grad guard.
+/// `model`'s sampling distribution at `temperature`, `log_softmax(logits /
+/// T)`, zero where masked out, and with `entropy` the per-token entropy
+/// (n, R) of that distribution (detached). Runs with gradients unless the
+/// caller holds a no-grad guard.
+///
+/// Top-k/top-p are not applied: as in TRL and OpenRLHF, the log-probs (and
+/// so the KL, the importance ratio and the entropy) are those of the
+/// temperature-scaled distribution over the whole vocabulary; the filters
+/// only restrict which tokens are drawn. These equal the log-probs stored
+/// at generation ([`Rollout::sample_logprobs`]) for the same tokens.
 pub fn response_logprobs(
     model: &Gemma,
     batch: &TeacherBatch,
     entropy: bool,
+    temperature: f64,
 ) -> Result<(Tensor, Option<Tensor>)> {
     let hidden = model.forward_hidden(&batch.ids, &batch.positions, None, None)?; // (n, T, H)
     let (n, r) = batch.gather.size2()?;
@@ -234,7 +244,7 @@ pub fn response_logprobs(
     let idx = batch.gather.unsqueeze(-1).expand([n, r, h], false); // (n, R, H)
     let picked = hidden.gather(1, &idx, false); // (n, R, H)
     let logits = model.logits(&picked).to_kind(Kind::Float); // (n, R, V)
-    let logp_all = logits.log_softmax(-1, Kind::Float); // (n, R, V)
+    let logp_all = lm::generate::sampling_log_softmax(&logits, temperature); // (n, R, V)
     let m = batch.mask.to_kind(Kind::Float);
     let logp = logp_all.gather(-1, &batch.targets.unsqueeze(-1), false).squeeze_dim(-1) * &m; // (n, R)
     let ent = entropy.then(|| {

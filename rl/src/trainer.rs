@@ -9,26 +9,30 @@
 //!    a stored mean/std and clipped;
 //! 3. per-token log-probabilities of each response under the policy and the
 //!    frozen reference (teacher-forced over prompt + response, no gradient
-//!    graph for the reference) and the per-token KL (k1 or k3);
+//!    graph for the reference) and the per-token KL (k1 or k3), all of the
+//!    sampling distribution `log_softmax(logits / T)` (no top-k/top-p
+//!    renormalisation, as TRL and OpenRLHF);
 //! 4. R_i = r_i − β·Σ_t KL_t (or the KL as a separate loss term) minus the
 //!    penalty for a response without `<end_of_turn>`;
-//! 5. leave-one-out advantages over each prompt's k samples, optionally
-//!    whitened over the batch;
+//! 5. advantages over each prompt's k samples: a leave-one-out or group-mean
+//!    baseline, scaled by nothing, the group's std (GRPO) or the batch's
+//!    (whitening); a group of equal rewards gets zero;
 //! 6. one optimiser step on the REINFORCE loss (or several on its clipped
-//!    importance-weighted form);
+//!    importance-weighted form), aggregated per sequence or per token
+//!    (`loss_aggregation`);
 //! 7. the adaptive KL controller, when a target KL is set.
 
 use crate::config::{KlMode, RlConfig};
 use crate::control::KlController;
 use crate::loss::{
-    clipped_reinforce_loss, kl_loss, kl_per_token, reinforce_loss, rloo_advantages, sequence_rewards, whiten,
+    advantages, clipped_reinforce_loss, kl_loss, kl_per_token, reinforce_loss, sequence_rewards, BatchSize,
     KlEstimator,
 };
 use crate::reward::RewardFn;
 use crate::rollout::{self, Prompt, Rollout, Specials, TeacherBatch, SALT_EVAL, SALT_TRAIN};
 use anyhow::{bail, Context, Result};
 use lm::train::{self, AdamW};
-use lm::{Gemma, Tokenizer};
+use lm::{Gemma, StopReason, Tokenizer};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::ops::Range;
@@ -61,6 +65,11 @@ pub struct StepStats {
     pub response_len: f64,
     /// Fraction of responses ended with `<end_of_turn>`.
     pub ended_frac: f64,
+    /// Fraction of responses cut at `max_new_tokens`: they are scored as
+    /// they are (no `<end_of_turn>` appended) and get the missing
+    /// end-of-turn penalty.
+    #[serde(default)]
+    pub truncated_frac: f64,
     pub adv_mean: f64,
     pub adv_std: f64,
     pub adv_min: f64,
@@ -170,7 +179,8 @@ struct Advantages {
     processed: Vec<f64>,
     /// The sequence rewards R, (N,).
     total: Tensor,
-    /// Leave-one-out advantages, whitened when configured, (N,).
+    /// Advantages (baseline and scale as configured; zero in a flat
+    /// group), (N,).
     adv: Tensor,
     /// Whether each response ended with `<end_of_turn>`.
     ended: Vec<bool>,
@@ -235,6 +245,8 @@ impl StepStats {
             entropy: adv.ent_sum / adv.tok_count.max(1.0),
             response_len: rollout_tokens as f64 / n,
             ended_frac: adv.ended.iter().filter(|&&e| e).count() as f64 / n,
+            truncated_frac: rollouts.iter().filter(|r| r.stop_reason == StopReason::Length).count() as f64
+                / n,
             adv_mean,
             adv_std,
             adv_min,
@@ -439,12 +451,12 @@ impl Trainer {
         let _g = tch::no_grad_guard();
         let reference = batches
             .iter()
-            .map(|b| Ok(rollout::response_logprobs(&self.reference, b, false)?.0))
+            .map(|b| Ok(rollout::response_logprobs(&self.reference, b, false, self.cfg.temperature)?.0))
             .collect::<Result<_>>()?;
         let mut lp = Logprobs { reference, old: vec![], entropy: vec![] };
         if !single_pass {
             for b in batches {
-                let (old, ent) = rollout::response_logprobs(&self.policy, b, true)?;
+                let (old, ent) = rollout::response_logprobs(&self.policy, b, true, self.cfg.temperature)?;
                 lp.old.push(old);
                 lp.entropy.push(ent.context("entropy requested")?);
             }
@@ -456,15 +468,15 @@ impl Trainer {
     /// its detached log-probs and entropy in `lp` and returns the log-probs
     /// with their graph for the update.
     fn policy_pass_with_graph(&self, batch: &TeacherBatch, lp: &mut Logprobs) -> Result<Tensor> {
-        let (logp, ent) = rollout::response_logprobs(&self.policy, batch, true)?;
+        let (logp, ent) = rollout::response_logprobs(&self.policy, batch, true, self.cfg.temperature)?;
         lp.old.push(logp.detach());
         lp.entropy.push(ent.context("entropy requested")?);
         Ok(logp)
     }
 
     /// Per-sample KL, sequence rewards R = score − β_r·KL − penalty, and the
-    /// leave-one-out advantages over each prompt's k samples (whitened when
-    /// configured), all (N,).
+    /// advantages over each prompt's k samples (`baseline`, then `scale`;
+    /// zero for a group of equal rewards), all (N,).
     fn advantages(
         &self,
         rollouts: &[Rollout],
@@ -491,10 +503,8 @@ impl Trainer {
         let beta_r = if self.cfg.kl_mode == KlMode::Reward { beta } else { 0.0 };
         let total =
             sequence_rewards(&score, &kl_seq.unsqueeze(-1), beta_r, &ended_t, self.cfg.missing_eot_penalty); // (N,)
-        let mut adv = rloo_advantages(&total, self.cfg.num_samples as i64)?; // (N,)
-        if self.cfg.whiten_advantages {
-            adv = whiten(&adv);
-        }
+        let k = self.cfg.num_samples as i64;
+        let adv = advantages(&total, k, self.cfg.baseline, self.cfg.advantage_scale())?; // (N,)
         Ok(Advantages { kl_seq, processed, total, adv, ended, ent_sum, tok_count })
     }
 
@@ -514,6 +524,12 @@ impl Trainer {
         let total_opt_steps = self.cfg.steps * updates as u64;
         let (mut loss_sum, mut gnorm, mut lr) = (0.0, 0.0, 0.0);
         let mut clip = ClipCount::default();
+        // The whole batch's sizes: each micro-batch's loss is normalised by
+        // them, so the accumulated gradient is that of the whole batch.
+        let sizes = BatchSize {
+            sequences: micro.n as f64,
+            tokens: micro.batches.iter().map(|b| BatchSize::of(&b.mask).tokens).sum(),
+        };
         for _ in 0..updates {
             self.opt.zero_grad();
             let mut loss_u = 0.0;
@@ -522,10 +538,9 @@ impl Trainer {
                 let a = adv.narrow(0, r.start as i64, r.len() as i64); // (n,)
                 let logp = match graph.take() {
                     Some(g) => g,
-                    None => rollout::response_logprobs(&self.policy, b, false)?.0,
+                    None => rollout::response_logprobs(&self.policy, b, false, self.cfg.temperature)?.0,
                 }; // (n, R)
-                let loss = self.micro_loss(&logp, i, lp, b, &a, &mut clip)?;
-                let loss = loss * (r.len() as f64 / micro.n as f64);
+                let loss = self.micro_loss(&logp, i, lp, b, &a, sizes, &mut clip)?;
                 let v = loss.double_value(&[]);
                 if !v.is_finite() {
                     return Err(match &self.ckpt_root {
@@ -556,7 +571,9 @@ impl Trainer {
     /// The loss of micro-batch `i` (log-probs `logp`, advantages `a`):
     /// REINFORCE, or its clipped importance-weighted form with several
     /// updates per batch (counting the clipped tokens), plus the KL term in
-    /// loss mode (at the current β).
+    /// loss mode (at the current β); both aggregated as `loss_aggregation`
+    /// says, normalised by the whole batch's `sizes`.
+    #[allow(clippy::too_many_arguments)]
     fn micro_loss(
         &self,
         logp: &Tensor,
@@ -564,20 +581,22 @@ impl Trainer {
         lp: &Logprobs,
         b: &TeacherBatch,
         a: &Tensor,
+        sizes: BatchSize,
         clip: &mut ClipCount,
     ) -> Result<Tensor> {
+        let agg = self.cfg.loss_aggregation;
         let mut loss = if self.cfg.updates_per_batch > 1 {
             let ratio = (logp - &lp.old[i]).exp().detach(); // (n, R)
             let out = (ratio - 1.0).abs().gt(self.cfg.clip_eps).logical_and(&b.mask);
             clip.clipped += out.sum(Kind::Double).double_value(&[]);
             clip.counted += b.mask.sum(Kind::Double).double_value(&[]);
-            clipped_reinforce_loss(logp, &lp.old[i], &b.mask, a, self.cfg.clip_eps)
+            clipped_reinforce_loss(logp, &lp.old[i], &b.mask, a, self.cfg.clip_eps, agg, sizes)
         } else {
-            reinforce_loss(logp, &b.mask, a)
+            reinforce_loss(logp, &b.mask, a, agg, sizes)
         };
         let beta = self.kl.beta;
         if self.cfg.kl_mode == KlMode::Loss && beta > 0.0 {
-            loss += kl_loss(logp, &lp.reference[i], &b.mask, self.cfg.kl_estimator, beta)?;
+            loss += kl_loss(logp, &lp.reference[i], &b.mask, self.cfg.kl_estimator, beta, agg, sizes)?;
         }
         Ok(loss)
     }

@@ -37,7 +37,12 @@ fn reward_model_scores_the_formatted_dialogue_like_a_single_forward() {
     for (r, g) in rollouts.iter().zip(&got) {
         let mut m = r.prompt.messages.clone();
         m.push(lm::Message::model(&r.text));
-        let ids = lm::chat::encode(&rm.tokenizer, &m, false).unwrap().ids;
+        let mut ids = lm::chat::encode(&rm.tokenizer, &m, false).unwrap().ids;
+        if !r.ended() {
+            // A cut response is scored as it is, without the closing <end_of_turn>.
+            let eot = rm.tokenizer.special.end_of_turn;
+            ids.truncate(ids.iter().rposition(|&t| t == eot).unwrap());
+        }
         let x = Tensor::from_slice(&ids).unsqueeze(0);
         let valid = x.ones_like().to_kind(Kind::Bool);
         let want = tch::no_grad(|| rm.model.forward(&x, &valid).unwrap()).double_value(&[0]);

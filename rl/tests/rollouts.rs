@@ -50,7 +50,8 @@ fn teacher_forced_logprobs_equal_the_sampling_logprobs() {
     // Prompts of different lengths, responses of different lengths: the
     // right-padded teacher-forced batch must line every token up.
     let b = rl::rollout::TeacherBatch::new(&r, 0..r.len(), t.specials.pad, tch::Device::Cpu).unwrap();
-    let (lp, ent) = tch::no_grad(|| rl::rollout::response_logprobs(&t.policy, &b, true).unwrap());
+    let (lp, ent) =
+        tch::no_grad(|| rl::rollout::response_logprobs(&t.policy, &b, true, t.cfg.temperature).unwrap());
     let mut n = 0;
     for (i, x) in r.iter().enumerate() {
         for (j, &s) in x.sample_logprobs.iter().enumerate() {
