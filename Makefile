@@ -112,7 +112,7 @@ clean:
 verify-hf: build $(STAMPS)/pydeps
 	mkdir -p runs/verify-hf
 	$(BIN) tokenizer train --input recipes/data/tiny_corpus.txt --vocab-size 800 --out runs/verify-hf/tokenizer.json
-	$(BIN) init --preset tiny --tokenizer runs/verify-hf/tokenizer.json --out runs/verify-hf/model --seed 3
+	$(BIN) init --preset tiny --tokenizer runs/verify-hf/tokenizer.json --out runs/verify-hf/model --seed 3 --force
 	$(BIN) generate --model runs/verify-hf/model --prompt "Sort the numbers 5 2 9" --max-new-tokens 16 --device cpu --json \
 	  | $(PYTHON) -c 'import json,sys; d=json.load(sys.stdin); print(json.dumps({"prompt_ids": d["prompt_ids"], "token_ids": d["token_ids"]}))' > runs/verify-hf/align.json
 	$(PYTHON) scripts/check_hf_load.py runs/verify-hf/model "Sort the numbers 5 2 9" 16 > runs/verify-hf/transformers.json

@@ -144,9 +144,33 @@ pub fn inspect(model: &Path, messages: &Path, tokens: bool) -> Result<()> {
     Ok(())
 }
 
-pub fn init(preset: &str, tokenizer: &Path, out: &Path, seed: i64) -> Result<()> {
+/// `align init`: a freshly initialised checkpoint in `out`, which must be
+/// new or empty unless `force` (it is replaced whole).
+pub fn init(preset: &str, tokenizer: &Path, out: &Path, seed: i64, force: bool) -> Result<()> {
     let tok = Tokenizer::from_file(tokenizer)?;
     let mut cfg = GemmaConfig::preset(preset)?;
+    if lm::fsio::same_file(out, tokenizer)
+        || lm::fsio::canonical(tokenizer).starts_with(lm::fsio::canonical(out))
+    {
+        bail!(
+            "--out {} holds the --tokenizer file {}; write the model elsewhere",
+            out.display(),
+            tokenizer.display()
+        );
+    }
+    if !force {
+        if out.is_file() {
+            bail!("--out {} is a file; give a new or empty directory", out.display());
+        }
+        let n = std::fs::read_dir(out).map(|d| d.count()).unwrap_or(0);
+        if n > 0 {
+            bail!(
+                "--out {} is not empty ({n} entr{}); init writes a new directory and would delete them. Give a new or empty directory, or --force to replace it",
+                out.display(),
+                if n == 1 { "y" } else { "ies" }
+            );
+        }
+    }
     let n = tok.vocab_size();
     if preset.starts_with("gemma-") {
         if n > cfg.vocab_size {

@@ -26,6 +26,7 @@ use datasets::{
     OnBadRow, Origin, PiiConfig, ReadOptions, Record, RecordKind, SelfIdConfig, TextScope,
 };
 use lm::chat::{self, Rendered};
+use lm::fsio::same_file;
 use lm::Tokenizer;
 use serde_json::{json, Map, Value};
 
@@ -245,14 +246,6 @@ fn output_format(path: &Path, flag: &str) -> Result<Format> {
             path.display()
         )
     })
-}
-
-/// Whether two paths name the same file (when the second exists).
-fn same_file(a: &Path, b: &Path) -> bool {
-    match (a.canonicalize(), b.canonicalize()) {
-        (Ok(x), Ok(y)) => x == y,
-        _ => a == b,
-    }
 }
 
 /// Print to stdout; a closed pipe (`| head`) is not an error.
@@ -649,8 +642,9 @@ fn filter(a: &FilterArgs) -> Result<()> {
             );
         }
     }
-    if same_file(&a.out, &a.file) {
-        bail!("--out {} is the input file; write the filtered rows to a new file", a.out.display());
+    lm::fsio::refuse_overwriting_input(&a.out, "--out", &a.file, "FILE")?;
+    if let Some(r) = &a.removed {
+        lm::fsio::refuse_overwriting_input(r, "--removed", &a.file, "FILE")?;
     }
     // Evaluation files are named on the command line: relative to the
     // working directory.
@@ -803,6 +797,31 @@ fn mix(a: &MixArgs) -> Result<()> {
         toml::from_str(&text).with_context(|| format!("{} is not valid TOML", a.config.display()))?;
     let (cfg, name) = mixture_section(doc, a.section.as_deref(), &a.config)?;
     let base_dir = a.config.parent().unwrap_or(Path::new(""));
+    // Neither output may be one of the mixture's files (nor its config).
+    for (out, flag) in [(&a.out, "--out"), (&a.held_out, "--held-out")] {
+        let Some(out) = out else { continue };
+        lm::fsio::refuse_overwriting_input(out, flag, &a.config, "CONFIG")?;
+        for src in &cfg.sources {
+            let input = base_dir.join(&src.path);
+            lm::fsio::refuse_overwriting_input(out, flag, &input, &format!("source {:?}", src.name))?;
+            if input.is_dir() && lm::fsio::canonical(out).starts_with(lm::fsio::canonical(&input)) {
+                bail!(
+                    "{flag} {} is inside the directory of source {:?} ({}); it would become part of it. Write elsewhere",
+                    out.display(),
+                    src.name,
+                    input.display()
+                );
+            }
+        }
+        if let Some(held) = cfg.held_out.as_ref().and_then(|h| h.path.as_ref()) {
+            lm::fsio::refuse_overwriting_input(out, flag, &base_dir.join(held), "held_out.path")?;
+        }
+    }
+    if let (Some(o), Some(h)) = (&a.out, &a.held_out) {
+        if same_file(o, h) {
+            bail!("--out and --held-out are the same file ({}); give each its own", o.display());
+        }
+    }
     let mixture = Mixture::load(&cfg, base_dir)
         .with_context(|| format!("cannot load the mixture in {name} of {}", a.config.display()))?;
     let report = mixture.report();

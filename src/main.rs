@@ -93,10 +93,14 @@ enum Command {
         /// tokenizer.json to ship with the model.
         #[arg(long)]
         tokenizer: PathBuf,
+        /// A new or empty directory (see --force).
         #[arg(long)]
         out: PathBuf,
         #[arg(long, default_value_t = 0)]
         seed: i64,
+        /// Replace --out even when it holds other files (they are deleted).
+        #[arg(long, alias = "overwrite")]
+        force: bool,
     },
     /// Run a recipe's stages in order (complete stages are skipped).
     Run {
@@ -222,7 +226,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             commands::chat(&model, system.as_deref(), &sampling, &run)
         }
         Command::Inspect { model, messages, tokens } => commands::inspect(&model, &messages, tokens),
-        Command::Init { preset, tokenizer, out, seed } => commands::init(&preset, &tokenizer, &out, seed),
+        Command::Init { preset, tokenizer, out, seed, force } => {
+            commands::init(&preset, &tokenizer, &out, seed, force)
+        }
         Command::Tokenizer { command: TokenizerCommand::Train { input, vocab_size, out } } => {
             commands::train_tokenizer(&input, vocab_size, &out)
         }

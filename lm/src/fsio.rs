@@ -76,3 +76,50 @@ fn exchange(a: &Path, b: &Path) -> std::io::Result<()> {
 fn exchange(_a: &Path, _b: &Path) -> std::io::Result<()> {
     Err(std::io::Error::from(std::io::ErrorKind::Unsupported))
 }
+
+/// `path` made absolute with symbolic links resolved, for comparing paths:
+/// `canonicalize` where the path exists, else its nearest existing ancestor
+/// canonicalized with the rest appended (an output that is not written yet).
+pub fn canonical(path: &Path) -> std::path::PathBuf {
+    if let Ok(p) = path.canonicalize() {
+        return p;
+    }
+    let abs = if path.is_absolute() {
+        path.to_path_buf()
+    } else {
+        std::env::current_dir().map(|d| d.join(path)).unwrap_or_else(|_| path.to_path_buf())
+    };
+    let mut rest = vec![];
+    let mut at = abs.as_path();
+    loop {
+        if let Ok(p) = at.canonicalize() {
+            return rest.iter().rev().fold(p, |acc, part| acc.join(part));
+        }
+        match (at.parent(), at.file_name()) {
+            (Some(parent), Some(name)) => {
+                rest.push(name.to_os_string());
+                at = parent;
+            }
+            _ => return abs,
+        }
+    }
+}
+
+/// Whether two paths name the same file, compared canonically
+/// ([`canonical`]), so `./a.jsonl`, `dir/../a.jsonl` and a link to it are one.
+pub fn same_file(a: &Path, b: &Path) -> bool {
+    canonical(a) == canonical(b)
+}
+
+/// Refuses to write `out` (given as `out_flag`) when it is the input
+/// `input` (given as `input_flag`): the one check every command that reads
+/// a file and writes another makes before any work.
+pub fn refuse_overwriting_input(out: &Path, out_flag: &str, input: &Path, input_flag: &str) -> Result<()> {
+    if same_file(out, input) {
+        anyhow::bail!(
+            "{out_flag} {} is the input file ({input_flag}); writing it would destroy the input. Write to a new file",
+            out.display()
+        );
+    }
+    Ok(())
+}

@@ -13,6 +13,8 @@
 //!   shape checks and written atomically (optionally sharded).
 //! - [`fsio`] — atomic writes: a file through a temp file and a rename, a
 //!   directory built beside its destination and swapped into place.
+//! - [`output_dir`] — a stage's output directory: locked for one run at a
+//!   time, refused when it holds someone else's files, crash debris removed.
 //! - [`generate()`] — batched, seeded generation: greedy, temperature, top-k,
 //!   top-p, per-sequence stopping, per-token log-probabilities.
 //! - [`train`] — what every training stage shares: AdamW, the LR schedule,
@@ -36,6 +38,7 @@ pub mod fsio;
 pub mod generate;
 pub mod init;
 pub mod model;
+pub mod output_dir;
 pub mod plot;
 pub mod reference;
 pub mod reward_model;

@@ -521,6 +521,8 @@ pub fn checkpoint_hash<T: Serialize + Clone>(cfg: &T, clear: impl FnOnce(&mut T)
 /// Metrics as JSON lines, one object per record, flushed as written.
 pub struct MetricsLog {
     file: std::fs::File,
+    /// The rows kept from an earlier run (when resuming).
+    kept: Vec<serde_json::Value>,
 }
 
 impl MetricsLog {
@@ -552,7 +554,14 @@ impl MetricsLog {
             .append(true)
             .open(path)
             .with_context(|| format!("cannot open {}", path.display()))?;
-        Ok(MetricsLog { file })
+        let kept = body.lines().filter_map(|l| serde_json::from_str(l).ok()).collect();
+        Ok(MetricsLog { file, kept })
+    }
+
+    /// The value of `key` in a row of `step` kept from the run resumed
+    /// (so that a resumed run does not log again what was logged).
+    pub fn kept_value(&self, step: u64, key: &str) -> Option<f64> {
+        self.kept.iter().rev().filter(|r| r["step"].as_u64() == Some(step)).find_map(|r| r.get(key)?.as_f64())
     }
 
     pub fn write(&mut self, v: &serde_json::Value) -> Result<()> {

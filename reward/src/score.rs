@@ -301,8 +301,12 @@ pub fn score_file(
     out: Option<&Path>,
     opts: &ScoreOptions,
 ) -> Result<ScoreReport> {
-    // Check the output format before the (slow) scoring.
+    // Check the output format, and that the output is not the input,
+    // before the (slow) scoring.
     let out_format = out.map(output_format).transpose()?;
+    if let Some(out) = out {
+        lm::fsio::refuse_overwriting_input(out, "--out", data, "--data")?;
+    }
     let scorer = Scorer::load(model_dir, opts)?;
     let (rows, mut report) = score_table(&scorer, data)?;
     if let (Some(path), Some(fmt)) = (out, out_format) {

@@ -266,6 +266,22 @@ pub fn run(cfg: &RewardConfig, base: &Path) -> Result<RewardSummary> {
     if kind == Kind::BFloat16 && device == Device::Cpu {
         bail!("dtype = \"bf16\" training is for CUDA; use f32 on the CPU");
     }
+    // The output directory: this run's alone (locked), never an input or
+    // someone else's; a finished run is not redone.
+    let sources: Vec<PathBuf> = cfg.data.sources.iter().map(|s| base.join(&s.path)).collect();
+    let mut inputs: Vec<(&str, &Path)> = vec![("model", cfg.stage.model.as_path())];
+    inputs.extend(sources.iter().map(|p| ("data source", p.as_path())));
+    let _claim = lm::output_dir::claim(&cfg.stage.output_dir, "reward", &inputs)?;
+    if let Some(done) =
+        lm::output_dir::finished::<RewardSummary>(&cfg.stage.output_dir, &cfg.hash()?).filter(|s| s.completed)
+    {
+        eprintln!(
+            "reward: {} holds a finished run ({} steps); nothing to do (summary.json left as it is)",
+            cfg.stage.output_dir.display(),
+            done.steps
+        );
+        return Ok(done);
+    }
     let loaded = model::load(&cfg.stage.model, device, Kind::Float, cfg.head_init_std, cfg.stage.seed)?;
     let (mut vs, model, tok) = (loaded.vs, loaded.model, loaded.tokenizer);
     // bf16: keep the exact f32 weights as the optimiser's fp32 masters.
@@ -405,7 +421,12 @@ pub fn run(cfg: &RewardConfig, base: &Path) -> Result<RewardSummary> {
         }))?;
         pb.set_position(state.step);
         pb.set_message(format!("loss {loss_sum:.4} acc {last_acc:.2} lr {lr:.2e} {pps:.1} pairs/s"));
-        if cfg.stage.eval_every > 0 && state.step % cfg.stage.eval_every == 0 && !eval_pairs.is_empty() {
+        // The last step's evaluation is the final one, below (logged once).
+        if cfg.stage.eval_every > 0
+            && state.step % cfg.stage.eval_every == 0
+            && state.step < total_steps
+            && !eval_pairs.is_empty()
+        {
             let (r, all) = eval::evaluate(&model, &eval_pairs, cfg.batch_size, pad, coef)?;
             log.write(&eval_row(state.step, &r))?;
             eval_stats = RewardStats::of(&all, "eval");
@@ -416,6 +437,11 @@ pub fn run(cfg: &RewardConfig, base: &Path) -> Result<RewardSummary> {
         }
     }
     pb.finish_and_clear();
+    if last_loss.is_nan() {
+        // Resumed at the last step (cut off before the summary): as logged.
+        last_loss = log.kept_value(state.step, "loss").unwrap_or(f64::NAN);
+        last_acc = log.kept_value(state.step, "accuracy").unwrap_or(f64::NAN);
+    }
     let secs = t0.elapsed().as_secs_f64().max(1e-9);
     let mut summary = RewardSummary {
         steps: state.step,
@@ -464,7 +490,9 @@ pub fn run(cfg: &RewardConfig, base: &Path) -> Result<RewardSummary> {
         RewardStats::of(&all, "train")
     } else {
         let (r, all) = eval::evaluate(&model, &eval_pairs, cfg.batch_size, pad, coef)?;
-        log.write(&eval_row(state.step, &r))?;
+        if log.kept_value(state.step, "eval_loss").is_none() {
+            log.write(&eval_row(state.step, &r))?;
+        }
         summary.eval = Some(r);
         RewardStats::of(&all, "eval")
     };

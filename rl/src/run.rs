@@ -46,10 +46,48 @@ const ARCH: &str = "GemmaForCausalLM";
 
 /// Runs the stage with the reward the config names.
 pub fn run(cfg: &RlConfig, base: &Path) -> Result<RlSummary> {
+    let claim = match claim_output(cfg, base)? {
+        Claimed::Finished(s) => return Ok(*s),
+        Claimed::Run(c) => c,
+    };
     let device = lm::device::parse_device(&cfg.stage.device)?;
     let kind = lm::device::parse_dtype(&cfg.stage.dtype)?;
     let reward = cfg.reward.build(device, kind)?;
-    run_with_reward(cfg, base, reward)
+    run_claimed(cfg, base, reward, claim)
+}
+
+/// What claiming the output directory found.
+enum Claimed {
+    /// A finished run of this config: its summary, as written.
+    Finished(Box<RlSummary>),
+    /// The directory, locked for this run.
+    Run(lm::output_dir::Claim),
+}
+
+/// Claims `output_dir` ([`lm::output_dir::claim`]: locked for this run,
+/// refused when it is an input or holds someone else's files, crash debris
+/// removed), or finds the run there finished.
+fn claim_output(cfg: &RlConfig, base: &Path) -> Result<Claimed> {
+    cfg.validate()?;
+    let sources: Vec<PathBuf> = cfg.data.sources.iter().map(|s| base.join(&s.path)).collect();
+    let mut inputs: Vec<(&str, &Path)> = vec![("model", cfg.stage.model.as_path())];
+    if let Some(r) = &cfg.reference {
+        inputs.push(("reference", r.as_path()));
+    }
+    if let crate::reward::RewardConfig::Model { path, .. } = &cfg.reward {
+        inputs.push(("reward.path", path.as_path()));
+    }
+    inputs.extend(sources.iter().map(|p| ("data source", p.as_path())));
+    let claim = lm::output_dir::claim(&cfg.stage.output_dir, "rl", &inputs)?;
+    if let Some(done) = lm::output_dir::finished::<RlSummary>(&cfg.stage.output_dir, &cfg.hash()?) {
+        eprintln!(
+            "rl: {} holds a finished run ({} steps); nothing to do (summary.json left as it is)",
+            cfg.stage.output_dir.display(),
+            done.steps
+        );
+        return Ok(Claimed::Finished(Box::new(done)));
+    }
+    Ok(Claimed::Run(claim))
 }
 
 fn write_samples(dir: &Path, step: u64, samples: &[(Rollout, f64)], n: usize) -> Result<()> {
@@ -115,7 +153,19 @@ pub fn plot_metrics(metrics: &Path, out: &Path) -> Result<()> {
 /// section is then only recorded). Resumes from the newest checkpoint in
 /// `output_dir/checkpoints` when its config hash matches.
 pub fn run_with_reward(cfg: &RlConfig, base: &Path, reward: Box<dyn RewardFn>) -> Result<RlSummary> {
-    cfg.validate()?;
+    match claim_output(cfg, base)? {
+        Claimed::Finished(s) => Ok(*s),
+        Claimed::Run(claim) => run_claimed(cfg, base, reward, claim),
+    }
+}
+
+/// The run, in the output directory `_claim` holds.
+fn run_claimed(
+    cfg: &RlConfig,
+    base: &Path,
+    reward: Box<dyn RewardFn>,
+    _claim: lm::output_dir::Claim,
+) -> Result<RlSummary> {
     let (mut tr, prompts) = load_trainer(cfg, base, reward)?;
     let ckpt_root = cfg.stage.output_dir.join("checkpoints");
     tr.ckpt_root = Some(ckpt_root.clone());
@@ -283,7 +333,10 @@ impl Run<'_> {
         }
         let (rep, samples) = tr.evaluate(step, &self.prompts.eval)?;
         write_samples(&self.cfg.stage.output_dir, step, &samples, self.cfg.eval_samples)?;
-        self.log.write(&eval_row(&rep))?;
+        // Logged once: not again when a run resumed at its last step redoes it.
+        if self.log.kept_value(step, "eval_reward").is_none() {
+            self.log.write(&eval_row(&rep))?;
+        }
         self.evals.push(rep);
         Ok(())
     }

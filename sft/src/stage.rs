@@ -402,6 +402,22 @@ pub fn plot_losses(dir: &Path) -> Result<()> {
 /// `output_dir/checkpoints` when its config hash matches.
 pub fn run(cfg: &SftConfig, base: &Path) -> Result<SftSummary> {
     cfg.validate()?;
+    // The output directory: this run's alone (locked), never an input or
+    // someone else's; a finished run is not redone.
+    let sources: Vec<PathBuf> =
+        cfg.data.iter().flat_map(|d| d.sources.iter()).map(|s| base.join(&s.path)).collect();
+    let mut inputs: Vec<(&str, &Path)> = vec![("model", cfg.stage.model.as_path())];
+    inputs.extend(sources.iter().map(|p| ("data source", p.as_path())));
+    inputs.extend(cfg.text_files.iter().map(|p| ("text_files", p.as_path())));
+    let _claim = lm::output_dir::claim(&cfg.stage.output_dir, "sft", &inputs)?;
+    if let Some(done) = lm::output_dir::finished::<SftSummary>(&cfg.stage.output_dir, &cfg.hash()?) {
+        eprintln!(
+            "sft: {} holds a finished run ({} steps); nothing to do (summary.json left as it is)",
+            cfg.stage.output_dir.display(),
+            done.steps
+        );
+        return Ok(done);
+    }
     let device = lm::device::parse_device(&cfg.stage.device)?;
     let kind = lm::device::parse_dtype(&cfg.stage.dtype)?;
     let loaded = checkpoint::load_causal_lm(&cfg.stage.model, device, Kind::Float)?;
@@ -512,7 +528,12 @@ pub fn run(cfg: &SftConfig, base: &Path) -> Result<SftSummary> {
         log.write(&serde_json::json!({"step": state.step, "loss": loss_sum, "lr": lr, "grad_norm": gnorm, "tokens_per_s": tps, "epoch": state.epoch}))?;
         pb.set_position(state.step);
         pb.set_message(format!("loss {loss_sum:.4} lr {lr:.2e} {tps:.0} tok/s"));
-        if cfg.stage.eval_every > 0 && state.step % cfg.stage.eval_every == 0 && !data.eval.is_empty() {
+        // The last step's evaluation is the final one, below (logged once).
+        if cfg.stage.eval_every > 0
+            && state.step % cfg.stage.eval_every == 0
+            && state.step < total_steps
+            && !data.eval.is_empty()
+        {
             let el = evaluate(&model, &data.eval, cfg.batch_size, tok.special.pad)?;
             log.write(&serde_json::json!({"step": state.step, "eval_loss": el, "eval_ppl": el.exp()}))?;
         }
@@ -521,11 +542,21 @@ pub fn run(cfg: &SftConfig, base: &Path) -> Result<SftSummary> {
         }
     }
     pb.finish_and_clear();
+    if last_loss.is_nan() {
+        // Resumed at the last step (cut off before the summary): its loss as logged.
+        last_loss = log.kept_value(state.step, "loss").unwrap_or(f64::NAN);
+    }
     let (eval_loss, eval_ppl) = if data.eval.is_empty() {
         (None, None)
     } else {
-        let el = evaluate(&model, &data.eval, cfg.batch_size, tok.special.pad)?;
-        log.write(&serde_json::json!({"step": state.step, "eval_loss": el, "eval_ppl": el.exp()}))?;
+        let el = match log.kept_value(state.step, "eval_loss") {
+            Some(el) => el,
+            None => {
+                let el = evaluate(&model, &data.eval, cfg.batch_size, tok.special.pad)?;
+                log.write(&serde_json::json!({"step": state.step, "eval_loss": el, "eval_ppl": el.exp()}))?;
+                el
+            }
+        };
         (Some(el), Some(el.exp()))
     };
     save(&vs, &opt, &state)?;
