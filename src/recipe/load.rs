@@ -135,30 +135,6 @@ pub fn place(i: usize, name: &str) -> String {
     format!("stages[{i}] {name:?}")
 }
 
-/// A serde path as recipe messages write it: `config.optim.lr`,
-/// `sources[0].path`; a key with a dot in it is quoted.
-fn path_text(p: &serde_path_to_error::Path) -> String {
-    use serde_path_to_error::Segment;
-    let mut out = String::new();
-    for seg in p.iter() {
-        let part = match seg {
-            Segment::Seq { index } => {
-                out.push_str(&format!("[{index}]"));
-                continue;
-            }
-            Segment::Map { key } if key.contains(['.', ' ', '"']) => format!("{key:?}"),
-            Segment::Map { key } => key.clone(),
-            Segment::Enum { variant } => variant.clone(),
-            Segment::Unknown => "?".to_string(),
-        };
-        if !out.is_empty() {
-            out.push('.');
-        }
-        out.push_str(&part);
-    }
-    out
-}
-
 /// `prefix` and a key path below it: `a.b` + `c[0]` → `a.b.c[0]`.
 pub fn join_path(prefix: &str, path: &str) -> String {
     match (prefix.is_empty(), path.is_empty()) {
@@ -171,12 +147,7 @@ pub fn join_path(prefix: &str, path: &str) -> String {
 
 /// Types a TOML value; an error gives the key path where it happened (empty
 /// at the top) and serde's message.
-pub fn typed_path<T: serde::de::DeserializeOwned>(
-    v: toml::Value,
-) -> std::result::Result<T, (String, String)> {
-    serde_path_to_error::deserialize(v)
-        .map_err(|e| (path_text(e.path()), e.inner().message().trim().to_string()))
-}
+pub use lm::stage_settings::typed_path;
 
 /// Types a table; errors read `{prefix}.{key path}: {message}`.
 pub fn typed_at<T: serde::de::DeserializeOwned>(t: toml::Table, prefix: &str) -> Result<T> {
