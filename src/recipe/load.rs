@@ -286,3 +286,35 @@ impl Loaded {
         Ok(toml::Value::Table(t))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A stage serializes as before the recipe module was split (kind as
+    /// its lowercase name, every reference, null when unset): the manifest
+    /// hash covers it, so existing run directories stay complete.
+    #[test]
+    fn a_stage_serializes_as_the_manifest_hash_expects() {
+        let r: Recipe = toml::from_str(
+            "name = \"r\"\noutput_dir = \"out\"\n[base_model]\npreset = \"tiny\"\n[tokenizer]\n\
+             [[stages]]\nname = \"s\"\nkind = \"sft\"\ndata = \"d\"\nconfig = { max_steps = 3 }\n",
+        )
+        .unwrap();
+        assert_eq!(
+            serde_json::to_string(&r.stages[0]).unwrap(),
+            r#"{"name":"s","kind":"sft","from":null,"data":"d","reward":null,"candidate":null,"baseline":null,"config":{"max_steps":3}}"#
+        );
+    }
+
+    #[test]
+    fn an_unknown_kind_reads_as_serde_wrote_it() {
+        let kinds = ["tokenizer", "pretrain", "sft", "reward", "rl", "judge", "sweep"];
+        assert_eq!(
+            unknown_kind("swep", &kinds),
+            "unknown variant `swep`, expected one of `tokenizer`, `pretrain`, `sft`, `reward`, `rl`, \
+             `judge`, `sweep`"
+        );
+        assert_eq!(unknown_kind("x", &["a", "b"]), "unknown variant `x`, expected `a` or `b`");
+    }
+}
