@@ -159,3 +159,24 @@ fn the_reward_model_cuts_a_long_prompt_from_the_left_and_refuses_a_response_too_
     let err = format!("{:#}", tiny.format(x).unwrap_err());
     assert!(err.contains("response") && err.contains("max_seq_len"), "{err}");
 }
+
+#[test]
+fn a_grpo_step_has_group_normalised_advantages() {
+    let d = tempfile::tempdir().unwrap();
+    let prompts = write_prompts(d.path(), 8);
+    let extra = "baseline = \"group_mean\"\nscale = \"group_std\"\nloss_aggregation = \"sequence_sum\"\nwhiten_advantages = true";
+    let cfg = config(d.path(), &prompts, extra);
+    assert_eq!(
+        cfg.advantage_scale(),
+        rl::AdvantageScale::GroupStd,
+        "an explicit scale wins over whiten_advantages"
+    );
+    assert_eq!(cfg.loss_aggregation, rl::LossAggregation::SequenceSum);
+    let (mut t, p) = trainer(cfg);
+    let (st, _) = t.step(0, &p).unwrap();
+    // (R − mean) / std with the unbiased std of k = 4 samples: each group
+    // sums to zero and |A| ≤ (k − 1)/√k = 1.5.
+    assert!(st.adv_mean.abs() < 1e-6, "{}", st.adv_mean);
+    assert!(st.adv_max <= 1.5 + 1e-6 && st.adv_min >= -1.5 - 1e-6, "{} {}", st.adv_min, st.adv_max);
+    assert!(st.adv_std > 0.5 && st.loss.is_finite());
+}
