@@ -15,6 +15,24 @@ fn load(model: &Path, run: &RunOpts) -> Result<Loaded> {
     checkpoint::load_causal_lm(model, device, kind)
 }
 
+/// Refuses sampling flags that cannot work, before a model is loaded.
+fn check_sampling(s: &SamplingOpts) -> Result<()> {
+    if s.max_new_tokens == 0 {
+        bail!("--max-new-tokens must be at least 1: 0 would generate nothing");
+    }
+    let cfg = GenerationConfig {
+        max_new_tokens: s.max_new_tokens,
+        temperature: s.temperature,
+        top_k: s.top_k,
+        top_p: s.top_p,
+        seed: s.seed,
+        eos_id: 0,
+        end_of_turn_id: None,
+        pad_id: 0,
+    };
+    cfg.validate().map_err(|e| anyhow::anyhow!("--{}", e.to_string().replacen('_', "-", 1)))
+}
+
 fn gen_config(s: &SamplingOpts, tok: &Tokenizer) -> GenerationConfig {
     GenerationConfig {
         max_new_tokens: s.max_new_tokens,
@@ -36,6 +54,7 @@ pub fn generate(
     run: &RunOpts,
     json: bool,
 ) -> Result<()> {
+    check_sampling(sampling)?;
     let m = load(model, run)?;
     let prompt_ids = chat::prompt_ids(&m.tokenizer, &chat::single_turn(system, prompt))?;
     let cfg = gen_config(sampling, &m.tokenizer);
@@ -57,6 +76,7 @@ pub fn generate(
 }
 
 pub fn chat(model: &Path, system: Option<&str>, sampling: &SamplingOpts, run: &RunOpts) -> Result<()> {
+    check_sampling(sampling)?;
     let m = load(model, run)?;
     let cfg = gen_config(sampling, &m.tokenizer);
     let mut history: Vec<Message> = system.map(|s| vec![Message::new("system", s)]).unwrap_or_default();

@@ -84,6 +84,9 @@ pub struct InspectArgs {
     /// Which usable row to show formatted (1 = the first).
     #[arg(long, default_value_t = 1)]
     example: usize,
+    /// Show the example in full (otherwise its first 2000 characters).
+    #[arg(long)]
+    full: bool,
     /// Print one JSON object instead of text.
     #[arg(long)]
     json: bool,
@@ -324,6 +327,21 @@ fn mark_trained(r: &Rendered) -> Result<String> {
     Ok(out)
 }
 
+/// Characters of an example `data inspect` shows without `--full`.
+const EXAMPLE_MAX_CHARS: usize = 2000;
+
+/// `text` cut to its first `max` characters, with a note of how many more
+/// there are.
+fn clip_example(text: String, max: usize) -> String {
+    let total = text.chars().count();
+    match text.char_indices().nth(max) {
+        Some((cut, _)) => {
+            format!("{}\n… ({} more characters not shown; --full shows all)", &text[..cut], total - max)
+        }
+        None => text,
+    }
+}
+
 /// Nearest-rank percentile of sorted values (0 for none).
 fn percentile(sorted: &[usize], p: f64) -> usize {
     if sorted.is_empty() {
@@ -418,7 +436,7 @@ fn inspect(a: &InspectArgs) -> Result<()> {
     let mut shown = Vec::new();
     for seq in sequences(&ex.record) {
         let text = match chat::render(&seq.messages, seq.generation_prompt) {
-            Ok(r) => Ok(mark_trained(&r)?),
+            Ok(r) => Ok(clip_example(mark_trained(&r)?, if a.full { usize::MAX } else { EXAMPLE_MAX_CHARS })),
             Err(e) => Err(format!("{e:#}")),
         };
         shown.push((seq.label, text));

@@ -15,6 +15,12 @@ use std::process::ExitCode;
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// Read special-token strings in message content (`<end_of_turn>`,
+    /// `<start_of_turn>`, ...) as control tokens, as transformers'
+    /// `apply_chat_template` does. Off by default: content is text, so a
+    /// user's text cannot forge a turn.
+    #[arg(long, global = true)]
+    parse_special_tokens: bool,
 }
 
 /// Device and dtype, shared by every command that runs a model.
@@ -31,14 +37,15 @@ pub struct RunOpts {
 /// Decoding settings.
 #[derive(Args, Clone, Debug)]
 pub struct SamplingOpts {
+    /// At least 1.
     #[arg(long, default_value_t = 128)]
     pub max_new_tokens: usize,
     /// 0 means greedy.
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
     pub temperature: f64,
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub top_k: Option<i64>,
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub top_p: Option<f64>,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
@@ -257,6 +264,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    lm::tokenizer::set_parse_special_tokens_default(cli.parse_special_tokens);
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

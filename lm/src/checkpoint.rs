@@ -100,6 +100,29 @@ pub fn read_tensors_file(file: &Path) -> Result<BTreeMap<String, Tensor>> {
     Ok(out)
 }
 
+/// The names of the checkpoint's tensors, read from the safetensors headers
+/// (or the shard index) without reading any tensor.
+pub fn tensor_names(dir: &Path) -> Result<std::collections::BTreeSet<String>> {
+    let mut names = std::collections::BTreeSet::new();
+    for file in weight_files(dir)? {
+        let mut f = std::fs::File::open(&file).with_context(|| format!("cannot read {}", file.display()))?;
+        let mut len = [0u8; 8];
+        std::io::Read::read_exact(&mut f, &mut len)
+            .with_context(|| format!("{} is not a valid safetensors file", file.display()))?;
+        let len = u64::from_le_bytes(len);
+        if len > 100 << 20 {
+            bail!("{} is not a valid safetensors file: a {len}-byte header", file.display());
+        }
+        let mut header = vec![0u8; len as usize];
+        std::io::Read::read_exact(&mut f, &mut header)
+            .with_context(|| format!("{} is not a valid safetensors file", file.display()))?;
+        let v: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(&header)
+            .map_err(|e| anyhow!("{} is not a valid safetensors file: {e}", file.display()))?;
+        names.extend(v.into_iter().map(|(k, _)| k).filter(|k| k != "__metadata__"));
+    }
+    Ok(names)
+}
+
 /// Reads every tensor of the checkpoint's safetensors files onto the CPU.
 pub fn read_tensors(dir: &Path) -> Result<BTreeMap<String, Tensor>> {
     let mut out = BTreeMap::new();
@@ -205,6 +228,14 @@ pub struct Loaded {
 
 /// Reads `config.json` of a checkpoint directory.
 pub fn read_config(dir: &Path) -> Result<GemmaConfig> {
+    if dir.is_file() {
+        let parent = dir.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        bail!(
+            "{} is a file; pass the model directory that holds it ({}), not one of its files",
+            dir.display(),
+            parent.display()
+        );
+    }
     if !dir.is_dir() {
         bail!("model directory {} does not exist", dir.display());
     }

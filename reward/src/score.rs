@@ -62,6 +62,16 @@ impl Scorer {
     pub fn load(dir: &Path, opts: &ScoreOptions) -> Result<Self> {
         let device = lm::device::parse_device(&opts.device)?;
         let kind = lm::device::parse_dtype(&opts.dtype)?;
+        // Refused from the tensor names alone, before loading (and logging)
+        // every tensor.
+        lm::checkpoint::read_config(dir)?;
+        if !lm::checkpoint::tensor_names(dir)?.contains(model::SCORE_WEIGHT) {
+            bail!(
+                "{} is not a reward model: it has no {} (a causal LM?). Train one with `align reward`",
+                dir.display(),
+                model::SCORE_WEIGHT
+            );
+        }
         let l = model::load(dir, device, kind, None, 0)?;
         if !l.new_tensors.is_empty() {
             bail!(
@@ -251,12 +261,24 @@ pub struct ScoreReport {
     pub out: Option<PathBuf>,
 }
 
+/// Reads the rows to score. A bad row fails; the hint says so without the
+/// readers' `on_bad_row`, which scoring does not have.
+pub fn read_for_scoring(data: &Path) -> Result<datasets::Dataset> {
+    datasets::read_dataset(data, &ReadOptions::default())
+        .map_err(|e| match e.downcast_ref::<datasets::BadRowError>() {
+            Some(b) => {
+                anyhow::anyhow!("{}\n(fix the row: `align score` scores every row and skips none)", b.0)
+            }
+            None => e,
+        })
+        .with_context(|| format!("reading {} to score", data.display()))
+}
+
 /// Reads `data` (JSONL, JSON, Parquet or CSV; kind detected from the
 /// columns) and scores every row. Returns the output table's rows (see
 /// [`table_rows`]) and the report (its `out` unset).
 pub fn score_table(scorer: &Scorer, data: &Path) -> Result<(Vec<Map<String, Value>>, ScoreReport)> {
-    let ds = datasets::read_dataset(data, &ReadOptions::default())
-        .with_context(|| format!("reading {} to score", data.display()))?;
+    let ds = read_for_scoring(data)?;
     let (scored, truncated) = scorer.score_examples(&ds.examples)?;
     let rows = table_rows(&ds.examples, &scored);
     let mut all = vec![];

@@ -84,7 +84,9 @@ pub struct RlConfig {
     pub kl_horizon: f64,
     /// Subtracted from the reward of a response that never emits
     /// `<end_of_turn>` (cut at `max_new_tokens`, or ended by `<eos>`).
-    #[serde(default)]
+    /// Default 1.0: a response that never ends is not a good one (TRL's
+    /// `missing_eos_penalty`); 0 turns it off.
+    #[serde(default = "one_f64")]
     pub missing_eot_penalty: f64,
     /// How the per-token loss terms (policy gradient and, in `kl_mode =
     /// "loss"`, the KL) are reduced: `"token_mean"` (the default: no
@@ -105,7 +107,7 @@ pub struct RlConfig {
     /// Whiten the advantages over the batch (zero mean, unit variance): the
     /// older spelling of `scale = "batch_std"` (false: `"none"`), used only
     /// when `scale` is not set.
-    #[serde(default)]
+    #[serde(default = "yes")]
     pub whiten_advantages: bool,
     /// Normalise rewards as (r − mean) / std, with `reward_mean` and
     /// `reward_std` or else the reward model's stored statistics.
@@ -165,6 +167,9 @@ fn default_max_prompt_len() -> usize {
 }
 fn one_f64() -> f64 {
     1.0
+}
+fn yes() -> bool {
+    true
 }
 fn default_beta() -> f64 {
     0.05

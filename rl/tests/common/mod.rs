@@ -37,6 +37,10 @@ pub fn config(dir: &Path, prompts: &Path, extra: &str) -> RlConfig {
         ("max_prompt_len", "64"),
         ("device", "\"cpu\""),
         ("seed", "7"),
+        // The defaults these tests were written against (before the
+        // defaults became a penalty of 1.0 and whitened advantages).
+        ("missing_eot_penalty", "0.0"),
+        ("whiten_advantages", "false"),
     ];
     let given: Vec<&str> = extra.lines().filter_map(|l| l.split('=').next()).map(str::trim).collect();
     let mut body: Vec<String> =
