@@ -60,6 +60,9 @@ pub fn run(l: &Loaded, opts: &RunOptions) -> Result<()> {
         if opts.force || states[i].state.starts_with("stale") {
             // A new configuration starts over (no resume from another config).
             if dir.exists() {
+                // Never under a run that holds it (the lock goes with the directory).
+                let _lock = lm::output_dir::OutputLock::acquire(&dir)
+                    .with_context(|| format!("stage {:?}", s.name))?;
                 std::fs::remove_dir_all(&dir).with_context(|| format!("cannot clear {}", dir.display()))?;
             }
         }
