@@ -266,6 +266,17 @@ mod tests {
     }
 
     #[test]
+    fn a_documents_control_strings_are_text_unless_parsing_is_asked_for() {
+        let mut tok = tiny_tokenizer();
+        let ids = tok.encode_content("Hello<eos>there").unwrap();
+        assert!(!ids.contains(&tok.special.eos), "{ids:?}");
+        assert_eq!(tok.decode(&ids, false).unwrap(), "Hello<eos>there");
+        tok.parse_special_tokens = true;
+        assert!(tok.encode_content("Hello<eos>there").unwrap().contains(&tok.special.eos));
+        assert_eq!(tok.encode_content("Hello there").unwrap(), tok.encode("Hello there").unwrap());
+    }
+
+    #[test]
     fn parse_special_tokens_keeps_the_old_encoding_of_control_strings() {
         let mut tok = tiny_tokenizer();
         tok.parse_special_tokens = true;

@@ -110,6 +110,14 @@ impl Tokenizer {
         t.encode(text, false).map_err(|e| anyhow!("tokenizer failed to encode text: {e}"))
     }
 
+    /// Encodes a user's or a data file's text (a pretraining document) as
+    /// [`Self::parse_special_tokens`] says: as text (the default), or with
+    /// special-token strings as control tokens.
+    pub fn encode_content(&self, text: &str) -> Result<Vec<i64>> {
+        let enc = if self.parse_special_tokens { self.encode_raw(text)? } else { self.encode_text(text)? };
+        Ok(enc.get_ids().iter().map(|&i| i as i64).collect())
+    }
+
     pub fn encode(&self, text: &str) -> Result<Vec<i64>> {
         Ok(self.encode_raw(text)?.get_ids().iter().map(|&i| i as i64).collect())
     }

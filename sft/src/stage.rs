@@ -251,7 +251,8 @@ pub fn load_data(cfg: &SftConfig, tok: &Tokenizer, base: &Path) -> Result<(Data,
             let (mut train, mut eval) = (vec![], vec![]);
             for (i, d) in docs.iter().enumerate() {
                 let mut ids = vec![tok.special.bos];
-                ids.extend(tok.encode(d)?);
+                // A document's text is text: a literal "<eos>" in it is not the token.
+                ids.extend(tok.encode_content(d)?);
                 ids.push(tok.special.eos);
                 let mask = vec![true; ids.len()];
                 let Some(seq) = Sequence::from_ids(&ids, &mask) else { continue };
