@@ -2,19 +2,13 @@
 //! transformers fixtures, and the errors bad input gives (non-zero exit, a
 //! message, never a panic).
 
-use std::path::{Path, PathBuf};
+mod common;
+use common::{align, fixture, read_json, root};
+use std::path::Path;
 use std::process::{Command, Output};
 
-fn align(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_align")).args(args).output().expect("align runs")
-}
-
-fn fixture(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("lm/tests/fixtures").join(name)
-}
-
 fn expected() -> serde_json::Value {
-    serde_json::from_str(&std::fs::read_to_string(fixture("mqa").join("expected.json")).unwrap()).unwrap()
+    read_json(&fixture("mqa").join("expected.json"))
 }
 
 fn fails_cleanly(out: &Output, needle: &str) {
@@ -26,18 +20,21 @@ fn fails_cleanly(out: &Output, needle: &str) {
 
 #[test]
 fn generate_json_prompt_ids_follow_the_chat_template() {
-    let out = align(&[
-        "generate",
-        "--model",
-        fixture("mqa").to_str().unwrap(),
-        "--prompt",
-        "Hello there",
-        "--max-new-tokens",
-        "8",
-        "--device",
-        "cpu",
-        "--json",
-    ]);
+    let greedy = || {
+        align(&[
+            "generate",
+            "--model",
+            fixture("mqa").to_str().unwrap(),
+            "--prompt",
+            "Hello there",
+            "--max-new-tokens",
+            "8",
+            "--device",
+            "cpu",
+            "--json",
+        ])
+    };
+    let out = greedy();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["prompt_ids"], expected()["chats"][0]["ids"]);
@@ -47,18 +44,7 @@ fn generate_json_prompt_ids_follow_the_chat_template() {
     assert!(if reason == "length" { n == 8 } else { n < 8 });
     assert!(v["text"].is_string());
     // Greedy is deterministic; sampling is reproducible from --seed.
-    let again = align(&[
-        "generate",
-        "--model",
-        fixture("mqa").to_str().unwrap(),
-        "--prompt",
-        "Hello there",
-        "--max-new-tokens",
-        "8",
-        "--device",
-        "cpu",
-        "--json",
-    ]);
+    let again = greedy();
     assert_eq!(out.stdout, again.stdout);
     let s = |seed: &str| {
         align(&[
@@ -175,7 +161,7 @@ fn inspect_marks_trained_spans_and_rejects_roles_out_of_order() {
 #[test]
 fn tokenizer_train_then_init_then_generate() {
     let tmp = tempfile::tempdir().unwrap();
-    let corpus = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("recipes/data/tiny_corpus.txt");
+    let corpus = root().join("recipes/data/tiny_corpus.txt");
     let tok = tmp.path().join("tokenizer.json");
     let out = align(&[
         "tokenizer",
@@ -189,21 +175,22 @@ fn tokenizer_train_then_init_then_generate() {
     ]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let model = tmp.path().join("model");
-    let out = align(&[
-        "init",
-        "--preset",
-        "tiny",
-        "--tokenizer",
-        tok.to_str().unwrap(),
-        "--out",
-        model.to_str().unwrap(),
-    ]);
+    let init = |preset: &str| {
+        align(&[
+            "init",
+            "--preset",
+            preset,
+            "--tokenizer",
+            tok.to_str().unwrap(),
+            "--out",
+            model.to_str().unwrap(),
+        ])
+    };
+    let out = init("tiny");
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let cfg: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(model.join("config.json")).unwrap()).unwrap();
+    let cfg: serde_json::Value = read_json(&model.join("config.json"));
     assert_eq!(cfg["vocab_size"], 640);
-    let tc: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(model.join("tokenizer_config.json")).unwrap()).unwrap();
+    let tc: serde_json::Value = read_json(&model.join("tokenizer_config.json"));
     assert!(tc["chat_template"].as_str().unwrap().contains("<start_of_turn>"));
     let out = align(&[
         "generate",
@@ -216,15 +203,7 @@ fn tokenizer_train_then_init_then_generate() {
         "--json",
     ]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let out = align(&[
-        "init",
-        "--preset",
-        "nope",
-        "--tokenizer",
-        tok.to_str().unwrap(),
-        "--out",
-        model.to_str().unwrap(),
-    ]);
+    let out = init("nope");
     fails_cleanly(&out, "unknown model preset \"nope\"");
 }
 
@@ -324,6 +303,17 @@ fn score_writes_reward_columns_and_prints_pair_accuracy() {
     let tmp = tempfile::tempdir().unwrap();
     let rm_dir = tmp.path().join("rm");
     let rm = write_reward_model(&rm_dir);
+    let score = |data: &Path, out: &Path| {
+        align(&[
+            "score",
+            "--reward-model",
+            rm_dir.to_str().unwrap(),
+            "--data",
+            data.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+        ])
+    };
     let topics = ["rivers", "stars", "bread", "clocks", "trains", "maps"];
     let pairs: Vec<serde_json::Value> = topics
         .iter()
@@ -360,15 +350,7 @@ fn score_writes_reward_columns_and_prints_pair_accuracy() {
 
     for ext in ["jsonl", "parquet"] {
         let out_path = tmp.path().join(format!("scored.{ext}"));
-        let out = align(&[
-            "score",
-            "--reward-model",
-            rm_dir.to_str().unwrap(),
-            "--data",
-            data.to_str().unwrap(),
-            "--out",
-            out_path.to_str().unwrap(),
-        ]);
+        let out = score(&data, &out_path);
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(out.status.success(), "{err}");
         assert!(err.contains(&format!("accuracy {accuracy:.4} over 6 pairs (chosen > rejected)")), "{err}");
@@ -404,15 +386,7 @@ fn score_writes_reward_columns_and_prints_pair_accuracy() {
         .collect();
     std::fs::write(&responses, rows.iter().map(|p| format!("{p}\n")).collect::<String>()).unwrap();
     let out_path = tmp.path().join("responses_scored.parquet");
-    let out = align(&[
-        "score",
-        "--reward-model",
-        rm_dir.to_str().unwrap(),
-        "--data",
-        responses.to_str().unwrap(),
-        "--out",
-        out_path.to_str().unwrap(),
-    ]);
+    let out = score(&responses, &out_path);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{err}");
     assert!(!err.contains("accuracy"), "no pairs, no accuracy: {err}");
@@ -440,15 +414,7 @@ fn score_writes_reward_columns_and_prints_pair_accuracy() {
     ]);
     fails_cleanly(&out, "is not a reward model");
     let bad = tmp.path().join("scored.txt");
-    let out = align(&[
-        "score",
-        "--reward-model",
-        rm_dir.to_str().unwrap(),
-        "--data",
-        data.to_str().unwrap(),
-        "--out",
-        bad.to_str().unwrap(),
-    ]);
+    let out = score(&data, &bad);
     fails_cleanly(&out, "unknown output format");
 }
 

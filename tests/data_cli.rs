@@ -1,18 +1,16 @@
 //! `align data inspect|filter|mix` end to end: the real binary on small
 //! JSONL/CSV/TOML files written into a temporary directory.
 
+mod common;
+use common::{align, align_in, fixture};
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Output;
 
 use serde_json::Value;
 
-fn align(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_align")).args(args).output().expect("align runs")
-}
-
 fn tokenizer() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("lm/tests/fixtures/mqa/tokenizer.json")
+    fixture("mqa").join("tokenizer.json")
 }
 
 fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
@@ -340,9 +338,7 @@ weight = 0.5
 "#,
     );
     // Run from another directory: paths are relative to the TOML file.
-    let run = |args: &[&str]| {
-        Command::new(env!("CARGO_BIN_EXE_align")).args(args).current_dir(&data).output().expect("align runs")
-    };
+    let run = |args: &[&str]| align_in(&data, args);
     let text = stdout(&run(&["data", "mix", s(&recipe), "--section", "sft"]));
     assert!(text.contains("mixture [sft.data]"), "{text}");
     let cols = |name: &str| -> Vec<String> {

@@ -7,27 +7,12 @@
 //! finished stages work on copies of its output. Recipes are run by a path
 //! relative to their directory, so the copies' stages are still "done".
 
+mod common;
+use common::{align, align_in, read_json, stderr, stdout};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Output;
 use std::sync::OnceLock;
 use std::time::SystemTime;
-
-fn align(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_align")).args(args).output().expect("align runs")
-}
-
-/// `align ARGS` run in `dir`.
-fn align_in(dir: &Path, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_align")).current_dir(dir).args(args).output().expect("align runs")
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
-
-fn stdout(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
 
 const RECIPE: &str = r#"
 name = "tiny"
@@ -105,6 +90,17 @@ fn write(dir: &Path, text: &str) -> String {
     let p = dir.join("recipe.toml");
     std::fs::write(&p, text).unwrap();
     p.display().to_string()
+}
+
+/// Runs `text` as the recipe in `dir`: it must fail with `needle` in its
+/// stderr before anything runs. Returns the stderr.
+fn refused(dir: &Path, text: &str, needle: &str) -> String {
+    let r = write(dir, text);
+    let out = align(&["run", &r]);
+    let err = stderr(&out);
+    assert!(!out.status.success() && err.contains(needle), "{needle}: {err}");
+    assert!(!dir.join("out").exists(), "nothing runs before the checks pass");
+    err
 }
 
 /// The smoke recipe run once: its directory and the first run's output.
@@ -224,10 +220,7 @@ fn recipe_runs_end_to_end_then_skips_complete_stages() {
     assert!(report.contains("oracle accuracy"), "{report}");
     // The leaderboard: overall and per category, each with its interval.
     let board = std::fs::read_to_string(s.dir.join("out/sweep/leaderboard.md")).unwrap();
-    let summary: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(s.dir.join("out/sweep/variants/lr-low/judge/summary.json")).unwrap(),
-    )
-    .unwrap();
+    let summary: serde_json::Value = read_json(&s.dir.join("out/sweep/variants/lr-low/judge/summary.json"));
     let cats: Vec<&String> = summary["per_category"].as_object().unwrap().keys().collect();
     assert!(!cats.is_empty(), "{summary}");
     assert!(board.contains("## Per category"), "{board}");
@@ -240,9 +233,7 @@ fn recipe_runs_end_to_end_then_skips_complete_stages() {
         // One cell per category: a rate, its interval and n.
         assert_eq!(row.matches("), n ").count() + row.matches("– (n ").count(), cats.len(), "{row}");
     }
-    let json: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(s.dir.join("out/sweep/leaderboard.json")).unwrap())
-            .unwrap();
+    let json: serde_json::Value = read_json(&s.dir.join("out/sweep/leaderboard.json"));
     let first = &json["leaderboard"][0]["per_category"][cats[0].as_str()];
     assert!(first["lo"].is_number() && first["hi"].is_number() && first["n"].is_number(), "{json}");
 
@@ -265,9 +256,7 @@ fn recipe_runs_end_to_end_then_skips_complete_stages() {
     let rerun = align_in(tmp.path(), &["run", "recipe.toml", "--stage", "sft", "--set", "sft.max_steps=4"]);
     assert!(rerun.status.success(), "{}", stderr(&rerun));
     assert_eq!(started(&stderr(&rerun)), names(&["sft"]));
-    let summary: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(tmp.path().join("out/sft/summary.json")).unwrap())
-            .unwrap();
+    let summary: serde_json::Value = read_json(&tmp.path().join("out/sft/summary.json"));
     assert_eq!(summary["steps"], 4);
     // The dry run prints the plan without running anything.
     let dry = align_in(tmp.path(), &["run", "recipe.toml", "--dry-run"]);
@@ -379,9 +368,7 @@ fn interrupted_sweep_resumes_without_retraining_the_finished_variant() {
     assert!(std::fs::read(&low).unwrap() == low_bytes);
     assert_eq!(mtime(&sweep.join("variants/lr-low/judge/summary.json")), low_judged);
     // The resumed sweep ends where the uninterrupted one did.
-    let board = |d: &Path| -> serde_json::Value {
-        serde_json::from_str(&std::fs::read_to_string(d.join("out/sweep/leaderboard.json")).unwrap()).unwrap()
-    };
+    let board = |d: &Path| -> serde_json::Value { read_json(&d.join("out/sweep/leaderboard.json")) };
     let (resumed, whole) = (board(tmp.path()), board(&smoke().dir));
     assert_eq!(resumed["winner"], whole["winner"]);
     assert_eq!(resumed["leaderboard"].as_array().map(Vec::len), Some(2));
@@ -452,11 +439,7 @@ fn bad_references_and_keys_are_caught_before_anything_runs() {
     ];
     for (text, needle) in cases {
         assert_ne!(text, RECIPE, "{needle}: the case changes the recipe");
-        let r = write(tmp.path(), &text);
-        let out = align(&["run", &r]);
-        let err = stderr(&out);
-        assert!(!out.status.success() && err.contains(needle), "{needle}: {err}");
-        assert!(!tmp.path().join("out").exists(), "nothing runs before the checks pass");
+        refused(tmp.path(), &text, needle);
     }
 }
 
@@ -508,12 +491,8 @@ fn cycles_self_references_and_forward_references_are_named() {
         ),
     ];
     for (text, needle) in cases {
-        let r = write(tmp.path(), &text);
-        let out = align(&["run", &r]);
-        let err = stderr(&out);
-        assert!(!out.status.success() && err.contains(needle), "{needle}: {err}");
+        let err = refused(tmp.path(), &text, needle);
         assert!(err.contains("a stage can only use the outputs of stages before it"), "{err}");
-        assert!(!tmp.path().join("out").exists(), "nothing runs before the checks pass");
     }
 }
 
@@ -567,11 +546,7 @@ fn judge_and_sweep_judge_configs_are_checked_before_anything_runs() {
     ];
     for (text, needle) in cases {
         assert_ne!(text, RECIPE, "{needle}: the case changes the recipe");
-        let r = write(tmp.path(), &text);
-        let out = align(&["run", &r]);
-        let err = stderr(&out);
-        assert!(!out.status.success() && err.contains(needle), "{needle}: {err}");
-        assert!(!tmp.path().join("out").exists(), "nothing runs before the checks pass");
+        refused(tmp.path(), &text, needle);
     }
 }
 

@@ -2,16 +2,26 @@
 //! killed with SIGKILL mid-run and run again give bit-identical weights to an
 //! uninterrupted run (CPU).
 
+mod common;
+use common::{fixture, kill_once_checkpointed, write_reverse_data};
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+/// Two run directories `dir/a` and `dir/b`, each with `toml` written as
+/// `file`: the directories and the config paths.
+fn two_configs(dir: &Path, file: &str, toml: &str) -> [(PathBuf, PathBuf); 2] {
+    ["a", "b"].map(|name| {
+        let d = dir.join(name);
+        std::fs::create_dir_all(&d).unwrap();
+        let p = d.join(file);
+        std::fs::write(&p, toml).unwrap();
+        (d, p)
+    })
 }
 
-fn write_config(dir: &Path, data: &Path) -> PathBuf {
-    let toml = format!(
+fn sft_config(data: &Path) -> String {
+    format!(
         r#"[sft]
 model = "{}"
 output_dir = "out"
@@ -36,27 +46,9 @@ held_out = {{ fraction = 0.05 }}
 name = "reverse"
 path = "{}"
 "#,
-        root().join("lm/tests/fixtures/mqa").display(),
+        fixture("mqa").display(),
         data.display()
-    );
-    let p = dir.join("sft.toml");
-    std::fs::write(&p, toml).unwrap();
-    p
-}
-
-fn write_data(dir: &Path) -> PathBuf {
-    let lines: Vec<String> = (0..200)
-        .map(|i| {
-            let w = format!("word{i}x{}", i * 7 % 13);
-            let r: String = w.chars().rev().collect();
-            serde_json::json!({"messages": [{"role": "user", "content": format!("Reverse: {w}")},
-                                             {"role": "model", "content": r}]})
-            .to_string()
-        })
-        .collect();
-    let p = dir.join("data.jsonl");
-    std::fs::write(&p, lines.join("\n")).unwrap();
-    p
+    )
 }
 
 fn stage(name: &str, config: &Path) -> Command {
@@ -67,10 +59,6 @@ fn stage(name: &str, config: &Path) -> Command {
     c
 }
 
-fn sft(config: &Path) -> Command {
-    stage("sft", config)
-}
-
 /// Runs `cmd_a` to the end; runs `cmd_b`, kills it once a checkpoint at
 /// step >= `kill_at` exists, runs it again; returns the two final weights.
 fn run_kill_resume(name: &str, a: &Path, ca: &Path, b: &Path, cb: &Path, kill_at: u64) -> (Vec<u8>, Vec<u8>) {
@@ -78,18 +66,7 @@ fn run_kill_resume(name: &str, a: &Path, ca: &Path, b: &Path, cb: &Path, kill_at
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let mut child = stage(name, cb).spawn().unwrap();
     let ckpts = b.join("out/checkpoints");
-    let t0 = Instant::now();
-    loop {
-        let n = lm::train::list_checkpoints(&ckpts).map(|v| v.last().map_or(0, |c| c.0)).unwrap_or(0);
-        if n >= kill_at {
-            break;
-        }
-        assert!(t0.elapsed() < Duration::from_secs(120), "no checkpoint appeared");
-        assert!(child.try_wait().unwrap().is_none(), "run finished before it could be killed");
-        std::thread::sleep(Duration::from_millis(2));
-    }
-    child.kill().unwrap(); // SIGKILL
-    child.wait().unwrap();
+    kill_once_checkpointed(&mut child, &ckpts, kill_at, Duration::from_secs(120), "checkpoint", "run");
     assert!(!b.join("out/model").exists(), "the run was killed before it finished");
     let out = stage(name, cb).output().unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
@@ -114,63 +91,26 @@ fn reward_resume_after_kill_is_bit_identical() {
         .collect();
     let data = tmp.path().join("pairs.jsonl");
     std::fs::write(&data, lines.join("\n")).unwrap();
-    let (a, b) = (tmp.path().join("a"), tmp.path().join("b"));
-    let mut cfgs = vec![];
-    for d in [&a, &b] {
-        std::fs::create_dir_all(d).unwrap();
-        let toml = format!(
-            "[reward]\nmodel = \"{}\"\noutput_dir = \"out\"\nmax_seq_len = 64\nbatch_size = 4\ngrad_accum = 2\nmax_steps = 200\nsave_every = 10\nkeep_last = 2\nseed = 4\ndevice = \"cpu\"\n[reward.optim]\nlr = 1e-3\nwarmup_steps = 5\n[reward.data]\nseed = 1\nheld_out = {{ fraction = 0.1 }}\n[[reward.data.sources]]\nname = \"pairs\"\npath = \"{}\"\n",
-            root().join("lm/tests/fixtures/mqa").display(),
-            data.display()
-        );
-        let p = d.join("reward.toml");
-        std::fs::write(&p, toml).unwrap();
-        cfgs.push(p);
-    }
-    let (wa, wb) = run_kill_resume("reward", &a, &cfgs[0], &b, &cfgs[1], 30);
+    let toml = format!(
+        "[reward]\nmodel = \"{}\"\noutput_dir = \"out\"\nmax_seq_len = 64\nbatch_size = 4\ngrad_accum = 2\nmax_steps = 200\nsave_every = 10\nkeep_last = 2\nseed = 4\ndevice = \"cpu\"\n[reward.optim]\nlr = 1e-3\nwarmup_steps = 5\n[reward.data]\nseed = 1\nheld_out = {{ fraction = 0.1 }}\n[[reward.data.sources]]\nname = \"pairs\"\npath = \"{}\"\n",
+        fixture("mqa").display(),
+        data.display()
+    );
+    let [(a, ca), (b, cb)] = two_configs(tmp.path(), "reward.toml", &toml);
+    let (wa, wb) = run_kill_resume("reward", &a, &ca, &b, &cb, 30);
     assert!(wa == wb, "reward weights after kill + resume differ from the uninterrupted run");
 }
 
 #[test]
 fn sft_resume_after_kill_is_bit_identical() {
     let tmp = tempfile::tempdir().unwrap();
-    let data = write_data(tmp.path());
-    let a = tmp.path().join("a");
-    let b = tmp.path().join("b");
-    std::fs::create_dir_all(&a).unwrap();
-    std::fs::create_dir_all(&b).unwrap();
-    let ca = write_config(&a, &data);
-    let cb = write_config(&b, &data);
+    let data = write_reverse_data(tmp.path(), 200);
+    let [(a, ca), (b, cb)] = two_configs(tmp.path(), "sft.toml", &sft_config(&data));
 
-    // Uninterrupted run.
-    let out = sft(&ca).output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-
-    // Interrupted run: SIGKILL once a mid-run checkpoint exists.
-    let mut child = sft(&cb).spawn().unwrap();
+    // Uninterrupted run; interrupted run (SIGKILL once a mid-run checkpoint
+    // exists) resumed to the end.
+    let (wa, wb) = run_kill_resume("sft", &a, &ca, &b, &cb, 40);
     let ckpts = b.join("out/checkpoints");
-    let t0 = Instant::now();
-    loop {
-        let n = lm::train::list_checkpoints(&ckpts).map(|v| v.last().map_or(0, |c| c.0)).unwrap_or(0);
-        if n >= 40 {
-            break;
-        }
-        assert!(t0.elapsed() < Duration::from_secs(120), "no checkpoint appeared");
-        assert!(child.try_wait().unwrap().is_none(), "run finished before it could be killed");
-        std::thread::sleep(Duration::from_millis(2));
-    }
-    child.kill().unwrap(); // SIGKILL
-    child.wait().unwrap();
-    assert!(!b.join("out/model").exists(), "the run was killed before it finished");
-
-    // Resume to the end.
-    let out = sft(&cb).output().unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{err}");
-    assert!(err.contains("resuming from"), "{err}");
-
-    let wa = std::fs::read(a.join("out/model/model.safetensors")).unwrap();
-    let wb = std::fs::read(b.join("out/model/model.safetensors")).unwrap();
     assert!(wa == wb, "weights after kill + resume differ from the uninterrupted run");
     // Metrics have one row per step, no duplicates from the killed run.
     let m = lm::train::read_metrics(&b.join("out/metrics.jsonl")).unwrap();
@@ -184,7 +124,7 @@ fn sft_resume_after_kill_is_bit_identical() {
 /// A reward model for the RL test: the fixture's backbone with a seeded
 /// score head, saved as `align reward` saves one (with reward statistics).
 fn write_reward_model(dir: &Path) {
-    let fixture = root().join("lm/tests/fixtures/mqa");
+    let fixture = fixture("mqa");
     let rm = lm::reward_model::load(&fixture, tch::Device::Cpu, tch::Kind::Float, Some(0.5), 17).unwrap();
     let stats = lm::reward_model::RewardStats { mean: 0.1, std: 0.5, n: 100, split: "eval".into() };
     lm::reward_model::save(dir, &rm.vs, &rm.model, &rm.tokenizer, Some(&stats)).unwrap();
@@ -201,16 +141,12 @@ fn rl_resume_after_kill_is_bit_identical() {
         .collect();
     let data = tmp.path().join("prompts.jsonl");
     std::fs::write(&data, prompts.join("\n")).unwrap();
-    let (a, b) = (tmp.path().join("a"), tmp.path().join("b"));
-    let mut cfgs = vec![];
-    for d in [&a, &b] {
-        std::fs::create_dir_all(d).unwrap();
-        // Every piece of state a resume must restore: the adaptive KL
-        // coefficient, the reward normalisation, two clipped updates per
-        // batch over micro-batches, the prompt position across epochs (20
-        // training prompts, 4 per step) and the sampling RNG.
-        let toml = format!(
-            r#"[rl]
+    // Every piece of state a resume must restore: the adaptive KL
+    // coefficient, the reward normalisation, two clipped updates per
+    // batch over micro-batches, the prompt position across epochs (20
+    // training prompts, 4 per step) and the sampling RNG.
+    let toml = format!(
+        r#"[rl]
 model = "{policy}"
 output_dir = "out"
 steps = 60
@@ -246,15 +182,12 @@ held_out = {{ fraction = 0.2 }}
 name = "prompts"
 path = "{data}"
 "#,
-            policy = root().join("lm/tests/fixtures/mqa").display(),
-            rm = rm.display(),
-            data = data.display(),
-        );
-        let p = d.join("rl.toml");
-        std::fs::write(&p, toml).unwrap();
-        cfgs.push(p);
-    }
-    let (wa, wb) = run_kill_resume("rl", &a, &cfgs[0], &b, &cfgs[1], 15);
+        policy = fixture("mqa").display(),
+        rm = rm.display(),
+        data = data.display(),
+    );
+    let [(a, ca), (b, cb)] = two_configs(tmp.path(), "rl.toml", &toml);
+    let (wa, wb) = run_kill_resume("rl", &a, &ca, &b, &cb, 15);
     assert!(wa == wb, "rl policy weights after kill + resume differ from the uninterrupted run");
     // The training metrics have each step once, with the same values.
     let rows = |d: &Path| -> Vec<serde_json::Value> {

@@ -3,9 +3,11 @@
 //! resumes the interrupted stage from its last checkpoint and runs the
 //! stages after it.
 
+mod common;
+use common::kill_once_checkpointed;
 use std::path::Path;
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 const RECIPE: &str = r#"
 name = "kill"
@@ -74,18 +76,8 @@ fn align_run_killed_mid_stage_resumes_to_the_same_weights() {
     let cut = setup();
     let mut child = align(cut.path()).spawn().unwrap();
     let ckpts = cut.path().join("out/sft/checkpoints");
-    let t0 = Instant::now();
-    loop {
-        let n = lm::train::list_checkpoints(&ckpts).map(|v| v.last().map_or(0, |c| c.0)).unwrap_or(0);
-        if n >= 6 {
-            break;
-        }
-        assert!(t0.elapsed() < Duration::from_secs(300), "no sft checkpoint appeared");
-        assert!(child.try_wait().unwrap().is_none(), "align run finished before it could be killed");
-        std::thread::sleep(Duration::from_millis(2));
-    }
-    child.kill().unwrap(); // SIGKILL, mid-stage
-    child.wait().unwrap();
+    // SIGKILL, mid-stage.
+    kill_once_checkpointed(&mut child, &ckpts, 6, Duration::from_secs(300), "sft checkpoint", "align run");
     assert!(!cut.path().join("out/sft/model").exists(), "the sft stage was killed before it finished");
     assert!(!cut.path().join("out/rl").exists(), "the rl stage had not started");
 

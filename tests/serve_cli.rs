@@ -4,12 +4,13 @@
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::path::Path;
 use std::process::{Child, ChildStderr, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
+mod common;
+
 fn fixture() -> String {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("lm/tests/fixtures/mqa").to_string_lossy().into_owned()
+    common::fixture("mqa").to_string_lossy().into_owned()
 }
 
 /// A running `align serve`; killed (and reaped) if a test fails before it exits.
@@ -68,6 +69,17 @@ fn wait(serve: &mut Serve, limit: Duration) -> ExitStatus {
     }
 }
 
+/// After the signal: `align serve` exits with status 0 within 30 s, says on
+/// stderr that `signal` stopped it, and its port is closed.
+fn exited_cleanly(serve: &mut Serve, err: &mut BufReader<ChildStderr>, addr: SocketAddr, signal: &str) {
+    let status = wait(serve, Duration::from_secs(30));
+    assert!(status.success(), "exit status {status:?}");
+    let mut rest = String::new();
+    err.read_to_string(&mut rest).unwrap();
+    assert!(rest.contains(signal) && rest.contains("stopped"), "{rest}");
+    assert!(TcpStream::connect(addr).is_err(), "the port is closed");
+}
+
 fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
     hay.windows(needle.len()).position(|w| w == needle)
 }
@@ -104,12 +116,7 @@ fn sigterm_finishes_the_request_in_progress_and_exits_0() {
     let text = String::from_utf8_lossy(&raw);
     assert!(text.starts_with("HTTP/1.1 200"), "{text}");
     assert!(text.contains("\"finish_reason\":\""), "the final chunk came: {text}");
-    let status = wait(&mut serve, Duration::from_secs(30));
-    assert!(status.success(), "exit status {status:?}");
-    let mut rest = String::new();
-    err.read_to_string(&mut rest).unwrap();
-    assert!(rest.contains("SIGTERM") && rest.contains("stopped"), "{rest}");
-    assert!(TcpStream::connect(addr).is_err(), "the port is closed");
+    exited_cleanly(&mut serve, &mut err, addr, "SIGTERM");
 }
 
 #[test]
@@ -122,12 +129,7 @@ fn sigint_stops_an_idle_server_with_status_0() {
     s.read_to_string(&mut reply).unwrap();
     assert!(reply.starts_with("HTTP/1.1 200") && reply.contains("\"mqa\""), "{reply}");
     signal(&serve, "INT");
-    let status = wait(&mut serve, Duration::from_secs(30));
-    assert!(status.success(), "exit status {status:?}");
-    let mut rest = String::new();
-    err.read_to_string(&mut rest).unwrap();
-    assert!(rest.contains("SIGINT") && rest.contains("stopped"), "{rest}");
-    assert!(TcpStream::connect(addr).is_err(), "the port is closed");
+    exited_cleanly(&mut serve, &mut err, addr, "SIGINT");
 }
 
 #[test]
