@@ -89,6 +89,12 @@ fn default_init_range() -> f64 {
 pub const PRESETS: &[&str] = &["gemma-2b", "gemma-7b", "tiny", "small-20m", "bench-50m", "test-mqa"];
 
 impl GemmaConfig {
+    /// The same configuration with a context of `n` positions.
+    fn with_max_positions(mut self, n: i64) -> Self {
+        self.max_position_embeddings = n;
+        self
+    }
+
     fn base(vocab: i64, hidden: i64, inter: i64, layers: i64, heads: i64, kv: i64, head_dim: i64) -> Self {
         GemmaConfig {
             model_type: "gemma".into(),
@@ -124,29 +130,13 @@ impl GemmaConfig {
             "gemma-2b" => Self::base(256000, 2048, 16384, 18, 8, 1, 256),
             "gemma-7b" => Self::base(256000, 3072, 24576, 28, 16, 16, 256),
             // ~1M non-embedding parameters: the built-in demo.
-            "tiny" => {
-                let mut c = Self::base(1024, 128, 512, 4, 4, 1, 32);
-                c.max_position_embeddings = 1024;
-                c
-            }
+            "tiny" => Self::base(1024, 128, 512, 4, 4, 1, 32).with_max_positions(1024),
             // ~20M parameters with a 8k vocabulary: the benchmarks.
-            "small-20m" => {
-                let mut c = Self::base(8192, 384, 1536, 8, 6, 2, 64);
-                c.max_position_embeddings = 2048;
-                c
-            }
+            "small-20m" => Self::base(8192, 384, 1536, 8, 6, 2, 64).with_max_positions(2048),
             // ~53M parameters: the training benchmark.
-            "bench-50m" => {
-                let mut c = Self::base(8192, 576, 2304, 10, 9, 3, 64);
-                c.max_position_embeddings = 2048;
-                c
-            }
+            "bench-50m" => Self::base(8192, 576, 2304, 10, 9, 3, 64).with_max_positions(2048),
             // MQA with head_dim != hidden/heads: the parity fixtures.
-            "test-mqa" => {
-                let mut c = Self::base(512, 64, 128, 2, 4, 1, 32);
-                c.max_position_embeddings = 256;
-                c
-            }
+            "test-mqa" => Self::base(512, 64, 128, 2, 4, 1, 32).with_max_positions(256),
             other => bail!("unknown model preset {other:?}; known presets: {}", PRESETS.join(", ")),
         })
     }

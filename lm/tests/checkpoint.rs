@@ -14,6 +14,12 @@ fn copy_dir(from: &Path, to: &Path) {
     }
 }
 
+/// Saves `m` to `out` in shards of at most 100 kB.
+fn save_sharded(m: &checkpoint::Loaded, out: &Path) {
+    let opts = SaveOptions { max_shard_bytes: 100_000, ..Default::default() };
+    checkpoint::save(out, &m.vs, &m.model.cfg, &m.tokenizer, &opts).unwrap();
+}
+
 /// The names in `dir`, sorted.
 fn entries(dir: &Path) -> Vec<String> {
     let mut names: Vec<String> =
@@ -58,8 +64,7 @@ fn overwriting_a_checkpoint_replaces_it_whole() {
     let m = load("mqa");
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("ckpt");
-    let sharded = SaveOptions { max_shard_bytes: 100_000, ..Default::default() };
-    checkpoint::save(&out, &m.vs, &m.model.cfg, &m.tokenizer, &sharded).unwrap();
+    save_sharded(&m, &out);
     assert!(out.join("model.safetensors.index.json").exists());
     checkpoint::save(&out, &m.vs, &m.model.cfg, &m.tokenizer, &SaveOptions::default()).unwrap();
     assert!(!out.join("model.safetensors.index.json").exists(), "stale shard index survived");
@@ -97,8 +102,7 @@ fn sharded_checkpoint_loads() {
     let m = load("mqa");
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("sharded");
-    let opts = SaveOptions { max_shard_bytes: 100_000, ..Default::default() };
-    checkpoint::save(&out, &m.vs, &m.model.cfg, &m.tokenizer, &opts).unwrap();
+    save_sharded(&m, &out);
     let files = checkpoint::weight_files(&out).unwrap();
     assert!(files.len() >= 3, "expected several shards, got {files:?}");
     let index: serde_json::Value =

@@ -17,7 +17,7 @@ fn callback_sees_each_token_and_results_equal_generate() {
     // A stop token that ends the first row after one token, so the callback
     // also sees rows that have finished (None) while others go on.
     let p = ids(&e["prompts"][1]);
-    let first = lm::generate(&m.model, std::slice::from_ref(&p), &greedy(1)).unwrap()[0].tokens[0];
+    let first = first_greedy_token(&m.model, &p);
     let mut batch = vec![p];
     batch.extend(prompts());
     let sampled = GenerationConfig {

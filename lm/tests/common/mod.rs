@@ -62,6 +62,11 @@ pub fn last_logits(model: &lm::Gemma, prompt: &[i64]) -> Tensor {
     logits.get(0).get(prompt.len() as i64 - 1)
 }
 
+/// The token greedy decoding picks first after `prompt`.
+pub fn first_greedy_token(model: &lm::Gemma, prompt: &[i64]) -> i64 {
+    lm::generate(model, &[prompt.to_vec()], &greedy(1)).unwrap()[0].tokens[0]
+}
+
 pub fn greedy(max_new: usize) -> lm::GenerationConfig {
     lm::GenerationConfig {
         max_new_tokens: max_new,
