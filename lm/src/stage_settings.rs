@@ -96,10 +96,102 @@ pub fn path_text(p: &serde_path_to_error::Path) -> String {
 }
 
 /// Types a TOML value with serde; an error gives the key path where it
-/// happened (empty at the top) and serde's message.
+/// happened (empty at the top) and serde's message, an unknown key's with a
+/// "did you mean" ([`with_suggestion`]).
 pub fn typed_path<T: DeserializeOwned>(v: toml::Value) -> std::result::Result<T, (String, String)> {
+    typed_path_plain(v).map_err(|(p, m)| (p, with_suggestion(&m)))
+}
+
+/// [`typed_path`] without the suggestion.
+fn typed_path_plain<T: DeserializeOwned>(v: toml::Value) -> std::result::Result<T, (String, String)> {
     serde_path_to_error::deserialize(v)
         .map_err(|e| (path_text(e.path()), e.inner().message().trim().to_string()))
+}
+
+/// TRL's names (and other common ones) of our settings: the name a user
+/// coming from TRL or transformers writes, and ours (a key path from the
+/// stage's config table).
+pub const TRL_NAMES: [(&str, &str); 24] = [
+    ("kl_coef", "beta"),
+    ("init_kl_coef", "beta"),
+    ("learning_rate", "optim.lr"),
+    ("lr", "optim.lr"),
+    ("num_generations", "num_samples"),
+    ("rloo_k", "num_samples"),
+    ("per_device_train_batch_size", "batch_size"),
+    ("train_batch_size", "batch_size"),
+    ("gradient_accumulation_steps", "grad_accum"),
+    ("max_length", "max_seq_len"),
+    ("max_seq_length", "max_seq_len"),
+    ("num_train_epochs", "epochs"),
+    ("warmup_steps", "optim.warmup_steps"),
+    ("weight_decay", "optim.weight_decay"),
+    ("max_grad_norm", "optim.grad_clip"),
+    ("adam_beta1", "optim.beta1"),
+    ("adam_beta2", "optim.beta2"),
+    ("adam_epsilon", "optim.eps"),
+    ("max_completion_length", "max_new_tokens"),
+    ("max_prompt_length", "max_prompt_len"),
+    ("eval_steps", "eval_every"),
+    ("save_steps", "save_every"),
+    ("save_total_limit", "keep_last"),
+    ("bf16", "dtype"),
+];
+
+/// Levenshtein distance between two keys.
+pub fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut prev = row[0];
+        row[0] = i + 1;
+        for (j, cb) in b.iter().enumerate() {
+            let cur = row[j + 1];
+            row[j + 1] = (prev + usize::from(ca != *cb)).min(row[j] + 1).min(cur + 1);
+            prev = cur;
+        }
+    }
+    row[b.len()]
+}
+
+/// The key a user probably meant by the unknown `key`, of the `expected`
+/// keys of its table: ours for a TRL name (`kl_coef` → `beta`, at the top
+/// `learning_rate` → `optim.lr`, inside `optim` → `lr`), else the nearest
+/// by edit distance (at most 2, and less than the key's length). The
+/// second value says when it is TRL's name.
+pub fn did_you_mean(key: &str, expected: &[&str]) -> Option<(String, bool)> {
+    if let Some((_, ours)) = TRL_NAMES.iter().find(|(trl, _)| *trl == key) {
+        let first = ours.split('.').next().unwrap_or(ours);
+        let last = ours.rsplit('.').next().unwrap_or(ours);
+        if expected.contains(&first) {
+            return Some((ours.to_string(), true));
+        }
+        if expected.contains(&last) {
+            return Some((last.to_string(), true));
+        }
+    }
+    let near = expected.iter().filter(|c| **c != key).min_by_key(|c| edit_distance(c, key))?;
+    let d = edit_distance(near, key);
+    (d <= 2 && d < key.chars().count()).then(|| (near.to_string(), false))
+}
+
+/// serde's ``unknown field `k`, expected one of `a`, `b` `` with what the
+/// user probably meant appended (`…; did you mean `beta`? (TRL's
+/// `kl_coef`)`); other messages as they are.
+pub fn with_suggestion(msg: &str) -> String {
+    let Some(key) = unknown_key(msg) else { return msg.to_string() };
+    if msg.contains("did you mean") {
+        return msg.to_string();
+    }
+    let expected: Vec<&str> = match msg.split_once(", expected ") {
+        Some((_, list)) => list.split('`').skip(1).step_by(2).collect(),
+        None => vec![],
+    };
+    match did_you_mean(&key, &expected) {
+        Some((ours, true)) => format!("{msg}; did you mean `{ours}`? (TRL's `{key}` is `{ours}` here)"),
+        Some((ours, false)) => format!("{msg}; did you mean `{ours}`?"),
+        None => msg.to_string(),
+    }
 }
 
 /// Types a stage config (a struct that embeds [`StageSettings`] with
@@ -110,7 +202,14 @@ pub fn typed_path<T: DeserializeOwned>(v: toml::Value) -> std::result::Result<T,
 pub fn typed_toml<T: DeserializeOwned + Serialize>(
     v: toml::Value,
 ) -> std::result::Result<T, (String, String)> {
-    let (path, msg) = match typed_path::<T>(v.clone()) {
+    typed_toml_plain(v).map_err(|(p, m)| (p, with_suggestion(&m)))
+}
+
+/// [`typed_toml`] without the suggestion.
+fn typed_toml_plain<T: DeserializeOwned + Serialize>(
+    v: toml::Value,
+) -> std::result::Result<T, (String, String)> {
+    let (path, msg) = match typed_path_plain::<T>(v.clone()) {
         Ok(t) => return Ok(t),
         Err(e) => e,
     };
@@ -125,7 +224,7 @@ pub fn typed_toml<T: DeserializeOwned + Serialize>(
         .filter(|(k, _)| StageSettings::KEYS.contains(&k.as_str()))
         .map(|(k, x)| (k.clone(), x.clone()))
         .collect();
-    if let Err((p, m)) = typed_path::<StageSettings>(toml::Value::Table(shared)) {
+    if let Err((p, m)) = typed_path_plain::<StageSettings>(toml::Value::Table(shared)) {
         if !m.starts_with("missing field") {
             return Err((p, m));
         }
@@ -149,7 +248,7 @@ fn unknown_key(msg: &str) -> Option<String> {
 /// serialised, in declaration order. None when `T` cannot be typed.
 fn expected_keys<T: DeserializeOwned + Serialize>(mut table: toml::Table) -> Option<String> {
     let t = loop {
-        match typed_path::<T>(toml::Value::Table(table.clone())) {
+        match typed_path_plain::<T>(toml::Value::Table(table.clone())) {
             Ok(t) => break t,
             Err((p, m)) if p.is_empty() => {
                 table.remove(&unknown_key(&m)?)?;
@@ -267,6 +366,34 @@ mod tests {
         );
         let (p, m) = typed("output_dir = 'o'").unwrap_err();
         assert_eq!((p.as_str(), m.as_str()), ("", "missing field `model`"));
+    }
+
+    #[test]
+    fn unknown_keys_suggest_ours_for_trl_names_and_near_misses() {
+        let e = |t: &str| typed(&format!("model = 'm'\noutput_dir = 'o'\n{t}")).unwrap_err().1;
+        let m = e("learning_rate = 1e-5");
+        assert!(m.starts_with("unknown field `learning_rate`, expected one of `model`"), "{m}");
+        assert!(m.ends_with("; did you mean `optim.lr`? (TRL's `learning_rate` is `optim.lr` here)"), "{m}");
+        let m = e("optim.learning_rate = 1e-5");
+        assert!(m.ends_with("; did you mean `lr`? (TRL's `learning_rate` is `lr` here)"), "{m}");
+        assert!(e("max_stepz = 3").ends_with("; did you mean `max_steps`?"));
+        assert!(e("warmup_steps = 3").ends_with(
+            "did you mean `optim.warmup_steps`? (TRL's `warmup_steps` is `optim.warmup_steps` here)"
+        ));
+        assert!(!e("frm = 1").contains("did you mean"));
+        assert_eq!(did_you_mean("kl_coef", &["beta", "steps"]), Some(("beta".into(), true)));
+        assert_eq!(did_you_mean("num_generations", &["num_samples"]), Some(("num_samples".into(), true)));
+        assert_eq!(did_you_mean("zzz", &["beta"]), None);
+    }
+
+    #[test]
+    fn every_trl_name_points_at_a_real_key() {
+        let optim = top_level_keys(&serde_json::to_string(&OptimConfig::default()).unwrap()).unwrap();
+        for (trl, ours) in TRL_NAMES {
+            if let Some(k) = ours.strip_prefix("optim.") {
+                assert!(optim.iter().any(|o| o == k), "{trl} → {ours}");
+            }
+        }
     }
 
     #[test]
