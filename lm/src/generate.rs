@@ -71,7 +71,22 @@ pub struct Generation {
     /// renormalisation, as TRL and OpenRLHF compute it (the filters only
     /// restrict which tokens can be drawn).
     pub logprobs: Vec<f32>,
+    /// With [`generate_detailed`]'s `top_logprobs` = N > 0: one list per
+    /// entry of `tokens`, the N most likely tokens of that step's sampling
+    /// distribution (the same `log_softmax(logits / T)` as `logprobs`) as
+    /// `(id, log-prob)`, most likely first. Empty otherwise.
+    pub top_logprobs: Vec<Vec<(i64, f32)>>,
     pub stop_reason: StopReason,
+}
+
+/// One token just generated, as [`generate_detailed`]'s callback sees it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StepToken {
+    pub id: i64,
+    /// As in [`Generation::logprobs`].
+    pub logprob: f32,
+    /// As in [`Generation::top_logprobs`] (empty when not asked for).
+    pub top: Vec<(i64, f32)>,
 }
 
 impl Generation {
@@ -118,6 +133,20 @@ pub fn sampling_log_softmax(logits: &Tensor, temperature: f64) -> Tensor {
     } else {
         logits.log_softmax(-1, Kind::Float)
     }
+}
+
+/// The `n` largest entries of each row of `log_probs` (B, V) as `(id,
+/// log-prob)`, largest first; nothing is computed when `n` = 0.
+fn top_n(log_probs: &Tensor, n: i64) -> Result<Vec<Vec<(i64, f32)>>> {
+    if n <= 0 {
+        return Ok(vec![]);
+    }
+    let (vals, idx) = log_probs.topk(n, -1, true, true); // (B, n)
+    let b = vals.size()[0];
+    let vals: Vec<f32> = Vec::<f32>::try_from(vals.to_device(tch::Device::Cpu).reshape([-1]))?;
+    let idx: Vec<i64> = Vec::<i64>::try_from(idx.to_device(tch::Device::Cpu).reshape([-1]))?;
+    let n = n as usize;
+    Ok((0..b as usize).map(|r| (r * n..(r + 1) * n).map(|j| (idx[j], vals[j])).collect()).collect())
 }
 
 /// Picks the next token of each row. `logits` (B, V) f32; `uniform` one draw
@@ -189,6 +218,30 @@ pub fn generate_using<F>(
 where
     F: FnMut(usize, &[Option<i64>]) -> bool,
 {
+    generate_detailed(model, wt, prompts, cfg, 0, |step, new| {
+        let ids: Vec<Option<i64>> = new.iter().map(|t| t.as_ref().map(|t| t.id)).collect();
+        on_step(step, &ids)
+    })
+}
+
+/// [`generate_using`] that also reports, when `top_logprobs` = N > 0, the N
+/// most likely tokens of each step's sampling distribution
+/// ([`Generation::top_logprobs`]; N is capped at the vocabulary), and whose
+/// callback sees each new token with its log-prob ([`StepToken`]), for
+/// OpenAI's `logprobs`/`top_logprobs`. With N = 0 nothing more is computed
+/// than by [`generate_using`]; the tokens and log-probs are the same bit for
+/// bit whatever N.
+pub fn generate_detailed<F>(
+    model: &Gemma,
+    wt: Option<&InferenceWeights>,
+    prompts: &[Vec<i64>],
+    cfg: &GenerationConfig,
+    top_logprobs: usize,
+    mut on_step: F,
+) -> Result<Vec<Generation>>
+where
+    F: FnMut(usize, &[Option<StepToken>]) -> bool,
+{
     cfg.validate()?;
     if prompts.is_empty() {
         return Ok(vec![]);
@@ -239,30 +292,40 @@ where
     let mut logits =
         model.logits_with(&hidden.narrow(1, plen - 1, 1), wt).squeeze_dim(1).to_kind(Kind::Float); // (B, V)
 
+    let top_n_count = (top_logprobs as i64).min(vocab);
     let mut rng = ChaCha8Rng::seed_from_u64(cfg.seed);
     let mut out: Vec<Generation> = (0..b)
-        .map(|_| Generation { tokens: vec![], logprobs: vec![], stop_reason: StopReason::Length })
+        .map(|_| Generation {
+            tokens: vec![],
+            logprobs: vec![],
+            top_logprobs: vec![],
+            stop_reason: StopReason::Length,
+        })
         .collect();
     let mut done = vec![false; b as usize];
     for step in 0..max_new {
         let uniform: Vec<f64> = (0..b).map(|_| rng.random::<f64>()).collect();
         let next = choose(&logits, cfg, &uniform); // (B,)
-        let lp = sampling_log_softmax(&logits, cfg.temperature)
-            .gather(1, &next.unsqueeze(1), false)
-            .squeeze_dim(1); // (B,)
+        let log_probs = sampling_log_softmax(&logits, cfg.temperature); // (B, V)
+        let lp = log_probs.gather(1, &next.unsqueeze(1), false).squeeze_dim(1); // (B,)
         let next_v: Vec<i64> = Vec::<i64>::try_from(next.to_device(tch::Device::Cpu))?;
         let lp_v: Vec<f32> = Vec::<f32>::try_from(lp.to_device(tch::Device::Cpu))?;
+        let top_v = top_n(&log_probs, top_n_count)?;
         let mut feed = next_v.clone();
-        let mut new: Vec<Option<i64>> = vec![None; b as usize];
+        let mut new: Vec<Option<StepToken>> = vec![None; b as usize];
         for r in 0..b as usize {
             if done[r] {
                 feed[r] = cfg.pad_id;
                 continue;
             }
             let t = next_v[r];
-            new[r] = Some(t);
+            let top = top_v.get(r).cloned().unwrap_or_default();
+            new[r] = Some(StepToken { id: t, logprob: lp_v[r], top: top.clone() });
             out[r].tokens.push(t);
             out[r].logprobs.push(lp_v[r]);
+            if top_n_count > 0 {
+                out[r].top_logprobs.push(top);
+            }
             if t == cfg.eos_id {
                 done[r] = true;
                 out[r].stop_reason = StopReason::Eos;

@@ -178,3 +178,48 @@ fn sampled_logprobs_are_those_of_the_temperature_scaled_distribution() {
         }
     }
 }
+
+#[test]
+fn top_logprobs_are_the_top_of_the_sampling_distribution() {
+    // generate_detailed with top_logprobs = 5 gives the same tokens and
+    // log-probs as generate, bit for bit, plus each step's 5 most likely
+    // tokens of log_softmax(logits / T) from the model's own forward; its
+    // callback sees the same numbers.
+    let m = load("mqa");
+    let cfg = GenerationConfig { temperature: 0.7, top_k: Some(20), top_p: None, ..sampling(5) };
+    let plain = lm::generate(&m.model, &prompts(), &cfg).unwrap();
+    let mut seen: Vec<Vec<lm::generate::StepToken>> = vec![vec![]; prompts().len()];
+    let wt = lm::InferenceWeights::for_model(&m.model); // as generate does
+    let gens = lm::generate::generate_detailed(&m.model, wt.as_ref(), &prompts(), &cfg, 5, |_, new| {
+        for (r, t) in new.iter().enumerate() {
+            if let Some(t) = t {
+                seen[r].push(t.clone());
+            }
+        }
+        true
+    })
+    .unwrap();
+    for ((p, g), (a, steps)) in prompts().iter().zip(&gens).zip(plain.iter().zip(&seen)) {
+        assert_eq!(g.tokens, a.tokens);
+        assert_eq!(g.logprobs, a.logprobs, "bit for bit");
+        assert!(a.top_logprobs.is_empty(), "not asked for, not computed");
+        assert_eq!(g.top_logprobs.len(), g.tokens.len());
+        let mut seq = p.clone();
+        for (i, &t) in g.tokens.iter().enumerate() {
+            assert_eq!(steps[i].id, t);
+            assert_eq!(steps[i].logprob, g.logprobs[i]);
+            assert_eq!(steps[i].top, g.top_logprobs[i]);
+            let want = (&last_logits(&m.model, &seq) / 0.7).log_softmax(-1, Kind::Float);
+            let (vals, idx) = want.topk(5, -1, true, true);
+            let top = &g.top_logprobs[i];
+            assert_eq!(top.len(), 5);
+            for (j, &(id, lp)) in top.iter().enumerate() {
+                assert_eq!(id, idx.int64_value(&[j as i64]), "step {i} rank {j}");
+                assert!((f64::from(lp) - vals.double_value(&[j as i64])).abs() < 1e-4);
+            }
+            assert!(top.windows(2).all(|w| w[0].1 >= w[1].1), "most likely first");
+            assert!(g.logprobs[i] <= top[0].1 + 1e-6);
+            seq.push(t);
+        }
+    }
+}
