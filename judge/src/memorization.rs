@@ -132,7 +132,8 @@ pub fn memorization(a: &MemArgs) -> Result<MemReport> {
     let docs = read_docs(&a.data)?;
     let mut tokens = Vec::with_capacity(docs.len());
     for d in &docs {
-        tokens.push(m.tokenizer.encode(d)?);
+        // As SFT's pretraining mode encodes a document: its text is text.
+        tokens.push(m.tokenizer.encode_content(d)?);
     }
     let r = memorization_of(&m.model, &m.tokenizer, &tokens, a)?;
     if r.documents == 0 {
