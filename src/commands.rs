@@ -53,6 +53,7 @@ pub fn generate(
     sampling: &SamplingOpts,
     run: &RunOpts,
     json: bool,
+    logprobs: bool,
 ) -> Result<()> {
     check_sampling(sampling)?;
     let m = load(model, run)?;
@@ -62,12 +63,16 @@ pub fn generate(
     let g = &out[0];
     let text = m.tokenizer.decode(g.content(), true)?;
     if json {
-        let v = serde_json::json!({
+        let mut v = serde_json::json!({
             "prompt_ids": prompt_ids,
             "token_ids": g.content(),
             "text": text,
             "stop_reason": g.stop_reason,
         });
+        if logprobs {
+            // One per entry of token_ids (the stop token's is left out).
+            v["logprobs"] = serde_json::json!(g.logprobs[..g.content().len()]);
+        }
         println!("{v}");
     } else {
         println!("{text}");

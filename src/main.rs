@@ -68,6 +68,11 @@ enum Command {
         /// Print one JSON object: prompt_ids, token_ids, text, stop_reason.
         #[arg(long)]
         json: bool,
+        /// With --json: add `logprobs`, one per entry of token_ids, the
+        /// log-prob of that token under the sampling distribution,
+        /// log_softmax(logits / T) (T = 1 when greedy; before top-k/top-p).
+        #[arg(long, requires = "json")]
+        logprobs: bool,
     },
     /// Interactive multi-turn chat (/reset clears the history, /quit leaves).
     Chat {
@@ -226,8 +231,8 @@ enum TokenizerCommand {
 
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Command::Generate { model, prompt, system, sampling, run, json } => {
-            commands::generate(&model, &prompt, system.as_deref(), &sampling, &run, json)
+        Command::Generate { model, prompt, system, sampling, run, json, logprobs } => {
+            commands::generate(&model, &prompt, system.as_deref(), &sampling, &run, json, logprobs)
         }
         Command::Chat { model, system, sampling, run } => {
             commands::chat(&model, system.as_deref(), &sampling, &run)

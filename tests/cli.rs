@@ -458,3 +458,51 @@ fn bench_sft_in_bf16_reports_both_matmul_peaks_and_the_fraction_of_the_bf16_one(
     let (g, pct) = gflops_and_pct(&f32);
     assert!((pct - (100.0 * g / f32_peak).round()).abs() <= 1.0, "{pct}% of {f32_peak}: {f32}");
 }
+
+#[test]
+fn generate_logprobs_are_those_of_the_sampling_distribution() {
+    // `--json --logprobs` at T = 0.7 with top-k: one log-prob per token id,
+    // each log_softmax(logits / T) at that token, from the model's own
+    // forward over the sequence so far (no top-k renormalisation).
+    let model = fixture("mqa");
+    let out = align(&[
+        "generate",
+        "--model",
+        model.to_str().unwrap(),
+        "--prompt",
+        "Hello there",
+        "--max-new-tokens",
+        "12",
+        "--temperature",
+        "0.7",
+        "--top-k",
+        "20",
+        "--seed",
+        "3",
+        "--device",
+        "cpu",
+        "--json",
+        "--logprobs",
+    ]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let ids =
+        |k: &str| -> Vec<i64> { v[k].as_array().unwrap().iter().map(|x| x.as_i64().unwrap()).collect() };
+    let (prompt, tokens) = (ids("prompt_ids"), ids("token_ids"));
+    let lps: Vec<f64> = v["logprobs"].as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect();
+    assert!(!tokens.is_empty());
+    assert_eq!(lps.len(), tokens.len(), "one log-prob per token id");
+    let m = lm::checkpoint::load_causal_lm(&model, tch::Device::Cpu, tch::Kind::Float).unwrap();
+    let mut seq = prompt.clone();
+    for (i, &t) in tokens.iter().enumerate() {
+        let x = tch::Tensor::from_slice(&seq).unsqueeze(0);
+        let logits = tch::no_grad(|| m.model.forward(&x).unwrap()).get(0).get(seq.len() as i64 - 1);
+        let want = (logits / 0.7).log_softmax(-1, tch::Kind::Float).double_value(&[t]);
+        assert!((want - lps[i]).abs() < 1e-4, "token {i}: {want} vs {}", lps[i]);
+        seq.push(t);
+    }
+    // Without --json there is nowhere to put them: refused.
+    let out = align(&["generate", "--model", model.to_str().unwrap(), "--prompt", "x", "--logprobs"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--json"));
+}
