@@ -235,6 +235,9 @@ pub fn bench(o: &BenchOptions) -> Result<BenchReport> {
     rl_cfg.stage.dtype = o.dtype.clone();
     rl_cfg.steps = 1000;
     rl_cfg.stage.optim.lr = 1e-6;
+    // TRL's RLOOTrainer defaults: no missing-EOS penalty, no whitening.
+    rl_cfg.missing_eot_penalty = 0.0;
+    rl_cfg.whiten_advantages = false;
     let specials = Specials::of(&tok);
     let mut tr =
         Trainer::new(rl_cfg, (policy_vs, policy), (ref_vs, reference), None, specials, Box::new(reward))?;
