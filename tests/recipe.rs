@@ -668,3 +668,121 @@ fn shipped_recipes_validate_with_dry_run() {
         }
     }
 }
+
+#[test]
+fn a_set_run_records_its_settings_and_a_plain_run_says_what_it_changes_back() {
+    let tmp = finished_copy();
+    let judge = tmp.path().join("out/judge");
+    let recorded = std::fs::read_to_string(judge.join("config.toml")).unwrap();
+    assert!(
+        recorded.contains("max_new_tokens = 8") && recorded.contains("judge = \"reward:rm\""),
+        "{recorded}"
+    );
+    let out = align_in(tmp.path(), &["run", "recipe.toml", "--set", "judge.max_new_tokens=6"]);
+    let err = stderr(&out);
+    assert!(out.status.success(), "{err}");
+    assert_eq!(started(&err), names(&["judge"]), "{err}");
+    let recorded = std::fs::read_to_string(judge.join("config.toml")).unwrap();
+    assert!(recorded.contains("max_new_tokens = 6"), "the override is recorded: {recorded}");
+    // Status names the key and still shows the figures of the outputs there.
+    let status = stdout(&align_in(tmp.path(), &["status", "recipe.toml"]));
+    let row = status.lines().position(|l| l.starts_with("judge ")).unwrap_or_else(|| panic!("{status}"));
+    let lines: Vec<&str> = status.lines().collect();
+    assert!(lines[row].contains("stale (config changed: judge.max_new_tokens 6 → 8)"), "{status}");
+    assert!(lines.get(row + 1).is_some_and(|l| l.contains("win rate")), "{status}");
+    // A plain run says what it changes back before it reruns anything.
+    let out = align_in(tmp.path(), &["run", "recipe.toml"]);
+    let err = stderr(&out);
+    assert!(out.status.success(), "{err}");
+    let said = err.find("judge.max_new_tokens 6 → 8").unwrap_or_else(|| panic!("{err}"));
+    let reran = err.find("== judge (Judge) →").unwrap_or_else(|| panic!("{err}"));
+    assert!(said < reran, "{err}");
+    let recorded = std::fs::read_to_string(judge.join("config.toml")).unwrap();
+    assert!(recorded.contains("max_new_tokens = 8"), "{recorded}");
+}
+
+#[test]
+fn unknown_keys_suggest_ours_for_trl_names_and_set_says_its_form() {
+    let tmp = tempfile::tempdir().unwrap();
+    let rl = "steps = 2, batch_size = 4";
+    assert!(RECIPE.contains(rl));
+    for (trl, needle) in [
+        ("kl_coef = 0.1", "did you mean `beta`? (TRL's `kl_coef` is `beta` here)"),
+        ("learning_rate = 1e-5", "did you mean `optim.lr`? (TRL's `learning_rate` is `optim.lr` here)"),
+        ("num_generations = 4", "did you mean `num_samples`?"),
+        ("per_device_train_batch_size = 4", "did you mean `batch_size`?"),
+        ("optim = { learning_rate = 1e-5 }", "optim.learning_rate: unknown field `learning_rate`"),
+        ("optim = { learning_rate = 1e-5 }", "did you mean `lr`?"),
+        ("stepz = 3", "did you mean `steps`?"),
+    ] {
+        let err =
+            refused(tmp.path(), &RECIPE.replace(rl, &format!("steps = 2, {trl}, batch_size = 4")), needle);
+        assert!(err.contains("stages[5] \"rl\".config"), "{err}");
+    }
+    let r = write(tmp.path(), RECIPE);
+    let out = align(&["run", &r, "--set", "rl.config.beta=0.1"]);
+    let err = stderr(&out);
+    assert!(!out.status.success() && err.contains("the form is --set rl.beta=0.1"), "{err}");
+    let out = align(&["run", &r, "--set", "rl.kl_coef=0.1", "--dry-run"]);
+    assert!(!out.status.success() && stderr(&out).contains("did you mean `beta`?"), "{}", stderr(&out));
+    assert!(!tmp.path().join("out").exists());
+}
+
+#[test]
+fn a_judge_that_is_the_candidates_own_reward_model_is_warned_about() {
+    let s = smoke();
+    let err = stderr(&s.first);
+    assert!(
+        err.contains("warning: stages[6] \"judge\".config: judge = \"reward:rm\" is the reward model \"rl\" was optimised against"),
+        "{err}"
+    );
+    let report = std::fs::read_to_string(s.dir.join("out/report.md")).unwrap();
+    assert!(
+        report.contains("## Warnings") && report.contains("is the reward model \"rl\" was optimised against"),
+        "{report}"
+    );
+    // An independent judge: no warning.
+    let tmp = tempfile::tempdir().unwrap();
+    let r = write(tmp.path(), &RECIPE.replace("judge = \"reward:rm\"", "judge = \"oracle:tasks\""));
+    let out = align(&["run", &r, "--dry-run"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(!stderr(&out).contains("optimised against"), "{}", stderr(&out));
+}
+
+#[test]
+fn align_judge_checks_its_judge_and_oracles_before_generating_any_answer() {
+    let tmp = tempfile::tempdir().unwrap();
+    let missing = tmp.path().join("no-model");
+    let missing = missing.to_str().unwrap();
+    let out_dir = tmp.path().join("judged");
+    let judge = |extra: &[&str]| {
+        let mut args = vec![
+            "judge",
+            "--candidate",
+            missing,
+            "--baseline",
+            missing,
+            "--prompts",
+            "builtin:eval?n=4&seed=1",
+            "--out",
+            out_dir.to_str().unwrap(),
+        ];
+        args.extend_from_slice(extra);
+        align(&args)
+    };
+    for (extra, needle) in [
+        (&["--judge", "oracle:nope"][..], "unknown oracle \"nope\""),
+        (&["--judge", "oracle:tasks", "--oracle", "nope"][..], "unknown oracle \"nope\""),
+        (&["--judge", "oracle:exact"][..], "add a `reference` column"),
+        (&["--judge", "foo:bar"][..], "unknown kind \"foo\""),
+        (
+            &["--judge", "lm:/nonexistent/judge"][..],
+            "the judge's model directory /nonexistent/judge does not exist",
+        ),
+    ] {
+        let out = judge(extra);
+        let err = stderr(&out);
+        assert!(!out.status.success() && err.contains(needle), "{extra:?}: {err}");
+        assert!(!err.contains("answering"), "checked before answering: {err}");
+    }
+}

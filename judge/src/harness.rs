@@ -751,6 +751,44 @@ pub fn build_judge(args: &JudgeArgs, device: tch::Device, kind: tch::Kind) -> Re
     })
 }
 
+/// Checks what judging needs before any answer is generated: the judge
+/// spec, the oracles named (`oracle:NAME` and `--oracle`) and that the
+/// prompts have the references they read, the judge's model directory and
+/// the template of an `lm:`/`http:` judge.
+pub fn check_before_answering(args: &JudgeArgs, prompts: &[PromptRow]) -> Result<()> {
+    let spec = JudgeSpec::parse(&args.judge)?;
+    let mut oracles = vec![];
+    if let JudgeSpec::Oracle(name) = &spec {
+        oracles.push((name.clone(), format!("--judge {}", args.judge)));
+    }
+    if let Some(o) = &args.oracle {
+        oracles.push((o.clone(), format!("--oracle {o}")));
+    }
+    for (name, flag) in oracles {
+        let o = crate::oracle::get_oracle(&name).with_context(|| flag.clone())?;
+        let missing = prompts.iter().filter(|p| p.reference.is_none()).count();
+        if o.needs_reference() && missing > 0 {
+            bail!(
+                "{flag}: oracle {name} compares each answer with the prompt's reference answer, and \
+                 {missing} of {} prompts have none; add a `reference` column to {}",
+                prompts.len(),
+                args.prompts.display()
+            );
+        }
+    }
+    match &spec {
+        JudgeSpec::Lm(dir) | JudgeSpec::Reward(dir) if !dir.is_dir() => {
+            bail!("--judge {}: the judge's model directory {} does not exist", args.judge, dir.display())
+        }
+        JudgeSpec::Lm(_) | JudgeSpec::Http(_) => {
+            let default = if args.lm_mode == LmMode::Logprob { "choice" } else { "pairwise" };
+            Template::load(args.template.as_deref().unwrap_or(default)).context("--template")?;
+        }
+        _ => {}
+    }
+    Ok(())
+}
+
 fn side(model: &Option<PathBuf>, answers: &Option<PathBuf>, which: &str) -> Result<String> {
     match (model, answers) {
         (Some(m), None) => Ok(m.display().to_string()),
@@ -770,6 +808,7 @@ pub fn cli_judge(args: JudgeArgs) -> Result<()> {
     if let Some(n) = args.limit {
         prompts.truncate(n);
     }
+    check_before_answering(&args, &prompts)?;
     let settings = AnswerSettings {
         max_new_tokens: args.max_new_tokens,
         temperature: args.temperature,

@@ -13,6 +13,9 @@ use std::path::Path;
 pub fn load(path: &Path, sets: &[String]) -> Result<Loaded> {
     let l = crate::recipe::load::load(path, sets, &stages::names())?;
     check(&l).with_context(|| format!("recipe {}", path.display()))?;
+    for w in stages::warnings(&l) {
+        eprintln!("warning: {w}");
+    }
     Ok(l)
 }
 

@@ -105,6 +105,12 @@ fn apply_sets(doc: &mut toml::Table, sets: &[String]) -> Result<()> {
             s.split_once('=').with_context(|| format!("--set {s:?}: expected stage.key=value"))?;
         let (stage, key) =
             path.split_once('.').with_context(|| format!("--set {s:?}: expected stage.key=value"))?;
+        if let Some(rest) = key.strip_prefix("config.") {
+            bail!(
+                "--set {s:?}: the form is --set {stage}.{rest}={raw} (stage.key=value, the key as in \
+                 the stage's config table, without `config.`)"
+            );
+        }
         let value: toml::Value = toml::from_str::<toml::Table>(&format!("v = {raw}"))
             .ok()
             .and_then(|mut t| t.remove("v"))

@@ -48,28 +48,136 @@ pub fn stage_hash(l: &Loaded, i: usize) -> Result<String> {
     lm::train::config_hash(&resolved(l, i)?)
 }
 
+/// The settings that made a stage's outputs, as `config.toml` beside its
+/// manifest records them: the stage (kind and references), its config as
+/// the run reads it (`--set` overrides included, the recipe's seed and
+/// device where it sets none) and its named data.
+pub fn settings(l: &Loaded, i: usize) -> toml::Table {
+    let s = &l.recipe.stages[i];
+    let text = |v: &str| toml::Value::String(v.to_string());
+    let mut stage = toml::Table::new();
+    stage.insert("name".into(), text(&s.name));
+    stage.insert("kind".into(), text(&s.kind));
+    for (f, v) in [
+        ("from", &s.from),
+        ("data", &s.data),
+        ("reward", &s.reward),
+        ("candidate", &s.candidate),
+        ("baseline", &s.baseline),
+    ] {
+        if let Some(v) = v {
+            stage.insert(f.into(), text(v));
+        }
+    }
+    let mut t = toml::Table::new();
+    t.insert("stage".into(), toml::Value::Table(stage));
+    t.insert("config".into(), toml::Value::Table(stages::ctx(l, i).config_with_defaults()));
+    if let Some((d, x)) = s.data.as_ref().and_then(|d| l.recipe.data.get(d).map(|x| (d, x))) {
+        let mut data = toml::Table::new();
+        data.insert(d.clone(), toml::Value::Table(x.clone()));
+        t.insert("data".into(), toml::Value::Table(data));
+    }
+    t
+}
+
+/// Writes [`settings`] as `config.toml` into the stage's directory.
+pub fn write_settings(l: &Loaded, i: usize, dir: &Path) -> Result<()> {
+    let text = format!(
+        "# The settings that made the outputs of stage {:?} of recipe {:?} (overrides included).\n\n{}",
+        l.recipe.stages[i].name,
+        l.recipe.name,
+        toml::to_string_pretty(&settings(l, i))?
+    );
+    lm::fsio::write_atomic(&dir.join("config.toml"), text.as_bytes())
+}
+
+/// Every leaf of a settings table by its name: config keys as `--set`
+/// names them (`rl.beta`), the stage's references (`stages.rl.from`), the
+/// data (`data.prompts.sources`).
+fn leaves(stage: &str, t: &toml::Table) -> std::collections::BTreeMap<String, String> {
+    fn walk(prefix: String, v: &toml::Value, out: &mut std::collections::BTreeMap<String, String>) {
+        match v {
+            toml::Value::Table(t) => {
+                for (k, x) in t {
+                    walk(format!("{prefix}.{k}"), x, out);
+                }
+            }
+            other => {
+                out.insert(prefix, other.to_string());
+            }
+        }
+    }
+    let mut out = std::collections::BTreeMap::new();
+    for (k, v) in t {
+        let prefix = match k.as_str() {
+            "config" => stage.to_string(),
+            "stage" => format!("stages.{stage}"),
+            other => other.to_string(),
+        };
+        walk(prefix, v, &mut out);
+    }
+    out
+}
+
+/// The keys whose values differ between the settings recorded in `dir`
+/// (`config.toml`) and the recipe's: `rl.beta 0.1 → 0.05` (recorded →
+/// recipe; `(default)` where one sets none). None when nothing is recorded.
+pub fn changed_keys(l: &Loaded, i: usize, dir: &Path) -> Option<Vec<String>> {
+    let recorded: toml::Table =
+        toml::from_str(&std::fs::read_to_string(dir.join("config.toml")).ok()?).ok()?;
+    let name = &l.recipe.stages[i].name;
+    let (old, new) = (leaves(name, &recorded), leaves(name, &settings(l, i)));
+    let keys: std::collections::BTreeSet<&String> = old.keys().chain(new.keys()).collect();
+    let unset = "(default)".to_string();
+    Some(
+        keys.into_iter()
+            .filter(|k| old.get(*k) != new.get(*k))
+            .map(|k| format!("{k} {} → {}", old.get(k).unwrap_or(&unset), new.get(k).unwrap_or(&unset)))
+            .collect(),
+    )
+}
+
 /// One row of [`status`].
 pub struct StageStatus {
     pub name: String,
     pub kind: &'static dyn StageKind,
-    pub state: &'static str,
+    /// `done`, `stale (config changed: rl.beta 0.1 → 0.05)`, `interrupted
+    /// (resumes)` or `pending`.
+    pub state: String,
     pub dir: PathBuf,
+    /// The figures of the outputs there (also when stale).
     pub summary: serde_json::Value,
+    /// For a stale stage, the keys the recipe changes from the settings
+    /// that made its outputs ([`changed_keys`]).
+    pub changed: Vec<String>,
 }
 
 /// State of each stage for `--dry-run` and `align status`.
 pub fn status(l: &Loaded) -> Result<Vec<StageStatus>> {
-    let mut out = vec![];
+    let mut out: Vec<StageStatus> = vec![];
     for (i, s) in l.recipe.stages.iter().enumerate() {
         let dir = l.stage_dir(&s.name);
         let hash = stage_hash(l, i)?;
+        let mut changed = vec![];
         let (state, summary) = match read_manifest(&dir) {
-            Some(m) if m.completed && m.config_hash == hash => ("done", m.summary),
-            Some(m) if m.config_hash != hash => ("stale (config changed)", serde_json::Value::Null),
-            _ if dir.join("checkpoints").exists() => ("interrupted (resumes)", serde_json::Value::Null),
-            _ => ("pending", serde_json::Value::Null),
+            Some(m) if m.completed && m.config_hash == hash => ("done".to_string(), m.summary),
+            Some(m) if m.config_hash != hash => {
+                changed = changed_keys(l, i, &dir).unwrap_or_default();
+                let state = if !changed.is_empty() {
+                    format!("stale (config changed: {})", changed.join(", "))
+                } else if out.iter().any(|o| o.state.starts_with("stale")) {
+                    "stale (an earlier stage changed)".to_string()
+                } else {
+                    "stale (config changed)".to_string()
+                };
+                (state, m.summary)
+            }
+            _ if dir.join("checkpoints").exists() => {
+                ("interrupted (resumes)".to_string(), serde_json::Value::Null)
+            }
+            _ => ("pending".to_string(), serde_json::Value::Null),
         };
-        out.push(StageStatus { name: s.name.clone(), kind: stages::of(s), state, dir, summary });
+        out.push(StageStatus { name: s.name.clone(), kind: stages::of(s), state, dir, summary, changed });
     }
     Ok(out)
 }

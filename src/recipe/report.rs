@@ -3,7 +3,7 @@
 
 use crate::recipe::load::Loaded;
 use crate::recipe::plan::{read_manifest, status, StageStatus};
-use crate::recipe::stages::StageKind;
+use crate::recipe::stages::{self, StageKind};
 use anyhow::Result;
 
 /// Key figures of a stage summary for the report.
@@ -33,7 +33,7 @@ pub fn write_report(l: &Loaded) -> Result<()> {
     let mut pictures = vec![];
     let mut last_model = None;
     let mut total = 0.0;
-    for StageStatus { name, kind, state, dir, summary } in status(l)? {
+    for StageStatus { name, kind, state, dir, summary, .. } in status(l)? {
         let secs = read_manifest(&dir).and_then(|m| m.seconds);
         total += secs.unwrap_or(0.0);
         let time = secs.map_or("–".to_string(), duration);
@@ -58,12 +58,19 @@ pub fn write_report(l: &Loaded) -> Result<()> {
     if let Some(m) = last_model {
         md.push_str(&format!("Final weights: `{}` (a Hugging Face directory).\n", m.display()));
     }
+    let warnings = stages::warnings(l);
+    if !warnings.is_empty() {
+        md.push_str("\n## Warnings\n\n");
+        for w in warnings {
+            md.push_str(&format!("- {w}\n"));
+        }
+    }
     lm::fsio::write_atomic(&l.out_dir().join("report.md"), md.as_bytes())
 }
 
 /// `align status RECIPE`.
 pub fn print_status(l: &Loaded) -> Result<()> {
-    for StageStatus { name, kind, state, dir, summary } in status(l)? {
+    for StageStatus { name, kind, state, dir, summary, .. } in status(l)? {
         println!("{name:<16} {:<9} {state:<24} {}", kind.name(), dir.display());
         if !summary.is_null() {
             println!("    {}", key_figures(kind, &summary));

@@ -3,7 +3,7 @@
 //! every input they read exists; then the report.
 
 use crate::recipe::load::Loaded;
-use crate::recipe::plan::{missing_inputs, print_plan, stage_hash, status, Manifest};
+use crate::recipe::plan::{missing_inputs, print_plan, stage_hash, status, write_settings, Manifest};
 use crate::recipe::stages;
 use anyhow::{bail, Context, Result};
 
@@ -47,6 +47,20 @@ pub fn run(l: &Loaded, opts: &RunOptions) -> Result<()> {
             l.base.display()
         );
     }
+    // Say what a rerun changes back (a `--set` run's settings) before
+    // anything runs.
+    for &i in &to_run {
+        let st = &states[i];
+        if !st.changed.is_empty() {
+            eprintln!(
+                "note: stage {:?}: its outputs in {} were made with other settings; this run \
+                 changes {} and reruns it",
+                st.name,
+                st.dir.display(),
+                st.changed.join(", ")
+            );
+        }
+    }
     #[allow(clippy::needless_range_loop)]
     for i in start..end {
         let s = &l.recipe.stages[i];
@@ -73,6 +87,7 @@ pub fn run(l: &Loaded, opts: &RunOptions) -> Result<()> {
             .and_then(|()| kind.run(&stages::ctx(l, i), &dir))
             .with_context(|| format!("stage {:?}", s.name))?;
         let seconds = Some(t0.elapsed().as_secs_f64());
+        write_settings(l, i, &dir)?;
         let m = Manifest {
             stage: s.name.clone(),
             kind: s.kind.clone(),

@@ -13,21 +13,7 @@ pub struct Judge;
 /// `align judge` options the runner sets from the stage itself.
 const RUNNER_SET: [&str; 5] = ["candidate", "baseline", "out", "candidate_answers", "baseline_answers"];
 
-/// Levenshtein distance, for suggesting a key.
-fn edit_distance(a: &str, b: &str) -> usize {
-    let b: Vec<char> = b.chars().collect();
-    let mut row: Vec<usize> = (0..=b.len()).collect();
-    for (i, ca) in a.chars().enumerate() {
-        let mut prev = row[0];
-        row[0] = i + 1;
-        for (j, cb) in b.iter().enumerate() {
-            let cur = row[j + 1];
-            row[j + 1] = (prev + usize::from(ca != *cb)).min(row[j] + 1).min(cur + 1);
-            prev = cur;
-        }
-    }
-    row[b.len()]
-}
+use lm::stage_settings::did_you_mean;
 
 /// A judge spec as the judge runs it: `lm:`/`reward:` naming a stage → that
 /// stage's model, another directory → resolved against the recipe's
@@ -103,6 +89,26 @@ pub fn judge_inputs(ctx: &Ctx) -> Vec<Input> {
     out
 }
 
+/// A warning when the judge is the reward model the candidate was
+/// optimised against (`judge = "reward:NAME"`, the candidate an RL stage
+/// with `reward = "NAME"`): its win rate then measures how well RL learned
+/// that model's taste, not quality.
+fn own_reward_judge(ctx: &Ctx) -> Option<String> {
+    let s = ctx.spec();
+    let rm = s.config.get("judge")?.as_str()?.strip_prefix("reward:")?;
+    let cand = s.candidate.as_deref()?;
+    let (_, c) = ctx.l.stage(cand)?;
+    (c.reward.as_deref() == Some(rm)).then(|| {
+        format!(
+            "{}: judge = \"reward:{rm}\" is the reward model {cand:?} was optimised against, so its \
+             win rate measures how well {cand:?} learned that model's taste, not quality; judge with \
+             an independent model (lm:DIR, http:URL) or an oracle (oracle:exact, …) on prompts with \
+             references",
+            ctx.config_at()
+        )
+    })
+}
+
 /// Types a judge stage's config table; a wrong value names its key:
 /// `config.max_new_tokens: invalid value 'eight': expected usize`.
 fn judge_config(t: &toml::Table, at: &str) -> Result<JudgeConfig> {
@@ -136,8 +142,11 @@ fn check_judge(ctx: &Ctx) -> Result<()> {
             );
         }
         if !FIELDS.contains(&k.as_str()) {
-            let near = FIELDS.iter().min_by_key(|c| edit_distance(c, k)).filter(|c| edit_distance(c, k) <= 2);
-            let hint = near.map(|c| format!(" (did you mean {c:?}?)")).unwrap_or_default();
+            let hint = match did_you_mean(k, &FIELDS) {
+                Some((c, true)) => format!(" (did you mean {c:?}? TRL's {k:?} is {c:?} here)"),
+                Some((c, false)) => format!(" (did you mean {c:?}?)"),
+                None => String::new(),
+            };
             bail!("{at}: unknown key {k:?}{hint}; a judge stage's config takes {}", FIELDS.join(", "));
         }
     }
@@ -187,6 +196,10 @@ impl StageKind for Judge {
         judge_inputs(ctx)
     }
 
+    fn warnings(&self, ctx: &Ctx) -> Vec<String> {
+        own_reward_judge(ctx).into_iter().collect()
+    }
+
     fn run(&self, ctx: &Ctx, dir: &Path) -> Result<serde_json::Value> {
         let (l, s) = (ctx.l, ctx.spec());
         let cand = s.candidate.as_ref().context("judge stage needs candidate")?;
@@ -224,6 +237,7 @@ impl StageKind for Judge {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use lm::stage_settings::edit_distance;
 
     #[test]
     fn edit_distance_counts_single_character_edits() {

@@ -125,6 +125,12 @@ pub trait StageKind: Sync {
     fn inputs(&self, _ctx: &Ctx) -> Vec<Input> {
         vec![]
     }
+    /// What the check warns about without refusing the stage (a judge that
+    /// is the reward its candidate was optimised against); also in the
+    /// report.
+    fn warnings(&self, _ctx: &Ctx) -> Vec<String> {
+        vec![]
+    }
     /// Extra lines of the dry-run plan (a sweep's variants).
     fn plan_notes(&self, _ctx: &Ctx) -> Result<Vec<String>> {
         Ok(vec![])

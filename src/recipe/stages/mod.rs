@@ -99,6 +99,11 @@ pub fn references(s: &StageSpec) -> Vec<Reference> {
     out
 }
 
+/// Every stage's warnings (see [`StageKind::warnings`]), in stage order.
+pub fn warnings(l: &Loaded) -> Vec<String> {
+    (0..l.recipe.stages.len()).flat_map(|i| of(&l.recipe.stages[i]).warnings(&ctx(l, i))).collect()
+}
+
 /// The names of the kinds that make `what`, for messages.
 pub fn makers(what: Output) -> Vec<&'static str> {
     KINDS.iter().filter(|k| k.makes() == Some(what)).map(|k| k.name()).collect()
