@@ -7,7 +7,7 @@ use crate::template::{Fields, Template};
 use crate::verdict::{parse_verdict, Verdict};
 use anyhow::{bail, Context, Result};
 use lm::checkpoint::Loaded;
-use lm::reward_model::LoadedReward;
+use lm::reward_score::{Conversation, RewardScorer};
 use lm::{GenerationConfig, Message};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -108,59 +108,37 @@ fn pad_right(seqs: &[&[i64]], pad: i64, device: Device) -> Result<(Tensor, Tenso
 }
 
 /// `reward:DIR`: the answer with the higher reward wins; rewards within
-/// `tolerance` are a tie.
+/// `tolerance` are a tie. Scores through the one scoring path `align score`
+/// and the RL reward share ([`lm::reward_score`]): a prompt too long for the
+/// model loses its earliest tokens, never the answer's.
 pub struct RewardJudge {
     pub dir: PathBuf,
-    pub loaded: LoadedReward,
+    pub scorer: RewardScorer,
     pub tolerance: f64,
-    pub batch_size: usize,
 }
 
 impl RewardJudge {
     pub fn load(dir: &Path, device: Device, kind: Kind, tolerance: f64, batch_size: usize) -> Result<Self> {
-        let loaded = lm::reward_model::load(dir, device, kind, None, 0)?;
-        if !loaded.new_tensors.is_empty() {
-            bail!(
-                "{} is not a reward model: it has no {} (a causal LM?); train one with `align reward`",
-                dir.display(),
-                loaded.new_tensors.join(", ")
-            );
-        }
         if !(tolerance >= 0.0 && tolerance.is_finite()) {
             bail!("the reward tie tolerance must be a finite number >= 0, got {tolerance}");
         }
-        Ok(RewardJudge { dir: dir.to_path_buf(), loaded, tolerance, batch_size: batch_size.max(1) })
+        let scorer = RewardScorer::load(dir, device, kind, batch_size, None)?;
+        Ok(RewardJudge { dir: dir.to_path_buf(), scorer, tolerance })
     }
 
     /// Rewards of (prompt, answer) rows.
     pub fn rewards(&self, rows: &[(&[Message], &str)]) -> Result<Vec<f64>> {
-        let _g = tch::no_grad_guard();
-        let max_len = self.loaded.model.cfg.max_position_embeddings as usize;
         let seqs: Vec<Vec<i64>> = rows
             .iter()
             .enumerate()
-            .map(|(i, (p, a))| {
-                let mut all = p.to_vec();
-                all.push(Message::model(*a));
-                let ids = lm::chat::encode(&self.loaded.tokenizer, &all, false)?.ids;
-                if ids.len() > max_len {
-                    bail!(
-                        "row {i}: prompt + answer is {} tokens, more than the reward model's {max_len}",
-                        ids.len()
-                    );
-                }
-                Ok(ids)
-            })
+            .map(|(i, (p, a))| self.encode(p, a).with_context(|| format!("row {i}")))
             .collect::<Result<_>>()?;
-        let mut out = Vec::with_capacity(seqs.len());
-        for chunk in seqs.chunks(self.batch_size) {
-            let refs: Vec<&[i64]> = chunk.iter().map(Vec::as_slice).collect();
-            let (ids, valid) =
-                pad_right(&refs, self.loaded.tokenizer.special.pad, self.loaded.model.device())?;
-            let r: Vec<f32> = Vec::try_from(self.loaded.model.forward(&ids, &valid)?.to_device(Device::Cpu))?;
-            out.extend(r.into_iter().map(f64::from));
-        }
-        Ok(out)
+        self.scorer.score_ids(&seqs.iter().map(Vec::as_slice).collect::<Vec<_>>())
+    }
+
+    /// The ids the reward model scores for `prompt` answered by `answer`.
+    fn encode(&self, prompt: &[Message], answer: &str) -> Result<Vec<i64>> {
+        Ok(self.scorer.encode(&Conversation::new(prompt, answer))?.ids)
     }
 }
 
@@ -169,23 +147,28 @@ impl Judge for RewardJudge {
         format!("reward:{}", self.dir.display())
     }
     fn judge(&self, items: &[Shown], _attempt: u32) -> Result<Vec<RawVerdict>> {
-        // Each answer is scored once even though it is shown in both orders.
-        let mut index: HashMap<(&str, &str), usize> = HashMap::new();
-        let mut rows: Vec<(&[Message], &str)> = vec![];
-        for s in items {
-            for a in [s.answer_a, s.answer_b] {
-                index.entry((s.question, a)).or_insert_with(|| {
-                    rows.push((s.prompt, a));
-                    rows.len() - 1
+        // Each answer is scored once even though it is shown in both orders:
+        // keyed by the whole rendered conversation (system turns and all),
+        // so two prompts that differ anywhere never share a score.
+        let mut index: HashMap<Vec<i64>, usize> = HashMap::new();
+        let mut seqs: Vec<Vec<i64>> = vec![];
+        let mut slots = Vec::with_capacity(items.len());
+        for (i, s) in items.iter().enumerate() {
+            let mut slot = [0; 2];
+            for (k, a) in [s.answer_a, s.answer_b].into_iter().enumerate() {
+                let ids = self.encode(s.prompt, a).with_context(|| format!("item {i}"))?;
+                slot[k] = *index.entry(ids.clone()).or_insert_with(|| {
+                    seqs.push(ids);
+                    seqs.len() - 1
                 });
             }
+            slots.push(slot);
         }
-        let r = self.rewards(&rows)?;
-        Ok(items
-            .iter()
-            .map(|s| {
-                let a = r[index[&(s.question, s.answer_a)]];
-                let b = r[index[&(s.question, s.answer_b)]];
+        let r = self.scorer.score_ids(&seqs.iter().map(Vec::as_slice).collect::<Vec<_>>())?;
+        Ok(slots
+            .into_iter()
+            .map(|[ia, ib]| {
+                let (a, b) = (r[ia], r[ib]);
                 RawVerdict::new(
                     Some(verdict_from_scores(a, b, self.tolerance)),
                     format!("reward_a={a:.6} reward_b={b:.6}"),

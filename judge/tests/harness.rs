@@ -292,6 +292,38 @@ fn reward_judge_ties_within_its_tolerance() {
 }
 
 #[test]
+fn reward_judge_keys_its_scores_by_the_whole_conversation() {
+    use judge::judges::RewardJudge;
+    use judge::pairwise::{Judge, Shown};
+    let dir = tempfile::tempdir().unwrap();
+    let rm = write_reward_model(dir.path());
+    let judge = RewardJudge::load(&rm, tch::Device::Cpu, tch::Kind::Float, 0.0, 4).unwrap();
+    // Two prompts with the same question text, differing only in the system turn.
+    let plain = vec![lm::Message::user("Capital of France?")];
+    let french = vec![lm::Message::system("Answer in French."), lm::Message::user("Capital of France?")];
+    let shown = |prompt| Shown {
+        question: "Capital of France?",
+        prompt,
+        answer_a: "Paris",
+        answer_b: "Lyon",
+        reference: None,
+    };
+    let v = judge.judge(&[shown(&plain), shown(&french)], 0).unwrap();
+    let want = |p: &[lm::Message]| judge.rewards(&[(p, "Paris"), (p, "Lyon")]).unwrap();
+    let (a, b) = (want(&plain), want(&french));
+    assert_ne!(a, b, "the system turn changes the rewards");
+    // (Batches of other sizes round differently in the last digits.)
+    let shown_rewards = |raw: &str| -> Vec<f64> {
+        raw.split(' ').map(|kv| kv.split_once('=').unwrap().1.parse().unwrap()).collect()
+    };
+    for (x, r) in v.iter().zip([&a, &b]) {
+        let got = shown_rewards(&x.raw);
+        assert!((got[0] - r[0]).abs() < 1e-5 && (got[1] - r[1]).abs() < 1e-5, "{} vs {r:?}", x.raw);
+    }
+    assert_ne!(v[0].raw, v[1].raw, "two prompts differing only in the system turn share no score");
+}
+
+#[test]
 fn agreement_with_human_labels_is_reported() {
     let dir = tempfile::tempdir().unwrap();
     let (p, c, b) = setup(dir.path());

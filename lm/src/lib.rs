@@ -25,6 +25,9 @@
 //! - [`reward_model`] — a Gemma backbone with a `score` head
 //!   (`GemmaForSequenceClassification`): the reward model the reward stage
 //!   trains and the RL stage and the judge use.
+//! - [`reward_score`] — the one reward-scoring path (formatting, prompt-side
+//!   truncation from the left, batching) `align score`, the RL reward and
+//!   the reward judge share.
 //! - [`init`] — seeded initialisation that ignores torch's global generator.
 //! - [`device`] — `--device` / `--dtype` parsing.
 //! - [`plot`] — PNG line charts (loss, reward, KL) and bar charts with
@@ -42,6 +45,7 @@ pub mod output_dir;
 pub mod plot;
 pub mod reference;
 pub mod reward_model;
+pub mod reward_score;
 pub mod stage_settings;
 pub mod tokenizer;
 pub mod train;

@@ -31,36 +31,14 @@ pub enum Truncation {
     Drop,
 }
 
-/// A formatted sequence: its ids and how many leading tokens (from `<bos>`
-/// through the prompt turns) may be cut by prompt-side truncation.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Formatted {
-    pub ids: Vec<i64>,
-    /// Tokens 1..prompt_len are the prompt turns (after `<bos>`, before the
-    /// first response turn's header).
-    pub prompt_len: usize,
-}
+/// A formatted sequence and its prompt length: the one formatting of the
+/// shared scoring path ([`lm::reward_score`]), which training uses too.
+pub use lm::reward_score::Formatted;
 
-fn common_prefix(a: &[i64], b: &[i64]) -> usize {
-    a.iter().zip(b).take_while(|(x, y)| x == y).count()
-}
-
-/// Formats and tokenizes `prompt` followed by `response`.
+/// Formats and tokenizes `prompt` followed by `response` (closed turns), as
+/// [`lm::reward_score::format`] does for scoring.
 pub fn format(tok: &Tokenizer, prompt: &[Message], response: &[Message]) -> Result<Formatted> {
-    if response.is_empty() {
-        bail!("the response is empty; there is nothing to score");
-    }
-    let all: Vec<Message> = prompt.iter().chain(response).cloned().collect();
-    let ids = lm::chat::encode(tok, &all, false)?.ids;
-    // The prompt turns as the formatter renders them alone; the whole text
-    // is tokenized at once, so take the shared prefix rather than trusting
-    // the boundary to fall between tokens.
-    let prompt_len = if prompt.is_empty() {
-        1
-    } else {
-        common_prefix(&ids, &lm::chat::encode(tok, prompt, false)?.ids).max(1)
-    };
-    Ok(Formatted { ids, prompt_len })
+    lm::reward_score::format(tok, prompt, response, true)
 }
 
 /// One preference pair ready for training or evaluation.

@@ -2,16 +2,15 @@
 //! for the CLI and later stages, and whole files ([`score_file`]) written
 //! back as a table with reward columns (JSONL, CSV or Parquet by extension).
 
-use crate::data::{self, fit_pair, pad_right, Fit, Formatted, Truncation};
 use crate::eval::{self, EvalReport};
-use crate::model::{self, RewardModel, RewardStats};
+use crate::model::RewardStats;
 use anyhow::{bail, Context, Result};
 use datasets::{Example, Format, ReadOptions, Record};
-use lm::{Message, Tokenizer};
+use lm::reward_score::{Conversation, RewardScorer};
+use lm::Message;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use std::path::{Path, PathBuf};
-use tch::{nn, Device};
 
 /// How a [`Scorer`] runs.
 #[derive(Debug, Clone, PartialEq)]
@@ -45,15 +44,19 @@ pub enum Scored {
 }
 
 /// A loaded reward model ready to score, with its statistics when the
-/// directory has `reward_stats.json`.
+/// directory has `reward_stats.json`: [`lm::reward_score::RewardScorer`]
+/// (the one formatting, truncation and batching the RL reward and the
+/// reward judge share, reached through `Deref`) plus the reading of
+/// dataset records.
 pub struct Scorer {
-    /// Owns the variables of `model`.
-    pub vs: nn::VarStore,
-    pub model: RewardModel,
-    pub tokenizer: Tokenizer,
-    pub stats: Option<RewardStats>,
-    pub batch_size: usize,
-    pub max_seq_len: usize,
+    pub inner: RewardScorer,
+}
+
+impl std::ops::Deref for Scorer {
+    type Target = RewardScorer;
+    fn deref(&self) -> &RewardScorer {
+        &self.inner
+    }
 }
 
 impl Scorer {
@@ -62,58 +65,13 @@ impl Scorer {
     pub fn load(dir: &Path, opts: &ScoreOptions) -> Result<Self> {
         let device = lm::device::parse_device(&opts.device)?;
         let kind = lm::device::parse_dtype(&opts.dtype)?;
-        // Refused from the tensor names alone, before loading (and logging)
-        // every tensor.
-        lm::checkpoint::read_config(dir)?;
-        if !lm::checkpoint::tensor_names(dir)?.contains(model::SCORE_WEIGHT) {
-            bail!(
-                "{} is not a reward model: it has no {} (a causal LM?). Train one with `align reward`",
-                dir.display(),
-                model::SCORE_WEIGHT
-            );
-        }
-        let l = model::load(dir, device, kind, None, 0)?;
-        if !l.new_tensors.is_empty() {
-            bail!(
-                "{} is not a reward model: it has no {} (a causal LM?). Train one with `align reward`",
-                dir.display(),
-                l.new_tensors.join(", ")
-            );
-        }
-        let max_seq_len = opts.max_seq_len.unwrap_or(l.model.cfg.max_position_embeddings.max(1) as usize);
-        Ok(Scorer {
-            vs: l.vs,
-            model: l.model,
-            tokenizer: l.tokenizer,
-            stats: l.stats,
-            batch_size: opts.batch_size.max(1),
-            max_seq_len,
-        })
-    }
-
-    /// Rewards of token sequences (each a full formatted sequence, at least
-    /// one token), batched by length; in input order.
-    pub fn score_ids(&self, seqs: &[&[i64]]) -> Result<Vec<f64>> {
-        let _g = tch::no_grad_guard();
-        let mut order: Vec<usize> = (0..seqs.len()).collect();
-        order.sort_by_key(|&i| std::cmp::Reverse(seqs[i].len()));
-        let mut out = vec![0.0; seqs.len()];
-        for chunk in order.chunks(self.batch_size) {
-            let batch: Vec<&[i64]> = chunk.iter().map(|&i| seqs[i]).collect();
-            let (ids, valid) = pad_right(&batch, self.tokenizer.special.pad, self.model.device())?;
-            let r: Vec<f32> = Vec::try_from(self.model.forward(&ids, &valid)?.to_device(Device::Cpu))?; // (B,)
-            for (&i, v) in chunk.iter().zip(r) {
-                out[i] = f64::from(v);
-            }
-        }
-        Ok(out)
+        Ok(Scorer { inner: RewardScorer::load(dir, device, kind, opts.batch_size, opts.max_seq_len)? })
     }
 
     /// `prompt` + `response` formatted and cut to `max_seq_len` on the
     /// prompt side; an error when the response alone is too long.
     pub fn format(&self, prompt: &[Message], response: &[Message]) -> Result<Vec<i64>> {
-        let f = data::format(&self.tokenizer, prompt, response)?;
-        cut_prompt(f, self.max_seq_len)
+        Ok(self.inner.encode(&conversation(prompt, response))?.ids)
     }
 
     /// Rewards of (prompt, response) rows.
@@ -123,12 +81,13 @@ impl Scorer {
             .enumerate()
             .map(|(i, (p, r))| self.format(p, r).with_context(|| format!("row {i}")))
             .collect::<Result<_>>()?;
-        self.score_ids(&seqs.iter().map(Vec::as_slice).collect::<Vec<_>>())
+        self.inner.score_ids(&seqs.iter().map(Vec::as_slice).collect::<Vec<_>>())
     }
 
     /// Scores records: a prompt–completion row or a conversation (at its
-    /// end) gives one reward, a preference pair two. `where_` names record
-    /// `i` in errors.
+    /// end) gives one reward, a preference pair two (each side formatted and
+    /// cut on its own, as any conversation). `where_` names record `i` in
+    /// errors.
     fn score_with(
         &self,
         records: &[&Record],
@@ -138,27 +97,16 @@ impl Scorer {
         let mut slots = vec![];
         let mut truncated = 0;
         for (i, rec) in records.iter().enumerate() {
-            let fmt =
-                |p: &[Message], r: &[Message]| data::format(&self.tokenizer, p, r).with_context(|| where_(i));
+            let enc = |p: &[Message], r: &[Message], side: &str| {
+                self.inner.encode(&conversation(p, r)).with_context(|| format!("{}{side}", where_(i)))
+            };
             match rec {
                 Record::Preference { prompt, chosen, rejected, .. } => {
-                    let (c, r) = (fmt(prompt, chosen)?, fmt(prompt, rejected)?);
-                    let (lc, lr) = (c.ids.len(), r.ids.len());
-                    let p = match fit_pair(c, r, 0.0, None, self.max_seq_len, Truncation::TruncatePrompt) {
-                        Fit::Kept(p) => p,
-                        Fit::Truncated(p) => {
-                            truncated += 1;
-                            p
-                        }
-                        Fit::Dropped | Fit::ResponseTooLong => bail!(
-                            "{}: the responses alone are longer than max_seq_len = {} ({lc} and {lr} tokens with the prompt)",
-                            where_(i),
-                            self.max_seq_len
-                        ),
-                    };
+                    let (c, r) = (enc(prompt, chosen, ", `chosen`")?, enc(prompt, rejected, ", `rejected`")?);
+                    truncated += usize::from(c.truncated || r.truncated);
                     slots.push((seqs.len(), true));
-                    seqs.push(p.chosen);
-                    seqs.push(p.rejected);
+                    seqs.push(c.ids);
+                    seqs.push(r.ids);
                 }
                 Record::PromptCompletion { .. } | Record::Conversation { .. } => {
                     let all = rec.messages();
@@ -169,11 +117,10 @@ impl Scorer {
                             where_(i)
                         );
                     }
-                    let f = fmt(prompt, response)?;
-                    let n = f.ids.len();
-                    truncated += usize::from(n > self.max_seq_len);
-                    seqs.push(cut_prompt(f, self.max_seq_len).with_context(|| where_(i))?);
-                    slots.push((seqs.len() - 1, false));
+                    let e = enc(prompt, response, "")?;
+                    truncated += usize::from(e.truncated);
+                    slots.push((seqs.len(), false));
+                    seqs.push(e.ids);
                 }
                 Record::PromptOnly { .. } => bail!(
                     "{}: a prompt without a response; scoring needs `completion`/`response`, `messages` \
@@ -182,7 +129,7 @@ impl Scorer {
                 ),
             }
         }
-        let r = self.score_ids(&seqs.iter().map(Vec::as_slice).collect::<Vec<_>>())?;
+        let r = self.inner.score_ids(&seqs.iter().map(Vec::as_slice).collect::<Vec<_>>())?;
         let scored = slots
             .into_iter()
             .map(|(s, pair)| {
@@ -210,30 +157,12 @@ impl Scorer {
             format!("{} row {}", examples[i].origin.file.display(), examples[i].origin.row)
         })
     }
-
-    /// `(r − mean) / std` with the stored statistics; `r` unchanged when the
-    /// model directory has none.
-    pub fn normalize(&self, r: f64) -> f64 {
-        self.stats.as_ref().map_or(r, |s| s.normalize(r))
-    }
 }
 
-/// Cuts the earliest prompt tokens after `<bos>` to fit `max_len`.
-fn cut_prompt(f: Formatted, max_len: usize) -> Result<Vec<i64>> {
-    let n = f.ids.len();
-    if n <= max_len {
-        return Ok(f.ids);
-    }
-    let excess = n - max_len;
-    if excess > f.prompt_len.saturating_sub(1) {
-        bail!(
-            "the response alone is longer than max_seq_len = {max_len} ({n} tokens with the prompt, {} of them prompt)",
-            f.prompt_len
-        );
-    }
-    let mut ids = f.ids;
-    ids.drain(1..1 + excess);
-    Ok(ids)
+/// A dataset row's prompt and (closed) response turns as the shared path
+/// scores them.
+fn conversation<'a>(prompt: &'a [Message], response: &[Message]) -> Conversation<'a> {
+    Conversation { prompt, response: response.to_vec(), closed: true }
 }
 
 /// Scores records with the reward model in `model_dir` (default

@@ -213,12 +213,14 @@ pub fn bench(o: &BenchOptions) -> Result<BenchReport> {
     rm_vs.freeze();
     let n = o.batch * o.k;
     let reward = RewardModelFn {
-        vs: rm_vs,
-        model: rm,
-        tokenizer: Tokenizer::from_file(&tok_path)?,
-        stats: None,
-        batch_size: n,
-        max_seq_len: (o.prompt_len + o.new_tokens).max(2),
+        scorer: lm::reward_score::RewardScorer {
+            vs: rm_vs,
+            model: rm,
+            tokenizer: Tokenizer::from_file(&tok_path)?,
+            stats: None,
+            batch_size: n,
+            max_seq_len: (o.prompt_len + o.new_tokens).max(2),
+        },
         dir: PathBuf::from("(random)"),
     };
     let mut rl_cfg = RlConfig::with_defaults(

@@ -5,12 +5,11 @@
 
 use crate::rollout::Rollout;
 use anyhow::{bail, Context, Result};
-use lm::reward_model::{self, RewardModel};
-use lm::Tokenizer;
+pub use lm::reward_score::cut_prompt_from_left;
+use lm::reward_score::{Conversation, RewardScorer};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
-use tch::nn::{self, Module};
-use tch::{Device, Kind, Tensor};
+use tch::{Device, Kind};
 
 /// Scores a batch of rollouts: one reward per rollout, in order. A reward
 /// function is frozen: it must not keep a gradient graph.
@@ -162,26 +161,30 @@ impl RewardFn for OracleReward {
     }
 }
 
-/// A trained reward model, frozen: each rollout is formatted as the
-/// dialogue prompt + model turn (the response text, closed by
-/// `<end_of_turn>` when the response ended with it), exactly as the reward
-/// model was trained, and scored at its last token. A response that never
-/// emitted `<end_of_turn>` (cut at `max_new_tokens`, or ended by `<eos>`) is
-/// scored as it is, without a closing `<end_of_turn>` it never generated.
-/// Prompts without messages (raw ids, benchmarks) are scored on prompt ids
-/// followed by the response ids as generated, which assumes the reward
-/// model shares the policy's tokenizer. A sequence longer than
+/// A trained reward model, frozen, scoring through the one scoring path
+/// `align score` and the reward judge share ([`lm::reward_score`]): each
+/// rollout is formatted as the dialogue prompt + model turn (the response
+/// text, closed by `<end_of_turn>` when the response ended with it), exactly
+/// as the reward model was trained, and scored at its last token. A response
+/// that never emitted `<end_of_turn>` (cut at `max_new_tokens`, or ended by
+/// `<eos>`) is scored as it is, without a closing `<end_of_turn>` it never
+/// generated. Prompts without messages (raw ids, benchmarks) are scored on
+/// prompt ids followed by the response ids as generated, which assumes the
+/// reward model shares the policy's tokenizer. A sequence longer than
 /// `max_seq_len` loses its earliest prompt tokens (after `<bos>`), never
 /// response tokens; a response too long to fit alone is an error.
 pub struct RewardModelFn {
-    /// Owns the variables of `model` (frozen).
-    pub vs: nn::VarStore,
-    pub model: RewardModel,
-    pub tokenizer: Tokenizer,
-    pub stats: Option<reward_model::RewardStats>,
-    pub batch_size: usize,
-    pub max_seq_len: usize,
+    /// The model, its tokenizer and statistics, and the shared scoring
+    /// (reached through `Deref`).
+    pub scorer: RewardScorer,
     pub dir: PathBuf,
+}
+
+impl std::ops::Deref for RewardModelFn {
+    type Target = RewardScorer;
+    fn deref(&self) -> &RewardScorer {
+        &self.scorer
+    }
 }
 
 impl RewardModelFn {
@@ -194,25 +197,8 @@ impl RewardModelFn {
         batch_size: usize,
         max_seq_len: Option<usize>,
     ) -> Result<Self> {
-        let l = reward_model::load(dir, device, kind, None, 0)
-            .with_context(|| format!("loading the reward model {}", dir.display()))?;
-        if !l.new_tensors.is_empty() {
-            bail!(
-                "{} is not a reward model: it has no {} (a causal LM?). Train one with `align reward`",
-                dir.display(),
-                l.new_tensors.join(", ")
-            );
-        }
-        let mut vs = l.vs;
-        vs.freeze();
-        let max_seq_len = max_seq_len.unwrap_or(l.model.cfg.max_position_embeddings.max(2) as usize);
         Ok(RewardModelFn {
-            vs,
-            model: l.model,
-            tokenizer: l.tokenizer,
-            stats: l.stats,
-            batch_size: batch_size.max(1),
-            max_seq_len,
+            scorer: RewardScorer::load(dir, device, kind, batch_size, max_seq_len)?,
             dir: dir.to_path_buf(),
         })
     }
@@ -221,68 +207,18 @@ impl RewardModelFn {
     /// [`RewardModelFn`] for the formatting and [`cut_prompt_from_left`] for
     /// the truncation to `max_seq_len`.
     pub fn format(&self, r: &Rollout) -> Result<Vec<i64>> {
-        let ids = if r.prompt.messages.is_empty() {
+        let e = if r.prompt.messages.is_empty() {
             let mut v = r.prompt.ids.clone();
             v.extend_from_slice(&r.response_ids);
-            v
+            self.scorer.fit(v, r.prompt.ids.len())?
         } else {
-            let mut m = r.prompt.messages.clone();
-            m.push(lm::Message::model(&r.text));
-            let mut ids = lm::chat::encode(&self.tokenizer, &m, false)?.ids;
-            if !r.ended() {
-                // Drop the `<end_of_turn>\n` the template closes the turn with.
-                let eot = self.tokenizer.special.end_of_turn;
-                if let Some(last) = ids.iter().rposition(|&t| t == eot) {
-                    ids.truncate(last);
-                }
-            }
-            ids
+            self.scorer.encode(&Conversation {
+                prompt: &r.prompt.messages,
+                response: vec![lm::Message::model(&r.text)],
+                closed: r.ended(),
+            })?
         };
-        // The prompt's tokens: those the formatted ids share with the
-        // prompt as generated (a conservative bound where the tokenizer
-        // merges across the prompt/response boundary).
-        let prompt_len = ids.iter().zip(&r.prompt.ids).take_while(|(a, b)| a == b).count();
-        cut_prompt_from_left(ids, prompt_len, self.max_seq_len)
-    }
-
-    /// Rewards of token sequences (each non-empty), batched by length.
-    /// Rows are right-padded, so plain causal attention (the fused kernel,
-    /// no mask tensor) gives every real token exactly the context
-    /// [`RewardModel::forward`] gives it; the head reads each row's last
-    /// real token.
-    pub fn score_ids(&self, seqs: &[Vec<i64>]) -> Result<Vec<f64>> {
-        let _g = tch::no_grad_guard();
-        let dev = self.model.device();
-        let pad = self.tokenizer.special.pad;
-        let mut order: Vec<usize> = (0..seqs.len()).collect();
-        order.sort_by_key(|&i| std::cmp::Reverse(seqs[i].len()));
-        let mut out = vec![0.0; seqs.len()];
-        for chunk in order.chunks(self.batch_size) {
-            let b = chunk.len() as i64;
-            let t = chunk.iter().map(|&i| seqs[i].len()).max().unwrap_or(1) as i64;
-            let mut ids = vec![pad; (b * t) as usize];
-            let mut last = Vec::with_capacity(chunk.len());
-            for (r, &i) in chunk.iter().enumerate() {
-                let s = &seqs[i];
-                if s.is_empty() {
-                    bail!("sequence {i} is empty; nothing to score");
-                }
-                ids[r * t as usize..r * t as usize + s.len()].copy_from_slice(s);
-                last.push(s.len() as i64 - 1);
-            }
-            let ids = Tensor::from_slice(&ids).view([b, t]).to_device(dev); // (b, T), right-padded
-            let positions = Tensor::arange(t, (Kind::Int64, dev)).unsqueeze(0).expand([b, t], true); // (b, T)
-            let hidden = self.model.backbone.forward_hidden(&ids, &positions, None, None)?; // (b, T, H)
-            let h = hidden.size()[2];
-            let idx = Tensor::from_slice(&last).to_device(dev).view([b, 1, 1]).expand([b, 1, h], false); // (b, 1, H)
-            let pooled = hidden.gather(1, &idx, false).squeeze_dim(1); // (b, H)
-            let r = self.model.score.forward(&pooled).squeeze_dim(-1); // (b,)
-            let r: Vec<f64> = Vec::try_from(r.to_kind(Kind::Double).to_device(Device::Cpu))?;
-            for (&i, v) in chunk.iter().zip(r) {
-                out[i] = v;
-            }
-        }
-        Ok(out)
+        Ok(e.ids)
     }
 }
 
@@ -296,35 +232,20 @@ impl RewardFn for RewardModelFn {
             .iter()
             .enumerate()
             .map(|(i, r)| {
-                self.format(r).with_context(|| format!("formatting rollout {i} for the reward model"))
+                self.format(r).with_context(|| {
+                    format!(
+                        "formatting rollout {i} for the reward model (reward.max_seq_len = {}; raise it or lower max_new_tokens)",
+                        self.scorer.max_seq_len
+                    )
+                })
             })
             .collect::<Result<_>>()?;
-        self.score_ids(&seqs)
+        self.scorer.score_ids(&seqs.iter().map(Vec::as_slice).collect::<Vec<_>>())
     }
 
     fn stats(&self) -> Option<(f64, f64)> {
-        self.stats.as_ref().map(|s| (s.mean, s.std))
+        self.scorer.stats.as_ref().map(|s| (s.mean, s.std))
     }
-}
-
-/// Cuts `ids` (`<bos>`, a prompt of `prompt_len` tokens counting `<bos>`,
-/// then the response) to at most `max_len` tokens by dropping the earliest
-/// prompt tokens after `<bos>`, never a response token: an error when the
-/// response (with `<bos>`) alone is longer than `max_len`.
-pub fn cut_prompt_from_left(mut ids: Vec<i64>, prompt_len: usize, max_len: usize) -> Result<Vec<i64>> {
-    if ids.len() <= max_len {
-        return Ok(ids);
-    }
-    let cut = ids.len() - max_len;
-    let droppable = prompt_len.min(ids.len()).saturating_sub(1);
-    if cut > droppable {
-        bail!(
-            "the response is {} tokens and with <bos> does not fit in the reward model's {max_len} tokens (reward.max_seq_len); the prompt may be cut, the response never: raise reward.max_seq_len or lower max_new_tokens",
-            ids.len() - prompt_len.min(ids.len())
-        );
-    }
-    ids.drain(1..1 + cut);
-    Ok(ids)
 }
 
 /// Reward = min(response tokens, `max_tokens`) · `scale`.
@@ -432,16 +353,5 @@ mod tests {
         let mut m: RewardConfig = toml::from_str("kind = \"model\"\npath = \"rm\"").unwrap();
         m.resolve_paths(Path::new("/runs"));
         assert_eq!(m, RewardConfig::Model { path: "/runs/rm".into(), batch_size: 16, max_seq_len: None });
-    }
-
-    #[test]
-    fn a_long_prompt_is_cut_from_the_left_and_the_response_never() {
-        // <bos>=2, prompt 10 11 12 13, response 20 21 22.
-        let ids = vec![2, 10, 11, 12, 13, 20, 21, 22];
-        assert_eq!(cut_prompt_from_left(ids.clone(), 5, 8).unwrap(), ids);
-        assert_eq!(cut_prompt_from_left(ids.clone(), 5, 6).unwrap(), vec![2, 12, 13, 20, 21, 22]);
-        assert_eq!(cut_prompt_from_left(ids.clone(), 5, 4).unwrap(), vec![2, 20, 21, 22]);
-        let err = cut_prompt_from_left(ids, 5, 3).unwrap_err().to_string();
-        assert!(err.contains("response is 3 tokens") && err.contains("max_seq_len"), "{err}");
     }
 }

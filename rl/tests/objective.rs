@@ -146,7 +146,9 @@ fn the_reward_model_cuts_a_long_prompt_from_the_left_and_refuses_a_response_too_
     let x = r.iter().max_by_key(|x| x.prompt.ids.len()).unwrap();
     let full = rl::RewardModelFn::load(&rm_dir, tch::Device::Cpu, tch::Kind::Float, 3, None).unwrap();
     let whole = full.format(x).unwrap();
-    let resp = whole.len() - x.prompt.ids.len();
+    // The prompt turns alone: the model turn's header belongs to the response.
+    let prompt_len = lm::chat::encode(&full.tokenizer, &x.prompt.messages, false).unwrap().ids.len();
+    let resp = whole.len() - prompt_len;
     // Room for <bos>, two prompt tokens and the response.
     let max = resp + 3;
     let short = rl::RewardModelFn::load(&rm_dir, tch::Device::Cpu, tch::Kind::Float, 3, Some(max)).unwrap();
@@ -154,7 +156,7 @@ fn the_reward_model_cuts_a_long_prompt_from_the_left_and_refuses_a_response_too_
     assert_eq!(got.len(), max);
     assert_eq!(got[0], whole[0], "<bos> stays");
     assert_eq!(got[1..], whole[whole.len() - (max - 1)..], "the prompt loses its earliest tokens");
-    assert_eq!(got[max - resp..], whole[x.prompt.ids.len()..], "the response is whole");
+    assert_eq!(got[max - resp..], whole[prompt_len..], "the response is whole");
     let tiny = rl::RewardModelFn::load(&rm_dir, tch::Device::Cpu, tch::Kind::Float, 3, Some(resp)).unwrap();
     let err = format!("{:#}", tiny.format(x).unwrap_err());
     assert!(err.contains("response") && err.contains("max_seq_len"), "{err}");

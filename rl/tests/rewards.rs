@@ -151,3 +151,122 @@ path = "builtin:rl?n=20&seed=1&categories=reverse,add"
     assert!(first["prompt"][0]["content"].as_str().unwrap().len() > 3);
     assert!(first["category"].is_string());
 }
+
+/// A random reward model on the fixture's tokenizer that reads at most 48
+/// tokens, so that a long prompt must be cut.
+fn make_short_reward_model(dir: &Path) {
+    let l = lm::checkpoint::load_causal_lm(&fixture(), Device::Cpu, Kind::Float).unwrap();
+    let mut cfg = l.model.cfg.clone();
+    cfg.max_position_embeddings = 48;
+    tch::manual_seed(12);
+    let vs = tch::nn::VarStore::new(Device::Cpu);
+    let m = RewardModel::new(&vs.root(), &cfg, 0.5).unwrap();
+    reward_model::save(dir, &vs, &m, &l.tokenizer, None).unwrap();
+}
+
+#[test]
+fn align_score_the_rl_reward_and_the_reward_judge_give_one_reward() {
+    use judge::judges::RewardJudge;
+    use lm::reward_score::{Conversation, RewardScorer};
+    use lm::Message;
+    let d = tempfile::tempdir().unwrap();
+    let rm_dir = d.path().join("rm");
+    make_short_reward_model(&rm_dir);
+    let long_q = (0..80).map(|i| format!("word{}", i % 7)).collect::<Vec<_>>().join(" ");
+    let convs: Vec<(Vec<Message>, &str)> = vec![
+        (vec![Message::user("Say hi.")], "hello there"),
+        (vec![Message::system("Be brief."), Message::user("Say hi.")], "hello there"),
+        (vec![Message::system("Be brief."), Message::user(&long_q)], "a short answer"),
+    ];
+    let scorer = RewardScorer::load(&rm_dir, Device::Cpu, Kind::Float, 4, None).unwrap();
+    assert_eq!(scorer.max_seq_len, 48);
+
+    // align score's path: conversations ending with the model turn.
+    let score = reward::Scorer::load(
+        &rm_dir,
+        &reward::ScoreOptions { device: "cpu".into(), batch_size: 4, ..Default::default() },
+    )
+    .unwrap();
+    let recs: Vec<datasets::Record> = convs
+        .iter()
+        .map(|(p, a)| {
+            let mut messages = p.clone();
+            messages.push(Message::model(*a));
+            datasets::Record::Conversation { messages }
+        })
+        .collect();
+    let from_score: Vec<f64> = score
+        .score_records(&recs)
+        .unwrap()
+        .into_iter()
+        .map(|s| match s {
+            reward::Scored::Response { reward } => reward,
+            other => panic!("{other:?}"),
+        })
+        .collect();
+
+    // The RL reward: rollouts that ended their turn.
+    let mut rm = RewardModelFn::load(&rm_dir, Device::Cpu, Kind::Float, 4, None).unwrap();
+    let rollouts: Vec<Rollout> = convs
+        .iter()
+        .map(|(p, a)| Rollout {
+            group: 0,
+            prompt: Arc::new(rl::Prompt {
+                messages: p.clone(),
+                ids: lm::chat::prompt_ids(&rm.tokenizer, p).unwrap(),
+                category: None,
+            }),
+            response_ids: vec![10, 5],
+            sample_logprobs: vec![0.0, 0.0],
+            text: a.to_string(),
+            stop_reason: lm::StopReason::EndOfTurn,
+        })
+        .collect();
+    let from_rl = rm.score(&rollouts).unwrap();
+
+    // The reward judge.
+    let judge = RewardJudge::load(&rm_dir, Device::Cpu, Kind::Float, 0.0, 4).unwrap();
+    let rows: Vec<(&[Message], &str)> = convs.iter().map(|(p, a)| (p.as_slice(), *a)).collect();
+    let from_judge = judge.rewards(&rows).unwrap();
+
+    // One path: the same ids, batched the same way, give the same rewards.
+    let direct =
+        scorer.score(&convs.iter().map(|(p, a)| Conversation::new(p, a)).collect::<Vec<_>>()).unwrap();
+    assert_eq!(from_score, direct);
+    assert_eq!(from_rl, direct);
+    assert_eq!(from_judge, direct);
+    assert_ne!(direct[0], direct[1], "the system turn is part of the scored conversation");
+
+    // The long prompt is cut from the left after <bos>; the response stays whole.
+    let c = Conversation::new(&convs[2].0, convs[2].1);
+    let full = lm::reward_score::format(&scorer.tokenizer, c.prompt, &c.response, true).unwrap();
+    assert!(full.ids.len() > 48 && full.ids.len() - full.prompt_len < 47, "{}", full.ids.len());
+    let e = scorer.encode(&c).unwrap();
+    assert!(e.truncated);
+    assert_eq!(e.ids.len(), 48);
+    assert_eq!(e.ids[0], full.ids[0], "<bos> stays");
+    assert_eq!(e.ids[1..], full.ids[full.ids.len() - 47..], "the earliest prompt tokens go");
+    assert_eq!(rm.format(&rollouts[2]).unwrap(), e.ids);
+    // A one-at-a-time forward on the cut ids gives the reward.
+    let x = Tensor::from_slice(&e.ids).unsqueeze(0);
+    let valid = x.ones_like().to_kind(Kind::Bool);
+    let want = tch::no_grad(|| scorer.model.forward(&x, &valid).unwrap()).double_value(&[0]);
+    assert!((want - direct[2]).abs() < 1e-4, "{want} vs {}", direct[2]);
+
+    // A response too long to fit alone is refused by all three, never cut.
+    let long_a = (0..60).map(|i| format!("w{}", i % 5)).collect::<Vec<_>>().join(" ");
+    let p = vec![Message::user("Say hi.")];
+    let mut msgs = p.clone();
+    msgs.push(Message::model(&long_a));
+    let e = format!(
+        "{:#}",
+        score.score_records(&[datasets::Record::Conversation { messages: msgs }]).unwrap_err()
+    );
+    assert!(e.contains("record 0") && e.contains("response") && e.contains("max_seq_len"), "{e}");
+    let e = format!("{:#}", judge.rewards(&[(p.as_slice(), long_a.as_str())]).unwrap_err());
+    assert!(e.contains("response") && e.contains("max_seq_len"), "{e}");
+    let mut r = rollouts[0].clone();
+    r.text = long_a.clone();
+    let e = format!("{:#}", rm.score(&[r]).unwrap_err());
+    assert!(e.contains("rollout 0") && e.contains("max_seq_len"), "{e}");
+}
