@@ -678,6 +678,11 @@ fn a_set_run_records_its_settings_and_a_plain_run_says_what_it_changes_back() {
         recorded.contains("max_new_tokens = 8") && recorded.contains("judge = \"reward:rm\""),
         "{recorded}"
     );
+    // A training stage records every setting, defaults included.
+    let rl = std::fs::read_to_string(tmp.path().join("out/rl/config.toml")).unwrap();
+    for key in ["steps = 2\n", "beta = ", "seed = 1\n", "[config.optim]", "reward = \"rm\""] {
+        assert!(rl.contains(key), "{key}: {rl}");
+    }
     let out = align_in(tmp.path(), &["run", "recipe.toml", "--set", "judge.max_new_tokens=6"]);
     let err = stderr(&out);
     assert!(out.status.success(), "{err}");

@@ -51,7 +51,8 @@ pub fn stage_hash(l: &Loaded, i: usize) -> Result<String> {
 /// The settings that made a stage's outputs, as `config.toml` beside its
 /// manifest records them: the stage (kind and references), its config as
 /// the run reads it (`--set` overrides included, the recipe's seed and
-/// device where it sets none) and its named data.
+/// device where it sets none; for a training stage every key with its
+/// default, as its crate types it) and its named data.
 pub fn settings(l: &Loaded, i: usize) -> toml::Table {
     let s = &l.recipe.stages[i];
     let text = |v: &str| toml::Value::String(v.to_string());
@@ -71,7 +72,9 @@ pub fn settings(l: &Loaded, i: usize) -> toml::Table {
     }
     let mut t = toml::Table::new();
     t.insert("stage".into(), toml::Value::Table(stage));
-    t.insert("config".into(), toml::Value::Table(stages::ctx(l, i).config_with_defaults()));
+    let ctx = stages::ctx(l, i);
+    let config = stages::of(s).resolved_config(&ctx).unwrap_or_else(|| ctx.config_with_defaults());
+    t.insert("config".into(), toml::Value::Table(config));
     if let Some((d, x)) = s.data.as_ref().and_then(|d| l.recipe.data.get(d).map(|x| (d, x))) {
         let mut data = toml::Table::new();
         data.insert(d.clone(), toml::Value::Table(x.clone()));

@@ -131,6 +131,12 @@ pub trait StageKind: Sync {
     fn warnings(&self, _ctx: &Ctx) -> Vec<String> {
         vec![]
     }
+    /// The stage's config as its crate reads it, every key with its value
+    /// (defaults filled in), less the paths the runner fills in; None
+    /// where the kind keeps the config as written (or it cannot be typed).
+    fn resolved_config(&self, _ctx: &Ctx) -> Option<toml::Table> {
+        None
+    }
     /// Extra lines of the dry-run plan (a sweep's variants).
     fn plan_notes(&self, _ctx: &Ctx) -> Result<Vec<String>> {
         Ok(vec![])
@@ -150,6 +156,26 @@ impl dyn StageKind {
     /// Whether the stage starts from a model (every kind that makes one).
     pub fn starts_from_model(&self) -> bool {
         self.makes().is_some()
+    }
+}
+
+/// Types `t` (the stage's config with the runner's keys) as `T` and gives
+/// it back as a table, less the runner's keys `drop`: what
+/// [`StageKind::resolved_config`] records.
+pub fn resolved_as<T: serde::de::DeserializeOwned + serde::Serialize>(
+    ctx: &Ctx,
+    t: toml::Table,
+    drop: &[&str],
+) -> Option<toml::Table> {
+    let cfg: T = ctx.typed(t, &ctx.config_at()).ok()?;
+    match toml::Value::try_from(&cfg).ok()? {
+        toml::Value::Table(mut t) => {
+            for k in drop {
+                t.remove(*k);
+            }
+            Some(t)
+        }
+        _ => None,
     }
 }
 

@@ -2,7 +2,7 @@
 //! pretrain mode), from the base model (a preset initialised here, or a
 //! checkpoint) or the stage named in `from`.
 
-use super::kind::{path_value, placeholder, table_or, table_with, text_docs, tokenizer_file};
+use super::kind::{path_value, placeholder, resolved_as, table_or, table_with, text_docs, tokenizer_file};
 use super::kind::{Ctx, Input, Output, StageKind};
 use anyhow::{Context, Result};
 use lm::checkpoint;
@@ -40,6 +40,19 @@ impl StageKind for Pretrain {
 
     fn inputs(&self, ctx: &Ctx) -> Vec<Input> {
         tokenizer_file(ctx.l)
+    }
+
+    fn resolved_config(&self, ctx: &Ctx) -> Option<toml::Table> {
+        let t = table_or(
+            &ctx.config_with_defaults(),
+            vec![
+                ("model", placeholder()),
+                ("output_dir", placeholder()),
+                ("mode", toml::Value::String("pretrain".into())),
+                ("text_files", toml::Value::Array(vec![placeholder()])),
+            ],
+        );
+        resolved_as::<sft::SftConfig>(ctx, t, &["model", "output_dir", "text_files"])
     }
 
     fn run(&self, ctx: &Ctx, dir: &Path) -> Result<serde_json::Value> {

@@ -1,7 +1,7 @@
 //! `reward`: a Bradley-Terry reward model trained from the input model on
 //! the stage's preference data (`reward::RewardConfig`).
 
-use super::kind::{path_value, placeholder, table_or, table_with, Ctx, Output, StageKind};
+use super::kind::{path_value, placeholder, resolved_as, table_or, table_with, Ctx, Output, StageKind};
 use anyhow::{Context, Result};
 use std::path::Path;
 
@@ -28,6 +28,14 @@ impl StageKind for Reward {
             vec![("model", placeholder()), ("output_dir", placeholder()), ("data", ctx.data()?)],
         );
         ctx.typed::<reward::RewardConfig>(t, &at)?.validate().with_context(|| at.clone())
+    }
+
+    fn resolved_config(&self, ctx: &Ctx) -> Option<toml::Table> {
+        let t = table_or(
+            &ctx.config_with_defaults(),
+            vec![("model", placeholder()), ("output_dir", placeholder()), ("data", ctx.data().ok()?)],
+        );
+        resolved_as::<reward::RewardConfig>(ctx, t, &["model", "output_dir", "data"])
     }
 
     fn run(&self, ctx: &Ctx, dir: &Path) -> Result<serde_json::Value> {

@@ -2,7 +2,7 @@
 //! stage's prompts (`rl::RlConfig`), rewarded by the stage named in
 //! `reward` or by the config's own `[config.reward]`.
 
-use super::kind::{path_value, placeholder, table_or, Ctx, Input, Output, StageKind};
+use super::kind::{path_value, placeholder, resolved_as, table_or, Ctx, Input, Output, StageKind};
 use anyhow::{Context, Result};
 use std::path::Path;
 
@@ -55,6 +55,27 @@ impl StageKind for Rl {
             out.push(Input::of_stage("config.reference", ctx.l.path(p), "directory"));
         }
         out
+    }
+
+    fn resolved_config(&self, ctx: &Ctx) -> Option<toml::Table> {
+        let mut oracle = toml::Table::new();
+        oracle.insert("kind".into(), toml::Value::String("oracle".into()));
+        let t = table_or(
+            &ctx.config_with_defaults(),
+            vec![
+                ("model", placeholder()),
+                ("output_dir", placeholder()),
+                ("data", ctx.data().ok()?),
+                ("reward", toml::Value::Table(oracle)),
+            ],
+        );
+        // The reward a `reward` stage gives is the stage's (in [stage]).
+        let runner: &[&str] = if ctx.spec().config.contains_key("reward") {
+            &["model", "output_dir", "data"]
+        } else {
+            &["model", "output_dir", "data", "reward"]
+        };
+        resolved_as::<rl::RlConfig>(ctx, t, runner)
     }
 
     fn run(&self, ctx: &Ctx, dir: &Path) -> Result<serde_json::Value> {

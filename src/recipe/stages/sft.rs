@@ -1,7 +1,7 @@
 //! `sft`: supervised fine-tuning of the input model on the stage's data
 //! (`sft::SftConfig`, the runner filling in `model`, `output_dir`, `data`).
 
-use super::kind::{path_value, placeholder, table_or, table_with, Ctx, Output, StageKind};
+use super::kind::{path_value, placeholder, resolved_as, table_or, table_with, Ctx, Output, StageKind};
 use anyhow::{Context, Result};
 use std::path::Path;
 
@@ -42,6 +42,14 @@ impl StageKind for Sft {
             vec![("model", placeholder()), ("output_dir", placeholder()), ("data", ctx.data()?)],
         );
         ctx.typed::<sft::SftConfig>(t, &at)?.validate().with_context(|| at.clone())
+    }
+
+    fn resolved_config(&self, ctx: &Ctx) -> Option<toml::Table> {
+        let t = table_or(
+            &ctx.config_with_defaults(),
+            vec![("model", placeholder()), ("output_dir", placeholder()), ("data", ctx.data().ok()?)],
+        );
+        resolved_as::<sft::SftConfig>(ctx, t, &["model", "output_dir", "data"])
     }
 
     fn run(&self, ctx: &Ctx, dir: &Path) -> Result<serde_json::Value> {
