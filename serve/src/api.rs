@@ -81,7 +81,15 @@ pub(crate) struct Params {
     pub top_k: Option<i64>,
     pub seed: u64,
     pub stream: bool,
+    /// OpenAI's `logprobs`: each answer token's log-prob in the response.
+    pub logprobs: bool,
+    /// OpenAI's `top_logprobs` (0..=20, only with `logprobs`): the most
+    /// likely tokens at each step.
+    pub top_logprobs: usize,
 }
+
+/// The largest `top_logprobs`, as OpenAI's.
+pub const MAX_TOP_LOGPROBS: u64 = 20;
 
 /// Parses and validates a `/v1/chat/completions` body for the model `name`.
 pub(crate) fn parse_params(name: &str, max_tokens_limit: usize, body: &[u8]) -> Result<Params, ApiError> {
@@ -167,7 +175,32 @@ pub(crate) fn parse_params(name: &str, max_tokens_limit: usize, body: &[u8]) -> 
         Some(Value::Bool(b)) => *b,
         Some(_) => return Err(ApiError::bad("`stream` must be true or false")),
     };
-    Ok(Params { messages, max_tokens, temperature, top_p, top_k, seed: uint("seed")?.unwrap_or(0), stream })
+    let logprobs = match obj.get("logprobs") {
+        None | Some(Value::Null) => false,
+        Some(Value::Bool(b)) => *b,
+        Some(_) => return Err(ApiError::bad("`logprobs` must be true or false")),
+    };
+    let top_logprobs = match uint("top_logprobs")? {
+        None => 0,
+        Some(n) if n > MAX_TOP_LOGPROBS => {
+            return Err(ApiError::bad(format!("`top_logprobs` must be in 0..={MAX_TOP_LOGPROBS}, got {n}")))
+        }
+        Some(_) if !logprobs => {
+            return Err(ApiError::bad("`top_logprobs` needs `logprobs` set to true"));
+        }
+        Some(n) => n as usize,
+    };
+    Ok(Params {
+        messages,
+        max_tokens,
+        temperature,
+        top_p,
+        top_k,
+        seed: uint("seed")?.unwrap_or(0),
+        stream,
+        logprobs,
+        top_logprobs,
+    })
 }
 
 /// The number of new tokens a request gets: an explicit `max_tokens` must

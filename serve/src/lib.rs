@@ -4,7 +4,8 @@
 //! - `GET /v1/models` — the one model served.
 //! - `POST /v1/chat/completions` — `model`, `messages` (`role`, `content`),
 //!   optional `max_tokens` (or `max_completion_tokens`), `temperature`,
-//!   `top_p`, `top_k`, `seed`, `n` (1 only), `stream`. Without `max_tokens`
+//!   `top_p`, `top_k`, `seed`, `n` (1 only), `stream`, `logprobs` and
+//!   `top_logprobs` (0..=20, only with `logprobs`). Without `max_tokens`
 //!   an answer may take what the context leaves after the prompt, up to
 //!   `--max-tokens-limit`; an explicit `max_tokens` over either is a 400.
 //!   With `stream: true` the answer comes as server-sent events while it is
@@ -14,6 +15,11 @@
 //!   `finish_reason`, then `data: [DONE]`; each goes out as soon as it exists
 //!   (HTTP/1.1 chunked transfer; an HTTP/1.0 client gets the same events in
 //!   one body). A client that disconnects stops its generation.
+//!   With `logprobs`, `choices[0].logprobs.content` has OpenAI's entries
+//!   (`token`, `logprob`, `bytes`, `top_logprobs`) for each answer token,
+//!   under the sampling distribution `log_softmax(logits / T)` (see
+//!   `lm::generate::generate_detailed`); a stream sends each chunk's tokens'
+//!   entries in that chunk, and `logprobs` is null otherwise.
 //!
 //! Errors are JSON `{"error": {"message", "type", "code"}}`: malformed JSON,
 //! a wrong field → 400; an unknown model → 404; an over-long prompt → 400;
@@ -26,6 +32,8 @@
 //! Layout:
 //! - [`api`](crate::api) (private) — the error and request shapes, parsing
 //!   and validation.
+//! - [`logprobs`](crate::logprobs) (private) — a token's OpenAI
+//!   log-prob entry and the bytes it adds to the text.
 //! - [`model`](crate::model) (private) — `--workers` threads that own the
 //!   model and take jobs from a bounded queue; generation runs one request
 //!   at a time on the model. The async side only sends jobs and awaits
@@ -46,6 +54,7 @@
 
 mod api;
 pub mod cli;
+mod logprobs;
 mod model;
 pub mod server;
 pub mod text;

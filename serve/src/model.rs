@@ -3,6 +3,7 @@
 //! sends a job and awaits its reply on a channel.
 
 use crate::api::{resolve_max_tokens, ApiError, Params};
+use crate::logprobs;
 use crate::text::TextStream;
 use anyhow::{anyhow, Context, Result};
 use lm::checkpoint::Loaded;
@@ -170,6 +171,15 @@ fn prepare(info: &Info, loaded: &Loaded, p: &Params) -> Result<Prepared, ApiErro
     Ok(Prepared { ids, cfg })
 }
 
+/// The top-N a request asks for (0 without `logprobs`).
+fn top_n(p: &Params) -> usize {
+    if p.logprobs {
+        p.top_logprobs
+    } else {
+        0
+    }
+}
+
 fn finish_reason(stop: StopReason) -> &'static str {
     if stop == StopReason::Length {
         "length"
@@ -187,21 +197,38 @@ fn completion(
 ) -> Result<Value, ApiError> {
     let loaded = &served.loaded;
     let prep = prepare(info, loaded, p)?;
-    let g = lm::generate::generate_using(
+    let g = lm::generate::generate_detailed(
         &loaded.model,
         served.wt.as_ref(),
         std::slice::from_ref(&prep.ids),
         &prep.cfg,
+        top_n(p),
         |_, _| !reply.is_closed(),
     )
     .map_err(|e| ApiError::internal(&e))?;
     let g = g.into_iter().next().ok_or_else(|| ApiError::internal(&anyhow!("no generation")))?;
-    let content = loaded.tokenizer.decode(g.content(), true).map_err(|e| ApiError::internal(&e))?;
+    let tok = &loaded.tokenizer;
+    let content = tok.decode(g.content(), true).map_err(|e| ApiError::internal(&e))?;
+    // One entry per answer token (the stop token is not part of the answer).
+    let logprobs = if p.logprobs {
+        let entries: Vec<Value> = g
+            .content()
+            .iter()
+            .enumerate()
+            .map(|(i, &t)| {
+                let top = g.top_logprobs.get(i).map(Vec::as_slice).unwrap_or(&[]);
+                logprobs::entry(tok, t, g.logprobs[i], top)
+            })
+            .collect();
+        json!({"content": entries})
+    } else {
+        Value::Null
+    };
     let (id, created) = info.new_id();
     let (prompt_tokens, completion_tokens) = (prep.ids.len(), g.content().len());
     Ok(json!({"id": id, "object": "chat.completion", "created": created, "model": info.name,
               "choices": [{"index": 0, "message": {"role": "assistant", "content": content},
-                           "finish_reason": finish_reason(g.stop_reason)}],
+                           "logprobs": logprobs, "finish_reason": finish_reason(g.stop_reason)}],
               "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
                         "total_tokens": prompt_tokens + completion_tokens}}))
 }
@@ -228,12 +255,20 @@ fn stream(
         return; // the client left before the stream opened
     }
     let (id, created) = info.new_id();
-    let chunk = |delta: Value, finish: Value| {
+    // With `logprobs`, a content chunk carries the entries of the tokens
+    // its text came from (`pending`: those not sent yet).
+    let chunk = |delta: Value, finish: Value, pending: &mut Vec<Value>| {
+        let logprobs = if p.logprobs && delta.get("content").is_some() {
+            json!({"content": std::mem::take(pending)})
+        } else {
+            Value::Null
+        };
         json!({"id": id, "object": "chat.completion.chunk", "created": created, "model": info.name,
-               "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]})
+               "choices": [{"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish}]})
         .to_string()
     };
-    if events.send(chunk(json!({"role": "assistant"}), Value::Null)).is_err() {
+    let mut pending: Vec<Value> = vec![];
+    if events.send(chunk(json!({"role": "assistant"}), Value::Null, &mut pending)).is_err() {
         return;
     }
     let tok = &loaded.tokenizer;
@@ -241,20 +276,26 @@ fn stream(
     let mut text = TextStream::new();
     let mut failure: Option<anyhow::Error> = None;
     let mut connected = true;
-    let generated = lm::generate::generate_using(
+    let generated = lm::generate::generate_detailed(
         &loaded.model,
         served.wt.as_ref(),
         std::slice::from_ref(&prep.ids),
         &prep.cfg,
+        top_n(p),
         |_, new| {
-            let Some(&Some(t)) = new.first() else { return true };
+            let Some(Some(step)) = new.first() else { return true };
+            let t = step.id;
             if stops.contains(&t) {
                 return true;
+            }
+            if p.logprobs {
+                pending.push(logprobs::step_entry(tok, step));
             }
             match text.push(tok, t) {
                 Ok(delta) if delta.is_empty() => true,
                 Ok(delta) => {
-                    connected = events.send(chunk(json!({"content": delta}), Value::Null)).is_ok();
+                    connected =
+                        events.send(chunk(json!({"content": delta}), Value::Null, &mut pending)).is_ok();
                     connected
                 }
                 Err(e) => {
@@ -273,10 +314,12 @@ fn stream(
     };
     match result.and_then(|g| Ok((text.finish(tok)?, g.stop_reason))) {
         Ok((rest, stop)) => {
-            if !rest.is_empty() {
-                let _ = events.send(chunk(json!({"content": rest}), Value::Null));
+            // Tokens whose text never showed (held back, or none) still get
+            // their log-probs, with whatever text is left.
+            if !rest.is_empty() || !pending.is_empty() {
+                let _ = events.send(chunk(json!({"content": rest}), Value::Null, &mut pending));
             }
-            let _ = events.send(chunk(json!({}), json!(finish_reason(stop))));
+            let _ = events.send(chunk(json!({}), json!(finish_reason(stop)), &mut pending));
         }
         // The status line is out: the error goes as an event, as OpenAI does.
         Err(e) => {

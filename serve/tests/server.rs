@@ -710,3 +710,123 @@ fn shutdown_answers_accepted_requests_and_503s_the_rest() {
     });
     assert!(TcpStream::connect(addr).is_err(), "the port is closed");
 }
+
+/// The `choices[0].logprobs.content` entries of a chat.completion, or of
+/// every chunk of a stream in order.
+fn logprob_entries(v: &Value) -> Vec<Value> {
+    match &v["choices"][0]["logprobs"] {
+        Value::Null => vec![],
+        l => l["content"].as_array().expect("logprobs.content is a list").clone(),
+    }
+}
+
+#[test]
+fn logprobs_and_top_logprobs_in_openai_shape() {
+    let h = serve();
+    let url = h.url();
+    let msgs = json!([{"role": "user", "content": "Say hi"}]);
+    for (bad, needle) in [
+        (json!({"model": "mqa", "messages": msgs, "top_logprobs": 2}), "logprobs"),
+        (json!({"model": "mqa", "messages": msgs, "logprobs": false, "top_logprobs": 2}), "logprobs"),
+        (json!({"model": "mqa", "messages": msgs, "logprobs": true, "top_logprobs": 21}), "0..=20"),
+        (json!({"model": "mqa", "messages": msgs, "logprobs": true, "top_logprobs": -1}), "top_logprobs"),
+        (json!({"model": "mqa", "messages": msgs, "logprobs": "yes"}), "logprobs"),
+    ] {
+        let (s, b) = post(&url, &bad.to_string());
+        assert_eq!(s, 400, "{bad} -> {b}");
+        assert!(error_message(&b).contains(needle), "{b}");
+    }
+    let req = json!({"model": "mqa", "messages": msgs, "max_tokens": 12, "temperature": 0.7, "top_k": 20,
+                     "seed": 3, "logprobs": true, "top_logprobs": 3});
+    let (s, b) = post(&url, &req.to_string());
+    assert_eq!(s, 200, "{b}");
+    let v: Value = serde_json::from_str(&b).unwrap();
+    let entries = logprob_entries(&v);
+
+    // The same request as a direct generate call with the same seed.
+    let m = lm::checkpoint::load_causal_lm(&fixture(), tch::Device::Cpu, tch::Kind::Float).unwrap();
+    let tok = &m.tokenizer;
+    let ids = lm::chat::prompt_ids(tok, &[lm::Message::new("user", "Say hi")]).unwrap();
+    let cfg = lm::GenerationConfig {
+        max_new_tokens: 12,
+        temperature: 0.7,
+        top_k: Some(20),
+        top_p: None,
+        seed: 3,
+        eos_id: tok.special.eos,
+        end_of_turn_id: Some(tok.special.end_of_turn),
+        pad_id: tok.special.pad,
+    };
+    let wt = lm::InferenceWeights::for_model(&m.model);
+    let g = lm::generate::generate_detailed(&m.model, wt.as_ref(), &[ids], &cfg, 3, |_, _| true).unwrap();
+    let g = &g[0];
+    assert!(!g.content().is_empty());
+    assert_eq!(entries.len(), g.content().len(), "one entry per answer token: {b}");
+    assert_eq!(v["usage"]["completion_tokens"].as_u64().unwrap() as usize, entries.len());
+    let mut all_bytes = vec![];
+    for (i, e) in entries.iter().enumerate() {
+        let lp = e["logprob"].as_f64().unwrap() as f32;
+        assert_eq!(lp, g.logprobs[i], "token {i}: {e}");
+        // `bytes` is null for a token that adds no text (special, or an id
+        // past the tokenizer's vocabulary).
+        if let Some(bytes) = e["bytes"].as_array() {
+            let bytes: Vec<u8> = bytes.iter().map(|b| u8::try_from(b.as_u64().unwrap()).unwrap()).collect();
+            match std::str::from_utf8(&bytes) {
+                Ok(s) => assert_eq!(e["token"].as_str().unwrap(), s),
+                Err(_) => assert!(e["token"].as_str().unwrap().starts_with("bytes:")),
+            }
+            all_bytes.extend_from_slice(&bytes);
+        } else {
+            assert!(e["bytes"].is_null() && e["token"].is_string(), "{e}");
+            assert_eq!(tok.decode(&[g.content()[i]], true).unwrap(), "");
+        }
+        let top = e["top_logprobs"].as_array().unwrap();
+        assert_eq!(top.len(), 3);
+        for (j, t) in top.iter().enumerate() {
+            assert_eq!(t["logprob"].as_f64().unwrap() as f32, g.top_logprobs[i][j].1);
+            assert!(t["token"].is_string() && (t["bytes"].is_array() || t["bytes"].is_null()), "{t}");
+            assert!(t.get("top_logprobs").is_none(), "OpenAI's top entries have no nested list");
+        }
+        assert!(lp <= top[0]["logprob"].as_f64().unwrap() as f32);
+    }
+    // The tokens' bytes spell the answer (this random model's bytes need
+    // not be valid UTF-8: the text has U+FFFD for them, as decoding does).
+    let text = v["choices"][0]["message"]["content"].as_str().unwrap();
+    assert_eq!(String::from_utf8_lossy(&all_bytes), text);
+
+    // Streaming: the chunks' entries together are the same entries; the
+    // role chunk and the finish chunk carry none.
+    let mut sreq = req.clone();
+    sreq["stream"] = json!(true);
+    let (s, b) = post(&url, &sreq.to_string());
+    assert_eq!(s, 200, "{b}");
+    let events: Vec<Value> = b
+        .split("\n\n")
+        .filter(|e| !e.is_empty() && *e != "data: [DONE]")
+        .map(|e| serde_json::from_str(e.strip_prefix("data: ").unwrap()).unwrap())
+        .collect();
+    assert!(events[0]["choices"][0]["logprobs"].is_null());
+    assert!(events.last().unwrap()["choices"][0]["logprobs"].is_null());
+    let streamed: Vec<Value> = events.iter().flat_map(logprob_entries).collect();
+    assert_eq!(streamed, entries, "stream = completion");
+    let streamed_text: String = events.iter().map(|e| delta(&e.to_string())).collect();
+    assert_eq!(streamed_text, text);
+
+    // Without `logprobs`, `logprobs` is null, as OpenAI answers.
+    let mut plain = req.clone();
+    plain.as_object_mut().unwrap().remove("top_logprobs");
+    plain["logprobs"] = json!(false);
+    let (s, b) = post(&url, &plain.to_string());
+    assert_eq!(s, 200, "{b}");
+    let v: Value = serde_json::from_str(&b).unwrap();
+    assert!(v["choices"][0]["logprobs"].is_null());
+    assert_eq!(v["choices"][0]["message"]["content"].as_str().unwrap(), text);
+    // `logprobs: true` alone: entries with empty top lists.
+    plain["logprobs"] = json!(true);
+    let (_, b) = post(&url, &plain.to_string());
+    let v: Value = serde_json::from_str(&b).unwrap();
+    let e = logprob_entries(&v);
+    assert_eq!(e.len(), entries.len());
+    assert!(e.iter().all(|e| e["top_logprobs"] == json!([])));
+    h.shutdown();
+}
