@@ -8,8 +8,10 @@
 //!   term, each aggregated per sequence (sum or mean) or per token.
 //! - [`control`] — the KL coefficient, fixed or adaptive (Ziegler et al., 2019).
 //! - [`reward`] — the [`RewardFn`] trait rollouts are scored through; a
-//!   trained reward model ([`RewardModelFn`], frozen), the oracle of the
-//!   built-in tasks, and rule rewards (`length`, `contains`) for tests.
+//!   trained reward model ([`RewardModelFn`], frozen, through the scoring
+//!   path `align score` and the judge share), an external verifier over HTTP
+//!   ([`HttpReward`]), a weighted sum of rewards ([`SumReward`]), the oracle
+//!   of the built-in tasks, and rule rewards (`length`, `contains`).
 //! - [`rollout`] — prompts, k samples per prompt from the policy with seeds
 //!   that are a pure function of (seed, step), and teacher-forced per-token
 //!   log-probabilities of the responses.
@@ -48,7 +50,9 @@ pub use loss::{
     sequence_rewards, whiten, AdvantageScale, Baseline, BatchSize, KlEstimator, LossAggregation,
 };
 pub use prompts::{load_prompts, Prompts};
-pub use reward::{ContainsReward, LengthReward, OracleReward, RewardConfig, RewardFn, RewardModelFn};
+pub use reward::{
+    ContainsReward, HttpReward, LengthReward, OracleReward, RewardConfig, RewardFn, RewardModelFn, SumReward,
+};
 pub use rollout::{Prompt, Rollout, Specials};
 pub use run::{cli_train, plot_metrics, run, run_with_reward, RlSummary};
 pub use trainer::{EvalReport, StepStats, Trainer};

@@ -9,6 +9,9 @@ pub use lm::reward_score::cut_prompt_from_left;
 use lm::reward_score::{Conversation, RewardScorer};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Mutex;
+use std::time::Duration;
 use tch::{Device, Kind};
 
 /// Scores a batch of rollouts: one reward per rollout, in order. A reward
@@ -62,6 +65,40 @@ pub enum RewardConfig {
         #[serde(default)]
         max_seq_len: Option<usize>,
     },
+    /// An external verifier (a code sandbox, a math checker) over HTTP: one
+    /// `POST url` per rollout with the JSON body `{"prompt": the last user
+    /// message, "messages": the prompt's turns, "response": the response
+    /// text}`, answered `{"reward": x}` (a finite number). Transport errors,
+    /// 429, 5xx and an unparseable reply are retried with exponential
+    /// backoff; another status, or no reward after the retries, fails the
+    /// step naming the rollout. Never a silent 0.
+    Http {
+        url: String,
+        /// The environment variable holding the key sent as
+        /// `Authorization: Bearer KEY` (none sent when left out; an error
+        /// when it names an unset variable).
+        #[serde(default)]
+        api_key_env: Option<String>,
+        /// Seconds each request may take.
+        #[serde(default = "default_http_timeout")]
+        timeout_s: f64,
+        /// Retries after the first attempt.
+        #[serde(default = "default_http_retries")]
+        retries: u32,
+        /// Seconds before the first retry; doubled each time.
+        #[serde(default = "default_http_backoff")]
+        backoff_s: f64,
+        /// Requests at once.
+        #[serde(default = "default_http_in_flight")]
+        max_in_flight: usize,
+    },
+    /// A weighted sum of rewards, e.g. a reward model plus a format check:
+    /// `sum_i weights[i] · rewards[i]` (every weight 1 when left out).
+    Sum {
+        rewards: Vec<RewardConfig>,
+        #[serde(default)]
+        weights: Option<Vec<f64>>,
+    },
 }
 
 fn one() -> f64 {
@@ -69,6 +106,18 @@ fn one() -> f64 {
 }
 fn default_rm_batch() -> usize {
     16
+}
+fn default_http_timeout() -> f64 {
+    60.0
+}
+fn default_http_retries() -> u32 {
+    3
+}
+fn default_http_backoff() -> f64 {
+    0.5
+}
+fn default_http_in_flight() -> usize {
+    8
 }
 
 impl RewardConfig {
@@ -93,16 +142,55 @@ impl RewardConfig {
                     bail!("reward.batch_size and reward.max_seq_len must be at least 1");
                 }
             }
+            RewardConfig::Http { url, timeout_s, backoff_s, max_in_flight, .. } => {
+                if !(url.starts_with("http://") || url.starts_with("https://")) {
+                    bail!("reward.url {url:?} must start with http:// or https://");
+                }
+                if !(timeout_s.is_finite() && *timeout_s > 0.0) {
+                    bail!("reward.timeout_s must be a positive number of seconds, got {timeout_s}");
+                }
+                if !(backoff_s.is_finite() && *backoff_s >= 0.0) {
+                    bail!("reward.backoff_s must be a number of seconds >= 0, got {backoff_s}");
+                }
+                if *max_in_flight == 0 {
+                    bail!("reward.max_in_flight must be at least 1");
+                }
+            }
+            RewardConfig::Sum { rewards, weights } => {
+                if rewards.is_empty() {
+                    bail!("reward.rewards is empty; a sum needs at least one reward");
+                }
+                if let Some(w) = weights {
+                    if w.len() != rewards.len() {
+                        bail!("reward.weights has {} entries for {} rewards", w.len(), rewards.len());
+                    }
+                    if let Some(x) = w.iter().find(|x| !x.is_finite()) {
+                        bail!("reward.weights must be finite numbers, got {x}");
+                    }
+                }
+                for (i, r) in rewards.iter().enumerate() {
+                    r.validate().with_context(|| format!("reward.rewards[{i}]"))?;
+                }
+            }
         }
         Ok(())
     }
 
+    /// The reward model directories this reward reads (inputs of the stage).
+    pub fn model_paths(&self) -> Vec<&Path> {
+        match self {
+            RewardConfig::Model { path, .. } => vec![path.as_path()],
+            RewardConfig::Sum { rewards, .. } => rewards.iter().flat_map(|r| r.model_paths()).collect(),
+            _ => vec![],
+        }
+    }
+
     /// Resolves relative paths against `base` (the reward model's directory).
     pub fn resolve_paths(&mut self, base: &Path) {
-        if let RewardConfig::Model { path, .. } = self {
-            if path.is_relative() {
-                *path = base.join(&*path);
-            }
+        match self {
+            RewardConfig::Model { path, .. } if path.is_relative() => *path = base.join(&*path),
+            RewardConfig::Sum { rewards, .. } => rewards.iter_mut().for_each(|r| r.resolve_paths(base)),
+            _ => {}
         }
     }
 
@@ -121,7 +209,195 @@ impl RewardConfig {
             RewardConfig::Model { path, batch_size, max_seq_len } => {
                 Box::new(RewardModelFn::load(path, device, kind, *batch_size, *max_seq_len)?)
             }
+            RewardConfig::Http { url, api_key_env, timeout_s, retries, backoff_s, max_in_flight } => {
+                Box::new(HttpReward::new(
+                    url,
+                    api_key_env.as_deref(),
+                    Duration::from_secs_f64(*timeout_s),
+                    *retries,
+                    Duration::from_secs_f64(*backoff_s),
+                    *max_in_flight,
+                )?)
+            }
+            RewardConfig::Sum { rewards, weights } => {
+                let parts = rewards
+                    .iter()
+                    .enumerate()
+                    .map(|(i, r)| {
+                        let w = weights.as_ref().map_or(1.0, |w| w[i]);
+                        Ok((w, r.build(device, kind).with_context(|| format!("reward.rewards[{i}]"))?))
+                    })
+                    .collect::<Result<_>>()?;
+                Box::new(SumReward { parts })
+            }
         })
+    }
+}
+
+/// An external verifier over HTTP (see [`RewardConfig::Http`]).
+pub struct HttpReward {
+    pub url: String,
+    pub retries: u32,
+    pub backoff: Duration,
+    pub max_in_flight: usize,
+    agent: ureq::Agent,
+    api_key: Option<String>,
+}
+
+impl HttpReward {
+    /// A client for `url`; the key is read from the variable `api_key_env`
+    /// names (an error when it is unset or empty).
+    pub fn new(
+        url: &str,
+        api_key_env: Option<&str>,
+        timeout: Duration,
+        retries: u32,
+        backoff: Duration,
+        max_in_flight: usize,
+    ) -> Result<Self> {
+        if !(url.starts_with("http://") || url.starts_with("https://")) {
+            bail!("reward.url {url:?} must start with http:// or https://");
+        }
+        let api_key = match api_key_env {
+            None => None,
+            Some(var) => match std::env::var(var) {
+                Ok(k) if !k.is_empty() => Some(k),
+                _ => bail!("reward.api_key_env names {var}, which is not set (or empty)"),
+            },
+        };
+        let config =
+            ureq::Agent::config_builder().timeout_global(Some(timeout)).http_status_as_error(false).build();
+        Ok(HttpReward {
+            url: url.to_string(),
+            retries,
+            backoff,
+            max_in_flight: max_in_flight.max(1),
+            agent: config.into(),
+            api_key,
+        })
+    }
+
+    /// The request body for `r`.
+    pub fn body(r: &Rollout) -> String {
+        serde_json::json!({
+            "prompt": last_user_text(r).unwrap_or(""),
+            "messages": r.prompt.messages,
+            "response": r.text,
+        })
+        .to_string()
+    }
+
+    /// One reward, with retries.
+    fn one(&self, body: &str) -> Result<f64> {
+        let mut wait = self.backoff;
+        let mut last = String::new();
+        for k in 0..=self.retries {
+            if k > 0 {
+                std::thread::sleep(wait);
+                wait *= 2;
+            }
+            let mut req = self.agent.post(&self.url).header("Content-Type", "application/json");
+            if let Some(key) = &self.api_key {
+                req = req.header("Authorization", &format!("Bearer {key}"));
+            }
+            let mut resp = match req.send(body) {
+                Ok(r) => r,
+                Err(e) => {
+                    last = format!("{e}");
+                    continue;
+                }
+            };
+            let status = resp.status().as_u16();
+            let text = match resp.body_mut().read_to_string() {
+                Ok(t) => t,
+                Err(e) => {
+                    last = format!("reading the response: {e}");
+                    continue;
+                }
+            };
+            if status == 429 || status >= 500 {
+                last = format!("HTTP {status}: {text}");
+                continue;
+            }
+            if status != 200 {
+                bail!("{} refused the request (HTTP {status}): {text}", self.url);
+            }
+            let reward = serde_json::from_str::<serde_json::Value>(&text)
+                .ok()
+                .and_then(|v| v.get("reward").and_then(serde_json::Value::as_f64))
+                .filter(|x| x.is_finite());
+            match reward {
+                Some(x) => return Ok(x),
+                None => last = format!("the reply is not {{\"reward\": <finite number>}}: {text}"),
+            }
+        }
+        bail!("{}: no reward after {} retries; last error: {last}", self.url, self.retries)
+    }
+}
+
+impl RewardFn for HttpReward {
+    fn name(&self) -> String {
+        format!("http {}", self.url)
+    }
+
+    fn score(&mut self, batch: &[Rollout]) -> Result<Vec<f64>> {
+        let bodies: Vec<String> = batch.iter().map(HttpReward::body).collect();
+        let results: Mutex<Vec<Option<Result<f64>>>> = Mutex::new((0..batch.len()).map(|_| None).collect());
+        let next = AtomicUsize::new(0);
+        let this = &*self;
+        std::thread::scope(|s| {
+            for _ in 0..this.max_in_flight.clamp(1, batch.len().max(1)) {
+                s.spawn(|| loop {
+                    let i = next.fetch_add(1, Ordering::SeqCst);
+                    if i >= bodies.len() {
+                        break;
+                    }
+                    let r = this.one(&bodies[i]);
+                    results.lock().unwrap_or_else(|e| e.into_inner())[i] = Some(r);
+                });
+            }
+        });
+        let results = results.into_inner().unwrap_or_else(|e| e.into_inner());
+        results
+            .into_iter()
+            .enumerate()
+            .map(|(i, r)| {
+                let at = || {
+                    let mut q: String = last_user_text(&batch[i]).unwrap_or("").chars().take(60).collect();
+                    if q.len() < last_user_text(&batch[i]).unwrap_or("").len() {
+                        q.push('…');
+                    }
+                    format!("http reward: rollout {i} (prompt {q:?})")
+                };
+                r.ok_or_else(|| anyhow::anyhow!("rollout {i} was not scored"))
+                    .and_then(|x| x)
+                    .with_context(at)
+            })
+            .collect()
+    }
+}
+
+/// A weighted sum of rewards (see [`RewardConfig::Sum`]).
+pub struct SumReward {
+    pub parts: Vec<(f64, Box<dyn RewardFn>)>,
+}
+
+impl RewardFn for SumReward {
+    fn name(&self) -> String {
+        let terms: Vec<String> = self.parts.iter().map(|(w, r)| format!("{w} × {}", r.name())).collect();
+        format!("sum({})", terms.join(" + "))
+    }
+
+    fn score(&mut self, batch: &[Rollout]) -> Result<Vec<f64>> {
+        let mut total = vec![0.0; batch.len()];
+        for (k, (w, r)) in self.parts.iter_mut().enumerate() {
+            let part = r.score(batch).with_context(|| format!("reward.rewards[{k}] ({})", r.name()))?;
+            if part.len() != batch.len() {
+                bail!("reward.rewards[{k}] gave {} rewards for {} rollouts", part.len(), batch.len());
+            }
+            total.iter_mut().zip(part).for_each(|(t, x)| *t += *w * x);
+        }
+        Ok(total)
     }
 }
 

@@ -74,9 +74,7 @@ fn claim_output(cfg: &RlConfig, base: &Path) -> Result<Claimed> {
     if let Some(r) = &cfg.reference {
         inputs.push(("reference", r.as_path()));
     }
-    if let crate::reward::RewardConfig::Model { path, .. } = &cfg.reward {
-        inputs.push(("reward.path", path.as_path()));
-    }
+    inputs.extend(cfg.reward.model_paths().into_iter().map(|p| ("reward.path", p)));
     inputs.extend(sources.iter().map(|p| ("data source", p.as_path())));
     let claim = lm::output_dir::claim(&cfg.stage.output_dir, "rl", &inputs)?;
     if let Some(done) = lm::output_dir::finished::<RlSummary>(&cfg.stage.output_dir, &cfg.hash()?) {
