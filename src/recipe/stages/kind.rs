@@ -98,6 +98,68 @@ impl Ctx<'_> {
     }
 }
 
+/// The config of a training stage (SFT and pretraining, reward, RL): its
+/// crate's typed config, which the recipe types from the stage's `config`
+/// table plus the paths the runner fills in, then validates.
+pub trait TrainingConfig: serde::de::DeserializeOwned + serde::Serialize {
+    fn validate(&self) -> Result<()>;
+}
+
+impl TrainingConfig for sft::SftConfig {
+    fn validate(&self) -> Result<()> {
+        sft::SftConfig::validate(self)
+    }
+}
+
+impl TrainingConfig for reward::RewardConfig {
+    fn validate(&self) -> Result<()> {
+        reward::RewardConfig::validate(self)
+    }
+}
+
+impl TrainingConfig for rl::RlConfig {
+    fn validate(&self) -> Result<()> {
+        rl::RlConfig::validate(self)
+    }
+}
+
+impl Ctx<'_> {
+    /// Types and validates the stage's config as `T`, with `fill` (the
+    /// runner's keys, placeholders here) where the config sets none.
+    pub fn check_config<T: TrainingConfig>(&self, fill: Vec<(&str, toml::Value)>) -> Result<()> {
+        let at = self.config_at();
+        let t = table_or(&self.spec().config, fill);
+        self.typed::<T>(t, &at)?.validate().with_context(|| at.clone())
+    }
+
+    /// What [`StageKind::resolved_config`] records for a training stage: the
+    /// config with the recipe's defaults and `fill` where it sets none,
+    /// typed as `T`, less the runner's keys `drop`.
+    pub fn resolved_config_as<T: TrainingConfig>(
+        &self,
+        fill: Vec<(&str, toml::Value)>,
+        drop: &[&str],
+    ) -> Option<toml::Table> {
+        resolved_as::<T>(self, table_or(&self.config_with_defaults(), fill), drop)
+    }
+
+    /// The config the stage's crate runs with: the config with the recipe's
+    /// defaults, and `fill` (the runner's keys) replacing what it sets.
+    pub fn run_config<T: TrainingConfig>(&self, fill: &[(&str, toml::Value)]) -> Result<T> {
+        self.typed(table_with(&self.config_with_defaults(), fill), &self.config_at())
+    }
+
+    /// The runner's keys of a stage trained on its `data`: `model`,
+    /// `output_dir` and the data mixture.
+    pub fn data_stage_fill(
+        &self,
+        model: toml::Value,
+        output_dir: toml::Value,
+    ) -> Result<Vec<(&'static str, toml::Value)>> {
+        Ok(vec![("model", model), ("output_dir", output_dir), ("data", self.data()?)])
+    }
+}
+
 /// A kind of stage. The check, plan, run and report parts of the recipe
 /// module reach every kind through the registry (`stages::all`) and never
 /// name one; each kind types its own `config` table (the judge and sweep

@@ -2,13 +2,24 @@
 //! pretrain mode), from the base model (a preset initialised here, or a
 //! checkpoint) or the stage named in `from`.
 
-use super::kind::{path_value, placeholder, resolved_as, table_or, table_with, text_docs, tokenizer_file};
+use super::kind::{path_value, placeholder, text_docs, tokenizer_file};
 use super::kind::{Ctx, Input, Output, StageKind};
 use anyhow::{Context, Result};
 use lm::checkpoint;
 use std::path::Path;
 
 pub struct Pretrain;
+
+/// The runner's keys: the model to train, the output directory, pretrain
+/// mode and the one text file the stage writes.
+fn fill(model: toml::Value, output_dir: toml::Value, text: toml::Value) -> Vec<(&'static str, toml::Value)> {
+    vec![
+        ("model", model),
+        ("output_dir", output_dir),
+        ("mode", toml::Value::String("pretrain".into())),
+        ("text_files", toml::Value::Array(vec![text])),
+    ]
+}
 
 impl StageKind for Pretrain {
     fn name(&self) -> &'static str {
@@ -25,17 +36,7 @@ impl StageKind for Pretrain {
 
     fn check(&self, ctx: &Ctx) -> Result<()> {
         ctx.needs("data", ctx.spec().data.is_some())?;
-        let at = ctx.config_at();
-        let t = table_or(
-            &ctx.spec().config,
-            vec![
-                ("model", placeholder()),
-                ("output_dir", placeholder()),
-                ("mode", toml::Value::String("pretrain".into())),
-                ("text_files", toml::Value::Array(vec![placeholder()])),
-            ],
-        );
-        ctx.typed::<sft::SftConfig>(t, &at)?.validate().with_context(|| at.clone())
+        ctx.check_config::<sft::SftConfig>(fill(placeholder(), placeholder(), placeholder()))
     }
 
     fn inputs(&self, ctx: &Ctx) -> Vec<Input> {
@@ -43,16 +44,8 @@ impl StageKind for Pretrain {
     }
 
     fn resolved_config(&self, ctx: &Ctx) -> Option<toml::Table> {
-        let t = table_or(
-            &ctx.config_with_defaults(),
-            vec![
-                ("model", placeholder()),
-                ("output_dir", placeholder()),
-                ("mode", toml::Value::String("pretrain".into())),
-                ("text_files", toml::Value::Array(vec![placeholder()])),
-            ],
-        );
-        resolved_as::<sft::SftConfig>(ctx, t, &["model", "output_dir", "text_files"])
+        let fill = fill(placeholder(), placeholder(), placeholder());
+        ctx.resolved_config_as::<sft::SftConfig>(fill, &["model", "output_dir", "text_files"])
     }
 
     fn run(&self, ctx: &Ctx, dir: &Path) -> Result<serde_json::Value> {
@@ -85,16 +78,8 @@ impl StageKind for Pretrain {
             .collect();
         let text = dir.join("pretrain.txt");
         lm::fsio::write_atomic(&text, text_docs(l, &specs)?.join("\n").as_bytes())?;
-        let t = table_with(
-            &ctx.config_with_defaults(),
-            &[
-                ("model", path_value(&init)),
-                ("output_dir", path_value(dir)),
-                ("mode", toml::Value::String("pretrain".into())),
-                ("text_files", toml::Value::Array(vec![path_value(&text)])),
-            ],
-        );
-        let cfg: sft::SftConfig = ctx.typed(t, &ctx.config_at())?;
+        let cfg: sft::SftConfig =
+            ctx.run_config(&fill(path_value(&init), path_value(dir), path_value(&text)))?;
         Ok(serde_json::to_value(sft::run(&cfg, &l.base)?)?)
     }
 

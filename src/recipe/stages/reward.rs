@@ -1,8 +1,8 @@
 //! `reward`: a Bradley-Terry reward model trained from the input model on
 //! the stage's preference data (`reward::RewardConfig`).
 
-use super::kind::{path_value, placeholder, resolved_as, table_or, table_with, Ctx, Output, StageKind};
-use anyhow::{Context, Result};
+use super::kind::{path_value, placeholder, Ctx, Output, StageKind};
+use anyhow::Result;
 use std::path::Path;
 
 pub struct Reward;
@@ -22,32 +22,17 @@ impl StageKind for Reward {
 
     fn check(&self, ctx: &Ctx) -> Result<()> {
         ctx.needs("data", ctx.spec().data.is_some())?;
-        let at = ctx.config_at();
-        let t = table_or(
-            &ctx.spec().config,
-            vec![("model", placeholder()), ("output_dir", placeholder()), ("data", ctx.data()?)],
-        );
-        ctx.typed::<reward::RewardConfig>(t, &at)?.validate().with_context(|| at.clone())
+        ctx.check_config::<reward::RewardConfig>(ctx.data_stage_fill(placeholder(), placeholder())?)
     }
 
     fn resolved_config(&self, ctx: &Ctx) -> Option<toml::Table> {
-        let t = table_or(
-            &ctx.config_with_defaults(),
-            vec![("model", placeholder()), ("output_dir", placeholder()), ("data", ctx.data().ok()?)],
-        );
-        resolved_as::<reward::RewardConfig>(ctx, t, &["model", "output_dir", "data"])
+        let fill = ctx.data_stage_fill(placeholder(), placeholder()).ok()?;
+        ctx.resolved_config_as::<reward::RewardConfig>(fill, &["model", "output_dir", "data"])
     }
 
     fn run(&self, ctx: &Ctx, dir: &Path) -> Result<serde_json::Value> {
-        let t = table_with(
-            &ctx.config_with_defaults(),
-            &[
-                ("model", path_value(&ctx.input_model)),
-                ("output_dir", path_value(dir)),
-                ("data", ctx.data()?),
-            ],
-        );
-        let cfg: reward::RewardConfig = ctx.typed(t, &ctx.config_at())?;
+        let fill = ctx.data_stage_fill(path_value(&ctx.input_model), path_value(dir))?;
+        let cfg: reward::RewardConfig = ctx.run_config(&fill)?;
         Ok(serde_json::to_value(reward::run(&cfg, &ctx.l.base)?)?)
     }
 

@@ -2,11 +2,21 @@
 //! stage's prompts (`rl::RlConfig`), rewarded by the stage named in
 //! `reward` or by the config's own `[config.reward]`.
 
-use super::kind::{path_value, placeholder, resolved_as, table_or, Ctx, Input, Output, StageKind};
+use super::kind::{path_value, placeholder, Ctx, Input, Output, StageKind};
 use anyhow::{Context, Result};
 use std::path::Path;
 
 pub struct Rl;
+
+/// The runner's keys as placeholders, with an oracle standing in for the
+/// reward a `reward` stage gives.
+fn placeholders(ctx: &Ctx) -> Result<Vec<(&'static str, toml::Value)>> {
+    let mut fill = ctx.data_stage_fill(placeholder(), placeholder())?;
+    let mut oracle = toml::Table::new();
+    oracle.insert("kind".into(), toml::Value::String("oracle".into()));
+    fill.push(("reward", toml::Value::Table(oracle)));
+    Ok(fill)
+}
 
 impl StageKind for Rl {
     fn name(&self) -> &'static str {
@@ -28,19 +38,7 @@ impl StageKind for Rl {
             "reward (a reward stage) or config.reward",
             s.reward.is_some() || s.config.contains_key("reward"),
         )?;
-        let at = ctx.config_at();
-        let mut oracle = toml::Table::new();
-        oracle.insert("kind".into(), toml::Value::String("oracle".into()));
-        let t = table_or(
-            &s.config,
-            vec![
-                ("model", placeholder()),
-                ("output_dir", placeholder()),
-                ("data", ctx.data()?),
-                ("reward", toml::Value::Table(oracle)),
-            ],
-        );
-        ctx.typed::<rl::RlConfig>(t, &at)?.validate().with_context(|| at.clone())
+        ctx.check_config::<rl::RlConfig>(placeholders(ctx)?)
     }
 
     fn inputs(&self, ctx: &Ctx) -> Vec<Input> {
@@ -58,24 +56,13 @@ impl StageKind for Rl {
     }
 
     fn resolved_config(&self, ctx: &Ctx) -> Option<toml::Table> {
-        let mut oracle = toml::Table::new();
-        oracle.insert("kind".into(), toml::Value::String("oracle".into()));
-        let t = table_or(
-            &ctx.config_with_defaults(),
-            vec![
-                ("model", placeholder()),
-                ("output_dir", placeholder()),
-                ("data", ctx.data().ok()?),
-                ("reward", toml::Value::Table(oracle)),
-            ],
-        );
         // The reward a `reward` stage gives is the stage's (in [stage]).
         let runner: &[&str] = if ctx.spec().config.contains_key("reward") {
             &["model", "output_dir", "data"]
         } else {
             &["model", "output_dir", "data", "reward"]
         };
-        resolved_as::<rl::RlConfig>(ctx, t, runner)
+        ctx.resolved_config_as::<rl::RlConfig>(placeholders(ctx).ok()?, runner)
     }
 
     fn run(&self, ctx: &Ctx, dir: &Path) -> Result<serde_json::Value> {
