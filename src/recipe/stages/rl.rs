@@ -44,10 +44,10 @@ impl StageKind for Rl {
     fn inputs(&self, ctx: &Ctx) -> Vec<Input> {
         let config = &ctx.spec().config;
         let mut out = vec![];
-        if let Some(r) = config.get("reward").and_then(|r| r.as_table()) {
-            if let Some(p) = r.get("path").and_then(|p| p.as_str()) {
-                out.push(Input::of_stage("config.reward.path", ctx.l.path(p), "directory"));
-            }
+        if let Some(r) = config.get("reward") {
+            let mut paths = vec![];
+            reward_paths(r, "config.reward", &mut paths);
+            out.extend(paths.into_iter().map(|(at, p)| Input::of_stage(at, ctx.l.path(p), "directory")));
         }
         if let Some(p) = config.get("reference").and_then(|v| v.as_str()) {
             out.push(Input::of_stage("config.reference", ctx.l.path(p), "directory"));
@@ -75,10 +75,8 @@ impl StageKind for Rl {
         t.entry("device").or_insert(toml::Value::String(l.recipe.device.clone()));
         // A reward model or reference named in the config is read from the
         // recipe's directory, as the missing-input check looked for it.
-        if let Some(r) = t.get_mut("reward").and_then(|r| r.as_table_mut()) {
-            if let Some(p) = r.get("path").and_then(|p| p.as_str()).map(|p| l.path(p)) {
-                r.insert("path".into(), path_value(&p));
-            }
+        if let Some(r) = t.get_mut("reward") {
+            resolve_reward_paths(r, &|p| path_value(&l.path(p)));
         }
         if let Some(p) = t.get("reference").and_then(|p| p.as_str()).map(|p| l.path(p)) {
             t.insert("reference".into(), path_value(&p));
@@ -114,5 +112,61 @@ impl StageKind for Rl {
             v.push(format!("held-out oracle accuracy {:.1}%", 100.0 * acc));
         }
         v
+    }
+}
+
+/// The reward-model directories a `[config.reward]` table names, with where:
+/// its `path`, and those of the rewards of a `sum` (`rewards = [...]`).
+fn reward_paths(r: &toml::Value, at: &str, out: &mut Vec<(String, String)>) {
+    if let Some(p) = r.get("path").and_then(|p| p.as_str()) {
+        out.push((format!("{at}.path"), p.to_string()));
+    }
+    if let Some(rs) = r.get("rewards").and_then(|v| v.as_array()) {
+        for (i, r) in rs.iter().enumerate() {
+            reward_paths(r, &format!("{at}.rewards[{i}]"), out);
+        }
+    }
+}
+
+/// Replaces every reward-model `path` of a `[config.reward]` table (a `sum`'s
+/// included) with `resolve(path)`.
+fn resolve_reward_paths(r: &mut toml::Value, resolve: &dyn Fn(&str) -> toml::Value) {
+    if let Some(t) = r.as_table_mut() {
+        if let Some(p) = t.get("path").and_then(|p| p.as_str()).map(resolve) {
+            t.insert("path".into(), p);
+        }
+        if let Some(rs) = t.get_mut("rewards").and_then(|v| v.as_array_mut()) {
+            rs.iter_mut().for_each(|r| resolve_reward_paths(r, resolve));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_sums_reward_model_paths_are_inputs_and_are_resolved() {
+        let mut r: toml::Value = toml::from_str(
+            r#"
+            kind = "sum"
+            rewards = [{ kind = "model", path = "rm" }, { kind = "oracle" },
+                       { kind = "sum", rewards = [{ kind = "model", path = "rm2" }] }]
+            "#,
+        )
+        .unwrap();
+        let mut paths = vec![];
+        reward_paths(&r, "config.reward", &mut paths);
+        assert_eq!(
+            paths,
+            vec![
+                ("config.reward.rewards[0].path".to_string(), "rm".to_string()),
+                ("config.reward.rewards[2].rewards[0].path".to_string(), "rm2".to_string()),
+            ]
+        );
+        resolve_reward_paths(&mut r, &|p| toml::Value::String(format!("/recipes/{p}")));
+        assert_eq!(r["rewards"][0]["path"].as_str(), Some("/recipes/rm"));
+        assert_eq!(r["rewards"][2]["rewards"][0]["path"].as_str(), Some("/recipes/rm2"));
+        assert!(r["rewards"][1].get("path").is_none());
     }
 }
