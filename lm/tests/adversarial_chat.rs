@@ -120,6 +120,9 @@ fn valid_conversations_render_and_encode_with_content_as_text() {
             prop_assert_eq!(count(s.start_of_turn), turns + usize::from(gen));
             prop_assert_eq!(count(s.end_of_turn), turns);
             prop_assert_eq!(count(s.eos), 0);
+            prop_assert_eq!(count(s.pad), 0);
+            let unk = tok.inner.token_to_id("<unk>").map(i64::from);
+            prop_assert!(unk.is_none_or(|u| count(u) == 0), "an <unk> id in {:?}", enc.ids);
             // The trained tokens decode to each model turn's trimmed content
             // and its `<end_of_turn>\n`, in order.
             let trained: Vec<i64> =
