@@ -13,6 +13,7 @@ use crate::pairwise::{Judge, RawVerdict, Shown};
 use crate::template::{Fields, Template};
 use crate::verdict::parse_verdict;
 use anyhow::{anyhow, bail, Context, Result};
+use lm::http::{post_json, Reply, Retries};
 use serde_json::{json, Value};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
@@ -69,47 +70,15 @@ impl HttpJudge {
         })
         .to_string();
         let url = self.endpoint();
-        let mut wait = self.settings.backoff;
-        let mut last = String::new();
-        for k in 0..=self.settings.retries {
-            if k > 0 {
-                std::thread::sleep(wait);
-                wait *= 2;
-            }
-            let mut req = self.agent.post(&url).header("Content-Type", "application/json");
-            if let Some(key) = &self.api_key {
-                req = req.header("Authorization", &format!("Bearer {key}"));
-            }
-            let mut resp = match req.send(&body) {
-                Ok(r) => r,
-                Err(e) => {
-                    last = format!("{e}");
-                    continue;
-                }
-            };
-            let status = resp.status().as_u16();
-            let text = match resp.body_mut().read_to_string() {
-                Ok(t) => t,
-                Err(e) => {
-                    last = format!("reading the response: {e}");
-                    continue;
-                }
-            };
-            if status == 429 || status >= 500 {
-                last = format!("HTTP {status}: {text}");
-                continue;
-            }
-            if status != 200 {
-                bail!("{url} refused the request (HTTP {status}): {text}");
-            }
+        let tries = Retries { retries: self.settings.retries, backoff: self.settings.backoff };
+        post_json(&self.agent, &url, self.api_key.as_deref(), &body, tries, "answer", |text| {
             let v: Value =
-                serde_json::from_str(&text).with_context(|| format!("{url}: the reply is not JSON"))?;
-            return v["choices"][0]["message"]["content"]
+                serde_json::from_str(text).with_context(|| format!("{url}: the reply is not JSON"))?;
+            v["choices"][0]["message"]["content"]
                 .as_str()
-                .map(String::from)
-                .ok_or_else(|| anyhow!("{url}: the reply has no choices[0].message.content: {text}"));
-        }
-        bail!("{url}: no answer after {} retries; last error: {last}", self.settings.retries)
+                .map(|c| Reply::Done(c.to_string()))
+                .ok_or_else(|| anyhow!("{url}: the reply has no choices[0].message.content: {text}"))
+        })
     }
 }
 

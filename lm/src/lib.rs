@@ -39,6 +39,7 @@ pub mod config;
 pub mod device;
 pub mod fsio;
 pub mod generate;
+pub mod http;
 pub mod init;
 pub mod model;
 pub mod output_dir;

@@ -5,6 +5,7 @@
 
 use crate::rollout::Rollout;
 use anyhow::{bail, Context, Result};
+use lm::http::{post_json, Reply, Retries};
 pub use lm::reward_score::cut_prompt_from_left;
 use lm::reward_score::{Conversation, RewardScorer};
 use serde::{Deserialize, Serialize};
@@ -289,49 +290,17 @@ impl HttpReward {
 
     /// One reward, with retries.
     fn one(&self, body: &str) -> Result<f64> {
-        let mut wait = self.backoff;
-        let mut last = String::new();
-        for k in 0..=self.retries {
-            if k > 0 {
-                std::thread::sleep(wait);
-                wait *= 2;
-            }
-            let mut req = self.agent.post(&self.url).header("Content-Type", "application/json");
-            if let Some(key) = &self.api_key {
-                req = req.header("Authorization", &format!("Bearer {key}"));
-            }
-            let mut resp = match req.send(body) {
-                Ok(r) => r,
-                Err(e) => {
-                    last = format!("{e}");
-                    continue;
-                }
-            };
-            let status = resp.status().as_u16();
-            let text = match resp.body_mut().read_to_string() {
-                Ok(t) => t,
-                Err(e) => {
-                    last = format!("reading the response: {e}");
-                    continue;
-                }
-            };
-            if status == 429 || status >= 500 {
-                last = format!("HTTP {status}: {text}");
-                continue;
-            }
-            if status != 200 {
-                bail!("{} refused the request (HTTP {status}): {text}", self.url);
-            }
-            let reward = serde_json::from_str::<serde_json::Value>(&text)
+        let tries = Retries { retries: self.retries, backoff: self.backoff };
+        post_json(&self.agent, &self.url, self.api_key.as_deref(), body, tries, "reward", |text| {
+            let reward = serde_json::from_str::<serde_json::Value>(text)
                 .ok()
                 .and_then(|v| v.get("reward").and_then(serde_json::Value::as_f64))
                 .filter(|x| x.is_finite());
-            match reward {
-                Some(x) => return Ok(x),
-                None => last = format!("the reply is not {{\"reward\": <finite number>}}: {text}"),
-            }
-        }
-        bail!("{}: no reward after {} retries; last error: {last}", self.url, self.retries)
+            Ok(match reward {
+                Some(x) => Reply::Done(x),
+                None => Reply::Retry(format!("the reply is not {{\"reward\": <finite number>}}: {text}")),
+            })
+        })
     }
 }
 
