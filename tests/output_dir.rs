@@ -8,22 +8,6 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-/// Writes `n` reverse-the-word dialogues as JSONL.
-fn write_data(dir: &Path, n: usize) -> PathBuf {
-    let lines: Vec<String> = (0..n)
-        .map(|i| {
-            let w = format!("word{i}x{}", i * 7 % 13);
-            let r: String = w.chars().rev().collect();
-            serde_json::json!({"messages": [{"role": "user", "content": format!("Reverse: {w}")},
-                                             {"role": "model", "content": r}]})
-            .to_string()
-        })
-        .collect();
-    let p = dir.join("data.jsonl");
-    std::fs::write(&p, lines.join("\n")).unwrap();
-    p
-}
-
 /// An SFT config in `dir` (file `name`) writing to `out`; `extra` lines go
 /// into the `[sft]` table.
 fn sft_config(dir: &Path, name: &str, out: &Path, data: &Path, extra: &str) -> PathBuf {
@@ -139,7 +123,7 @@ fn score_with_out_equal_to_data_refuses_and_keeps_the_input() {
 #[test]
 fn data_mix_refuses_an_output_that_is_one_of_its_sources() {
     let tmp = tempfile::tempdir().unwrap();
-    let data = write_data(tmp.path(), 10);
+    let data = common::write_reverse_data(tmp.path(), 10);
     let before = std::fs::read(&data).unwrap();
     let cfg = tmp.path().join("mix.toml");
     std::fs::write(&cfg, "seed = 1\n[[sources]]\nname = \"r\"\npath = \"data.jsonl\"\n").unwrap();
@@ -152,7 +136,7 @@ fn data_mix_refuses_an_output_that_is_one_of_its_sources() {
 #[test]
 fn a_stage_refuses_an_output_dir_of_foreign_files_or_its_own_input() {
     let tmp = tempfile::tempdir().unwrap();
-    let data = write_data(tmp.path(), 20);
+    let data = common::write_reverse_data(tmp.path(), 20);
     let foreign = tmp.path().join("photos");
     std::fs::create_dir_all(&foreign).unwrap();
     std::fs::write(foreign.join("cat.jpg"), "meow").unwrap();
@@ -171,7 +155,7 @@ fn a_stage_refuses_an_output_dir_of_foreign_files_or_its_own_input() {
 #[test]
 fn two_concurrent_runs_on_one_output_dir_one_proceeds_the_other_names_it() {
     let tmp = tempfile::tempdir().unwrap();
-    let data = write_data(tmp.path(), 120);
+    let data = common::write_reverse_data(tmp.path(), 120);
     let out = tmp.path().join("out");
     let ca = sft_config(tmp.path(), "a.toml", &out, &data, "max_steps = 40\nsave_every = 10");
     let cb = sft_config(tmp.path(), "b.toml", &out, &data, "max_steps = 40\nsave_every = 10\ngrad_accum = 2");
@@ -206,7 +190,7 @@ fn two_concurrent_runs_on_one_output_dir_one_proceeds_the_other_names_it() {
 #[test]
 fn no_partial_or_tmp_debris_remains_after_kill_and_resume() {
     let tmp = tempfile::tempdir().unwrap();
-    let data = write_data(tmp.path(), 120);
+    let data = common::write_reverse_data(tmp.path(), 120);
     let out = tmp.path().join("out");
     let c = sft_config(tmp.path(), "sft.toml", &out, &data, "max_steps = 60\nsave_every = 10\nkeep_last = 2");
     let mut child = sft(&c).spawn().unwrap();
@@ -253,7 +237,7 @@ fn no_partial_or_tmp_debris_remains_after_kill_and_resume() {
 #[test]
 fn rerun_of_a_finished_stage_leaves_summary_and_metrics_byte_identical() {
     let tmp = tempfile::tempdir().unwrap();
-    let data = write_data(tmp.path(), 60);
+    let data = common::write_reverse_data(tmp.path(), 60);
     let out = tmp.path().join("out");
     let c = sft_config(tmp.path(), "sft.toml", &out, &data, "max_steps = 12\neval_every = 6\nsave_every = 6");
     let o = sft(&c).output().unwrap();
