@@ -799,6 +799,26 @@ fn side(model: &Option<PathBuf>, answers: &Option<PathBuf>, which: &str) -> Resu
 }
 
 /// `align judge`.
+/// What a judge run reads: the two sides (models or answer files), the
+/// prompts, the judge's model directory and a template file.
+fn judge_inputs(args: &JudgeArgs) -> Vec<(&'static str, &Path)> {
+    let mut inputs: Vec<(&'static str, &Path)> = vec![("prompts", args.prompts.as_path())];
+    let sides = [
+        ("candidate", &args.candidate),
+        ("baseline", &args.baseline),
+        ("candidate answers", &args.candidate_answers),
+        ("baseline answers", &args.baseline_answers),
+    ];
+    inputs.extend(sides.into_iter().filter_map(|(what, p)| p.as_deref().map(|p| (what, p))));
+    if let Some(dir) = args.judge.strip_prefix("lm:").or_else(|| args.judge.strip_prefix("reward:")) {
+        inputs.push(("judge model", Path::new(dir)));
+    }
+    if let Some(t) = args.template.as_deref().filter(|t| Path::new(t).is_file()) {
+        inputs.push(("template", Path::new(t)));
+    }
+    inputs
+}
+
 pub fn cli_judge(args: JudgeArgs) -> Result<()> {
     let cand_name = side(&args.candidate, &args.candidate_answers, "candidate")?;
     let base_name = side(&args.baseline, &args.baseline_answers, "baseline")?;
@@ -809,6 +829,9 @@ pub fn cli_judge(args: JudgeArgs) -> Result<()> {
         prompts.truncate(n);
     }
     check_before_answering(&args, &prompts)?;
+    // The output directory is this run's alone (a lock), never someone
+    // else's files or one of the inputs; debris of a killed run goes.
+    let _claim = lm::output_dir::claim(&args.out, "judge", &judge_inputs(&args))?;
     let settings = AnswerSettings {
         max_new_tokens: args.max_new_tokens,
         temperature: args.temperature,

@@ -360,3 +360,30 @@ fn agreement_with_human_labels_is_reported() {
     let e = format!("{:#}", run(&dir.path().join("out2")).unwrap_err());
     assert!(e.contains("row 3") && e.contains("human"), "{e}");
 }
+
+#[test]
+fn judge_output_dir_is_claimed_refusing_foreign_files_a_held_lock_and_its_inputs() {
+    let dir = tempfile::tempdir().unwrap();
+    let (p, c, b) = setup(dir.path());
+    let run = |out: &Path| cli_judge(answers_args(&p, &c, &b, out, &["--judge", "oracle:exact"]));
+    // A directory of someone else's files is refused and kept.
+    let foreign = dir.path().join("foreign");
+    std::fs::create_dir(&foreign).unwrap();
+    std::fs::write(foreign.join("notes.txt"), "mine").unwrap();
+    let e = format!("{:#}", run(&foreign).unwrap_err());
+    assert!(e.contains("not made by align") && e.contains("notes.txt"), "{e}");
+    assert_eq!(std::fs::read_to_string(foreign.join("notes.txt")).unwrap(), "mine");
+    assert!(!foreign.join("summary.json").exists());
+    // A new directory is claimed and written.
+    let out = dir.path().join("out");
+    run(&out).unwrap();
+    // A second run while one holds the lock fails naming it; a rerun after is fine.
+    let held = lm::output_dir::OutputLock::acquire(&out).unwrap();
+    let e = format!("{:#}", run(&out).unwrap_err());
+    assert!(e.contains("in use by another align run"), "{e}");
+    drop(held);
+    run(&out).unwrap();
+    // An output that is one of the inputs is refused.
+    let e = format!("{:#}", run(&c).unwrap_err());
+    assert!(e.contains("input"), "{e}");
+}
