@@ -28,6 +28,7 @@
 //! - [`reward_score`] — the one reward-scoring path (formatting, prompt-side
 //!   truncation from the left, batching) `align score`, the RL reward and
 //!   the reward judge share.
+//! - [`lora`] — LoRA adapters on the decoder's projections, in PEFT's format.
 //! - [`init`] — seeded initialisation that ignores torch's global generator.
 //! - [`device`] — `--device` / `--dtype` parsing.
 //! - [`plot`] — PNG line charts (loss, reward, KL) and bar charts with
@@ -41,6 +42,7 @@ pub mod fsio;
 pub mod generate;
 pub mod http;
 pub mod init;
+pub mod lora;
 pub mod model;
 pub mod output_dir;
 pub mod plot;
@@ -54,5 +56,5 @@ pub mod train;
 pub use chat::{Encoded, Message};
 pub use config::GemmaConfig;
 pub use generate::{generate, Generation, GenerationConfig, StopReason};
-pub use model::{Gemma, InferenceWeights, KvCache};
+pub use model::{Gemma, InferenceWeights, KvCache, WeightInit};
 pub use tokenizer::Tokenizer;

@@ -23,9 +23,34 @@ pub struct Linear {
 }
 
 impl Linear {
+    /// A weight drawn from normal(0, `std`).
     pub fn new(p: nn::Path, in_dim: i64, out_dim: i64, std: f64) -> Self {
-        let weight = p.var("weight", &[out_dim, in_dim], nn::Init::Randn { mean: 0.0, stdev: std });
+        Self::with_init(p, in_dim, out_dim, nn::Init::Randn { mean: 0.0, stdev: std })
+    }
+
+    pub fn with_init(p: nn::Path, in_dim: i64, out_dim: i64, init: nn::Init) -> Self {
+        let weight = p.var("weight", &[out_dim, in_dim], init);
         Linear { weight }
+    }
+}
+
+/// How a new model's weights are filled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WeightInit {
+    /// transformers' initialisation: normal(0, `initializer_range`), norms 0.
+    Random,
+    /// Zeros and no random draw: for weights about to be overwritten by a
+    /// checkpoint (loading allocates each tensor once, in its final dtype).
+    Zeros,
+}
+
+impl WeightInit {
+    /// The `nn::Init` of a weight drawn from normal(0, `std`).
+    fn normal(self, std: f64) -> nn::Init {
+        match self {
+            WeightInit::Random => nn::Init::Randn { mean: 0.0, stdev: std },
+            WeightInit::Zeros => nn::Init::Const(0.0),
+        }
     }
 }
 
@@ -221,15 +246,15 @@ pub struct Attention {
 }
 
 impl Attention {
-    pub fn new(p: nn::Path, cfg: &GemmaConfig) -> Self {
+    pub fn new(p: nn::Path, cfg: &GemmaConfig, init: WeightInit) -> Self {
         let h = cfg.hidden_size;
         let (nh, nkv, d) = (cfg.num_attention_heads, cfg.num_kv_heads(), cfg.head_dim());
-        let std = cfg.initializer_range;
+        let w = init.normal(cfg.initializer_range);
         Attention {
-            q_proj: Linear::new(&p / "q_proj", h, nh * d, std),
-            k_proj: Linear::new(&p / "k_proj", h, nkv * d, std),
-            v_proj: Linear::new(&p / "v_proj", h, nkv * d, std),
-            o_proj: Linear::new(&p / "o_proj", nh * d, h, std),
+            q_proj: Linear::with_init(&p / "q_proj", h, nh * d, w),
+            k_proj: Linear::with_init(&p / "k_proj", h, nkv * d, w),
+            v_proj: Linear::with_init(&p / "v_proj", h, nkv * d, w),
+            o_proj: Linear::with_init(&p / "o_proj", nh * d, h, w),
             n_heads: nh,
             n_kv: nkv,
             head_dim: d,
@@ -346,12 +371,13 @@ pub struct Mlp {
 }
 
 impl Mlp {
-    pub fn new(p: nn::Path, cfg: &GemmaConfig) -> Self {
-        let (h, i, std) = (cfg.hidden_size, cfg.intermediate_size, cfg.initializer_range);
+    pub fn new(p: nn::Path, cfg: &GemmaConfig, init: WeightInit) -> Self {
+        let (h, i) = (cfg.hidden_size, cfg.intermediate_size);
+        let w = init.normal(cfg.initializer_range);
         Mlp {
-            gate_proj: Linear::new(&p / "gate_proj", h, i, std),
-            up_proj: Linear::new(&p / "up_proj", h, i, std),
-            down_proj: Linear::new(&p / "down_proj", i, h, std),
+            gate_proj: Linear::with_init(&p / "gate_proj", h, i, w),
+            up_proj: Linear::with_init(&p / "up_proj", h, i, w),
+            down_proj: Linear::with_init(&p / "down_proj", i, h, w),
         }
     }
 }
@@ -383,17 +409,38 @@ pub struct DecoderLayer {
 }
 
 impl DecoderLayer {
-    pub fn new(p: nn::Path, cfg: &GemmaConfig) -> Self {
+    pub fn new(p: nn::Path, cfg: &GemmaConfig, init: WeightInit) -> Self {
         DecoderLayer {
             input_layernorm: RmsNorm::new(&p / "input_layernorm", cfg.hidden_size, cfg.rms_norm_eps),
-            self_attn: Attention::new(&p / "self_attn", cfg),
+            self_attn: Attention::new(&p / "self_attn", cfg, init),
             post_attention_layernorm: RmsNorm::new(
                 &p / "post_attention_layernorm",
                 cfg.hidden_size,
                 cfg.rms_norm_eps,
             ),
-            mlp: Mlp::new(&p / "mlp", cfg),
+            mlp: Mlp::new(&p / "mlp", cfg, init),
         }
+    }
+
+    /// One decoder layer: `x` (B, T, H) → (B, T, H). `cos`, `sin_signed`
+    /// from [`Gemma::rope_tables`]; `mask`, `cache` and `wt` as in
+    /// [`Gemma::forward_hidden_with`] (the cache entry of this layer and
+    /// the position its new keys start at).
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        cos: &Tensor,
+        sin_signed: &Tensor,
+        mask: Option<&Tensor>,
+        cache: Option<(&mut (Tensor, Tensor), i64)>,
+        wt: Option<&LayerWeights>,
+    ) -> Result<Tensor> {
+        let h = self.input_layernorm.forward_scaled(x, wt.and_then(|w| w.input_norm.as_ref()));
+        let h = self.self_attn.forward(&h, cos, sin_signed, mask, cache, wt)?;
+        let x = x.f_add(&h)?; // residual (not in place: autograd keeps x)
+        let h = self.post_attention_layernorm.forward_scaled(&x, wt.and_then(|w| w.post_norm.as_ref()));
+        let h = self.mlp.forward_with(&h, wt)?;
+        Ok(x.f_add(&h)?) // residual
     }
 }
 
@@ -419,22 +466,36 @@ impl Gemma {
     /// Builds the model under `p` (the root of a `VarStore`), randomly
     /// initialised as transformers does (normal(0, initializer_range), norms 0).
     pub fn new(p: &nn::Path, cfg: &GemmaConfig) -> Result<Self> {
+        Self::with_init(p, cfg, WeightInit::Random)
+    }
+
+    /// Builds the model under `p` with its weights filled as `init` says, in
+    /// the `VarStore`'s kind (`vs.set_kind` on the empty store first makes
+    /// the variables bf16 from the start).
+    pub fn with_init(p: &nn::Path, cfg: &GemmaConfig, init: WeightInit) -> Result<Self> {
         cfg.validate()?;
         let m = p / "model";
         let embed_tokens = (&m / "embed_tokens").var(
             "weight",
             &[cfg.vocab_size, cfg.hidden_size],
-            nn::Init::Randn { mean: 0.0, stdev: cfg.initializer_range },
+            init.normal(cfg.initializer_range),
         );
         if let Some(pad) = cfg.pad_token_id.filter(|&id| id >= 0 && id < cfg.vocab_size) {
             tch::no_grad(|| {
                 let _ = embed_tokens.get(pad).zero_();
             });
         }
-        let layers = (0..cfg.num_hidden_layers).map(|i| DecoderLayer::new(&m / "layers" / i, cfg)).collect();
+        let layers =
+            (0..cfg.num_hidden_layers).map(|i| DecoderLayer::new(&m / "layers" / i, cfg, init)).collect();
         let norm = RmsNorm::new(&m / "norm", cfg.hidden_size, cfg.rms_norm_eps);
-        let lm_head = (!cfg.tie_word_embeddings)
-            .then(|| Linear::new(p / "lm_head", cfg.hidden_size, cfg.vocab_size, cfg.initializer_range));
+        let lm_head = (!cfg.tie_word_embeddings).then(|| {
+            Linear::with_init(
+                p / "lm_head",
+                cfg.hidden_size,
+                cfg.vocab_size,
+                init.normal(cfg.initializer_range),
+            )
+        });
         Ok(Gemma {
             model: GemmaModel { embed_tokens, layers, norm },
             lm_head,
@@ -490,29 +551,38 @@ impl Gemma {
         if let Some(c) = cache.as_ref() {
             ensure!(start + t <= c.capacity, "KV cache full: {} + {t} > capacity {}", start, c.capacity);
         }
-        let kind = self.kind();
-        let x = Tensor::f_embedding(&self.model.embed_tokens, input_ids, -1, false, false)?; // (B, T, H)
-        let normalizer =
-            Tensor::from((self.cfg.hidden_size as f64).sqrt()).to_kind(kind).to_device(self.device);
-        let mut x = x * normalizer;
-        let (cos, sin) = self.rope.tables(positions, kind);
+        let mut x = self.embed(input_ids)?; // (B, T, H)
+        let (cos, sin) = self.rope_tables(positions);
         for (i, layer) in self.model.layers.iter().enumerate() {
             let lw = wt.map(|w| &w.layers[i]);
-            let h = layer.input_layernorm.forward_scaled(&x, lw.and_then(|w| w.input_norm.as_ref()));
             let kv = cache.as_mut().map(|c| (&mut c.layers[i], start));
-            let h = layer
-                .self_attn
-                .forward(&h, &cos, &sin, mask, kv, lw)
-                .with_context(|| format!("layer {i}"))?;
-            x = x.f_add(&h)?; // residual (not in place: autograd keeps x)
-            let h = layer.post_attention_layernorm.forward_scaled(&x, lw.and_then(|w| w.post_norm.as_ref()));
-            let h = layer.mlp.forward_with(&h, lw)?;
-            x = x.f_add(&h)?; // residual (not in place: autograd keeps x)
+            x = layer.forward(&x, &cos, &sin, mask, kv, lw).with_context(|| format!("layer {i}"))?;
         }
         if let Some(c) = cache {
             c.len = start + t;
         }
         Ok(self.model.norm.forward_scaled(&x, wt.and_then(|w| w.final_norm.as_ref())))
+    }
+
+    /// The scaled embeddings (B, T, H) of `input_ids` (B, T): the first
+    /// decoder layer's input.
+    pub fn embed(&self, input_ids: &Tensor) -> Result<Tensor> {
+        let kind = self.kind();
+        let x = Tensor::f_embedding(&self.model.embed_tokens, input_ids, -1, false, false)?; // (B, T, H)
+        let normalizer =
+            Tensor::from((self.cfg.hidden_size as f64).sqrt()).to_kind(kind).to_device(self.device);
+        Ok(x * normalizer)
+    }
+
+    /// RoPE tables (cos, signed sin) for `positions` (B, T), each
+    /// (B, 1, T, D) in the activation dtype.
+    pub fn rope_tables(&self, positions: &Tensor) -> (Tensor, Tensor) {
+        self.rope.tables(positions, self.kind())
+    }
+
+    /// The final norm, applied to the last decoder layer's output.
+    pub fn final_norm(&self, x: &Tensor) -> Tensor {
+        self.model.norm.forward(x)
     }
 
     /// Logits (…, V) from final hidden states (…, H).

@@ -11,6 +11,7 @@
 //! (`optim.lr: invalid type …`) and the list of accepted keys after
 //! `unknown field …`.
 
+use crate::lora::LoraConfig;
 use crate::train::{defaults, OptimConfig};
 use anyhow::{Context, Result};
 use serde::de::DeserializeOwned;
@@ -46,12 +47,39 @@ pub struct StageSettings {
     /// in the optimiser (CUDA, and CPUs with AVX512-BF16).
     #[serde(default = "defaults::dtype")]
     pub dtype: String,
+    /// LoRA adapters (`[<stage>.lora]`); absent: every weight is trained.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lora: Option<LoraConfig>,
+    /// With LoRA, the dtype the frozen base is stored and computed in
+    /// ("f32" or "bf16"; default: `dtype`). The adapters stay f32.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base_dtype: Option<String>,
+    /// Recompute each decoder layer in the backward pass instead of keeping
+    /// its activations (activation checkpointing).
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub gradient_checkpointing: bool,
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
 }
 
 impl StageSettings {
     /// The keys of a stage table that belong to these settings.
-    pub const KEYS: [&'static str; 9] =
-        ["model", "output_dir", "optim", "eval_every", "save_every", "keep_last", "seed", "device", "dtype"];
+    pub const KEYS: [&'static str; 12] = [
+        "model",
+        "output_dir",
+        "optim",
+        "eval_every",
+        "save_every",
+        "keep_last",
+        "seed",
+        "device",
+        "dtype",
+        "lora",
+        "base_dtype",
+        "gradient_checkpointing",
+    ];
 
     /// Resets the settings that change what a run logs or keeps, not its
     /// weights (`eval_every`, `save_every`, `keep_last`): what a

@@ -1,0 +1,91 @@
+//! LoRA adapters (Hu et al., "LoRA: Low-Rank Adaptation of Large Language
+//! Models", ICLR 2022): `W x + (alpha / r) · B A x`, A (r, in) drawn
+//! kaiming-uniform, B (out, r) zero, so that step 0 computes exactly the
+//! base model; dropout on the adapter's input only. Saved and read in PEFT's
+//! own format (`adapter_config.json`, `adapter_model.safetensors`).
+
+use anyhow::{bail, Result};
+use serde::{Deserialize, Serialize};
+
+/// The HF names of the projections an adapter may wrap.
+pub const LINEAR_MODULES: [&str; 7] =
+    ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"];
+
+/// Which projections get an adapter: `"all-linear"` (PEFT's name: every
+/// projection of the decoder layers, not the LM head) or a list of HF names.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum TargetModules {
+    /// `"all-linear"`.
+    Preset(String),
+    List(Vec<String>),
+}
+
+impl Default for TargetModules {
+    fn default() -> Self {
+        TargetModules::Preset("all-linear".into())
+    }
+}
+
+impl TargetModules {
+    /// The projection names this selects, in [`LINEAR_MODULES`] order.
+    pub fn resolve(&self) -> Result<Vec<&'static str>> {
+        match self {
+            TargetModules::Preset(p) if p == "all-linear" => Ok(LINEAR_MODULES.to_vec()),
+            TargetModules::Preset(p) => {
+                bail!("lora.target_modules: {p:?} is not \"all-linear\" or a list of {LINEAR_MODULES:?}")
+            }
+            TargetModules::List(names) => {
+                if names.is_empty() {
+                    bail!("lora.target_modules is empty; name at least one of {LINEAR_MODULES:?} or use \"all-linear\"");
+                }
+                for n in names {
+                    if !LINEAR_MODULES.contains(&n.as_str()) {
+                        bail!("lora.target_modules: unknown module {n:?}; the projections are {LINEAR_MODULES:?}");
+                    }
+                }
+                Ok(LINEAR_MODULES.iter().copied().filter(|m| names.iter().any(|n| n == m)).collect())
+            }
+        }
+    }
+}
+
+/// A stage's `[<stage>.lora]` table.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LoraConfig {
+    /// r: the adapters' rank.
+    pub rank: i64,
+    /// The adapter's output is scaled by `alpha / rank`.
+    pub alpha: f64,
+    /// Dropout on the adapter's input while training.
+    pub dropout: f64,
+    pub target_modules: TargetModules,
+}
+
+impl Default for LoraConfig {
+    fn default() -> Self {
+        LoraConfig { rank: 16, alpha: 32.0, dropout: 0.0, target_modules: TargetModules::default() }
+    }
+}
+
+impl LoraConfig {
+    pub fn validate(&self) -> Result<()> {
+        if self.rank < 1 {
+            bail!("lora.rank must be at least 1, got {}", self.rank);
+        }
+        if !(self.alpha.is_finite() && self.alpha > 0.0) {
+            bail!("lora.alpha must be a positive number, got {}", self.alpha);
+        }
+        if !(0.0..1.0).contains(&self.dropout) {
+            bail!("lora.dropout must be in [0, 1), got {}", self.dropout);
+        }
+        self.target_modules.resolve()?;
+        Ok(())
+    }
+
+    /// `alpha / rank`, the factor on `B A x`.
+    pub fn scaling(&self) -> f64 {
+        self.alpha / self.rank as f64
+    }
+}
