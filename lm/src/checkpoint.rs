@@ -136,6 +136,60 @@ pub fn read_tensors(dir: &Path) -> Result<BTreeMap<String, Tensor>> {
     Ok(out)
 }
 
+/// One tensor a [`TensorSource`] will produce: its name, dtype and shape.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TensorEntry {
+    pub name: String,
+    pub kind: Kind,
+    pub shape: Vec<i64>,
+}
+
+impl TensorEntry {
+    /// Bytes of the tensor's data.
+    pub fn bytes(&self) -> usize {
+        self.shape.iter().product::<i64>().max(0) as usize * self.kind.elt_size_in_bytes()
+    }
+}
+
+/// Named tensors produced one at a time as they are written, so that a save
+/// never holds a second copy of the model: a `VarStore`'s variables, a map,
+/// or weights computed on the fly (LoRA merged into the base, a cast).
+pub trait TensorSource {
+    /// The tensors in the order they are written (their dtype and shape as
+    /// they will be stored).
+    fn entries(&self) -> Result<Vec<TensorEntry>>;
+    /// The tensor `name` of [`TensorSource::entries`], on any device, of the
+    /// entry's dtype and shape.
+    fn tensor(&self, name: &str) -> Result<Tensor>;
+}
+
+impl TensorSource for BTreeMap<String, Tensor> {
+    fn entries(&self) -> Result<Vec<TensorEntry>> {
+        Ok(self
+            .iter()
+            .map(|(n, t)| TensorEntry { name: n.clone(), kind: t.kind(), shape: t.size() })
+            .collect())
+    }
+    fn tensor(&self, name: &str) -> Result<Tensor> {
+        self.get(name).map(Tensor::shallow_clone).ok_or_else(|| anyhow!("no tensor {name}"))
+    }
+}
+
+impl TensorSource for nn::VarStore {
+    fn entries(&self) -> Result<Vec<TensorEntry>> {
+        let mut v: Vec<TensorEntry> = self
+            .variables()
+            .into_iter()
+            .map(|(n, t)| TensorEntry { name: n, kind: t.kind(), shape: t.size() })
+            .collect();
+        v.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(v)
+    }
+    fn tensor(&self, name: &str) -> Result<Tensor> {
+        self.variables().remove(name).ok_or_else(|| anyhow!("no variable {name}"))
+    }
+}
+
 /// A tensor's dtype, shape and bytes, copied to the CPU.
 fn tensor_bytes(name: &str, t: &Tensor) -> Result<(Dtype, Vec<usize>, Vec<u8>)> {
     let t = t.to_device(Device::Cpu).contiguous();
