@@ -8,6 +8,8 @@
 //! moments, fp32) and `trainer_state.json` (step, data position, RNG word
 //! position, config hash). It is written atomically; the last K are kept.
 
+pub mod session;
+
 use crate::checkpoint::{self, SaveOptions};
 use crate::config::GemmaConfig;
 use crate::fsio;

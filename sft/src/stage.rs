@@ -4,15 +4,16 @@ use crate::batch::{apply_truncation, make_batch, plan_epoch, windows, Batch, Row
 use crate::loss::masked_cross_entropy_sum;
 use anyhow::{bail, Context, Result};
 use datasets::{DataReportSummary, Mixture, MixtureConfig};
-use lm::checkpoint::{self, SaveOptions};
+use lm::checkpoint;
 use lm::stage_settings::StageSettings;
-use lm::train::{self, AdamW, MetricsLog, TrainerState};
+use lm::train;
+use lm::train::session::{Precision, Session, SessionSpec, Trainable};
 use lm::{Gemma, Tokenizer};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
-use tch::{nn, Kind, Tensor};
+use tch::{Kind, Tensor};
 
 /// What the stage trains on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -420,17 +421,10 @@ pub fn run(cfg: &SftConfig, base: &Path) -> Result<SftSummary> {
         return Ok(done);
     }
     let device = lm::device::parse_device(&cfg.stage.device)?;
-    let kind = lm::device::parse_dtype(&cfg.stage.dtype)?;
+    let precision = Precision::of(&cfg.stage)?;
     let loaded = checkpoint::load_causal_lm(&cfg.stage.model, device, Kind::Float)?;
-    let (mut vs, model, tok) = (loaded.vs, loaded.model, loaded.tokenizer);
-    let exact: std::collections::BTreeMap<String, Tensor> = if kind != Kind::Float {
-        vs.variables().into_iter().map(|(k, v)| (k, v.copy())).collect()
-    } else {
-        Default::default()
-    };
-    if kind != Kind::Float {
-        vs.set_kind(kind);
-    }
+    let (model, tok) = (loaded.model, loaded.tokenizer);
+    let mut weights = Trainable::full(loaded.vs, precision);
     let (data, sampler) = load_data(cfg, &tok, base)?;
 
     // Plan: batches per epoch are a pure function of (seed, epoch).
@@ -448,126 +442,97 @@ pub fn run(cfg: &SftConfig, base: &Path) -> Result<SftSummary> {
     let batches_per_epoch = plan(0).len() as u64;
     let steps_per_epoch = batches_per_epoch.div_ceil(cfg.grad_accum as u64).max(1);
     let total_steps = if cfg.max_steps > 0 { cfg.max_steps } else { cfg.epochs * steps_per_epoch };
-    let hash = cfg.hash()?;
-
-    let ckpt_root = cfg.stage.output_dir.join("checkpoints");
-    let mut opt = AdamW::new(&vs, &cfg.stage.optim);
-    opt.set_masters(exact)?;
-    let fresh = TrainerState {
-        step: 0,
+    let spec = SessionSpec {
+        name: "sft",
+        settings: &cfg.stage,
         total_steps,
-        epoch: 0,
-        batch_in_epoch: 0,
-        rng_word_pos: "0".into(),
-        config_hash: hash,
+        config_hash: cfg.hash()?,
         extra: serde_json::json!({}),
+        architecture: "GemmaForCausalLM",
+        ignore: &["lm_head.weight"],
     };
-    let (mut state, resumed_from) =
-        train::resume_or_start(&ckpt_root, &vs, &mut opt, fresh, &["lm_head.weight"])?;
-
-    std::fs::create_dir_all(&cfg.stage.output_dir)?;
+    let mut s = Session::start(spec, &mut weights)?;
+    let resumed_from = s.resumed_from;
     let data_report = data_report(&sampler, &cfg.stage.output_dir)?;
-    let mut log = MetricsLog::open(&cfg.stage.output_dir.join("metrics.jsonl"), Some(state.step))?;
-    let pb = train::progress_bar(total_steps, state.step);
-    pb.set_prefix("sft");
     let mut first_losses = vec![];
     let mut last_loss = f64::NAN;
     let (mut tok_count, t0) = (0usize, Instant::now());
-    let mut epoch_batches = plan(state.epoch);
-    let save = |vs: &nn::VarStore, opt: &AdamW, st: &TrainerState| -> Result<PathBuf> {
-        train::save_checkpoint(
-            &ckpt_root,
-            vs,
-            &model.cfg,
-            &tok,
-            opt,
-            st,
-            "GemmaForCausalLM",
-            cfg.stage.keep_last,
-            &[],
-        )
-    };
+    let mut epoch_batches = plan(s.state.epoch);
 
-    while state.step < total_steps {
+    while s.state.step < total_steps {
         // Gather this step's micro-batches, crossing epochs as needed.
         let mut micro = vec![];
         while micro.len() < cfg.grad_accum {
-            if state.batch_in_epoch as usize >= epoch_batches.len() {
-                state.epoch += 1;
-                state.batch_in_epoch = 0;
-                epoch_batches = plan(state.epoch);
+            if s.state.batch_in_epoch as usize >= epoch_batches.len() {
+                s.state.epoch += 1;
+                s.state.batch_in_epoch = 0;
+                epoch_batches = plan(s.state.epoch);
             }
             micro.push(make_batch(
                 &data.train,
-                &epoch_batches[state.batch_in_epoch as usize],
+                &epoch_batches[s.state.batch_in_epoch as usize],
                 tok.special.pad,
                 device,
             )?);
-            state.batch_in_epoch += 1;
+            s.state.batch_in_epoch += 1;
         }
         let denom = micro.iter().map(|b| b.trained).sum::<usize>().max(1) as f64;
-        opt.zero_grad();
-        let mut loss_sum = 0.0;
-        for b in &micro {
-            let loss = batch_loss(&model, b, denom)?;
+        let r = s.optimizer_step(micro.len(), total_steps, |i| {
+            let loss = batch_loss(&model, &micro[i], denom)?;
             let v = loss.double_value(&[]);
-            if !v.is_finite() {
-                return Err(train::non_finite_loss(v, state.step + 1, &ckpt_root));
+            if v.is_finite() {
+                loss.backward();
             }
-            loss.backward();
-            loss_sum += v;
-            tok_count += b.tokens;
-        }
-        let lr = train::lr_at(state.step, total_steps, &cfg.stage.optim);
-        let gnorm = opt.clip_and_step(cfg.stage.optim.grad_clip, lr, state.step + 1, Some(&ckpt_root))?;
-        state.step += 1;
+            Ok(v)
+        })?;
+        tok_count += micro.iter().map(|b| b.tokens).sum::<usize>();
+        s.state.step += 1;
+        let (step, loss_sum, lr) = (s.state.step, r.loss, r.lr);
         last_loss = loss_sum;
         if first_losses.len() < 5 && resumed_from.is_none() {
             first_losses.push(loss_sum);
         }
         let tps = tok_count as f64 / t0.elapsed().as_secs_f64().max(1e-9);
-        log.write(&serde_json::json!({"step": state.step, "loss": loss_sum, "lr": lr, "grad_norm": gnorm, "tokens_per_s": tps, "epoch": state.epoch}))?;
-        pb.set_position(state.step);
-        pb.set_message(format!("loss {loss_sum:.4} lr {lr:.2e} {tps:.0} tok/s"));
+        s.log.write(&serde_json::json!({"step": step, "loss": loss_sum, "lr": lr, "grad_norm": r.grad_norm, "tokens_per_s": tps, "epoch": s.state.epoch}))?;
+        s.progress.set_position(step);
+        s.progress.set_message(format!("loss {loss_sum:.4} lr {lr:.2e} {tps:.0} tok/s"));
         // The last step's evaluation is the final one, below (logged once).
-        if cfg.stage.eval_every > 0
-            && state.step % cfg.stage.eval_every == 0
-            && state.step < total_steps
-            && !data.eval.is_empty()
-        {
+        if s.due(cfg.stage.eval_every) && !data.eval.is_empty() {
             let el = evaluate(&model, &data.eval, cfg.batch_size, tok.special.pad)?;
-            log.write(&serde_json::json!({"step": state.step, "eval_loss": el, "eval_ppl": el.exp()}))?;
+            s.log.write(&serde_json::json!({"step": step, "eval_loss": el, "eval_ppl": el.exp()}))?;
         }
-        if cfg.stage.save_every > 0 && state.step % cfg.stage.save_every == 0 && state.step < total_steps {
-            save(&vs, &opt, &state)?;
+        if s.due(cfg.stage.save_every) {
+            s.save(&weights, &model.cfg, &tok, &[])?;
         }
     }
-    pb.finish_and_clear();
+    s.progress.finish_and_clear();
     if last_loss.is_nan() {
         // Resumed at the last step (cut off before the summary): its loss as logged.
-        last_loss = log.kept_value(state.step, "loss").unwrap_or(f64::NAN);
+        last_loss = s.log.kept_value(s.state.step, "loss").unwrap_or(f64::NAN);
     }
     let (eval_loss, eval_ppl) = if data.eval.is_empty() {
         (None, None)
     } else {
-        let el = match log.kept_value(state.step, "eval_loss") {
+        let el = match s.log.kept_value(s.state.step, "eval_loss") {
             Some(el) => el,
             None => {
                 let el = evaluate(&model, &data.eval, cfg.batch_size, tok.special.pad)?;
-                log.write(&serde_json::json!({"step": state.step, "eval_loss": el, "eval_ppl": el.exp()}))?;
+                s.log.write(
+                    &serde_json::json!({"step": s.state.step, "eval_loss": el, "eval_ppl": el.exp()}),
+                )?;
                 el
             }
         };
         (Some(el), Some(el.exp()))
     };
-    save(&vs, &opt, &state)?;
+    s.save(&weights, &model.cfg, &tok, &[])?;
     if let Err(e) = plot_losses(&cfg.stage.output_dir) {
         eprintln!("warning: no loss.png: {e:#}");
     }
     let model_dir = cfg.stage.output_dir.join("model");
-    checkpoint::save(&model_dir, &vs, &model.cfg, &tok, &SaveOptions::default())?;
+    s.write_model(&weights, &model_dir, &model.cfg, &tok)?;
     let summary = SftSummary {
-        steps: state.step,
+        steps: s.state.step,
         first_losses,
         final_loss: last_loss,
         eval_loss,
