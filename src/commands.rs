@@ -170,8 +170,23 @@ pub fn inspect(model: &Path, messages: &Path, tokens: bool) -> Result<()> {
 }
 
 /// `align init`: a freshly initialised checkpoint in `out`, which must be
-/// new or empty unless `force` (it is replaced whole).
-pub fn init(preset: &str, tokenizer: &Path, out: &Path, seed: i64, force: bool) -> Result<()> {
+/// new or empty unless `force` (it is replaced whole). The weights are
+/// built in `dtype` (`f32` or `bf16`) without a first random draw,
+/// filled from `seed` tensor by tensor, and streamed to shards of at most
+/// `max_shard_size` (`"5GB"`, `"500MB"`, bytes): a gemma-2b needs its
+/// weights' size in memory and little more.
+pub fn init(
+    preset: &str,
+    tokenizer: &Path,
+    out: &Path,
+    seed: i64,
+    force: bool,
+    dtype: &str,
+    max_shard_size: &str,
+) -> Result<()> {
+    let kind = parse_dtype(dtype)?;
+    let max_shard_bytes =
+        lm::safetensors_io::parse_size(max_shard_size).context("--max-shard-size")?;
     let tok = Tokenizer::from_file(tokenizer)?;
     let mut cfg = GemmaConfig::preset(preset)?;
     if lm::fsio::same_file(out, tokenizer)
@@ -207,10 +222,12 @@ pub fn init(preset: &str, tokenizer: &Path, out: &Path, seed: i64, force: bool) 
     cfg.pad_token_id = Some(tok.special.pad);
     cfg.bos_token_id = Some(tok.special.bos);
     cfg.eos_token_id = Some(serde_json::json!(tok.special.eos));
-    let vs = tch::nn::VarStore::new(tch::Device::Cpu);
-    let _model = lm::Gemma::new(&vs.root(), &cfg)?;
+    let mut vs = tch::nn::VarStore::new(tch::Device::Cpu);
+    vs.set_kind(kind);
+    let _model = lm::Gemma::with_init(&vs.root(), &cfg, lm::WeightInit::Zeros)?;
     lm::init::init_seeded(&vs, cfg.initializer_range, seed as u64)?;
-    checkpoint::save(out, &vs, &cfg, &tok, &Default::default())?;
+    let opts = checkpoint::SaveOptions { max_shard_bytes, ..Default::default() };
+    checkpoint::save(out, &vs, &cfg, &tok, &opts)?;
     eprintln!(
         "wrote {} ({preset}, {:.2}M parameters, vocab {})",
         out.display(),

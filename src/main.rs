@@ -113,6 +113,13 @@ enum Command {
         /// Replace --out even when it holds other files (they are deleted).
         #[arg(long, alias = "overwrite")]
         force: bool,
+        /// Weight dtype: f32 or bf16.
+        #[arg(long, default_value = "f32")]
+        dtype: String,
+        /// Largest safetensors shard, as transformers writes it: "5GB",
+        /// "500MB", "2GiB" or bytes.
+        #[arg(long, default_value = "5GB")]
+        max_shard_size: String,
     },
     /// Run a recipe's stages in order (complete stages are skipped).
     Run {
@@ -238,8 +245,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             commands::chat(&model, system.as_deref(), &sampling, &run)
         }
         Command::Inspect { model, messages, tokens } => commands::inspect(&model, &messages, tokens),
-        Command::Init { preset, tokenizer, out, seed, force } => {
-            commands::init(&preset, &tokenizer, &out, seed, force)
+        Command::Init { preset, tokenizer, out, seed, force, dtype, max_shard_size } => {
+            commands::init(&preset, &tokenizer, &out, seed, force, &dtype, &max_shard_size)
         }
         Command::Tokenizer { command: TokenizerCommand::Train { input, vocab_size, out } } => {
             commands::train_tokenizer(&input, vocab_size, &out)

@@ -3,18 +3,22 @@
 //! `tokenizer_config.json`, `generation_config.json`.
 //!
 //! Loading checks every tensor's name and shape against the model and names
-//! what is missing, unexpected or mis-shaped. Every file is written
-//! atomically (temp file + rename), and a whole directory is assembled beside
-//! its destination and renamed into place (both in [`crate::fsio`]).
+//! what is missing, unexpected or mis-shaped, then streams each tensor from
+//! the memory-mapped files straight into the model's variables, in their
+//! dtype and on their device (no random init first, no second copy). Saving
+//! streams tensor by tensor into shards of at most `max_shard_bytes` (both
+//! in [`crate::safetensors_io`]). Every file is written atomically (temp
+//! file + rename), and a whole directory is assembled beside its
+//! destination and renamed into place (both in [`crate::fsio`]).
 
 use crate::chat::CHAT_TEMPLATE;
 use crate::config::GemmaConfig;
 use crate::fsio::{write_atomic, write_dir_atomic};
-use crate::model::Gemma;
+use crate::model::{Gemma, WeightInit};
+use crate::safetensors_io::{self, WeightReader};
 use crate::tokenizer::Tokenizer;
 use anyhow::{anyhow, bail, Context, Result};
-use safetensors::{Dtype, SafeTensors};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use tch::{nn, Device, Kind, Tensor};
 
@@ -24,30 +28,6 @@ pub const WEIGHTS_INDEX: &str = "model.safetensors.index.json";
 pub const TOKENIZER: &str = "tokenizer.json";
 pub const TOKENIZER_CONFIG: &str = "tokenizer_config.json";
 pub const GENERATION_CONFIG: &str = "generation_config.json";
-
-fn kind_of(dtype: Dtype) -> Result<Kind> {
-    Ok(match dtype {
-        Dtype::F32 => Kind::Float,
-        Dtype::F16 => Kind::Half,
-        Dtype::BF16 => Kind::BFloat16,
-        Dtype::F64 => Kind::Double,
-        Dtype::I64 => Kind::Int64,
-        Dtype::I32 => Kind::Int,
-        other => bail!("unsupported safetensors dtype {other:?}"),
-    })
-}
-
-fn dtype_of(kind: Kind) -> Result<Dtype> {
-    Ok(match kind {
-        Kind::Float => Dtype::F32,
-        Kind::Half => Dtype::F16,
-        Kind::BFloat16 => Dtype::BF16,
-        Kind::Double => Dtype::F64,
-        Kind::Int64 => Dtype::I64,
-        Kind::Int => Dtype::I32,
-        other => bail!("cannot save tensors of kind {other:?}"),
-    })
-}
 
 /// The safetensors files of a checkpoint: the shards named by the index, or
 /// the single `model.safetensors`.
@@ -84,20 +64,10 @@ pub fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
     )
 }
 
-/// Reads one safetensors file onto the CPU.
+/// Reads one safetensors file onto the CPU (every tensor at once: for
+/// small files; large ones load through [`WeightReader`]).
 pub fn read_tensors_file(file: &Path) -> Result<BTreeMap<String, Tensor>> {
-    let bytes = std::fs::read(file).with_context(|| format!("cannot read {}", file.display()))?;
-    let st = SafeTensors::deserialize(&bytes)
-        .map_err(|e| anyhow!("{} is not a valid safetensors file: {e}", file.display()))?;
-    let mut out = BTreeMap::new();
-    for (name, view) in st.tensors() {
-        let shape: Vec<i64> = view.shape().iter().map(|&d| d as i64).collect();
-        let kind = kind_of(view.dtype()).with_context(|| format!("{}: tensor {name}", file.display()))?;
-        let t = Tensor::f_from_data_size(view.data(), &shape, kind)
-            .with_context(|| format!("{}: tensor {name}", file.display()))?;
-        out.insert(name, t);
-    }
-    Ok(out)
+    WeightReader::open_files(&[file.to_path_buf()], file)?.read_all()
 }
 
 /// The names of the checkpoint's tensors, read from the safetensors headers
@@ -123,17 +93,10 @@ pub fn tensor_names(dir: &Path) -> Result<std::collections::BTreeSet<String>> {
     Ok(names)
 }
 
-/// Reads every tensor of the checkpoint's safetensors files onto the CPU.
+/// Reads every tensor of the checkpoint's safetensors files onto the CPU
+/// (for small checkpoints and tests; models load through [`load_from`]).
 pub fn read_tensors(dir: &Path) -> Result<BTreeMap<String, Tensor>> {
-    let mut out = BTreeMap::new();
-    for file in weight_files(dir)? {
-        for (name, t) in read_tensors_file(&file)? {
-            if out.insert(name.clone(), t).is_some() {
-                bail!("tensor {name} appears twice in the checkpoint {}", dir.display());
-            }
-        }
-    }
-    Ok(out)
+    WeightReader::open_dir(dir)?.read_all()
 }
 
 /// One tensor a [`TensorSource`] will produce: its name, dtype and shape.
@@ -190,39 +153,10 @@ impl TensorSource for nn::VarStore {
     }
 }
 
-/// A tensor's dtype, shape and bytes, copied to the CPU.
-fn tensor_bytes(name: &str, t: &Tensor) -> Result<(Dtype, Vec<usize>, Vec<u8>)> {
-    let t = t.to_device(Device::Cpu).contiguous();
-    let dtype = dtype_of(t.kind()).with_context(|| format!("tensor {name}"))?;
-    let numel = t.numel();
-    let mut bytes = vec![0u8; numel * t.kind().elt_size_in_bytes()];
-    t.f_copy_data_u8(&mut bytes, numel)?;
-    Ok((dtype, t.size().iter().map(|&d| d as usize).collect(), bytes))
-}
-
-type Item = (String, Dtype, Vec<usize>, Vec<u8>);
-
-fn serialize_items(items: &[&Item], label: &str) -> Result<Vec<u8>> {
-    let meta: HashMap<String, String> = [("format".to_string(), "pt".to_string())].into();
-    let views: Vec<(String, safetensors::tensor::TensorView)> = items
-        .iter()
-        .map(|(name, dtype, shape, bytes)| {
-            safetensors::tensor::TensorView::new(*dtype, shape.clone(), bytes)
-                .map(|v| (name.clone(), v))
-                .map_err(|e| anyhow!("tensor {name}: {e}"))
-        })
-        .collect::<Result<_>>()?;
-    safetensors::tensor::serialize(views, Some(meta)).map_err(|e| anyhow!("cannot serialise {label}: {e}"))
-}
-
-/// Writes named tensors to one safetensors file, atomically.
+/// Writes named tensors to one safetensors file, atomically, streamed
+/// tensor by tensor.
 pub fn write_tensors_file(path: &Path, tensors: &BTreeMap<String, Tensor>) -> Result<()> {
-    let items: Vec<Item> = tensors
-        .iter()
-        .map(|(n, t)| tensor_bytes(n, t).map(|(d, s, b)| (n.clone(), d, s, b)))
-        .collect::<Result<_>>()?;
-    let refs: Vec<&Item> = items.iter().collect();
-    write_atomic(path, &serialize_items(&refs, &path.display().to_string())?)
+    safetensors_io::write_file(path, tensors, &tensors.entries()?)
 }
 
 /// Copies `tensors` into the variables of `vs`, checking names and shapes.
@@ -296,7 +230,23 @@ pub fn read_config(dir: &Path) -> Result<GemmaConfig> {
     GemmaConfig::from_file(&dir.join(CONFIG))
 }
 
-/// Loads a `GemmaForCausalLM` directory onto `device` in `kind`.
+/// Streams the weights of the checkpoint `dir` (opened as `reader`) into
+/// the variables of `vs`, checking names and shapes as [`load_into`] does.
+/// `ignore` names tensors that may be present without a variable, `skip`
+/// variables filled otherwise (a new head).
+pub fn load_from(
+    vs: &nn::VarStore,
+    reader: &WeightReader,
+    ignore: &[&str],
+    skip: &[&str],
+    origin: &Path,
+) -> Result<()> {
+    safetensors_io::load_vars(&vs.variables(), reader, ignore, skip, origin)
+}
+
+/// Loads a `GemmaForCausalLM` directory onto `device` in `kind`: the model
+/// is built without a random init in `kind`, and each tensor is streamed
+/// from the memory-mapped files into its variable.
 pub fn load_causal_lm(dir: &Path, device: Device, kind: Kind) -> Result<Loaded> {
     let cfg = read_config(dir)?;
     let tokenizer = Tokenizer::from_file(&dir.join(TOKENIZER))?;
@@ -308,50 +258,19 @@ pub fn load_causal_lm(dir: &Path, device: Device, kind: Kind) -> Result<Loaded> 
             cfg.vocab_size
         );
     }
+    let reader = WeightReader::open_dir(dir)?;
     let mut vs = nn::VarStore::new(device);
-    let model = Gemma::new(&vs.root(), &cfg)?;
-    let tensors = read_tensors(dir)?;
+    vs.set_kind(kind);
+    let model = Gemma::with_init(&vs.root(), &cfg, WeightInit::Zeros)?;
     let ignore: &[&str] = if cfg.tie_word_embeddings { &["lm_head.weight"] } else { &[] };
-    load_into(&vs, tensors, ignore, dir)?;
-    if kind != Kind::Float {
-        vs.set_kind(kind);
-    }
+    load_from(&vs, &reader, ignore, &[], dir)?;
     Ok(Loaded { vs, model, tokenizer })
 }
 
 /// Writes the named tensors as the checkpoint's weights in `dir`, split into
 /// shards of at most `max_shard_bytes` (one `model.safetensors` when all fit).
 pub fn write_tensors(dir: &Path, tensors: &BTreeMap<String, Tensor>, max_shard_bytes: usize) -> Result<()> {
-    let items: Vec<Item> = tensors
-        .iter()
-        .map(|(n, t)| tensor_bytes(n, t).map(|(d, s, b)| (n.clone(), d, s, b)))
-        .collect::<Result<_>>()?;
-    let mut shards: Vec<Vec<&Item>> = vec![vec![]];
-    let mut size = 0usize;
-    for it in &items {
-        if size > 0 && size + it.3.len() > max_shard_bytes {
-            shards.push(vec![]);
-            size = 0;
-        }
-        size += it.3.len();
-        shards.last_mut().expect("non-empty").push(it);
-    }
-    let n = shards.len();
-    let mut weight_map = BTreeMap::new();
-    for (s, shard) in shards.iter().enumerate() {
-        let fname =
-            if n == 1 { WEIGHTS.to_string() } else { format!("model-{:05}-of-{:05}.safetensors", s + 1, n) };
-        for it in shard {
-            weight_map.insert(it.0.clone(), fname.clone());
-        }
-        write_atomic(&dir.join(&fname), &serialize_items(shard, &fname)?)?;
-    }
-    if n > 1 {
-        let total: usize = items.iter().map(|i| i.3.len()).sum();
-        let index = serde_json::json!({"metadata": {"total_size": total}, "weight_map": weight_map});
-        write_atomic(&dir.join(WEIGHTS_INDEX), serde_json::to_string_pretty(&index)?.as_bytes())?;
-    }
-    Ok(())
+    safetensors_io::write_sharded(dir, tensors, max_shard_bytes)
 }
 
 /// `tokenizer_config.json` for a Gemma tokenizer with our chat template.
@@ -381,9 +300,13 @@ pub fn generation_config_json(tok: &Tokenizer) -> serde_json::Value {
     })
 }
 
+/// The default largest shard: 5 GB, as transformers' `"5GB"`.
+pub const DEFAULT_MAX_SHARD_BYTES: usize = 5_000_000_000;
+
 /// What to write besides the weights.
 pub struct SaveOptions {
-    /// Largest shard in bytes; more weights than this are split.
+    /// Largest shard in bytes (default 5 GB, transformers' `"5GB"`); more
+    /// weights than this are split.
     pub max_shard_bytes: usize,
     /// `architectures` entry (`GemmaForCausalLM` or `GemmaForSequenceClassification`).
     pub architecture: String,
@@ -391,12 +314,12 @@ pub struct SaveOptions {
 
 impl Default for SaveOptions {
     fn default() -> Self {
-        SaveOptions { max_shard_bytes: 4 << 30, architecture: "GemmaForCausalLM".into() }
+        SaveOptions { max_shard_bytes: DEFAULT_MAX_SHARD_BYTES, architecture: "GemmaForCausalLM".into() }
     }
 }
 
 /// Writes a complete checkpoint directory atomically. Weights are stored in
-/// the dtype they have in `vs`.
+/// the dtype they have in `vs`, streamed one tensor at a time.
 pub fn save(
     dir: &Path,
     vs: &nn::VarStore,
@@ -404,13 +327,32 @@ pub fn save(
     tok: &Tokenizer,
     opts: &SaveOptions,
 ) -> Result<()> {
-    let tensors: BTreeMap<String, Tensor> = vs.variables().into_iter().collect();
+    save_source(dir, vs, cfg, tok, opts)
+}
+
+/// [`save`] of any [`TensorSource`] (weights computed as they are written:
+/// a fresh seeded init, LoRA merged into the base, a cast). `torch_dtype`
+/// is the dtype of the largest floating-point tensor.
+pub fn save_source(
+    dir: &Path,
+    src: &dyn TensorSource,
+    cfg: &GemmaConfig,
+    tok: &Tokenizer,
+    opts: &SaveOptions,
+) -> Result<()> {
+    let entries = src.entries()?;
+    let kind = entries
+        .iter()
+        .filter(|e| matches!(e.kind, Kind::Float | Kind::Half | Kind::BFloat16 | Kind::Double))
+        .max_by_key(|e| e.bytes())
+        .map(|e| e.kind)
+        .unwrap_or(Kind::Float);
     let mut cfg = cfg.clone();
     cfg.architectures = Some(vec![opts.architecture.clone()]);
     cfg.pad_token_id = Some(tok.special.pad);
     cfg.bos_token_id = Some(tok.special.bos);
     cfg.eos_token_id = Some(serde_json::json!(tok.special.eos));
-    let dtype = match vs.kind() {
+    let dtype = match kind {
         Kind::BFloat16 => "bfloat16",
         Kind::Half => "float16",
         _ => "float32",
@@ -418,7 +360,7 @@ pub fn save(
     cfg.extra.insert("torch_dtype".into(), serde_json::json!(dtype));
     cfg.extra.insert("dtype".into(), serde_json::json!(dtype));
     write_dir_atomic(dir, |tmp| {
-        write_tensors(tmp, &tensors, opts.max_shard_bytes)?;
+        safetensors_io::write_sharded(tmp, src, opts.max_shard_bytes)?;
         write_atomic(&tmp.join(CONFIG), cfg.to_json()?.as_bytes())?;
         tok.save(&tmp.join(TOKENIZER))?;
         let tc = tokenizer_config_json(cfg.max_position_embeddings);

@@ -10,13 +10,26 @@ use std::path::Path;
 /// Writes `bytes` to `path` through a temp file in the same directory and a
 /// rename, so a crash never leaves a half-written file.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    write_atomic_with(path, |w| {
+        w.write_all(bytes).with_context(|| format!("cannot write {}", path.display()))
+    })
+}
+
+/// Streams a file to `path`: `fill` writes it (buffered) into a temp file
+/// in the same directory, which is flushed, synced and renamed into place
+/// only when `fill` succeeds. For files too large to build in memory
+/// (checkpoint shards); an error or a crash leaves no file at `path`.
+pub fn write_atomic_with(path: &Path, fill: impl FnOnce(&mut dyn Write) -> Result<()>) -> Result<()> {
     let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create directory {}", dir.display()))?;
-    let mut tmp = tempfile::NamedTempFile::new_in(dir)
+    let tmp = tempfile::NamedTempFile::new_in(dir)
         .with_context(|| format!("cannot create a temp file in {}", dir.display()))?;
-    tmp.write_all(bytes)
-        .and_then(|_| tmp.as_file().sync_all())
-        .with_context(|| format!("cannot write {}", path.display()))?;
+    {
+        let mut w = std::io::BufWriter::with_capacity(1 << 20, tmp.as_file());
+        fill(&mut w)?;
+        w.flush().with_context(|| format!("cannot write {}", path.display()))?;
+    }
+    tmp.as_file().sync_all().with_context(|| format!("cannot write {}", path.display()))?;
     tmp.persist(path).map_err(|e| anyhow!("cannot move the temp file to {}: {}", path.display(), e.error))?;
     Ok(())
 }

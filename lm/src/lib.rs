@@ -11,6 +11,7 @@
 //!   `datasets` readers produce (`lm` depends on `datasets`, never the reverse).
 //! - [`checkpoint`] — Hugging Face checkpoint directories, read with name and
 //!   shape checks and written atomically (optionally sharded).
+//! - [`safetensors_io`] — safetensors at any size: streamed, sharded writes and memory-mapped, tensor-by-tensor loads.
 //! - [`fsio`] — atomic writes: a file through a temp file and a rename, a
 //!   directory built beside its destination and swapped into place.
 //! - [`output_dir`] — a stage's output directory: locked for one run at a
@@ -49,6 +50,7 @@ pub mod plot;
 pub mod reference;
 pub mod reward_model;
 pub mod reward_score;
+pub mod safetensors_io;
 pub mod stage_settings;
 pub mod tokenizer;
 pub mod train;

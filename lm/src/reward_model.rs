@@ -8,7 +8,8 @@
 
 use crate::checkpoint::{self, SaveOptions};
 use crate::fsio;
-use crate::model::{padded_causal_mask, Linear};
+use crate::model::{padded_causal_mask, Linear, WeightInit};
+use crate::safetensors_io::WeightReader;
 use crate::{Gemma, GemmaConfig, Tokenizer};
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
@@ -118,13 +119,19 @@ impl RewardModel {
     /// Builds the model under `p` (the root of a `VarStore`): the backbone
     /// initialised as [`Gemma::new`] does, the head from normal(0, `head_std`).
     pub fn new(p: &nn::Path, cfg: &GemmaConfig, head_std: f64) -> Result<Self> {
+        Self::with_init(p, cfg, head_std, WeightInit::Random)
+    }
+
+    /// [`RewardModel::new`] with the backbone filled as `init` says (zeros
+    /// for weights about to be loaded from a checkpoint).
+    pub fn with_init(p: &nn::Path, cfg: &GemmaConfig, head_std: f64, init: WeightInit) -> Result<Self> {
         let cfg = reward_config(cfg)?;
         // A sequence classifier has no LM head: build the backbone as if the
         // head were tied so that no `lm_head` variable exists, whatever the
         // causal LM had. The saved config keeps the original value.
         let mut backbone_cfg = cfg.clone();
         backbone_cfg.tie_word_embeddings = true;
-        let backbone = Gemma::new(p, &backbone_cfg)?;
+        let backbone = Gemma::with_init(p, &backbone_cfg, init)?;
         let score = Linear::new(p / "score", cfg.hidden_size, 1, head_std);
         Ok(RewardModel { backbone, score, cfg })
     }
@@ -204,35 +211,33 @@ pub fn load(
     if !(std.is_finite() && std > 0.0) {
         bail!("the score head's init std must be a positive number, got {std}");
     }
-    let vs = nn::VarStore::new(device);
-    let model =
-        RewardModel::new(&vs.root(), &file_cfg, std).with_context(|| format!("model {}", dir.display()))?;
-    let mut tensors = checkpoint::read_tensors(dir)?;
-    if tensors.remove(LM_HEAD).is_some() && !file_cfg.tie_word_embeddings {
+    let reader = WeightReader::open_dir(dir)?;
+    let mut vs = nn::VarStore::new(device);
+    vs.set_kind(kind);
+    let model = RewardModel::with_init(&vs.root(), &file_cfg, std, WeightInit::Zeros)
+        .with_context(|| format!("model {}", dir.display()))?;
+    if reader.contains(LM_HEAD) && !file_cfg.tie_word_embeddings {
         eprintln!(
             "{}: the causal LM head {LM_HEAD} is not part of a reward model; not loaded",
             dir.display()
         );
     }
     let mut new_tensors = vec![];
-    if !tensors.contains_key(SCORE_WEIGHT) {
-        // Load the fresh head as if it came from the file, so that the
-        // name and shape checks still cover every other tensor.
+    let mut skip: Vec<&str> = vec![];
+    if !reader.contains(SCORE_WEIGHT) {
+        // A fresh head; the name and shape checks still cover every other
+        // tensor.
         let head = crate::init::seeded_normal(&[1, model.cfg.hidden_size], std, head_seed, SCORE_WEIGHT);
-        tensors.insert(SCORE_WEIGHT.into(), head);
+        tch::no_grad(|| model.score.weight.shallow_clone().f_copy_(&head))?;
         new_tensors.push(SCORE_WEIGHT.to_string());
     }
-    checkpoint::load_into(&vs, tensors, &[], dir)?;
+    checkpoint::load_from(&vs, &reader, &[LM_HEAD], &skip, dir)?;
     if !new_tensors.is_empty() {
         eprintln!(
             "{}: new tensors, not in the checkpoint: {SCORE_WEIGHT} [1, {}] (normal, std {std}); every other tensor loaded",
             dir.display(),
             model.cfg.hidden_size
         );
-    }
-    let mut vs = vs;
-    if kind != Kind::Float {
-        vs.set_kind(kind);
     }
     let stats = RewardStats::read(dir)?;
     Ok(LoadedReward { vs, model, tokenizer, new_tensors, stats })
@@ -244,6 +249,7 @@ pub fn load(
 pub fn save(
     dir: &Path,
     vs: &nn::VarStore,
+        skip.push(SCORE_WEIGHT);
     model: &RewardModel,
     tok: &Tokenizer,
     stats: Option<&RewardStats>,

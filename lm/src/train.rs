@@ -11,6 +11,7 @@
 pub mod session;
 
 use crate::checkpoint::{self, SaveOptions};
+use crate::safetensors_io::WeightReader;
 use crate::config::GemmaConfig;
 use crate::fsio;
 use crate::tokenizer::Tokenizer;
@@ -389,12 +390,11 @@ pub fn check_finite_weights(vs: &nn::VarStore) -> Result<()> {
     Ok(())
 }
 
-/// Reads the state and optimizer moments of a training checkpoint.
+/// Reads the state and optimizer moments of a training checkpoint (all
+/// moments at once, on the CPU: for tests and small models; a resume
+/// streams them with [`AdamW::load_state_from`]).
 pub fn read_checkpoint_state(dir: &Path) -> Result<(TrainerState, BTreeMap<String, Tensor>)> {
-    let p = dir.join(STATE_FILE);
-    let text = std::fs::read_to_string(&p).with_context(|| format!("cannot read {}", p.display()))?;
-    let state: TrainerState =
-        serde_json::from_str(&text).with_context(|| format!("{} is not a trainer state", p.display()))?;
+    let state = read_trainer_state(dir)?;
     let opt = checkpoint::read_tensors_file(&dir.join(OPTIMIZER_FILE))?;
     Ok((state, opt))
 }
@@ -413,7 +413,7 @@ pub fn resume_or_start(
     let Some((step, dir)) = list_checkpoints(root)?.pop() else {
         return Ok((fresh, None));
     };
-    let (st, moments) = read_checkpoint_state(&dir)?;
+    let st = read_trainer_state(&dir)?;
     if st.config_hash != fresh.config_hash {
         bail!(
             "{} holds a checkpoint of a different configuration (hash {} ≠ {}); use a new output_dir or delete it",
@@ -422,9 +422,13 @@ pub fn resume_or_start(
             fresh.config_hash
         );
     }
-    let tensors = checkpoint::read_tensors(&dir)?;
-    checkpoint::load_into(vs, tensors, ignore, &dir)?;
-    opt.load_state(moments, st.step)?;
+    // Weights and moments stream from the mapped files into the existing
+    // tensors, one at a time: no second copy of either in memory.
+    let weights = WeightReader::open_dir(&dir)?;
+    checkpoint::load_from(vs, &weights, ignore, &[], &dir)?;
+    drop(weights);
+    let opt_file = dir.join(OPTIMIZER_FILE);
+    opt.load_state_from(&WeightReader::open_files(&[opt_file.clone()], &opt_file)?, st.step)?;
     eprintln!("resuming from {} (step {step})", dir.display());
     Ok((st, Some(step)))
 }
@@ -460,6 +464,34 @@ impl std::fmt::Display for NonFiniteGradient {
         write!(
             f,
             "the global gradient norm is {}; the gradients were left unclipped and no update was made",
+
+    /// [`AdamW::load_state`] streamed from the optimizer file `reader`:
+    /// each moment (and master) is copied from the mapped file into its
+    /// tensor, one at a time, so a resume holds no second copy of the state.
+    pub fn load_state_from(&mut self, reader: &WeightReader, steps: u64) -> Result<()> {
+        tch::no_grad(|| -> Result<()> {
+            for p in &mut self.params {
+                let mut slots = vec![("exp_avg", &p.exp_avg), ("exp_avg_sq", &p.exp_avg_sq)];
+                if let Some(m) = p.master.as_ref() {
+                    slots.push(("master", m));
+                }
+                for (suffix, dst) in slots {
+                    let key = format!("{}.{suffix}", p.name);
+                    let (_, st) = reader.get(&key).with_context(|| format!("optimizer state lacks {key}"))?;
+                    if st.shape != dst.size() {
+                        bail!("optimizer state {key} has shape {:?}, expected {:?}", st.shape, dst.size());
+                    }
+                    reader.copy_into(&key, dst)?;
+                }
+                if let Some(m) = &p.master {
+                    p.var.f_copy_(m)?;
+                }
+            }
+            Ok(())
+        })?;
+        self.t = steps;
+        Ok(())
+    }
             self.norm
         )
     }
@@ -596,6 +628,13 @@ pub fn progress_bar(total: u64, start: u64) -> Progress {
             indicatif::ProgressStyle::with_template("{prefix} [{bar:30}] {pos}/{len} {msg} ETA {eta}")
                 .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
                 .progress_chars("=> "),
+/// Reads `trainer_state.json` of a training checkpoint.
+pub fn read_trainer_state(dir: &Path) -> Result<TrainerState> {
+    let p = dir.join(STATE_FILE);
+    let text = std::fs::read_to_string(&p).with_context(|| format!("cannot read {}", p.display()))?;
+    serde_json::from_str(&text).with_context(|| format!("{} is not a trainer state", p.display()))
+}
+
         );
         pb.set_position(start);
         Progress { bar: Some(pb), lines: None }
