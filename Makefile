@@ -32,7 +32,7 @@ ORIG_LD_LIBRARY_PATH := $(LD_LIBRARY_PATH)
 export LD_LIBRARY_PATH = $(LIBTORCH)/lib:$(ORIG_LD_LIBRARY_PATH)
 export ALIGN_PYTHON := $(PYTHON)
 
-.PHONY: all build test quickstart bench fixtures pydeps fonts fmt clippy clean verify-hf
+.PHONY: all build test quickstart bench fixtures pydeps fonts gloo fmt clippy clean verify-hf
 
 all: build
 
@@ -66,10 +66,24 @@ fonts:
 	  $$SUDO apt-get install -y -q $(FONT_PACKAGE) || { $$SUDO apt-get update -q && $$SUDO apt-get install -y -q $(FONT_PACKAGE); }
 	fi
 
+# The C++ bridge's Gloo backend (native/) compiles against Gloo's headers,
+# which the torch wheel does not ship: Debian's libgloo-dev. Without them the
+# bridge builds without Gloo and the distributed tests say they were skipped.
+# native/build.rs is touched after installing so that cargo rebuilds the bridge.
+GLOO_HEADER := /usr/include/gloo/config.h
+GLOO_PACKAGE := libgloo-dev
+gloo:
+	if [ ! -f $(GLOO_HEADER) ]; then
+	  echo ">> installing $(GLOO_PACKAGE) (Gloo's headers, for the distributed backend)"
+	  SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo)
+	  $$SUDO apt-get install -y -q $(GLOO_PACKAGE) || { $$SUDO apt-get update -q && $$SUDO apt-get install -y -q $(GLOO_PACKAGE); }
+	  touch native/build.rs
+	fi
+
 build: $(STAMPS)/torch fonts
 	$(CARGO) build --release --bin align
 
-test: $(STAMPS)/torch fonts
+test: $(STAMPS)/torch fonts gloo
 	$(CARGO) test --release --workspace
 
 QS_MODEL := runs/quickstart/rl/model

@@ -230,6 +230,7 @@ pub fn load(
         let head = crate::init::seeded_normal(&[1, model.cfg.hidden_size], std, head_seed, SCORE_WEIGHT);
         tch::no_grad(|| model.score.weight.shallow_clone().f_copy_(&head))?;
         new_tensors.push(SCORE_WEIGHT.to_string());
+        skip.push(SCORE_WEIGHT);
     }
     checkpoint::load_from(&vs, &reader, &[LM_HEAD], &skip, dir)?;
     if !new_tensors.is_empty() {
@@ -249,7 +250,6 @@ pub fn load(
 pub fn save(
     dir: &Path,
     vs: &nn::VarStore,
-        skip.push(SCORE_WEIGHT);
     model: &RewardModel,
     tok: &Tokenizer,
     stats: Option<&RewardStats>,

@@ -278,6 +278,34 @@ impl AdamW {
         self.t = steps;
         Ok(())
     }
+
+    /// [`AdamW::load_state`] streamed from the optimizer file `reader`:
+    /// each moment (and master) is copied from the mapped file into its
+    /// tensor, one at a time, so a resume holds no second copy of the state.
+    pub fn load_state_from(&mut self, reader: &WeightReader, steps: u64) -> Result<()> {
+        tch::no_grad(|| -> Result<()> {
+            for p in &mut self.params {
+                let mut slots = vec![("exp_avg", &p.exp_avg), ("exp_avg_sq", &p.exp_avg_sq)];
+                if let Some(m) = p.master.as_ref() {
+                    slots.push(("master", m));
+                }
+                for (suffix, dst) in slots {
+                    let key = format!("{}.{suffix}", p.name);
+                    let (_, st) = reader.get(&key).with_context(|| format!("optimizer state lacks {key}"))?;
+                    if st.shape != dst.size() {
+                        bail!("optimizer state {key} has shape {:?}, expected {:?}", st.shape, dst.size());
+                    }
+                    reader.copy_into(&key, dst)?;
+                }
+                if let Some(m) = &p.master {
+                    p.var.f_copy_(m)?;
+                }
+            }
+            Ok(())
+        })?;
+        self.t = steps;
+        Ok(())
+    }
 }
 
 /// What a training checkpoint records besides the weights and moments.
@@ -399,6 +427,13 @@ pub fn read_checkpoint_state(dir: &Path) -> Result<(TrainerState, BTreeMap<Strin
     Ok((state, opt))
 }
 
+/// Reads `trainer_state.json` of a training checkpoint.
+pub fn read_trainer_state(dir: &Path) -> Result<TrainerState> {
+    let p = dir.join(STATE_FILE);
+    let text = std::fs::read_to_string(&p).with_context(|| format!("cannot read {}", p.display()))?;
+    serde_json::from_str(&text).with_context(|| format!("{} is not a trainer state", p.display()))
+}
+
 /// Starts a run, or resumes it from the newest checkpoint under `root`:
 /// loads the weights into `vs` and the moments into `opt`, and returns the
 /// saved state with the step resumed from. A checkpoint of another
@@ -464,34 +499,6 @@ impl std::fmt::Display for NonFiniteGradient {
         write!(
             f,
             "the global gradient norm is {}; the gradients were left unclipped and no update was made",
-
-    /// [`AdamW::load_state`] streamed from the optimizer file `reader`:
-    /// each moment (and master) is copied from the mapped file into its
-    /// tensor, one at a time, so a resume holds no second copy of the state.
-    pub fn load_state_from(&mut self, reader: &WeightReader, steps: u64) -> Result<()> {
-        tch::no_grad(|| -> Result<()> {
-            for p in &mut self.params {
-                let mut slots = vec![("exp_avg", &p.exp_avg), ("exp_avg_sq", &p.exp_avg_sq)];
-                if let Some(m) = p.master.as_ref() {
-                    slots.push(("master", m));
-                }
-                for (suffix, dst) in slots {
-                    let key = format!("{}.{suffix}", p.name);
-                    let (_, st) = reader.get(&key).with_context(|| format!("optimizer state lacks {key}"))?;
-                    if st.shape != dst.size() {
-                        bail!("optimizer state {key} has shape {:?}, expected {:?}", st.shape, dst.size());
-                    }
-                    reader.copy_into(&key, dst)?;
-                }
-                if let Some(m) = &p.master {
-                    p.var.f_copy_(m)?;
-                }
-            }
-            Ok(())
-        })?;
-        self.t = steps;
-        Ok(())
-    }
             self.norm
         )
     }
@@ -628,13 +635,6 @@ pub fn progress_bar(total: u64, start: u64) -> Progress {
             indicatif::ProgressStyle::with_template("{prefix} [{bar:30}] {pos}/{len} {msg} ETA {eta}")
                 .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
                 .progress_chars("=> "),
-/// Reads `trainer_state.json` of a training checkpoint.
-pub fn read_trainer_state(dir: &Path) -> Result<TrainerState> {
-    let p = dir.join(STATE_FILE);
-    let text = std::fs::read_to_string(&p).with_context(|| format!("cannot read {}", p.display()))?;
-    serde_json::from_str(&text).with_context(|| format!("{} is not a trainer state", p.display()))
-}
-
         );
         pb.set_position(start);
         Progress { bar: Some(pb), lines: None }
