@@ -32,7 +32,7 @@ ORIG_LD_LIBRARY_PATH := $(LD_LIBRARY_PATH)
 export LD_LIBRARY_PATH = $(LIBTORCH)/lib:$(ORIG_LD_LIBRARY_PATH)
 export ALIGN_PYTHON := $(PYTHON)
 
-.PHONY: all build test quickstart bench fixtures pydeps fonts gloo fmt clippy clean verify-hf
+.PHONY: all build test quickstart bench fixtures pydeps fonts chromium gloo fmt clippy clean verify-hf
 
 all: build
 
@@ -66,6 +66,17 @@ fonts:
 	  $$SUDO apt-get install -y -q $(FONT_PACKAGE) || { $$SUDO apt-get update -q && $$SUDO apt-get install -y -q $(FONT_PACKAGE); }
 	fi
 
+# The browser tests of the HTML reports (judge/tests/html_browser.rs) drive
+# Debian's chromium headless; without it they skip with a message. Not a
+# dependency of `test` (a large download); CI (.ci/run) installs it.
+CHROMIUM_PACKAGE := chromium
+chromium:
+	if ! command -v chromium >/dev/null 2>&1; then
+	  echo ">> installing $(CHROMIUM_PACKAGE) (headless browser for the HTML report tests)"
+	  SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo)
+	  $$SUDO apt-get install -y -q --no-install-recommends $(CHROMIUM_PACKAGE) || { $$SUDO apt-get update -q && $$SUDO apt-get install -y -q --no-install-recommends $(CHROMIUM_PACKAGE); }
+	fi
+
 # The C++ bridge's Gloo backend (native/) compiles against Gloo's headers,
 # which the torch wheel does not ship: Debian's libgloo-dev. Without them the
 # bridge builds without Gloo and the distributed tests say they were skipped.
@@ -86,7 +97,7 @@ build: $(STAMPS)/torch fonts
 test: $(STAMPS)/torch fonts gloo
 	$(CARGO) test --release --workspace
 
-QS_MODEL := runs/quickstart/rl/model
+QS_MODEL := runs/quickstart/rl/seed-0/model
 QS_PROMPT := Reverse: b a d g e
 
 # The main job: run the recipe, print its report, then check that the final

@@ -273,6 +273,8 @@ pub fn info() -> Result<()> {
         "threads": tch::get_num_threads(),
         "mkldnn": tch::utils::has_mkldnn(),
         "libtorch_has_cuda": tch::utils::has_cuda(),
+        // c10d backends compiled into the C++ bridge (native/): gloo, nccl.
+        "distributed_backends": align_native::backends().names(),
     });
     println!("{}", serde_json::to_string_pretty(&v)?);
     if std::env::var("ALIGN_REQUIRE_CUDA").is_ok_and(|v| v == "1") && !cuda {
