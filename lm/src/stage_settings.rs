@@ -139,7 +139,7 @@ fn typed_path_plain<T: DeserializeOwned>(v: toml::Value) -> std::result::Result<
 /// TRL's names (and other common ones) of our settings: the name a user
 /// coming from TRL or transformers writes, and ours (a key path from the
 /// stage's config table).
-pub const TRL_NAMES: [(&str, &str); 24] = [
+pub const TRL_NAMES: [(&str, &str); 26] = [
     ("kl_coef", "beta"),
     ("init_kl_coef", "beta"),
     ("learning_rate", "optim.lr"),
@@ -153,6 +153,8 @@ pub const TRL_NAMES: [(&str, &str); 24] = [
     ("max_seq_length", "max_seq_len"),
     ("num_train_epochs", "epochs"),
     ("warmup_steps", "optim.warmup_steps"),
+    ("warmup_ratio", "optim.warmup_ratio"),
+    ("lr_scheduler_type", "optim.lr_scheduler_type"),
     ("weight_decay", "optim.weight_decay"),
     ("max_grad_norm", "optim.grad_clip"),
     ("adam_beta1", "optim.beta1"),
@@ -416,7 +418,13 @@ mod tests {
 
     #[test]
     fn every_trl_name_points_at_a_real_key() {
-        let optim = top_level_keys(&serde_json::to_string(&OptimConfig::default()).unwrap()).unwrap();
+        // The keys left out at their defaults set, so that every key shows.
+        let every = OptimConfig {
+            lr_scheduler_type: crate::train::LrSchedule::Linear,
+            warmup_ratio: Some(0.1),
+            ..Default::default()
+        };
+        let optim = top_level_keys(&serde_json::to_string(&every).unwrap()).unwrap();
         for (trl, ours) in TRL_NAMES {
             if let Some(k) = ours.strip_prefix("optim.") {
                 assert!(optim.iter().any(|o| o == k), "{trl} → {ours}");

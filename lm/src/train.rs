@@ -22,15 +22,60 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use tch::{nn, Kind, Tensor};
 
+/// The learning-rate schedule after warm-up (`optim.lr_scheduler_type`,
+/// TRL's key and names). Every schedule starts with the same linear
+/// warm-up from `lr / warmup` to `lr` over the warm-up steps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LrSchedule {
+    /// Cosine decay from `lr` to `lr * min_lr_ratio` at the last step
+    /// (transformers' `cosine` with `min_lr_ratio = 0`, its
+    /// `cosine_with_min_lr` otherwise).
+    #[default]
+    Cosine,
+    /// Linear decay from `lr` to `lr * min_lr_ratio` at the last step
+    /// (transformers' `get_linear_schedule_with_warmup` with
+    /// `min_lr_ratio = 0`).
+    Linear,
+    /// `lr` after warm-up (transformers' `constant_with_warmup`, also
+    /// accepted by that name; `constant` when there is no warm-up).
+    /// `min_lr_ratio` plays no part.
+    #[serde(alias = "constant_with_warmup")]
+    Constant,
+}
+
+impl LrSchedule {
+    fn is_cosine(&self) -> bool {
+        *self == LrSchedule::Cosine
+    }
+}
+
 /// Optimiser and schedule settings (a recipe's `[stage.optim]` table).
+///
+/// The keys added after the first release (`lr_scheduler_type`,
+/// `warmup_ratio`) are left out of the serialized form at their defaults,
+/// so that a config which does not set them keeps its config hash (and
+/// its checkpoints stay resumable).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct OptimConfig {
     /// Peak learning rate.
     pub lr: f64,
-    /// Final learning rate as a fraction of `lr` at the end of cosine decay.
+    /// The schedule after warm-up: `"cosine"` (default), `"linear"` or
+    /// `"constant"` (TRL's `lr_scheduler_type`).
+    #[serde(skip_serializing_if = "LrSchedule::is_cosine")]
+    pub lr_scheduler_type: LrSchedule,
+    /// Final learning rate as a fraction of `lr`, where the cosine and
+    /// linear decays end (default 0.1; transformers' schedules decay to 0,
+    /// which is `min_lr_ratio = 0`). Not used by `constant`.
     pub min_lr_ratio: f64,
+    /// Warm-up steps (linear from `lr / warmup_steps` to `lr`).
     pub warmup_steps: u64,
+    /// Warm-up as a fraction of the total steps (TRL's `warmup_ratio`):
+    /// `ceil(warmup_ratio * total)` steps, as transformers computes them.
+    /// Set this or `warmup_steps`, not both.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub warmup_ratio: Option<f64>,
     pub weight_decay: f64,
     pub beta1: f64,
     pub beta2: f64,
@@ -43,8 +88,10 @@ impl Default for OptimConfig {
     fn default() -> Self {
         OptimConfig {
             lr: 1e-4,
+            lr_scheduler_type: LrSchedule::Cosine,
             min_lr_ratio: 0.1,
             warmup_steps: 0,
+            warmup_ratio: None,
             weight_decay: 0.0,
             beta1: 0.9,
             beta2: 0.999,
@@ -62,6 +109,17 @@ impl OptimConfig {
         if !(0.0..=1.0).contains(&self.min_lr_ratio) {
             bail!("optim.min_lr_ratio must be in [0, 1], got {}", self.min_lr_ratio);
         }
+        if let Some(r) = self.warmup_ratio {
+            if !(0.0..=1.0).contains(&r) {
+                bail!("optim.warmup_ratio must be in [0, 1] (a fraction of the total steps), got {r}");
+            }
+            if self.warmup_steps > 0 {
+                bail!(
+                    "optim.warmup_steps = {} and optim.warmup_ratio = {r} are both set; set one of them",
+                    self.warmup_steps
+                );
+            }
+        }
         if !(0.0..1.0).contains(&self.beta1) || !(0.0..1.0).contains(&self.beta2) {
             bail!("optim.beta1 and optim.beta2 must be in [0, 1)");
         }
@@ -70,18 +128,35 @@ impl OptimConfig {
         }
         Ok(())
     }
+
+    /// Warm-up steps of a run of `total` steps: `warmup_steps`, or
+    /// `ceil(warmup_ratio * total)` (as transformers' `get_warmup_steps`).
+    pub fn warmup(&self, total: u64) -> u64 {
+        match self.warmup_ratio {
+            Some(r) => (r * total as f64).ceil() as u64,
+            None => self.warmup_steps,
+        }
+    }
 }
 
 /// Learning rate at optimiser step `step` (0-based) of `total`: linear
-/// warmup from 0 to `lr`, then cosine decay to `lr * min_lr_ratio`.
+/// warm-up from `lr / warmup` to `lr` over [`OptimConfig::warmup`] steps,
+/// then the schedule of `lr_scheduler_type`: cosine or linear decay to
+/// `lr * min_lr_ratio` at step `total` (and that floor beyond it), or
+/// constant `lr`.
 pub fn lr_at(step: u64, total: u64, c: &OptimConfig) -> f64 {
-    if step < c.warmup_steps {
-        return c.lr * (step + 1) as f64 / c.warmup_steps as f64;
+    let warmup = c.warmup(total);
+    if step < warmup {
+        return c.lr * (step + 1) as f64 / warmup as f64;
     }
-    let decay_steps = total.saturating_sub(c.warmup_steps).max(1);
-    let progress = ((step - c.warmup_steps) as f64 / decay_steps as f64).min(1.0);
-    let cosine = 0.5 * (1.0 + (std::f64::consts::PI * progress).cos());
-    c.lr * (c.min_lr_ratio + (1.0 - c.min_lr_ratio) * cosine)
+    let decay_steps = total.saturating_sub(warmup).max(1);
+    let progress = ((step - warmup) as f64 / decay_steps as f64).min(1.0);
+    let factor = match c.lr_scheduler_type {
+        LrSchedule::Cosine => 0.5 * (1.0 + (std::f64::consts::PI * progress).cos()),
+        LrSchedule::Linear => 1.0 - progress,
+        LrSchedule::Constant => return c.lr,
+    };
+    c.lr * (c.min_lr_ratio + (1.0 - c.min_lr_ratio) * factor)
 }
 
 /// Whether a parameter gets weight decay: not norms, not embeddings (nor
@@ -93,11 +168,17 @@ pub fn decays(name: &str) -> bool {
 /// AdamW (Loshchilov & Hutter, "Decoupled Weight Decay Regularization",
 /// ICLR 2019), computed exactly as `torch.optim.AdamW` does.
 ///
-/// When the model's variables are not f32 (bf16 training), the optimiser
-/// keeps fp32 master copies: gradients are read from the bf16 variables, the
-/// update is applied to the masters, and the variables receive the rounded
-/// result — mixed-precision training as in Micikevicius et al., "Mixed
-/// Precision Training", ICLR 2018.
+/// When a trained variable is not f32 (bf16 training), the optimiser keeps
+/// an fp32 master copy of it and accumulates its gradient in f32: after
+/// each micro-batch's backward, [`AdamW::accumulate`] adds the variable's
+/// (bf16) gradient, cast to f32, into an f32 accumulator and zeroes the
+/// variable's gradient, so the micro-batches' gradients are summed in f32,
+/// not in bf16. Clipping and the update read the accumulator, the update
+/// is applied to the master, and the variable receives the rounded result —
+/// mixed-precision training as in Micikevicius et al., "Mixed Precision
+/// Training", ICLR 2018. The optimiser state (moments, masters) is f32.
+/// f32 variables are handled as plain AdamW: their `.grad()` already
+/// accumulates in f32.
 pub struct AdamW {
     params: Vec<Param>,
     /// Number of updates done.
@@ -110,15 +191,53 @@ struct Param {
     var: Tensor,
     /// fp32 master weights when `var` is not f32.
     master: Option<Tensor>,
+    /// With a master: the f32 sum of the gradients moved out of `var`'s
+    /// (low-precision) gradient by [`AdamW::accumulate`]; `None` when no
+    /// gradient has been accumulated since [`AdamW::zero_grad`].
+    acc: Option<Tensor>,
     exp_avg: Tensor,
     exp_avg_sq: Tensor,
     decay: bool,
 }
 
+impl Param {
+    /// The gradient the update uses: the f32 accumulator with a master,
+    /// the variable's gradient otherwise; `None` when there is none.
+    fn gradient(&self) -> Option<Tensor> {
+        match &self.master {
+            Some(_) => self.acc.as_ref().map(Tensor::shallow_clone),
+            None => Some(self.var.grad()).filter(Tensor::defined),
+        }
+    }
+}
+
 impl AdamW {
+    /// AdamW over the variables of `vs` that require gradients (a full
+    /// fine-tune, or whatever `vs` leaves trainable).
     pub fn new(vs: &nn::VarStore, cfg: &OptimConfig) -> Self {
-        let mut vars: Vec<(String, Tensor)> =
-            vs.variables().into_iter().filter(|(_, t)| t.requires_grad()).collect();
+        let vars = vs.variables().into_iter().filter(|(_, t)| t.requires_grad()).collect();
+        Self::build(vars, cfg)
+    }
+
+    /// AdamW over exactly the tensors `vars` (`(name, tensor)`; e.g. LoRA
+    /// adapters from one VarStore plus a reward head from another): only
+    /// these get optimiser state and updates. The names key the optimiser
+    /// state in checkpoints and decide weight decay ([`decays`]). Every
+    /// tensor must require gradients, and names must be unique.
+    pub fn from_vars(vars: Vec<(String, Tensor)>, cfg: &OptimConfig) -> Result<Self> {
+        let mut seen = std::collections::BTreeSet::new();
+        for (name, t) in &vars {
+            if !t.requires_grad() {
+                bail!("AdamW::from_vars: {name} does not require gradients, so it cannot be trained");
+            }
+            if !seen.insert(name.as_str()) {
+                bail!("AdamW::from_vars: {name} is given twice");
+            }
+        }
+        Ok(Self::build(vars, cfg))
+    }
+
+    fn build(mut vars: Vec<(String, Tensor)>, cfg: &OptimConfig) -> Self {
         vars.sort_by(|a, b| a.0.cmp(&b.0));
         let params = vars
             .into_iter()
@@ -127,10 +246,25 @@ impl AdamW {
                 let exp_avg = var.zeros_like().to_kind(Kind::Float);
                 let exp_avg_sq = var.zeros_like().to_kind(Kind::Float);
                 let decay = decays(&name);
-                Param { name, var, master, exp_avg, exp_avg_sq, decay }
+                Param { name, var, master, acc: None, exp_avg, exp_avg_sq, decay }
             })
             .collect();
         AdamW { params, t: 0, cfg: cfg.clone() }
+    }
+
+    /// Number of tensors with optimiser state.
+    pub fn num_params(&self) -> usize {
+        self.params.len()
+    }
+
+    /// The names of the tensors with optimiser state, sorted.
+    pub fn names(&self) -> Vec<&str> {
+        self.params.iter().map(|p| p.name.as_str()).collect()
+    }
+
+    /// Number of scalar values the optimiser trains.
+    pub fn num_elements(&self) -> i64 {
+        self.params.iter().map(|p| p.var.numel() as i64).sum()
     }
 
     /// Replaces the fp32 masters with exact values (e.g. the f32 weights the
@@ -151,10 +285,52 @@ impl AdamW {
         self.params.iter().any(|p| p.master.is_some())
     }
 
+    /// Clears the gradients: the variables' and the f32 accumulators.
     pub fn zero_grad(&mut self) {
         for p in &mut self.params {
             p.var.zero_grad();
+            p.acc = None;
         }
+    }
+
+    /// To be called after each micro-batch's backward: for every variable
+    /// with an fp32 master (a bf16 variable), adds its gradient, cast to
+    /// f32, into the f32 accumulator and zeroes the variable's gradient, so
+    /// that gradients are summed across micro-batches in f32. f32 variables
+    /// are left alone (their gradient already accumulates in f32), so f32
+    /// training is unchanged. Clipping and [`AdamW::step`] accumulate what
+    /// is still pending themselves, so a last call is not needed.
+    pub fn accumulate(&mut self) -> Result<()> {
+        tch::no_grad(|| -> Result<()> {
+            for p in &mut self.params {
+                if p.master.is_none() {
+                    continue;
+                }
+                let mut g = p.var.grad();
+                if !g.defined() {
+                    continue;
+                }
+                match p.acc.as_mut() {
+                    Some(a) => {
+                        let _ = a.f_add_(&g.f_to_kind(Kind::Float)?)?;
+                    }
+                    // A new tensor: the cast from a lower precision copies.
+                    None => p.acc = Some(g.f_to_kind(Kind::Float)?),
+                }
+                let _ = g.f_zero_()?;
+            }
+            Ok(())
+        })
+    }
+
+    /// The gradient of `name` the next update would use: the f32
+    /// accumulator (with what is pending in the variable's gradient added)
+    /// for a variable with a master, the variable's gradient otherwise.
+    /// `None` for an unknown name or when there is no gradient.
+    pub fn grad(&mut self, name: &str) -> Result<Option<Tensor>> {
+        self.accumulate()?;
+        let Some(p) = self.params.iter().find(|p| p.name == name) else { return Ok(None) };
+        Ok(p.gradient())
     }
 
     /// Global L2 norm of all gradients; when `max_norm > 0` and the norm
@@ -163,7 +339,8 @@ impl AdamW {
     /// error and leaves the gradients as they are: scaling by
     /// `max_norm / inf = 0` would turn the inf entries into NaN.
     pub fn clip_grad_norm(&mut self, max_norm: f64) -> Result<f64> {
-        let grads: Vec<Tensor> = self.params.iter().map(|p| p.var.grad()).filter(|g| g.defined()).collect();
+        self.accumulate()?;
+        let grads: Vec<Tensor> = self.params.iter().filter_map(Param::gradient).collect();
         if grads.is_empty() {
             return Ok(0.0);
         }
@@ -197,23 +374,29 @@ impl AdamW {
                 None => return Err(e),
             },
         };
-        self.step(lr)?;
+        // clip_grad_norm accumulated what was pending.
+        self.update(lr)?;
         Ok(norm)
     }
 
-    /// One update with learning rate `lr`.
+    /// One update with learning rate `lr`. The f32 accumulators of
+    /// variables with masters are consumed (released) by the update.
     pub fn step(&mut self, lr: f64) -> Result<()> {
+        self.accumulate()?;
+        self.update(lr)
+    }
+
+    /// [`AdamW::step`] once the gradients are accumulated.
+    fn update(&mut self, lr: f64) -> Result<()> {
         self.t += 1;
         let c = &self.cfg;
         let bc1 = 1.0 - c.beta1.powi(self.t as i32);
         let bc2_sqrt = (1.0 - c.beta2.powi(self.t as i32)).sqrt();
         tch::no_grad(|| -> Result<()> {
             for p in &mut self.params {
-                let g = p.var.grad();
-                if !g.defined() {
-                    continue;
-                }
+                let Some(g) = p.gradient() else { continue };
                 let g = g.to_kind(Kind::Float);
+                p.acc = None;
                 let w = p.master.as_mut().unwrap_or(&mut p.var);
                 if p.decay && c.weight_decay > 0.0 {
                     let _ = w.f_mul_scalar_(1.0 - lr * c.weight_decay)?;
