@@ -663,8 +663,18 @@ fn short_name(name: &str) -> String {
     };
     let path = Path::new(path.trim_end_matches('/'));
     let base = if path.file_name().is_some_and(|f| f == "model") { path.parent() } else { Some(path) };
-    match base.and_then(|b| b.file_name()) {
-        Some(f) => format!("{prefix}{}", f.to_string_lossy()),
+    // One seed's outputs of a recipe stage repeated over seeds: `rl/seed-0`.
+    let stage = |b: &Path| {
+        let f = b.file_name()?.to_string_lossy().into_owned();
+        let seed =
+            f.strip_prefix("seed-").is_some_and(|n| !n.is_empty() && n.bytes().all(|c| c.is_ascii_digit()));
+        match b.parent().and_then(|p| p.file_name()).filter(|_| seed) {
+            Some(p) => Some(format!("{}/{f}", p.to_string_lossy())),
+            None => Some(f),
+        }
+    };
+    match base.and_then(stage) {
+        Some(f) => format!("{prefix}{f}"),
         None => name.to_string(),
     }
 }
@@ -876,6 +886,7 @@ mod tests {
     #[test]
     fn picture_titles_use_short_model_names() {
         assert_eq!(super::short_name("recipes/../runs/quickstart/rl/model"), "rl");
+        assert_eq!(super::short_name("runs/quickstart/rl/seed-2/model"), "rl/seed-2");
         assert_eq!(super::short_name("reward:runs/q/judge-rm/model/"), "reward:judge-rm");
         assert_eq!(super::short_name("answers/base.jsonl"), "base.jsonl");
         assert_eq!(super::short_name("oracle:tasks"), "oracle:tasks");

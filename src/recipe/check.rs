@@ -4,7 +4,7 @@
 //! needs, its config typed as the run will type it). Input files are
 //! checked by the planner, for the stages that will run.
 
-use crate::recipe::load::{place, Loaded};
+use crate::recipe::load::{place, Loaded, StageSpec};
 use crate::recipe::stages;
 use anyhow::{bail, Context, Result};
 use std::path::Path;
@@ -78,6 +78,21 @@ pub fn check(l: &Loaded) -> Result<()> {
                     stages::makers(reference.wants).join(", ")
                 );
             }
+            check_seed_pairing(&at, s, &format!("{field} = {n:?}"), t)?;
+        }
+        if let Some(seeds) = &s.seeds {
+            check_seeds(&at, s, seeds)?;
+        }
+        // The model a stage starts from without `from`: the previous
+        // model-producing stage's, one per seed if it is repeated.
+        if s.from.is_none() && stages::of(s).starts_from_model() {
+            if let Some(t) = r.stages[..i].iter().rev().find(|t| stages::of(t).makes_model()) {
+                let what = format!(
+                    "the model it starts from (no `from`: that of {:?}, the previous stage that makes one)",
+                    t.name
+                );
+                check_seed_pairing(&at, s, &what, t)?;
+            }
         }
         if let Some(d) = &s.data {
             if !r.data.contains_key(d) {
@@ -85,6 +100,60 @@ pub fn check(l: &Loaded) -> Result<()> {
             }
         }
         stages::of(s).check(&stages::ctx(l, i))?;
+    }
+    Ok(())
+}
+
+/// A stage `s` that uses the outputs of `t` (`what` says how): when `t` is
+/// repeated over seeds, `s` must be too, over some of `t`'s seeds; each seed
+/// of `s` then uses the same seed's outputs of `t`.
+fn check_seed_pairing(at: &str, s: &StageSpec, what: &str, t: &StageSpec) -> Result<()> {
+    let Some(theirs) = &t.seeds else { return Ok(()) };
+    match &s.seeds {
+        None => bail!(
+            "{at}: {what}: {:?} is repeated over seeds {theirs:?}, so it has one output per seed; \
+             give this stage `seeds = {theirs:?}` too (it then runs once per seed, each with the same \
+             seed's {:?})",
+            t.name,
+            t.name
+        ),
+        Some(ours) => match ours.iter().find(|x| !theirs.contains(x)) {
+            Some(x) => bail!(
+                "{at}.seeds: seed {x} is not one of the seeds {:?} is repeated over ({theirs:?}); each \
+                 seed of this stage uses the same seed's outputs of {:?} ({what})",
+                t.name,
+                t.name
+            ),
+            None => Ok(()),
+        },
+    }
+}
+
+/// A stage's `seeds` list: not empty, no seed twice, no `seed` in its
+/// config beside it, a kind whose outputs can be repeated.
+fn check_seeds(at: &str, s: &StageSpec, seeds: &[u64]) -> Result<()> {
+    if seeds.is_empty() {
+        bail!(
+            "{at}.seeds is empty: list the seeds to repeat the stage over (`seeds = [0, 1, 2]`), or \
+             remove the key to run it once with the recipe's seed"
+        );
+    }
+    let mut seen = std::collections::BTreeSet::new();
+    if let Some(x) = seeds.iter().find(|x| !seen.insert(**x)) {
+        bail!("{at}.seeds: seed {x} is listed twice ({seeds:?}); list each seed once");
+    }
+    if let Some(v) = s.config.get("seed") {
+        bail!(
+            "{at}: config.seed = {v} and seeds = {seeds:?} both set the stage's seed; each run of \
+             `seeds` has its seed, so remove config.seed"
+        );
+    }
+    if stages::of(s).makes().is_none() && s.candidate.is_none() {
+        bail!(
+            "{at}.seeds: a {} stage cannot be repeated over seeds (it has one output for the whole \
+             recipe); remove `seeds`",
+            s.kind
+        );
     }
     Ok(())
 }

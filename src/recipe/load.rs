@@ -66,6 +66,26 @@ pub struct StageSpec {
     /// The stage's own settings: the fields of its config type.
     #[serde(default)]
     pub config: toml::Table,
+    /// Repeats the stage once per seed (`seeds = [0, 1, 2]`): each run has
+    /// its config's `seed` set to that seed and its outputs in
+    /// `<stage>/seed-<seed>/`. A later stage that uses this one's outputs
+    /// must list seeds too (a subset of these): it runs seed by seed, each
+    /// with the same seed's outputs. Absent from the manifest hash (each
+    /// seed's hash covers its seed), so adding a seed keeps finished ones.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seeds: Option<Vec<u64>>,
+}
+
+impl StageSpec {
+    /// The stage as its manifest hash describes it: without `seeds`.
+    pub fn without_seeds(&self) -> StageSpec {
+        StageSpec { seeds: None, ..self.clone() }
+    }
+}
+
+/// The directory of one seed's outputs inside a stage's directory.
+pub fn seed_dir_name(seed: u64) -> String {
+    format!("seed-{seed}")
 }
 
 /// A recipe file.
@@ -92,13 +112,18 @@ fn default_device() -> String {
 }
 
 /// Where a recipe lives and what it says.
+#[derive(Clone)]
 pub struct Loaded {
     pub recipe: Recipe,
     pub base: PathBuf,
+    /// The seed whose outputs the stages repeated over seeds name (see
+    /// [`Loaded::with_seed`]); None outside such a run.
+    pub seed: Option<u64>,
 }
 
 /// Applies `--set stage.key=value` overrides (the value parsed as TOML, a
-/// bare string otherwise) to the raw recipe before it is typed.
+/// bare string otherwise) to the raw recipe before it is typed: keys of the
+/// stage's config, and `seeds` (`--set rl.seeds=[0,1,2]`), the stage's own.
 fn apply_sets(doc: &mut toml::Table, sets: &[String]) -> Result<()> {
     for s in sets {
         let (path, raw) =
@@ -122,6 +147,11 @@ fn apply_sets(doc: &mut toml::Table, sets: &[String]) -> Result<()> {
             .filter_map(|v| v.as_table_mut())
             .find(|t| t.get("name").and_then(|n| n.as_str()) == Some(stage))
             .with_context(|| format!("--set {s:?}: no stage named {stage:?}"))?;
+        // `seeds` is the stage's own key, beside `kind` and `from`.
+        if key == "seeds" {
+            st.insert(key.to_string(), value);
+            continue;
+        }
         let mut table = st.entry("config").or_insert_with(|| toml::Value::Table(Default::default()));
         let parts: Vec<&str> = key.split('.').collect();
         for p in &parts[..parts.len() - 1] {
@@ -209,7 +239,7 @@ pub fn load(path: &Path, sets: &[String], kinds: &[&str]) -> Result<Loaded> {
         }
     }
     let base = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new(".")).to_path_buf();
-    Ok(Loaded { recipe, base })
+    Ok(Loaded { recipe, base, seed: None })
 }
 
 fn path_value(p: &Path) -> toml::Value {
@@ -221,8 +251,30 @@ impl Loaded {
         self.base.join(&self.recipe.output_dir)
     }
 
+    /// A stage's directory; for a stage repeated over seeds, in the view of
+    /// a seed ([`Loaded::with_seed`]), that seed's directory inside it.
     pub fn stage_dir(&self, name: &str) -> PathBuf {
-        self.out_dir().join(name)
+        let dir = self.out_dir().join(name);
+        match (self.seed, self.stage(name).is_some_and(|(_, s)| s.seeds.is_some())) {
+            (Some(seed), true) => dir.join(seed_dir_name(seed)),
+            _ => dir,
+        }
+    }
+
+    /// The recipe in the view of one seed (`Some`) of the stages repeated
+    /// over seeds: their directories and models are that seed's. `None`:
+    /// their top directories.
+    pub fn with_seed(&self, seed: Option<u64>) -> Loaded {
+        Loaded { seed, ..self.clone() }
+    }
+
+    /// The seed a stage runs with in this view: its repetition's seed, else
+    /// the recipe's.
+    pub fn seed_of(&self, i: usize) -> u64 {
+        match (self.seed, &self.recipe.stages[i].seeds) {
+            (Some(seed), Some(_)) => seed,
+            _ => self.recipe.seed,
+        }
     }
 
     /// The stage of that name and its index.

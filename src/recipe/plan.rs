@@ -32,18 +32,33 @@ pub fn read_manifest(dir: &Path) -> Option<Manifest> {
 /// own settings and inputs, the hash of the stage before it (so that a
 /// change reruns that stage and every stage after it), and the version of
 /// the built-in task generator (whose `builtin:` specs name data by seed).
+///
+/// A stage repeated over seeds is described without its `seeds` list; in
+/// the view of one seed ([`Loaded::with_seed`]) its description has that
+/// seed (`stage_seed`) and its input model is that seed's. The stage before
+/// it is described outside any seed's view.
 fn resolved(l: &Loaded, i: usize) -> Result<serde_json::Value> {
     let s = &l.recipe.stages[i];
     let data = s.data.as_ref().map(|d| l.recipe.data[d].clone());
-    let upstream = if i == 0 { String::new() } else { lm::train::config_hash(&resolved(l, i - 1)?)? };
-    Ok(serde_json::json!({
-        "stage": s, "data": data, "input_model": stages::input_model(l, i), "seed": l.recipe.seed,
-        "device": l.recipe.device, "tokenizer": l.recipe.tokenizer, "base_model": l.recipe.base_model,
-        "upstream": upstream, "builtin_data_version": datasets::tasks::GENERATOR_VERSION,
-    }))
+    let upstream = match (i, l.seed) {
+        (0, _) => String::new(),
+        (_, None) => lm::train::config_hash(&resolved(l, i - 1)?)?,
+        (_, Some(_)) => lm::train::config_hash(&resolved(&l.with_seed(None), i - 1)?)?,
+    };
+    let mut v = serde_json::json!({
+        "stage": s.without_seeds(), "data": data, "input_model": stages::input_model(l, i),
+        "seed": l.recipe.seed, "device": l.recipe.device, "tokenizer": l.recipe.tokenizer,
+        "base_model": l.recipe.base_model, "upstream": upstream,
+        "builtin_data_version": datasets::tasks::GENERATOR_VERSION,
+    });
+    if let (Some(seed), Some(_)) = (l.seed, &s.seeds) {
+        v["stage_seed"] = serde_json::json!(seed);
+    }
+    Ok(v)
 }
 
-/// The hash of stage `i`'s resolved description.
+/// The hash of stage `i`'s resolved description (in the view of one seed
+/// for a stage repeated over seeds).
 pub fn stage_hash(l: &Loaded, i: usize) -> Result<String> {
     lm::train::config_hash(&resolved(l, i)?)
 }
@@ -140,9 +155,14 @@ pub fn changed_keys(l: &Loaded, i: usize, dir: &Path) -> Option<Vec<String>> {
     )
 }
 
-/// One row of [`status`].
+/// One row of [`status`]: a stage, or one seed of a stage repeated over
+/// seeds.
 pub struct StageStatus {
     pub name: String,
+    /// The stage's index in the recipe.
+    pub i: usize,
+    /// The seed, for a stage repeated over seeds.
+    pub seed: Option<u64>,
     pub kind: &'static dyn StageKind,
     /// `done`, `stale (config changed: rl.beta 0.1 → 0.05)`, `interrupted
     /// (resumes)` or `pending`.
@@ -155,34 +175,53 @@ pub struct StageStatus {
     pub changed: Vec<String>,
 }
 
-/// State of each stage for `--dry-run` and `align status`.
+/// The views a stage runs in: each of its seeds, or the recipe's own.
+pub fn runs_of(l: &Loaded, i: usize) -> Vec<Loaded> {
+    match &l.recipe.stages[i].seeds {
+        Some(seeds) => seeds.iter().map(|s| l.with_seed(Some(*s))).collect(),
+        None => vec![l.with_seed(None)],
+    }
+}
+
+/// State of each stage for `--dry-run` and `align status`: one row per
+/// stage, or per seed of a stage repeated over seeds, in order.
 pub fn status(l: &Loaded) -> Result<Vec<StageStatus>> {
     let mut out: Vec<StageStatus> = vec![];
-    for (i, s) in l.recipe.stages.iter().enumerate() {
-        let dir = l.stage_dir(&s.name);
-        let hash = stage_hash(l, i)?;
-        let mut changed = vec![];
-        let (state, summary) = match read_manifest(&dir) {
-            Some(m) if m.completed && m.config_hash == hash => ("done".to_string(), m.summary),
-            Some(m) if m.config_hash != hash => {
-                changed = changed_keys(l, i, &dir).unwrap_or_default();
-                let state = if !changed.is_empty() {
-                    format!("stale (config changed: {})", changed.join(", "))
-                } else if out.iter().any(|o| o.state.starts_with("stale")) {
-                    "stale (an earlier stage changed)".to_string()
-                } else {
-                    "stale (config changed)".to_string()
-                };
-                (state, m.summary)
-            }
-            _ if dir.join("checkpoints").exists() => {
-                ("interrupted (resumes)".to_string(), serde_json::Value::Null)
-            }
-            _ => ("pending".to_string(), serde_json::Value::Null),
-        };
-        out.push(StageStatus { name: s.name.clone(), kind: stages::of(s), state, dir, summary, changed });
+    for i in 0..l.recipe.stages.len() {
+        for lv in runs_of(l, i) {
+            out.push(status_of(&lv, i, &out)?);
+        }
     }
     Ok(out)
+}
+
+/// The state of stage `i` in the view `l` (one seed's, or none), given the
+/// rows before it.
+fn status_of(l: &Loaded, i: usize, out: &[StageStatus]) -> Result<StageStatus> {
+    let s = &l.recipe.stages[i];
+    let dir = l.stage_dir(&s.name);
+    let hash = stage_hash(l, i)?;
+    let mut changed = vec![];
+    let (state, summary) = match read_manifest(&dir) {
+        Some(m) if m.completed && m.config_hash == hash => ("done".to_string(), m.summary),
+        Some(m) if m.config_hash != hash => {
+            changed = changed_keys(l, i, &dir).unwrap_or_default();
+            let state = if !changed.is_empty() {
+                format!("stale (config changed: {})", changed.join(", "))
+            } else if out.iter().any(|o| o.state.starts_with("stale")) {
+                "stale (an earlier stage changed)".to_string()
+            } else {
+                "stale (config changed)".to_string()
+            };
+            (state, m.summary)
+        }
+        _ if dir.join("checkpoints").exists() => {
+            ("interrupted (resumes)".to_string(), serde_json::Value::Null)
+        }
+        _ => ("pending".to_string(), serde_json::Value::Null),
+    };
+    let seed = l.seed.filter(|_| s.seeds.is_some());
+    Ok(StageStatus { name: s.name.clone(), i, seed, kind: stages::of(s), state, dir, summary, changed })
 }
 
 /// What a data source's path names: a file (it has an extension), or a
@@ -258,9 +297,9 @@ pub fn missing_inputs(l: &Loaded, run: &[usize]) -> Vec<String> {
     out
 }
 
-/// Prints the `--dry-run` plan: each stage's state, whether it will run,
-/// its directory and input model, its kind's notes; then the missing
-/// inputs as warnings.
+/// Prints the `--dry-run` plan: each stage's (or seed's) state, whether it
+/// will run (`will_run` of its row's index in `states`), its directory and
+/// input model, its kind's notes; then the missing inputs as warnings.
 pub fn print_plan(
     l: &Loaded,
     states: &[StageStatus],
@@ -268,19 +307,24 @@ pub fn print_plan(
     missing: &[String],
 ) -> Result<()> {
     println!("recipe {} → {}", l.recipe.name, l.out_dir().display());
-    for (i, st) in states.iter().enumerate() {
+    for (k, st) in states.iter().enumerate() {
+        let name = match st.seed {
+            Some(seed) => format!("{} seed {seed}", st.name),
+            None => st.name.clone(),
+        };
         println!(
             "  {:<16} {:<9} {:<24} {}  {}",
-            st.name,
+            name,
             st.kind.name(),
             st.state,
-            if will_run(i) { "will run" } else { "skip" },
+            if will_run(k) { "will run" } else { "skip" },
             st.dir.display()
         );
+        let lv = l.with_seed(st.seed);
         if st.kind.starts_from_model() {
-            println!("      from {}", stages::input_model(l, i).display());
+            println!("      from {}", stages::input_model(&lv, st.i).display());
         }
-        for note in st.kind.plan_notes(&stages::ctx(l, i))? {
+        for note in st.kind.plan_notes(&stages::ctx(&lv, st.i))? {
             println!("      {note}");
         }
     }

@@ -6,6 +6,7 @@ use crate::recipe::load::Loaded;
 use crate::recipe::plan::{missing_inputs, print_plan, stage_hash, status, write_settings, Manifest};
 use crate::recipe::stages;
 use anyhow::{bail, Context, Result};
+use std::path::Path;
 
 pub use crate::recipe::check::load;
 pub use crate::recipe::report::print_status;
@@ -31,9 +32,14 @@ pub fn run(l: &Loaded, opts: &RunOptions) -> Result<()> {
         _ => 0,
     };
     let end = if opts.stage.is_some() { start + 1 } else { names.len() };
+    // One row per stage, or per seed of a stage repeated over seeds.
     let states = status(l)?;
-    let will_run = |i: usize| (start..end).contains(&i) && (opts.force || states[i].state != "done");
-    let to_run: Vec<usize> = (0..names.len()).filter(|&i| will_run(i)).collect();
+    let will_run = |k: usize| {
+        let st = &states[k];
+        (start..end).contains(&st.i) && (opts.force || st.state != "done")
+    };
+    let mut to_run: Vec<usize> = (0..states.len()).filter(|&k| will_run(k)).map(|k| states[k].i).collect();
+    to_run.dedup();
     let missing = missing_inputs(l, &to_run);
     if opts.dry_run {
         return print_plan(l, &states, &will_run, &missing);
@@ -49,8 +55,7 @@ pub fn run(l: &Loaded, opts: &RunOptions) -> Result<()> {
     }
     // Say what a rerun changes back (a `--set` run's settings) before
     // anything runs.
-    for &i in &to_run {
-        let st = &states[i];
+    for st in (0..states.len()).filter(|&k| will_run(k)).map(|k| &states[k]) {
         if !st.changed.is_empty() {
             eprintln!(
                 "note: stage {:?}: its outputs in {} were made with other settings; this run \
@@ -61,17 +66,27 @@ pub fn run(l: &Loaded, opts: &RunOptions) -> Result<()> {
             );
         }
     }
-    #[allow(clippy::needless_range_loop)]
-    for i in start..end {
-        let s = &l.recipe.stages[i];
-        let kind = stages::of(s);
-        let dir = l.stage_dir(&s.name);
-        let hash = stage_hash(l, i)?;
-        if !opts.force && states[i].state == "done" {
-            eprintln!("== {} ({}): done, skipped", s.name, kind.title());
+    for (k, st) in states.iter().enumerate() {
+        let i = st.i;
+        if !(start..end).contains(&i) {
             continue;
         }
-        if opts.force || states[i].state.starts_with("stale") {
+        let lv = l.with_seed(st.seed);
+        let s = &l.recipe.stages[i];
+        let kind = stages::of(s);
+        let dir = st.dir.clone();
+        let name = match st.seed {
+            Some(seed) => format!("{} seed {seed}", s.name),
+            None => s.name.clone(),
+        };
+        if !will_run(k) {
+            eprintln!("== {name} ({}): done, skipped", kind.title());
+            continue;
+        }
+        clear_other_form(&l.stage_dir(&s.name), s.seeds.is_some())
+            .with_context(|| format!("stage {:?}", s.name))?;
+        let hash = stage_hash(&lv, i)?;
+        if opts.force || st.state.starts_with("stale") {
             // A new configuration starts over (no resume from another config).
             if dir.exists() {
                 // Never under a run that holds it (the lock goes with the directory).
@@ -80,14 +95,14 @@ pub fn run(l: &Loaded, opts: &RunOptions) -> Result<()> {
                 std::fs::remove_dir_all(&dir).with_context(|| format!("cannot clear {}", dir.display()))?;
             }
         }
-        eprintln!("== {} ({}) → {}", s.name, kind.title(), dir.display());
+        eprintln!("== {name} ({}) → {}", kind.title(), dir.display());
         let t0 = std::time::Instant::now();
         let summary = std::fs::create_dir_all(&dir)
             .map_err(anyhow::Error::from)
-            .and_then(|()| kind.run(&stages::ctx(l, i), &dir))
-            .with_context(|| format!("stage {:?}", s.name))?;
+            .and_then(|()| kind.run(&stages::ctx(&lv, i), &dir))
+            .with_context(|| format!("stage {name:?}"))?;
         let seconds = Some(t0.elapsed().as_secs_f64());
-        write_settings(l, i, &dir)?;
+        write_settings(&lv, i, &dir)?;
         let m = Manifest {
             stage: s.name.clone(),
             kind: s.kind.clone(),
@@ -97,8 +112,50 @@ pub fn run(l: &Loaded, opts: &RunOptions) -> Result<()> {
             seconds,
         };
         lm::fsio::write_atomic(&dir.join("manifest.json"), serde_json::to_string_pretty(&m)?.as_bytes())?;
-        eprintln!("== {} done in {:.0}s", s.name, t0.elapsed().as_secs_f64());
+        eprintln!("== {name} done in {:.0}s", t0.elapsed().as_secs_f64());
     }
     crate::recipe::report::write_report(l)?;
+    Ok(())
+}
+
+/// Whether `name` is the directory of one seed's outputs (`seed-3`).
+fn is_seed_dir(name: &str) -> bool {
+    name.strip_prefix("seed-").is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+}
+
+/// A stage's directory holds either the outputs of one run or one
+/// directory per seed. Before a stage runs, the other form's outputs, left
+/// by a run of the recipe with (or without) `seeds`, are removed: for a
+/// stage repeated over seeds, the files of a run without seeds; for one
+/// without, the seed directories. Never under a run that holds them.
+fn clear_other_form(dir: &Path, seeded: bool) -> Result<()> {
+    let Ok(entries) = std::fs::read_dir(dir) else { return Ok(()) };
+    let lock_name = lm::output_dir::LOCK_FILE;
+    let other: Vec<std::path::PathBuf> = entries
+        .filter_map(|e| e.ok())
+        .filter(|e| {
+            let n = e.file_name().to_string_lossy().into_owned();
+            n != lock_name && is_seed_dir(&n) != seeded
+        })
+        .map(|e| e.path())
+        .collect();
+    if other.is_empty() {
+        return Ok(());
+    }
+    let _lock = lm::output_dir::OutputLock::acquire(dir)?;
+    eprintln!(
+        "note: removing the outputs of a run {} seeds in {}",
+        if seeded { "without" } else { "with" },
+        dir.display()
+    );
+    for p in other {
+        if p.is_dir() {
+            // A seed's directory may be held by a run of its own.
+            let _seed_lock = if seeded { None } else { Some(lm::output_dir::OutputLock::acquire(&p)?) };
+            std::fs::remove_dir_all(&p).with_context(|| format!("cannot remove {}", p.display()))?;
+        } else {
+            std::fs::remove_file(&p).with_context(|| format!("cannot remove {}", p.display()))?;
+        }
+    }
     Ok(())
 }

@@ -88,11 +88,17 @@ impl Ctx<'_> {
         self.l.data_value(&self.spec().data)
     }
 
-    /// The stage's config with the recipe's seed and device where it sets
-    /// none.
+    /// The seed the stage runs with where its config sets none: the seed
+    /// of its repetition (`seeds`), else the recipe's.
+    pub fn seed(&self) -> u64 {
+        self.l.seed_of(self.i)
+    }
+
+    /// The stage's config with the recipe's seed (its repetition's, for a
+    /// stage repeated over seeds) and device where it sets none.
     pub fn config_with_defaults(&self) -> toml::Table {
         let mut t = self.spec().config.clone();
-        t.entry("seed").or_insert(toml::Value::Integer(self.l.recipe.seed as i64));
+        t.entry("seed").or_insert(toml::Value::Integer(self.seed() as i64));
         t.entry("device").or_insert(toml::Value::String(self.l.recipe.device.clone()));
         t
     }

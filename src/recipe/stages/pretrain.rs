@@ -51,7 +51,11 @@ impl StageKind for Pretrain {
     fn run(&self, ctx: &Ctx, dir: &Path) -> Result<serde_json::Value> {
         let (l, s) = (ctx.l, ctx.spec());
         // Initialise the base model when the recipe names a preset.
-        let base_model = l.out_dir().join("base-model");
+        // Repeated over seeds, each seed initialises its own.
+        let base_model = match (l.seed, &s.seeds) {
+            (Some(seed), Some(_)) => l.out_dir().join(format!("base-model-seed-{seed}")),
+            _ => l.out_dir().join("base-model"),
+        };
         let init = match (&l.recipe.base_model.preset, &l.recipe.base_model.checkpoint) {
             (Some(p), _) if s.from.is_none() => {
                 let tok = lm::Tokenizer::from_file(&l.tokenizer_path())?;
@@ -61,7 +65,7 @@ impl StageKind for Pretrain {
                 }
                 let vs = tch::nn::VarStore::new(tch::Device::Cpu);
                 let _m = lm::Gemma::new(&vs.root(), &cfg)?;
-                lm::init::init_seeded(&vs, cfg.initializer_range, l.recipe.seed)?;
+                lm::init::init_seeded(&vs, cfg.initializer_range, ctx.seed())?;
                 checkpoint::save(&base_model, &vs, &cfg, &tok, &Default::default())?;
                 base_model
             }

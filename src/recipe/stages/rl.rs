@@ -71,7 +71,7 @@ impl StageKind for Rl {
         t.insert("model".into(), path_value(&ctx.input_model));
         t.insert("output_dir".into(), path_value(dir));
         t.insert("data".into(), ctx.data()?);
-        t.entry("seed").or_insert(toml::Value::Integer(l.recipe.seed as i64));
+        t.entry("seed").or_insert(toml::Value::Integer(ctx.seed() as i64));
         t.entry("device").or_insert(toml::Value::String(l.recipe.device.clone()));
         // A reward model or reference named in the config is read from the
         // recipe's directory, as the missing-input check looked for it.

@@ -194,7 +194,7 @@ fn variant_table(
     t.insert("model".into(), toml::Value::String(model.display().to_string()));
     t.insert("output_dir".into(), toml::Value::String(out.display().to_string()));
     t.insert("data".into(), data);
-    t.entry("seed").or_insert(toml::Value::Integer(l.recipe.seed as i64));
+    t.entry("seed").or_insert(toml::Value::Integer(l.seed_of(i) as i64));
     t.entry("device").or_insert(toml::Value::String(l.recipe.device.clone()));
     Ok(t)
 }
