@@ -403,9 +403,21 @@ impl SafetensorsFile {
             let n = step.min(numel - at);
             let s = st.start + at as usize * elt;
             let e = s + n as usize * elt;
-            let src = Tensor::f_from_data_size(&self.map[s..e], &[n], st.kind).with_context(context)?;
-            flat.narrow(0, at, n).f_copy_(&src).with_context(context)?;
-            drop(src);
+            let bytes = &self.map[s..e];
+            if bytes.as_ptr() as usize % elt == 0 {
+                // SAFETY: `src` views `bytes` (n elements of `st.kind`,
+                // aligned, inside the mapping, which outlives it: `src` is
+                // dropped at the end of this block, before the pages are
+                // released) without copying; it is only
+                // read, as the source of `copy_`, so the read-only mapping
+                // is never written through it.
+                let src = unsafe { Tensor::f_from_blob(bytes.as_ptr(), &[n], &[1], st.kind, Device::Cpu) }
+                    .with_context(context)?;
+                flat.narrow(0, at, n).f_copy_(&src).with_context(context)?;
+            } else {
+                let src = Tensor::f_from_data_size(bytes, &[n], st.kind).with_context(context)?;
+                flat.narrow(0, at, n).f_copy_(&src).with_context(context)?;
+            }
             self.release(s, e);
             at += n;
         }

@@ -292,3 +292,22 @@ fn sizes_parse_as_transformers_reads_them() {
 fn the_default_shard_limit_is_transformers_5gb() {
     assert_eq!(SaveOptions::default().max_shard_bytes, 5_000_000_000);
 }
+
+#[test]
+fn a_tensor_at_an_unaligned_offset_loads() {
+    // 3 bf16 values (6 bytes) put the f32 tensor after them off 4-byte alignment.
+    let mut t = BTreeMap::new();
+    t.insert("a".to_string(), Tensor::from_slice(&[1.0f32, 2.0, 3.0]).to_kind(Kind::BFloat16));
+    t.insert("b".to_string(), Tensor::from_slice(&[0.5f32, -1.25, 3.0, 4.5, 1e-3]));
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join("x.safetensors");
+    checkpoint::write_tensors_file(&path, &t).unwrap();
+    let f = SafetensorsFile::open(&path).unwrap();
+    assert_eq!(f.tensors()["b"].start % 4, 2);
+    let dst = Tensor::zeros([5], (Kind::Float, Device::Cpu));
+    f.copy_into("b", &dst).unwrap();
+    assert!(dst.equal(&t["b"]));
+    let a = Tensor::zeros([3], (Kind::Float, Device::Cpu));
+    f.copy_into("a", &a).unwrap();
+    assert!(a.equal(&t["a"].to_kind(Kind::Float)));
+}
