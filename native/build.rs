@@ -122,9 +122,10 @@ fn main() {
     }
     cuda_dirs.push(PathBuf::from("/usr/local/cuda/include"));
     cuda_dirs.retain(|d| d.is_dir());
-    // The CUDA runtime headers include crt/host_config.h, which the
-    // nvidia-cuda-runtime wheel lacks (it comes with a CUDA toolkit or the
-    // nvidia-cuda-crt wheel): without it there is no NCCL part.
+    // The CUDA runtime headers include crt/host_config.h and CCCL's
+    // nv/target, which the nvidia-cuda-runtime wheel lacks: they come with a
+    // CUDA toolkit (/usr/local/cuda) or the nvidia-cuda-crt and
+    // nvidia-cuda-cccl wheels. Without them there is no NCCL part.
     let nccl = if disabled("ALIGN_NATIVE_NCCL") || !cuda_torch {
         None
     } else {
@@ -132,16 +133,19 @@ fn main() {
             first_with(&nccl_dirs, "nccl.h"),
             first_with(&cuda_dirs, "cuda_runtime_api.h"),
             first_with(&cuda_dirs, "crt/host_config.h"),
+            first_with(&cuda_dirs, "nv/target"),
         );
         match found {
-            (Some(n), Some(c), Some(_)) => Some((n, c)),
-            (n, c, _) => {
+            (Some(n), Some(c), Some(_), Some(_)) => Some((n, c)),
+            (n, c, crt, _) => {
                 let missing = if n.is_none() {
                     "nccl.h"
                 } else if c.is_none() {
                     "cuda_runtime_api.h"
+                } else if crt.is_none() {
+                    "crt/host_config.h (a CUDA toolkit's headers, or the nvidia-cuda-crt wheel; ALIGN_CUDA_INCLUDE)"
                 } else {
-                    "crt/host_config.h (a CUDA toolkit's headers; ALIGN_CUDA_INCLUDE)"
+                    "nv/target (a CUDA toolkit's headers, or the nvidia-cuda-cccl wheel; ALIGN_CUDA_INCLUDE)"
                 };
                 println!("cargo:warning=align-native: CUDA libtorch but no {missing}, the bridge is built without NCCL");
                 None
