@@ -12,8 +12,9 @@
 //! - [`ProcessGroup`]: a c10d process group (PyTorch's own distributed
 //!   engine, the one `torch.distributed` uses) over a `TCPStore` rendezvous,
 //!   with the Gloo backend on CPU and NCCL on CUDA, and the collectives
-//!   `all_reduce` (sum, avg, max, min), `broadcast`, `barrier`, `all_gather`
-//!   and `reduce_scatter`. Every rendezvous and collective is bounded by the
+//!   `all_reduce` (sum, avg, max, min), `all_reduce_bucketed` (gradients
+//!   flattened into buckets), `broadcast`, `barrier`, `all_gather` and
+//!   `reduce_scatter`. Every rendezvous and collective is bounded by the
 //!   group's timeout: a dead or missing peer is an error, not a hang.
 //! - [`DistEnv`]: the launch environment torchrun (or SLURM's `srun`) sets:
 //!   `RANK`, `WORLD_SIZE`, `LOCAL_RANK`, `MASTER_ADDR`, `MASTER_PORT`.
@@ -497,6 +498,43 @@ impl ProcessGroup {
         // SAFETY: a live handle and a live tensor, borrowed for the call.
         check(unsafe { ffi::align_native_all_reduce(self.raw, t.as_mut_ptr(), op.code()) })
             .with_context(|| self.ctx("all_reduce"))
+    }
+
+    /// All-reduces many tensors (gradients) in few collectives: consecutive
+    /// tensors of one dtype and device are flattened into buckets of at most
+    /// `bucket_bytes` (a larger tensor is a bucket of its own), each bucket
+    /// is all-reduced, and the results are copied back in place. Every rank
+    /// passes the same list (same shapes, same order).
+    pub fn all_reduce_bucketed(&self, tensors: &[Tensor], op: ReduceOp, bucket_bytes: usize) -> Result<()> {
+        let bytes = |t: &Tensor| t.numel() * t.kind().elt_size_in_bytes();
+        let mut i = 0;
+        while i < tensors.len() {
+            let (kind, device) = (tensors[i].kind(), tensors[i].device());
+            let mut j = i + 1;
+            let mut size = bytes(&tensors[i]);
+            while j < tensors.len()
+                && tensors[j].kind() == kind
+                && tensors[j].device() == device
+                && size + bytes(&tensors[j]) <= bucket_bytes
+            {
+                size += bytes(&tensors[j]);
+                j += 1;
+            }
+            tch::no_grad(|| -> Result<()> {
+                let flat: Vec<Tensor> = tensors[i..j].iter().map(|t| t.reshape([-1])).collect();
+                let mut bucket = Tensor::f_cat(&flat, 0)?;
+                self.all_reduce(&mut bucket, op)?;
+                let mut offset = 0;
+                for t in &tensors[i..j] {
+                    let n = t.numel() as i64;
+                    t.shallow_clone().f_copy_(&bucket.f_narrow(0, offset, n)?.f_view_as(t)?)?;
+                    offset += n;
+                }
+                Ok(())
+            })?;
+            i = j;
+        }
+        Ok(())
     }
 
     /// Copies `root`'s `t` into every other rank's `t` (same shape and dtype).

@@ -121,6 +121,23 @@ fn collectives(pg: &ProcessGroup) {
     assert_eq!(big.min().double_value(&[]), ranks_sum as f64);
     assert_eq!(big.max().double_value(&[]), ranks_sum as f64);
 
+    // Gradients in buckets: 7 tensors of mixed shapes and two dtypes, 64-byte
+    // buckets (several tensors per bucket, one tensor larger than a bucket).
+    let shapes: [&[i64]; 7] = [&[3], &[2, 2], &[40], &[1], &[5], &[2, 3], &[7]];
+    let grads: Vec<Tensor> = shapes
+        .iter()
+        .enumerate()
+        .map(|(i, s)| {
+            let kind = if i == 5 { Kind::Double } else { Kind::Float };
+            Tensor::ones(*s, (kind, Device::Cpu)) * ((r + 1.0) as f64 * (i + 1) as f64)
+        })
+        .collect();
+    pg.all_reduce_bucketed(&grads, ReduceOp::Avg, 64).unwrap();
+    for (i, g) in grads.iter().enumerate() {
+        let e = (i + 1) as f64 * ranks_sum as f64 / w as f64;
+        assert!((g - e).abs().max().double_value(&[]) < 1e-6, "bucketed all_reduce of tensor {i}: {g}");
+    }
+
     // broadcast from the last rank.
     let root = pg.world_size() - 1;
     let mut t = Tensor::full([3], r as f64, (Kind::Float, Device::Cpu));
