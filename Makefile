@@ -3,7 +3,7 @@
 #   make quickstart   the main job (see README)
 #   make test         every test, CPU only
 #   make bench        align against transformers on this machine
-#   make fixtures     regenerate the transformers parity fixtures (needs the venv)
+#   make fixtures     regenerate the transformers and peft parity fixtures (needs the venv)
 #
 # libtorch comes from PyTorch 2.11.0: the system python3 when it already has
 # that torch (the GPU machines), otherwise a project-local venv (.venv).
@@ -119,8 +119,12 @@ bench: build $(STAMPS)/pydeps
 	$(PYTHON) -c "import trl" 2>/dev/null || $(PYTHON) -m pip install --quiet --disable-pip-version-check trl
 	$(BIN) bench rl --python $(PYTHON)
 
+# peft (for the LoRA fixtures only; no test needs it) is installed here.
 fixtures: $(STAMPS)/pydeps
 	$(PYTHON) scripts/make_fixtures.py
+	$(PYTHON) -c "import peft" >/dev/null 2>&1 || \
+	  $(PYTHON) -m pip install --quiet --disable-pip-version-check peft
+	$(PYTHON) scripts/make_peft_fixture.py
 
 fmt:
 	$(CARGO) fmt --all

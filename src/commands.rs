@@ -1,4 +1,4 @@
-//! The model commands: generate, chat, inspect, init, tokenizer train.
+//! The model commands: generate, chat, inspect, init, merge, tokenizer train.
 
 use crate::{RunOpts, SamplingOpts};
 use anyhow::{bail, Context, Result};
@@ -233,6 +233,43 @@ pub fn init(
         out.display(),
         cfg.num_parameters() as f64 / 1e6,
         cfg.vocab_size
+    );
+    Ok(())
+}
+
+/// `align merge`: the adapter in `adapter` merged into the base in `base`,
+/// written to `out` (new or empty, and neither input).
+pub fn merge(base: &Path, adapter: &Path, out: &Path, dtype: Option<&str>) -> Result<()> {
+    let kind = dtype.map(parse_dtype).transpose()?;
+    for (input, flag) in [(base, "--base"), (adapter, "--adapter")] {
+        let (o, i) = (lm::fsio::canonical(out), lm::fsio::canonical(input));
+        if o == i || i.starts_with(&o) {
+            bail!(
+                "--out {} overlaps the {flag} directory {}; write the merged model elsewhere",
+                out.display(),
+                input.display()
+            );
+        }
+    }
+    if out.is_file() {
+        bail!("--out {} is a file; give a new or empty directory", out.display());
+    }
+    let n = std::fs::read_dir(out).map(|d| d.count()).unwrap_or(0);
+    if n > 0 {
+        bail!(
+            "--out {} is not empty ({n} entr{}); give a new or empty directory",
+            out.display(),
+            if n == 1 { "y" } else { "ies" }
+        );
+    }
+    let r = lm::peft::merge_dirs(base, adapter, out, kind)?;
+    eprintln!(
+        "wrote {}: {} adapter merged into {} ({} projections, {})",
+        out.display(),
+        r.task_type.as_str(),
+        base.display(),
+        r.merged,
+        if r.kind == tch::Kind::BFloat16 { "bf16" } else { "f32" }
     );
     Ok(())
 }

@@ -180,6 +180,22 @@ enum Command {
         #[command(subcommand)]
         command: data_cmd::DataCommand,
     },
+    /// Merge a PEFT LoRA adapter into its base: a full HF checkpoint.
+    Merge {
+        /// The base model directory (a causal LM; for a SEQ_CLS adapter, a
+        /// reward model or the causal LM it was trained from).
+        #[arg(long)]
+        base: PathBuf,
+        /// The adapter directory (adapter_config.json, adapter_model.safetensors).
+        #[arg(long)]
+        adapter: PathBuf,
+        /// A new or empty directory.
+        #[arg(long)]
+        out: PathBuf,
+        /// f32 or bf16 (default: the dtype the base declares).
+        #[arg(long)]
+        dtype: Option<String>,
+    },
     /// Where libtorch is, whether CUDA is usable, threads: a smoke check.
     Info,
     /// Evaluations.
@@ -253,6 +269,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Bench { command } => bench::run(command),
         Command::Sft { config } => commands::sft(&config),
+        Command::Merge { base, adapter, out, dtype } => commands::merge(&base, &adapter, &out, dtype.as_deref()),
         Command::Info => commands::info(),
         Command::Eval { command: EvalCommand::Memorization(a) } => judge::cli_memorization(a),
         Command::Eval { command: EvalCommand::Tasks { model, prompts, max_new_tokens, batch, run, out } } => {

@@ -42,6 +42,16 @@ pub fn seeded_normal(shape: &[i64], std: f64, seed: u64, name: &str) -> Tensor {
     Tensor::from_slice(&out).reshape(shape)
 }
 
+/// A CPU f32 tensor of `shape` drawn from uniform(−`bound`, `bound`) over a
+/// ChaCha8 stream keyed by `seed` and `name` (LoRA's A: PEFT's
+/// kaiming-uniform with a = √5 is uniform(±1/√fan_in)).
+pub fn seeded_uniform(shape: &[i64], bound: f64, seed: u64, name: &str) -> Tensor {
+    let n: i64 = shape.iter().product();
+    let mut rng = ChaCha8Rng::seed_from_u64(stream_key(seed, name));
+    let out: Vec<f32> = (0..n).map(|_| ((rng.random::<f64>() * 2.0 - 1.0) * bound) as f32).collect();
+    Tensor::from_slice(&out).reshape(shape)
+}
+
 /// Whether a Gemma variable is an RMSNorm scale (initialised to zero, since
 /// the norm multiplies by `1 + weight`).
 fn is_norm(name: &str) -> bool {

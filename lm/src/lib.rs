@@ -29,7 +29,10 @@
 //! - [`reward_score`] — the one reward-scoring path (formatting, prompt-side
 //!   truncation from the left, batching) `align score`, the RL reward and
 //!   the reward judge share.
-//! - [`lora`] — LoRA adapters on the decoder's projections, in PEFT's format.
+//! - [`lora`] — LoRA adapters on the decoder's projections: config, the
+//!   adapter's maths, the switches (enabled, training) a model's adapters share.
+//! - [`peft`] — LoRA on the model: attach, switch off (the RL reference),
+//!   PEFT's adapter directories, merging into a full checkpoint.
 //! - [`init`] — seeded initialisation that ignores torch's global generator.
 //! - [`device`] — `--device` / `--dtype` parsing.
 //! - [`plot`] — PNG line charts (loss, reward, KL) and bar charts with
@@ -46,6 +49,7 @@ pub mod init;
 pub mod lora;
 pub mod model;
 pub mod output_dir;
+pub mod peft;
 pub mod plot;
 pub mod reference;
 pub mod reward_model;

@@ -6,6 +6,9 @@
 
 use anyhow::{bail, Result};
 use serde::{Deserialize, Serialize};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use tch::{Kind, Tensor};
 
 /// The HF names of the projections an adapter may wrap.
 pub const LINEAR_MODULES: [&str; 7] =
@@ -87,5 +90,107 @@ impl LoraConfig {
     /// `alpha / rank`, the factor on `B A x`.
     pub fn scaling(&self) -> f64 {
         self.alpha / self.rank as f64
+    }
+}
+
+/// The switches shared by all adapters of one model (cheap to clone: two
+/// shared flags). `enabled` off computes the base model (PEFT's
+/// `disable_adapter()`); `training` on applies the adapters' dropout.
+#[derive(Debug, Clone)]
+pub struct AdapterSwitch {
+    enabled: Arc<AtomicBool>,
+    training: Arc<AtomicBool>,
+}
+
+impl Default for AdapterSwitch {
+    /// Enabled, not training.
+    fn default() -> Self {
+        AdapterSwitch { enabled: Arc::new(AtomicBool::new(true)), training: Arc::new(AtomicBool::new(false)) }
+    }
+}
+
+impl AdapterSwitch {
+    pub fn enabled(&self) -> bool {
+        self.enabled.load(Ordering::SeqCst)
+    }
+
+    /// Sets `enabled`; returns the previous value.
+    pub fn set_enabled(&self, on: bool) -> bool {
+        self.enabled.swap(on, Ordering::SeqCst)
+    }
+
+    pub fn training(&self) -> bool {
+        self.training.load(Ordering::SeqCst)
+    }
+
+    /// Sets `training`; returns the previous value.
+    pub fn set_training(&self, on: bool) -> bool {
+        self.training.swap(on, Ordering::SeqCst)
+    }
+
+    /// Whether two handles are the same switch.
+    pub fn same(&self, other: &AdapterSwitch) -> bool {
+        Arc::ptr_eq(&self.enabled, &other.enabled)
+    }
+}
+
+/// Switches adapters off until dropped, then restores the previous state
+/// (from [`AdapterSwitch::disabled`]).
+#[must_use = "the adapters are back on when the guard is dropped"]
+pub struct AdaptersDisabled {
+    switch: Option<(AdapterSwitch, bool)>,
+}
+
+impl AdapterSwitch {
+    /// Adapters off until the guard is dropped.
+    pub fn disabled(&self) -> AdaptersDisabled {
+        let was = self.set_enabled(false);
+        AdaptersDisabled { switch: Some((self.clone(), was)) }
+    }
+}
+
+impl AdaptersDisabled {
+    /// A guard that does nothing (a model without adapters).
+    pub fn none() -> Self {
+        AdaptersDisabled { switch: None }
+    }
+}
+
+impl Drop for AdaptersDisabled {
+    fn drop(&mut self) {
+        if let Some((s, was)) = self.switch.take() {
+            s.set_enabled(was);
+        }
+    }
+}
+
+/// One projection's adapter: `lora_a` (r, in), `lora_b` (out, r), f32,
+/// shallow clones of the variables of the adapters' `VarStore`.
+#[derive(Debug)]
+pub struct LoraAdapter {
+    pub lora_a: Tensor,
+    pub lora_b: Tensor,
+    /// `alpha / r`.
+    pub scaling: f64,
+    /// Dropout probability on the adapter's input (training only).
+    pub dropout: f64,
+    pub switch: AdapterSwitch,
+}
+
+impl LoraAdapter {
+    /// `scaling · B(A(dropout(x)))` for `x` (…, in), in the adapter's dtype
+    /// (`x` is cast to it first, as PEFT does). Dropout only while the
+    /// switch says training, drawn from torch's generator.
+    pub fn delta(&self, x: &Tensor) -> Tensor {
+        let x = x.to_kind(self.lora_a.kind());
+        let x = if self.dropout > 0.0 && self.switch.training() { x.dropout(self.dropout, true) } else { x };
+        x.linear::<Tensor>(&self.lora_a, None).linear::<Tensor>(&self.lora_b, None) * self.scaling
+    }
+
+    /// `scaling · B A` (out, in) in f32, detached: what merging adds to W.
+    pub fn delta_weight(&self) -> Tensor {
+        let a = self.lora_a.detach().to_kind(Kind::Float);
+        let b = self.lora_b.detach().to_kind(Kind::Float);
+        b.matmul(&a) * self.scaling
     }
 }

@@ -13,13 +13,18 @@
 //! - LM head tied to the embedding matrix.
 
 use crate::config::GemmaConfig;
+use crate::lora::LoraAdapter;
 use anyhow::{ensure, Context, Result};
 use tch::{nn, nn::Module, Device, Kind, Tensor};
 
-/// `Linear` without bias; weight [out, in] named `weight`.
+/// `Linear` without bias; weight [out, in] named `weight`, and optionally a
+/// LoRA adapter ([`crate::lora::LoraAdapter`]) beside it.
 #[derive(Debug)]
 pub struct Linear {
     pub weight: Tensor,
+    /// A LoRA adapter: when present and enabled, `forward` adds
+    /// `scaling · B A x` (see [`crate::lora`]).
+    pub lora: Option<LoraAdapter>,
 }
 
 impl Linear {
@@ -30,7 +35,28 @@ impl Linear {
 
     pub fn with_init(p: nn::Path, in_dim: i64, out_dim: i64, init: nn::Init) -> Self {
         let weight = p.var("weight", &[out_dim, in_dim], init);
-        Linear { weight }
+        Linear { weight, lora: None }
+    }
+
+    /// The adapter, when there is one and it is enabled.
+    pub fn active_lora(&self) -> Option<&LoraAdapter> {
+        self.lora.as_ref().filter(|a| a.switch.enabled())
+    }
+
+    /// The weight this layer computes with, detached: `W`, or with an
+    /// enabled adapter `W + scaling · B A` (computed in f32, cast to W's
+    /// dtype), as PEFT's `merge` computes it.
+    pub fn merged_weight(&self) -> Tensor {
+        let w = self.weight.detach();
+        match self.active_lora() {
+            Some(a) => (w.to_kind(Kind::Float) + a.delta_weight()).to_kind(w.kind()),
+            None => w,
+        }
+    }
+
+    /// The same base weight (a shallow clone: one storage), no adapter.
+    fn share(&self) -> Linear {
+        Linear { weight: self.weight.shallow_clone(), lora: None }
     }
 }
 
@@ -55,8 +81,18 @@ impl WeightInit {
 }
 
 impl Module for Linear {
+    /// `x Wᵀ`, plus `scaling · B(A(dropout(x)))` with an enabled adapter:
+    /// computed in the adapter's dtype (f32) and added back in the base's,
+    /// as PEFT does for a bf16 base with f32 adapters.
     fn forward(&self, x: &Tensor) -> Tensor {
-        x.linear::<Tensor>(&self.weight, None)
+        let y = x.linear::<Tensor>(&self.weight, None);
+        match self.active_lora() {
+            Some(a) => {
+                let kind = y.kind();
+                (y + a.delta(x)).to_kind(kind)
+            }
+            None => y,
+        }
     }
 }
 
@@ -113,8 +149,13 @@ impl InferenceWeights {
         if model.device != Device::Cpu || bytes > Self::MAX_BYTES {
             return None;
         }
+        // Enabled LoRA adapters are merged into the copies (`W + s·B A`),
+        // in f32 only: merged into bf16 weights they would be rounded away.
+        if model.kind() != Kind::Float && model.has_active_adapters() {
+            return None;
+        }
         let _guard = tch::no_grad_guard();
-        let t = |w: &Tensor| w.detach().tr();
+        let t = |l: &Linear| l.merged_weight().tr();
         let f32_model = model.kind() == Kind::Float;
         let scale = |n: &RmsNorm| f32_model.then(|| n.weight.detach() + 1.0);
         let layers = model
@@ -124,18 +165,18 @@ impl InferenceWeights {
             .map(|l| {
                 let (a, m) = (&l.self_attn, &l.mlp);
                 LayerWeights {
-                    qkv: Tensor::cat(&[t(&a.q_proj.weight), t(&a.k_proj.weight), t(&a.v_proj.weight)], 1),
-                    o: t(&a.o_proj.weight).contiguous(),
-                    gate_up: Tensor::cat(&[t(&m.gate_proj.weight), t(&m.up_proj.weight)], 1),
-                    down: t(&m.down_proj.weight).contiguous(),
+                    qkv: Tensor::cat(&[t(&a.q_proj), t(&a.k_proj), t(&a.v_proj)], 1),
+                    o: t(&a.o_proj).contiguous(),
+                    gate_up: Tensor::cat(&[t(&m.gate_proj), t(&m.up_proj)], 1),
+                    down: t(&m.down_proj).contiguous(),
                     input_norm: scale(&l.input_layernorm),
                     post_norm: scale(&l.post_attention_layernorm),
                 }
             })
             .collect();
         let head = match &model.lm_head {
-            Some(h) => t(&h.weight).contiguous(),
-            None => t(&model.model.embed_tokens).contiguous(),
+            Some(h) => t(h).contiguous(),
+            None => model.model.embed_tokens.detach().tr().contiguous(),
         };
         Some(InferenceWeights { layers, head, final_norm: scale(&model.model.norm) })
     }
@@ -609,6 +650,98 @@ impl Gemma {
         let positions = Tensor::arange(t, (Kind::Int64, self.device)).unsqueeze(0).expand([b, t], true);
         let hidden = self.forward_hidden(input_ids, &positions, None, None)?;
         Ok(self.logits(&hidden))
+    }
+}
+
+/// LoRA's view of the model: its projections by name, and a second model
+/// over the same base weights (the adapters themselves are in [`crate::lora`]).
+impl Gemma {
+    /// Every projection of the decoder layers with its checkpoint name
+    /// without `.weight` (`model.layers.{i}.self_attn.q_proj`, …), in layer
+    /// order and, within a layer, in [`crate::lora::LINEAR_MODULES`] order.
+    pub fn linears(&self) -> Vec<(String, &Linear)> {
+        let mut out = Vec::with_capacity(self.model.layers.len() * 7);
+        for (i, l) in self.model.layers.iter().enumerate() {
+            let (a, m) = (&l.self_attn, &l.mlp);
+            let attn =
+                [("q_proj", &a.q_proj), ("k_proj", &a.k_proj), ("v_proj", &a.v_proj), ("o_proj", &a.o_proj)];
+            let mlp = [("gate_proj", &m.gate_proj), ("up_proj", &m.up_proj), ("down_proj", &m.down_proj)];
+            out.extend(attn.into_iter().map(|(n, p)| (format!("model.layers.{i}.self_attn.{n}"), p)));
+            out.extend(mlp.into_iter().map(|(n, p)| (format!("model.layers.{i}.mlp.{n}"), p)));
+        }
+        out
+    }
+
+    /// [`Gemma::linears`], mutable.
+    pub fn linears_mut(&mut self) -> Vec<(String, &mut Linear)> {
+        let mut out = Vec::with_capacity(self.model.layers.len() * 7);
+        for (i, l) in self.model.layers.iter_mut().enumerate() {
+            let (a, m) = (&mut l.self_attn, &mut l.mlp);
+            let attn = [
+                ("q_proj", &mut a.q_proj),
+                ("k_proj", &mut a.k_proj),
+                ("v_proj", &mut a.v_proj),
+                ("o_proj", &mut a.o_proj),
+            ];
+            let mlp = [
+                ("gate_proj", &mut m.gate_proj),
+                ("up_proj", &mut m.up_proj),
+                ("down_proj", &mut m.down_proj),
+            ];
+            out.extend(attn.into_iter().map(|(n, p)| (format!("model.layers.{i}.self_attn.{n}"), p)));
+            out.extend(mlp.into_iter().map(|(n, p)| (format!("model.layers.{i}.mlp.{n}"), p)));
+        }
+        out
+    }
+
+    /// Whether some projection has an enabled LoRA adapter.
+    pub fn has_active_adapters(&self) -> bool {
+        self.linears().iter().any(|(_, l)| l.active_lora().is_some())
+    }
+
+    /// A second model over the SAME base tensors (shallow clones: one
+    /// storage, equal data pointers; the same `requires_grad`), without
+    /// adapters: a policy and a reward model each attach their own adapters
+    /// over one copy of the base weights.
+    pub fn share_base(&self) -> Gemma {
+        let norm = |n: &RmsNorm| RmsNorm { weight: n.weight.shallow_clone(), eps: n.eps };
+        let layers = self
+            .model
+            .layers
+            .iter()
+            .map(|l| {
+                let a = &l.self_attn;
+                DecoderLayer {
+                    input_layernorm: norm(&l.input_layernorm),
+                    self_attn: Attention {
+                        q_proj: a.q_proj.share(),
+                        k_proj: a.k_proj.share(),
+                        v_proj: a.v_proj.share(),
+                        o_proj: a.o_proj.share(),
+                        n_heads: a.n_heads,
+                        n_kv: a.n_kv,
+                        head_dim: a.head_dim,
+                    },
+                    post_attention_layernorm: norm(&l.post_attention_layernorm),
+                    mlp: Mlp {
+                        gate_proj: l.mlp.gate_proj.share(),
+                        up_proj: l.mlp.up_proj.share(),
+                        down_proj: l.mlp.down_proj.share(),
+                    },
+                }
+            })
+            .collect();
+        Gemma {
+            model: GemmaModel {
+                embed_tokens: self.model.embed_tokens.shallow_clone(),
+                layers,
+                norm: norm(&self.model.norm),
+            },
+            lm_head: self.lm_head.as_ref().map(Linear::share),
+            cfg: self.cfg.clone(),
+            rope: Rope { inv_freq: self.rope.inv_freq.shallow_clone() },
+            device: self.device,
+        }
     }
 }
 

@@ -136,6 +136,29 @@ impl RewardModel {
         Ok(RewardModel { backbone, score, cfg })
     }
 
+    /// A reward model over an existing backbone and head: e.g. a backbone
+    /// from [`Gemma::share_base`] (one copy of the base weights for the RL
+    /// policy, its reference and the reward model, each with its own LoRA
+    /// adapters). `score` is (1, hidden); `cfg` as for [`RewardModel::new`].
+    pub fn from_backbone(backbone: Gemma, score: Linear, cfg: &GemmaConfig) -> Result<Self> {
+        let cfg = reward_config(cfg)?;
+        if score.weight.size() != [1, cfg.hidden_size] {
+            bail!(
+                "the score head has shape {:?}, a reward model's is [1, {}]",
+                score.weight.size(),
+                cfg.hidden_size
+            );
+        }
+        if backbone.cfg.hidden_size != cfg.hidden_size {
+            bail!(
+                "the backbone's hidden size is {}, the config's {}",
+                backbone.cfg.hidden_size,
+                cfg.hidden_size
+            );
+        }
+        Ok(RewardModel { backbone, score, cfg })
+    }
+
     pub fn device(&self) -> Device {
         self.backbone.device()
     }
