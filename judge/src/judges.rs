@@ -250,16 +250,17 @@ impl LmJudge {
             let refs: Vec<&[i64]> = chunk.iter().map(Vec::as_slice).collect();
             // Right padding: causal attention keeps the real tokens unaffected.
             let (ids, _) = pad_right(&refs, self.loaded.tokenizer.special.pad, dev)?;
-            let logits = self.loaded.model.forward(&ids)?; // (B, T, V)
+            let (b, t) = ids.size2()?;
+            let positions = Tensor::arange(t, (Kind::Int64, dev)).unsqueeze(0).expand([b, t], true);
+            let model = &self.loaded.model;
+            // The head only at each row's last real position: (B, V), never (B, T, V).
+            let hidden = model.forward_hidden(&ids, &positions, None, None)?; // (B, T, H)
             let last: Vec<i64> = chunk.iter().map(|p| p.len() as i64 - 1).collect();
-            let b = chunk.len() as i64;
-            let v = logits.size()[2];
-            let idx = Tensor::from_slice(&last).to_device(dev).view([b, 1, 1]).expand([b, 1, v], false);
-            let lp = logits
-                .gather(1, &idx, false)
-                .squeeze_dim(1)
-                .to_kind(Kind::Float)
-                .log_softmax(-1, Kind::Float); // (B, V)
+            let h = hidden.size()[2];
+            let idx = Tensor::from_slice(&last).to_device(dev).view([b, 1, 1]).expand([b, 1, h], false);
+            let picked = hidden.f_gather(1, &idx, false)?.squeeze_dim(1); // (B, H)
+            drop(hidden);
+            let lp = model.logits(&picked).to_kind(Kind::Float).log_softmax(-1, Kind::Float); // (B, V)
             let pick = Tensor::from_slice(&[ia, ib]).to_device(dev);
             let ab: Vec<f32> = Vec::try_from(lp.index_select(1, &pick).reshape([-1]).to_device(Device::Cpu))?;
             for r in 0..chunk.len() {

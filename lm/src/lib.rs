@@ -33,6 +33,11 @@
 //!   adapter's maths, the switches (enabled, training) a model's adapters share.
 //! - [`peft`] — LoRA on the model: attach, switch off (the RL reference),
 //!   PEFT's adapter directories, merging into a full checkpoint.
+//! - [`recompute`] — [`Gemma::forward_backward`]: one forward and backward
+//!   pass with or without activation checkpointing (layers recomputed in the
+//!   backward pass), the loss computed by the caller on the final hidden states.
+//! - [`chunked`] — cross-entropy, log-probabilities and entropy over chunks of
+//!   positions, only where they count: never the (N, V) logits at once.
 //! - [`init`] — seeded initialisation that ignores torch's global generator.
 //! - [`device`] — `--device` / `--dtype` parsing.
 //! - [`plot`] — PNG line charts (loss, reward, KL) and bar charts with
@@ -40,6 +45,7 @@
 
 pub mod chat;
 pub mod checkpoint;
+pub mod chunked;
 pub mod config;
 pub mod device;
 pub mod fsio;
@@ -51,6 +57,7 @@ pub mod model;
 pub mod output_dir;
 pub mod peft;
 pub mod plot;
+pub mod recompute;
 pub mod reference;
 pub mod reward_model;
 pub mod reward_score;

@@ -341,7 +341,9 @@ pub fn batch_loss(model: &Gemma, batch: &Batch, denom: f64) -> Result<Tensor> {
     Ok(masked_cross_entropy_sum(&logits, &batch.target, &batch.mask)? / denom)
 }
 
-/// Mean per-token loss on `seqs` (no gradients).
+/// Mean per-token loss on `seqs` (no gradients). The head and the
+/// cross-entropy run over chunks of the trained positions only
+/// ([`lm::chunked::cross_entropy_sum`]): no (B, T, V) logits.
 pub fn evaluate(model: &Gemma, seqs: &[Sequence], batch_size: usize, pad: i64) -> Result<f64> {
     let _g = tch::no_grad_guard();
     let (mut sum, mut n) = (0.0, 0usize);
@@ -349,7 +351,12 @@ pub fn evaluate(model: &Gemma, seqs: &[Sequence], batch_size: usize, pad: i64) -
     for chunk in idx.chunks(batch_size) {
         let rows: Vec<Row> = chunk.iter().map(|&i| vec![i]).collect();
         let b = make_batch(seqs, &rows, pad, model.device())?;
-        sum += batch_loss(model, &b, 1.0)?.double_value(&[]);
+        let hidden = model.forward_hidden(&b.input, &b.positions, b.attn.as_ref(), None)?; // (B, T, H)
+        let picked = lm::chunked::select(&hidden, &b.mask)?; // (N, H)
+        drop(hidden);
+        let targets = b.target.f_masked_select(&b.mask)?; // (N,)
+        let chunk = lm::chunked::DEFAULT_CHUNK;
+        sum += lm::chunked::cross_entropy_sum(model, &picked, &targets, 1.0, chunk, false)?;
         n += b.trained;
     }
     Ok(if n == 0 { f64::NAN } else { sum / n as f64 })
