@@ -150,20 +150,27 @@ impl RewardScorer {
         if !l.new_tensors.is_empty() {
             return Err(not_rm(&l.new_tensors.join(", ")));
         }
+        Self::from_model(l.vs, l.model, l.tokenizer, l.stats, batch_size, max_seq_len)
+    }
+
+    /// A scorer over a reward model built elsewhere (the RL stage's LoRA
+    /// reward model over the policy's base weights): `vs` holds the
+    /// variables the scorer owns (frozen here; shared base weights are
+    /// frozen by their owner), the rest as for [`RewardScorer::load`].
+    pub fn from_model(
+        mut vs: nn::VarStore,
+        model: RewardModel,
+        tokenizer: Tokenizer,
+        stats: Option<RewardStats>,
+        batch_size: usize,
+        max_seq_len: Option<usize>,
+    ) -> Result<Self> {
         if max_seq_len == Some(0) {
             bail!("the reward model's max_seq_len must be at least 1");
         }
-        let mut vs = l.vs;
         vs.freeze();
-        let max_seq_len = max_seq_len.unwrap_or(l.model.cfg.max_position_embeddings.max(2) as usize);
-        Ok(RewardScorer {
-            vs,
-            model: l.model,
-            tokenizer: l.tokenizer,
-            stats: l.stats,
-            batch_size: batch_size.max(1),
-            max_seq_len,
-        })
+        let max_seq_len = max_seq_len.unwrap_or(model.cfg.max_position_embeddings.max(2) as usize);
+        Ok(RewardScorer { vs, model, tokenizer, stats, batch_size: batch_size.max(1), max_seq_len })
     }
 
     /// Formats `c` ([`format`]) and cuts it to `max_seq_len`

@@ -241,8 +241,14 @@ pub fn bench(o: &BenchOptions) -> Result<BenchReport> {
     rl_cfg.missing_eot_penalty = 0.0;
     rl_cfg.whiten_advantages = false;
     let specials = Specials::of(&tok);
-    let mut tr =
-        Trainer::new(rl_cfg, (policy_vs, policy), (ref_vs, reference), None, specials, Box::new(reward))?;
+    let mut tr = Trainer::new(
+        rl_cfg,
+        (policy_vs, policy),
+        Some((ref_vs, reference)),
+        None,
+        specials,
+        Box::new(reward),
+    )?;
 
     // TRL's trainer, started now: it sets up and runs its warm-up step.
     let mut reference = match &o.python {

@@ -51,8 +51,9 @@ pub use loss::{
 };
 pub use prompts::{load_prompts, Prompts};
 pub use reward::{
-    ContainsReward, HttpReward, LengthReward, OracleReward, RewardConfig, RewardFn, RewardModelFn, SumReward,
+    ContainsReward, HttpReward, LengthReward, OracleReward, RewardConfig, RewardFn, RewardModelFn,
+    SharedBase, SumReward,
 };
 pub use rollout::{Prompt, Rollout, Specials};
 pub use run::{cli_train, plot_metrics, run, run_with_reward, RlSummary};
-pub use trainer::{EvalReport, StepStats, Trainer};
+pub use trainer::{EvalReport, Reference, StepStats, Trainer};

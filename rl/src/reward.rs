@@ -6,14 +6,17 @@
 use crate::rollout::Rollout;
 use anyhow::{bail, Context, Result};
 use lm::http::{post_json, Reply, Retries};
+use lm::peft::TaskType;
+use lm::reward_model::{RewardModel, RewardStats};
 pub use lm::reward_score::cut_prompt_from_left;
 use lm::reward_score::{Conversation, RewardScorer};
+use lm::Gemma;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
-use tch::{Device, Kind};
+use tch::{nn, Device, Kind};
 
 /// Scores a batch of rollouts: one reward per rollout, in order. A reward
 /// function is frozen: it must not keep a gradient graph.
@@ -30,6 +33,22 @@ pub trait RewardFn {
     fn stats(&self) -> Option<(f64, f64)> {
         None
     }
+
+    /// The reward model behind this reward, when it is one (tests check
+    /// which weights it holds).
+    fn reward_model(&self) -> Option<&lm::reward_model::RewardModel> {
+        None
+    }
+}
+
+/// The RL policy's base weights, which a LoRA reward model over the same
+/// base is built on (see [`RewardConfig::build_over`]).
+pub struct SharedBase<'a> {
+    /// The policy, with LoRA adapters: its base tensors are shared, its
+    /// adapters are not.
+    pub policy: &'a Gemma,
+    /// The directory the policy was loaded from (the RL stage's `model`).
+    pub dir: &'a Path,
 }
 
 /// The `[rl.reward]` section: which reward the stage optimises.
@@ -198,6 +217,20 @@ impl RewardConfig {
     /// Builds the reward function; a reward model is loaded on `device` in
     /// `kind`, frozen.
     pub fn build(&self, device: Device, kind: Kind) -> Result<Box<dyn RewardFn>> {
+        self.build_over(device, kind, None)
+    }
+
+    /// [`RewardConfig::build`], with a reward model that is a LoRA reward
+    /// stage's output over the policy's own base ([`shared_adapter`]) built
+    /// over `shared`'s base tensors instead of loaded: policy, reference and
+    /// reward model then hold one copy of the base weights. Says on stderr
+    /// which way each reward model was built.
+    pub fn build_over(
+        &self,
+        device: Device,
+        kind: Kind,
+        shared: Option<&SharedBase>,
+    ) -> Result<Box<dyn RewardFn>> {
         self.validate()?;
         Ok(match self {
             RewardConfig::Length { max_tokens, scale } => {
@@ -208,7 +241,38 @@ impl RewardConfig {
             }
             RewardConfig::Oracle => Box::new(OracleReward),
             RewardConfig::Model { path, batch_size, max_seq_len } => {
-                Box::new(RewardModelFn::load(path, device, kind, *batch_size, *max_seq_len)?)
+                let adapter = match shared {
+                    Some(s) => shared_adapter(path, s.dir)?,
+                    None => None,
+                };
+                match (shared, adapter) {
+                    (Some(s), Some(adapter)) => {
+                        eprintln!(
+                            "rl: reward model {}: its LoRA adapter {} over the policy's base weights (one copy of the base for policy, reference and reward model)",
+                            path.display(),
+                            adapter.display()
+                        );
+                        Box::new(RewardModelFn::over_base(
+                            path,
+                            &adapter,
+                            s.policy,
+                            *batch_size,
+                            *max_seq_len,
+                        )?)
+                    }
+                    _ => {
+                        eprintln!(
+                            "rl: reward model {}: loaded on its own ({})",
+                            path.display(),
+                            if shared.is_some() {
+                                "not a LoRA reward model over the policy's base"
+                            } else {
+                                "the policy is not trained with LoRA"
+                            }
+                        );
+                        Box::new(RewardModelFn::load(path, device, kind, *batch_size, *max_seq_len)?)
+                    }
+                }
             }
             RewardConfig::Http { url, api_key_env, timeout_s, retries, backoff_s, max_in_flight } => {
                 Box::new(HttpReward::new(
@@ -226,13 +290,44 @@ impl RewardConfig {
                     .enumerate()
                     .map(|(i, r)| {
                         let w = weights.as_ref().map_or(1.0, |w| w[i]);
-                        Ok((w, r.build(device, kind).with_context(|| format!("reward.rewards[{i}]"))?))
+                        let part = r.build_over(device, kind, shared);
+                        Ok((w, part.with_context(|| format!("reward.rewards[{i}]"))?))
                     })
                     .collect::<Result<_>>()?;
                 Box::new(SumReward { parts })
             }
         })
     }
+}
+
+/// The adapter of a LoRA reward model over the base `policy_dir`: when the
+/// reward model `model_dir` is a reward stage's `X/model` whose sibling
+/// `X/adapter` is a `SEQ_CLS` PEFT adapter with `base_model_name_or_path`
+/// the same directory as `policy_dir` (canonicalized), that adapter
+/// directory; else None.
+pub fn shared_adapter(model_dir: &Path, policy_dir: &Path) -> Result<Option<PathBuf>> {
+    let Some(adapter) = model_dir.parent().map(|x| x.join("adapter")) else {
+        return Ok(None);
+    };
+    let cfg_path = adapter.join(lm::peft::ADAPTER_CONFIG);
+    if !cfg_path.is_file() {
+        return Ok(None);
+    }
+    let text =
+        std::fs::read_to_string(&cfg_path).with_context(|| format!("reading {}", cfg_path.display()))?;
+    let v: serde_json::Value =
+        serde_json::from_str(&text).with_context(|| format!("{} is not valid JSON", cfg_path.display()))?;
+    if v.get("task_type").and_then(|t| t.as_str()) != Some(TaskType::SeqCls.as_str()) {
+        return Ok(None);
+    }
+    let Some(base) = v.get("base_model_name_or_path").and_then(|b| b.as_str()) else {
+        return Ok(None);
+    };
+    let same = match (std::fs::canonicalize(base), std::fs::canonicalize(policy_dir)) {
+        (Ok(a), Ok(b)) => a == b,
+        _ => false,
+    };
+    Ok(same.then_some(adapter))
 }
 
 /// An external verifier over HTTP (see [`RewardConfig::Http`]).
@@ -448,6 +543,60 @@ impl RewardModelFn {
         })
     }
 
+    /// The reward model of the LoRA reward stage whose outputs are
+    /// `model_dir` (the merged model: tokenizer, config, statistics) and
+    /// `adapter_dir` (its `SEQ_CLS` adapter and score head), built over the
+    /// base tensors of `policy` ([`Gemma::share_base`]: no copy) with the
+    /// adapter and head in a frozen `VarStore` of their own, in the base's
+    /// dtype and device.
+    pub fn over_base(
+        model_dir: &Path,
+        adapter_dir: &Path,
+        policy: &Gemma,
+        batch_size: usize,
+        max_seq_len: Option<usize>,
+    ) -> Result<Self> {
+        let file = lm::peft::load_adapter(adapter_dir)?;
+        if file.task_type != TaskType::SeqCls {
+            bail!(
+                "{} is a {} adapter, not a reward model's (SEQ_CLS)",
+                adapter_dir.display(),
+                file.task_type.as_str()
+            );
+        }
+        let score = file.score.as_ref().with_context(|| {
+            format!(
+                "the SEQ_CLS adapter {} has no score head (base_model.model.score.weight)",
+                adapter_dir.display()
+            )
+        })?;
+        let cfg = lm::checkpoint::read_config(model_dir)?;
+        let pc = &policy.cfg;
+        if (cfg.vocab_size, cfg.hidden_size, cfg.num_hidden_layers)
+            != (pc.vocab_size, pc.hidden_size, pc.num_hidden_layers)
+        {
+            bail!(
+                "the reward model {} is not of the policy's shape (vocab, hidden, layers) {:?}",
+                model_dir.display(),
+                (pc.vocab_size, pc.hidden_size, pc.num_hidden_layers)
+            );
+        }
+        let (device, kind) = (policy.device(), policy.kind());
+        let vs = nn::VarStore::new(device);
+        let root = vs.root();
+        let head = (&root / "score").add("weight", score.to_kind(kind).to_device(device), false);
+        let score = lm::model::Linear { weight: head, lora: None };
+        let mut rm = RewardModel::from_backbone(policy.share_base(), score, &cfg)?;
+        rm.backbone.attach_lora(&root, &file.config, 0)?;
+        rm.backbone.load_adapter_tensors(&file.tensors, adapter_dir)?;
+        let tokenizer = lm::Tokenizer::from_file(&model_dir.join(lm::checkpoint::TOKENIZER))?;
+        let stats = RewardStats::read(model_dir)?;
+        Ok(RewardModelFn {
+            scorer: RewardScorer::from_model(vs, rm, tokenizer, stats, batch_size, max_seq_len)?,
+            dir: model_dir.to_path_buf(),
+        })
+    }
+
     /// The token ids the reward model scores for `r`: see
     /// [`RewardModelFn`] for the formatting and [`cut_prompt_from_left`] for
     /// the truncation to `max_seq_len`.
@@ -490,6 +639,10 @@ impl RewardFn for RewardModelFn {
 
     fn stats(&self) -> Option<(f64, f64)> {
         self.scorer.stats.as_ref().map(|s| (s.mean, s.std))
+    }
+
+    fn reward_model(&self) -> Option<&RewardModel> {
+        Some(&self.scorer.model)
     }
 }
 

@@ -221,11 +221,38 @@ impl TeacherBatch {
     }
 }
 
+impl TeacherBatch {
+    /// The hidden states that predict the response tokens: the rows of
+    /// `hidden` (n, T, H) at `gather` where `mask` holds, (N, H) in
+    /// row-major order (keeping the graph), and their targets (N,).
+    pub fn response_rows(&self, hidden: &Tensor) -> Result<(Tensor, Tensor)> {
+        let (n, r) = self.gather.size2()?;
+        let h = *hidden.size().last().context("hidden states of no dimension")?;
+        let idx = self.gather.unsqueeze(-1).expand([n, r, h], false); // (n, R, H)
+        let picked = hidden.f_gather(1, &idx, false)?; // (n, R, H)
+        let rows = lm::chunked::select(&picked, &self.mask)?; // (N, H)
+        Ok((rows, self.targets.masked_select(&self.mask))) // (N,)
+    }
+
+    /// Per-row values (N,) of the response tokens back at their places,
+    /// (n, R) f32, zero where masked out.
+    pub fn scatter(&self, values: &Tensor) -> Result<Tensor> {
+        let z = Tensor::zeros(self.mask.size(), (Kind::Float, self.mask.device()));
+        Ok(z.f_masked_scatter(&self.mask, &values.f_to_kind(Kind::Float)?)?)
+    }
+}
+
+/// Positions per chunk of the LM head and log-softmax over the vocabulary.
+pub const LOGPROB_CHUNK: i64 = lm::chunked::DEFAULT_CHUNK;
+
 /// Per-token log-probabilities (n, R) f32 of the responses of `batch` under
 /// `model`'s sampling distribution at `temperature`, `log_softmax(logits /
 /// T)`, zero where masked out, and with `entropy` the per-token entropy
-/// (n, R) of that distribution (detached). Runs with gradients unless the
-/// caller holds a no-grad guard.
+/// (n, R) of that distribution. Values only, never a gradient graph: the
+/// LM head and log-softmax run over chunks of the response positions alone
+/// ([`lm::chunked::token_logprobs`]), so the (n, T, V) logits are never
+/// built. The update computes the same values (and their gradients) in the
+/// trainer, through [`TeacherBatch::response_rows`] and the same chunks.
 ///
 /// Top-k/top-p are not applied: as in TRL and OpenRLHF, the log-probs (and
 /// so the KL, the importance ratio and the entropy) are those of the
@@ -238,18 +265,10 @@ pub fn response_logprobs(
     entropy: bool,
     temperature: f64,
 ) -> Result<(Tensor, Option<Tensor>)> {
+    let _g = tch::no_grad_guard();
     let hidden = model.forward_hidden(&batch.ids, &batch.positions, None, None)?; // (n, T, H)
-    let (n, r) = batch.gather.size2()?;
-    let h = hidden.size()[2];
-    let idx = batch.gather.unsqueeze(-1).expand([n, r, h], false); // (n, R, H)
-    let picked = hidden.gather(1, &idx, false); // (n, R, H)
-    let logits = model.logits(&picked).to_kind(Kind::Float); // (n, R, V)
-    let logp_all = lm::generate::sampling_log_softmax(&logits, temperature); // (n, R, V)
-    let m = batch.mask.to_kind(Kind::Float);
-    let logp = logp_all.gather(-1, &batch.targets.unsqueeze(-1), false).squeeze_dim(-1) * &m; // (n, R)
-    let ent = entropy.then(|| {
-        let lp = logp_all.detach();
-        -(lp.exp() * &lp).sum_dim_intlist(-1, false, Kind::Float) * &m // (n, R)
-    });
-    Ok((logp, ent))
+    let (rows, targets) = batch.response_rows(&hidden)?; // (N, H), (N,)
+    drop(hidden);
+    let (lp, ent) = lm::chunked::token_logprobs(model, &rows, &targets, temperature, LOGPROB_CHUNK, entropy)?;
+    Ok((batch.scatter(&lp)?, ent.map(|e| batch.scatter(&e)).transpose()?))
 }

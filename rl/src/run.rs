@@ -4,13 +4,14 @@
 
 use crate::config::RlConfig;
 use crate::prompts::{load_prompts, Prompts};
-use crate::reward::RewardFn;
+use crate::reward::{RewardFn, SharedBase};
 use crate::rollout::{Rollout, Specials};
 use crate::trainer::{EvalReport, StepStats, Trainer};
 use anyhow::{Context, Result};
-use lm::checkpoint::{self, SaveOptions};
+use lm::checkpoint;
 use lm::fsio;
-use lm::train::{self, MetricsLog, TrainerState};
+use lm::train::session::{Precision, Session, SessionSpec};
+use lm::train::{self, Progress};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 use tch::Kind;
@@ -50,10 +51,7 @@ pub fn run(cfg: &RlConfig, base: &Path) -> Result<RlSummary> {
         Claimed::Finished(s) => return Ok(*s),
         Claimed::Run(c) => c,
     };
-    let device = lm::device::parse_device(&cfg.stage.device)?;
-    let kind = lm::device::parse_dtype(&cfg.stage.dtype)?;
-    let reward = cfg.reward.build(device, kind)?;
-    run_claimed(cfg, base, reward, claim)
+    run_claimed(cfg, base, None, claim)
 }
 
 /// What claiming the output directory found.
@@ -153,47 +151,59 @@ pub fn plot_metrics(metrics: &Path, out: &Path) -> Result<()> {
 pub fn run_with_reward(cfg: &RlConfig, base: &Path, reward: Box<dyn RewardFn>) -> Result<RlSummary> {
     match claim_output(cfg, base)? {
         Claimed::Finished(s) => Ok(*s),
-        Claimed::Run(claim) => run_claimed(cfg, base, reward, claim),
+        Claimed::Run(claim) => run_claimed(cfg, base, Some(reward), claim),
     }
 }
 
-/// The run, in the output directory `_claim` holds.
+/// The run, in the output directory `_claim` holds; `reward` None: the
+/// config's.
 fn run_claimed(
     cfg: &RlConfig,
     base: &Path,
-    reward: Box<dyn RewardFn>,
+    reward: Option<Box<dyn RewardFn>>,
     _claim: lm::output_dir::Claim,
 ) -> Result<RlSummary> {
     let (mut tr, prompts) = load_trainer(cfg, base, reward)?;
-    let ckpt_root = cfg.stage.output_dir.join("checkpoints");
-    tr.ckpt_root = Some(ckpt_root.clone());
-    let (mut state, resumed_from) = resume_or_start(cfg, &mut tr, &ckpt_root)?;
-
-    std::fs::create_dir_all(&cfg.stage.output_dir)?;
+    let spec = SessionSpec {
+        name: "rl",
+        settings: &cfg.stage,
+        total_steps: cfg.steps,
+        config_hash: cfg.hash()?,
+        extra: kl_state(&tr),
+        architecture: ARCH,
+        ignore: &["lm_head.weight"],
+    };
+    let session = Session::start(spec, &tr.policy_weights, &tr.policy, &mut tr.updater)?;
+    let resumed_from = session.resumed_from;
+    // One optimiser update per update of each batch.
+    tr.updater.opt.t = session.state.step * cfg.updates_per_batch as u64;
+    if resumed_from.is_some() {
+        let bits = session.state.extra["beta_bits"]
+            .as_str()
+            .context("the checkpoint's trainer_state.json has no extra.beta_bits (KL coefficient)")?;
+        tr.kl.set_beta_bits(bits)?;
+    }
     let metrics_path = cfg.stage.output_dir.join("metrics.jsonl");
-    let log = MetricsLog::open(&metrics_path, resumed_from)?;
-    let pb = train::progress_bar(cfg.steps, state.step);
-    pb.set_prefix("rl");
-    let mut run = Run { cfg, prompts, ckpt_root, log, evals: vec![] };
+    let mut run = Run { cfg, prompts, s: session, evals: vec![] };
     if cfg.stage.eval_every > 0 && run.prompts.eval.is_empty() {
         eprintln!("warning: eval_every is set but the mixture has no held-out prompts (data.held_out); no evaluation");
     }
     if cfg.stage.eval_every > 0 && resumed_from.is_none() {
         run.evaluate(&mut tr, 0)?;
     }
-    let done = run.steps(&mut tr, &mut state, |step, st| {
+    let done = run.steps(&mut tr, |pb, step, st| {
         pb.set_position(step);
         pb.set_message(format!(
             "reward {:.3} kl {:.3} β {:.3} len {:.0} (gen {:.1}s score {:.1}s update {:.1}s)",
             st.reward_mean, st.kl, st.beta, st.response_len, st.time_generate, st.time_score, st.time_update
         ));
     })?;
-    pb.finish_and_clear();
+    run.s.progress.finish_and_clear();
     let (model_dir, plot) = match done.stopped_early {
         true => (None, None),
-        false => run.finish(&mut tr, &mut state, &metrics_path)?,
+        false => run.finish(&mut tr, &metrics_path)?,
     };
-    let summary = run.summary(&tr, &state, resumed_from, done, model_dir, plot);
+    let summary = run.summary(&tr, resumed_from, done, model_dir, plot);
     if !summary.stopped_early {
         fsio::write_atomic(
             &cfg.stage.output_dir.join("summary.json"),
@@ -203,58 +213,49 @@ fn run_claimed(
     Ok(summary)
 }
 
-/// Loads the policy and the reference (`model` unless `reference` is set)
-/// and the prompts, and sets up the trainer.
-fn load_trainer(cfg: &RlConfig, base: &Path, reward: Box<dyn RewardFn>) -> Result<(Trainer, Prompts)> {
+/// Loads the policy (in [`Precision::load_kind`]), the reference and the
+/// prompts, builds the reward (`reward` None: the config's) and sets up the
+/// trainer. The reference is the `reference` directory when the config
+/// names one; else, with LoRA, the policy with its adapters off (no second
+/// model), and without, a second copy of `model`. A reward model that is a
+/// LoRA reward stage's output over the same base as the policy is built
+/// over the policy's base weights ([`RewardConfig::build_over`]).
+///
+/// [`RewardConfig::build_over`]: crate::reward::RewardConfig::build_over
+pub fn load_trainer(
+    cfg: &RlConfig,
+    base: &Path,
+    reward: Option<Box<dyn RewardFn>>,
+) -> Result<(Trainer, Prompts)> {
     let device = lm::device::parse_device(&cfg.stage.device)?;
-    let loaded = checkpoint::load_causal_lm(&cfg.stage.model, device, Kind::Float)
+    let precision = Precision::of(&cfg.stage)?;
+    let lora = cfg.stage.lora.is_some();
+    let loaded = checkpoint::load_causal_lm(&cfg.stage.model, device, precision.load_kind(lora))
         .with_context(|| format!("loading the policy from {}", cfg.stage.model.display()))?;
-    let ref_dir = cfg.reference.clone().unwrap_or_else(|| cfg.stage.model.clone());
-    let reference = checkpoint::load_causal_lm(&ref_dir, device, Kind::Float)
-        .with_context(|| format!("loading the reference from {}", ref_dir.display()))?;
+    let reference = match (&cfg.reference, lora) {
+        (None, true) => {
+            eprintln!("rl: the reference is the policy with its LoRA adapters off (no second model)");
+            None
+        }
+        (r, _) => {
+            let dir = r.clone().unwrap_or_else(|| cfg.stage.model.clone());
+            let m = checkpoint::load_causal_lm(&dir, device, Kind::Float)
+                .with_context(|| format!("loading the reference from {}", dir.display()))?;
+            Some((m.vs, m.model))
+        }
+    };
+    let reward = match reward {
+        Some(r) => r,
+        None => {
+            let shared = SharedBase { policy: &loaded.model, dir: &cfg.stage.model };
+            cfg.reward.build_over(device, precision.compute, lora.then_some(&shared))?
+        }
+    };
     let tok = loaded.tokenizer;
     let prompts = load_prompts(cfg, &tok, base)?;
     let specials = Specials::of(&tok);
-    let tr = Trainer::new(
-        cfg.clone(),
-        (loaded.vs, loaded.model),
-        (reference.vs, reference.model),
-        Some(tok),
-        specials,
-        reward,
-    )?;
+    let tr = Trainer::new(cfg.clone(), (loaded.vs, loaded.model), reference, Some(tok), specials, reward)?;
     Ok((tr, prompts))
-}
-
-/// The trainer state of the newest checkpoint under `ckpt_root` when there
-/// is one (its config hash must match; the policy, the optimiser and the
-/// KL coefficient are restored into `tr`), else a fresh one; and the step
-/// resumed from.
-fn resume_or_start(
-    cfg: &RlConfig,
-    tr: &mut Trainer,
-    ckpt_root: &Path,
-) -> Result<(TrainerState, Option<u64>)> {
-    let fresh = TrainerState {
-        step: 0,
-        total_steps: cfg.steps,
-        epoch: 0,
-        batch_in_epoch: 0,
-        rng_word_pos: "0".into(),
-        config_hash: cfg.hash()?,
-        extra: kl_state(tr),
-    };
-    let (state, resumed_from) =
-        train::resume_or_start(ckpt_root, &tr.policy_vs, &mut tr.opt, fresh, &["lm_head.weight"])?;
-    // One optimiser update per update of each batch.
-    tr.opt.t = state.step * cfg.updates_per_batch as u64;
-    if resumed_from.is_some() {
-        let bits = state.extra["beta_bits"]
-            .as_str()
-            .context("the checkpoint's trainer_state.json has no extra.beta_bits (KL coefficient)")?;
-        tr.kl.set_beta_bits(bits)?;
-    }
-    Ok((state, resumed_from))
 }
 
 /// The KL coefficient as checkpoints record it (`extra` of the trainer
@@ -267,8 +268,8 @@ fn kl_state(tr: &Trainer) -> serde_json::Value {
 struct Run<'a> {
     cfg: &'a RlConfig,
     prompts: Prompts,
-    ckpt_root: PathBuf,
-    log: MetricsLog,
+    /// The trainer state, metrics log, progress bar and checkpoints.
+    s: Session,
     evals: Vec<EvalReport>,
 }
 
@@ -285,39 +286,28 @@ impl Run<'_> {
     /// reported to `progress` with the step count; evaluates and saves
     /// checkpoints at their intervals (the last step's are left to
     /// [`Run::finish`]).
-    fn steps(
-        &mut self,
-        tr: &mut Trainer,
-        state: &mut TrainerState,
-        progress: impl Fn(u64, &StepStats),
-    ) -> Result<Done> {
+    fn steps(&mut self, tr: &mut Trainer, progress: impl Fn(&Progress, u64, &StepStats)) -> Result<Done> {
         let cfg = self.cfg;
         let mut history: Vec<StepStats> = vec![];
         let mut stopped_early = false;
-        while state.step < cfg.steps {
-            if cfg.stop_after.is_some_and(|s| state.step >= s) {
+        while self.s.state.step < cfg.steps {
+            if cfg.stop_after.is_some_and(|s| self.s.state.step >= s) {
                 stopped_early = true;
                 break;
             }
-            let batch = self.prompts.next_batch(state, cfg.batch_size)?;
-            let (st, _) = tr.step(state.step, &batch)?;
-            state.step += 1;
+            let batch = self.prompts.next_batch(&mut self.s.state, cfg.batch_size)?;
+            let (st, _) = tr.step(self.s.state.step, &batch)?;
+            self.s.state.step += 1;
             let mut row = serde_json::to_value(&st)?;
-            row["epoch"] = serde_json::json!(state.epoch);
-            self.log.write(&row)?;
-            progress(state.step, &st);
+            row["epoch"] = serde_json::json!(self.s.state.epoch);
+            self.s.log.write(&row)?;
+            progress(&self.s.progress, self.s.state.step, &st);
             history.push(st);
-            if cfg.stage.eval_every > 0
-                && state.step.is_multiple_of(cfg.stage.eval_every)
-                && state.step < cfg.steps
-            {
-                self.evaluate(tr, state.step)?;
+            if self.s.due(cfg.stage.eval_every) {
+                self.evaluate(tr, self.s.state.step)?;
             }
-            if cfg.stage.save_every > 0
-                && state.step.is_multiple_of(cfg.stage.save_every)
-                && state.step < cfg.steps
-            {
-                self.save(tr, state)?;
+            if self.s.due(cfg.stage.save_every) {
+                self.save(tr)?;
             }
         }
         Ok(Done { history, stopped_early })
@@ -332,29 +322,19 @@ impl Run<'_> {
         let (rep, samples) = tr.evaluate(step, &self.prompts.eval)?;
         write_samples(&self.cfg.stage.output_dir, step, &samples, self.cfg.eval_samples)?;
         // Logged once: not again when a run resumed at its last step redoes it.
-        if self.log.kept_value(step, "eval_reward").is_none() {
-            self.log.write(&eval_row(&rep))?;
+        if self.s.log.kept_value(step, "eval_reward").is_none() {
+            self.s.log.write(&eval_row(&rep))?;
         }
         self.evals.push(rep);
         Ok(())
     }
 
-    /// Saves a resumable checkpoint of step `st.step`, with the KL
+    /// Saves a resumable checkpoint of the current step, with the KL
     /// coefficient in its trainer state.
-    fn save(&self, tr: &Trainer, st: &mut TrainerState) -> Result<PathBuf> {
-        st.extra = kl_state(tr);
+    fn save(&mut self, tr: &Trainer) -> Result<PathBuf> {
+        self.s.state.extra = kl_state(tr);
         let tok = tr.tokenizer.as_ref().context("the trainer has no tokenizer to save")?;
-        train::save_checkpoint(
-            &self.ckpt_root,
-            &tr.policy_vs,
-            &tr.policy.cfg,
-            tok,
-            &tr.opt,
-            st,
-            ARCH,
-            self.cfg.stage.keep_last,
-            &[],
-        )
+        self.s.save(&tr.policy_weights, &tr.updater, &tr.policy.cfg, tok, &[])
     }
 
     /// After the last step: the final evaluation and checkpoint, the model
@@ -363,16 +343,16 @@ impl Run<'_> {
     fn finish(
         &mut self,
         tr: &mut Trainer,
-        state: &mut TrainerState,
         metrics_path: &Path,
     ) -> Result<(Option<PathBuf>, Option<PathBuf>)> {
         if self.cfg.stage.eval_every > 0 {
-            self.evaluate(tr, state.step)?;
+            self.evaluate(tr, self.s.state.step)?;
         }
-        self.save(tr, state)?;
+        self.save(tr)?;
         let dir = self.cfg.stage.output_dir.join("model");
         let tok = tr.tokenizer.as_ref().context("the trainer has no tokenizer to save")?;
-        checkpoint::save(&dir, &tr.policy_vs, &tr.policy.cfg, tok, &SaveOptions::default())?;
+        let adapter_dir = self.cfg.stage.output_dir.join("adapter");
+        self.s.write_model(&tr.policy_weights, &tr.policy, &dir, &adapter_dir, &tr.policy.cfg, tok)?;
         let png = self.cfg.stage.output_dir.join("rl.png");
         let plot = match plot_metrics(metrics_path, &png) {
             Ok(()) => Some(png),
@@ -388,7 +368,6 @@ impl Run<'_> {
     fn summary(
         self,
         tr: &Trainer,
-        state: &TrainerState,
         resumed_from: Option<u64>,
         done: Done,
         model_dir: Option<PathBuf>,
@@ -400,7 +379,7 @@ impl Run<'_> {
         let tg = total(|s| s.time_generate);
         let gen_tokens: usize = history.iter().map(|s| s.rollout_tokens).sum();
         RlSummary {
-            steps: state.step,
+            steps: self.s.state.step,
             resumed_from,
             stopped_early: done.stopped_early,
             reward: tr.reward.name(),

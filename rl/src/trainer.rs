@@ -11,7 +11,10 @@
 //!    frozen reference (teacher-forced over prompt + response, no gradient
 //!    graph for the reference) and the per-token KL (k1 or k3), all of the
 //!    sampling distribution `log_softmax(logits / T)` (no top-k/top-p
-//!    renormalisation, as TRL and OpenRLHF);
+//!    renormalisation, as TRL and OpenRLHF), computed over chunks of the
+//!    response positions only (never the (n, T, V) logits). With LoRA and
+//!    no `reference` in the config, the reference is the policy with its
+//!    adapters switched off: no second copy of the weights;
 //! 4. R_i = r_i − β·Σ_t KL_t (or the KL as a separate loss term) minus the
 //!    penalty for a response without `<end_of_turn>`;
 //! 5. advantages over each prompt's k samples: a leave-one-out or group-mean
@@ -19,24 +22,30 @@
 //!    (whitening); a group of equal rewards gets zero;
 //! 6. one optimiser step on the REINFORCE loss (or several on its clipped
 //!    importance-weighted form), aggregated per sequence or per token
-//!    (`loss_aggregation`);
+//!    (`loss_aggregation`). Each micro-batch runs
+//!    [`Gemma::forward_backward`] (activation checkpointing when
+//!    `gradient_checkpointing`): its head takes the response positions'
+//!    hidden states, computes their log-probs in chunks
+//!    ([`lm::chunked::token_logprobs`]), the loss on those values as a leaf,
+//!    and backpropagates the leaf's gradient through the chunks
+//!    ([`lm::chunked::token_logprobs_backward`]) and the model;
 //! 7. the adaptive KL controller, when a target KL is set.
 
 use crate::config::{KlMode, RlConfig};
 use crate::control::KlController;
 use crate::loss::{
-    advantages, clipped_reinforce_loss, kl_loss, kl_per_token, reinforce_loss, sequence_rewards, BatchSize,
+    self, clipped_reinforce_loss, kl_loss, kl_per_token, reinforce_loss, sequence_rewards, BatchSize,
     KlEstimator,
 };
 use crate::reward::RewardFn;
-use crate::rollout::{self, Prompt, Rollout, Specials, TeacherBatch, SALT_EVAL, SALT_TRAIN};
+use crate::rollout::{self, Prompt, Rollout, Specials, TeacherBatch, LOGPROB_CHUNK, SALT_EVAL, SALT_TRAIN};
 use anyhow::{bail, Context, Result};
-use lm::train::{self, AdamW};
-use lm::{Gemma, StopReason, Tokenizer};
+use lm::peft::TaskType;
+use lm::train::session::{Precision, Trainable, Updater};
+use lm::{chunked, Gemma, StopReason, Tokenizer};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::ops::Range;
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
 use tch::{nn, Kind, Tensor};
@@ -107,24 +116,36 @@ pub struct EvalReport {
     pub oracle_prompts: usize,
 }
 
+/// The frozen reference policy the KL is measured against.
+pub enum Reference {
+    /// A model of its own (the config's `reference`, or the policy's
+    /// starting weights in a full fine-tune), frozen: no variable requires
+    /// a gradient.
+    Model { vs: nn::VarStore, model: Gemma },
+    /// The policy with its LoRA adapters switched off
+    /// ([`Gemma::adapters_disabled`]): the base weights it starts from,
+    /// without a second copy.
+    AdaptersOff,
+}
+
 /// Holds the three roles and the optimiser, and runs steps.
 pub struct Trainer {
     pub cfg: RlConfig,
-    pub policy_vs: nn::VarStore,
+    /// The policy's weights and what of them is trained (every weight, or
+    /// LoRA adapters over a frozen base).
+    pub policy_weights: Trainable,
     pub policy: Gemma,
-    /// Frozen (no variable requires a gradient).
-    pub reference_vs: nn::VarStore,
-    pub reference: Gemma,
+    pub reference: Reference,
     /// Decodes responses for text rewards and sample files (optional).
     pub tokenizer: Option<Tokenizer>,
     pub specials: Specials,
-    pub opt: AdamW,
+    /// The optimiser and the guarded update (it knows the checkpoint
+    /// directory for its errors once the run sets it).
+    pub updater: Updater,
     pub reward: Box<dyn RewardFn>,
     pub kl: KlController,
     /// (mean, std) used to normalise rewards.
     pub norm: Option<(f64, f64)>,
-    /// For the non-finite-loss error: the checkpoint directory.
-    pub ckpt_root: Option<PathBuf>,
 }
 
 fn stats(v: &[f64]) -> (f64, f64, f64, f64) {
@@ -265,41 +286,46 @@ impl StepStats {
 }
 
 impl Trainer {
-    /// Sets up the roles: `policy` is trained (cast to the config's dtype,
-    /// with fp32 master weights when that is not f32), `reference` is frozen.
+    /// Sets up the roles: `policy` (loaded in
+    /// [`Precision::load_kind`]) is trained as the stage's settings say
+    /// ([`Trainable::prepare`]: every weight, cast to the config's dtype
+    /// with f32 master weights when that is not f32, or LoRA adapters over
+    /// the frozen base); `reference` is frozen. Without a `reference` the
+    /// policy must have LoRA adapters, and the reference is the policy with
+    /// them switched off.
     pub fn new(
         cfg: RlConfig,
         policy: (nn::VarStore, Gemma),
-        reference: (nn::VarStore, Gemma),
+        reference: Option<(nn::VarStore, Gemma)>,
         tokenizer: Option<Tokenizer>,
         specials: Specials,
         reward: Box<dyn RewardFn>,
     ) -> Result<Self> {
         cfg.validate()?;
-        let (mut policy_vs, policy) = policy;
-        let (mut reference_vs, reference) = reference;
-        if policy.cfg.vocab_size != reference.cfg.vocab_size {
-            bail!(
-                "the policy has vocab_size {} and the reference {}; they must share a vocabulary",
-                policy.cfg.vocab_size,
-                reference.cfg.vocab_size
-            );
-        }
-        let kind = lm::device::parse_dtype(&cfg.stage.dtype)?;
-        let exact: BTreeMap<String, Tensor> = if kind != Kind::Float && policy_vs.kind() == Kind::Float {
-            policy_vs.variables().into_iter().map(|(k, v)| (k, v.copy())).collect()
-        } else {
-            BTreeMap::new()
+        let (policy_vs, mut policy) = policy;
+        let precision = Precision::of(&cfg.stage)?;
+        let reference = match reference {
+            Some((mut vs, model)) => {
+                if policy.cfg.vocab_size != model.cfg.vocab_size {
+                    bail!(
+                        "the policy has vocab_size {} and the reference {}; they must share a vocabulary",
+                        policy.cfg.vocab_size,
+                        model.cfg.vocab_size
+                    );
+                }
+                if precision.compute != vs.kind() {
+                    vs.set_kind(precision.compute);
+                }
+                vs.freeze();
+                Reference::Model { vs, model }
+            }
+            None if cfg.stage.lora.is_some() => Reference::AdaptersOff,
+            None => bail!(
+                "no reference model: a full fine-tune needs one (the reference is the policy with its adapters off only under LoRA)"
+            ),
         };
-        if kind != policy_vs.kind() {
-            policy_vs.set_kind(kind);
-        }
-        if kind != reference_vs.kind() {
-            reference_vs.set_kind(kind);
-        }
-        reference_vs.freeze();
-        let mut opt = AdamW::new(&policy_vs, &cfg.stage.optim);
-        opt.set_masters(exact)?;
+        let mut policy_weights = Trainable::prepare(policy_vs, &mut policy, &cfg.stage, TaskType::CausalLm)?;
+        let updater = Updater::new(&mut policy_weights, &cfg.stage.optim)?;
         if cfg.kl_mode == KlMode::Loss && cfg.kl_estimator == KlEstimator::K1 && cfg.beta > 0.0 {
             eprintln!(
                 "warning: kl_mode = \"loss\" with the k1 estimator: its gradient is zero in expectation; use kl_estimator = \"k3\""
@@ -321,20 +347,7 @@ impl Trainer {
         } else {
             None
         };
-        Ok(Trainer {
-            cfg,
-            policy_vs,
-            policy,
-            reference_vs,
-            reference,
-            tokenizer,
-            specials,
-            opt,
-            reward,
-            kl,
-            norm,
-            ckpt_root: None,
-        })
+        Ok(Trainer { cfg, policy_weights, policy, reference, tokenizer, specials, updater, reward, kl, norm })
     }
 
     /// Samples the step's rollouts (k per prompt) from the policy.
@@ -370,20 +383,26 @@ impl Trainer {
         Ok(r)
     }
 
-    /// Normalisation and clipping of raw rewards.
-    fn process(&self, raw: &[f64]) -> Vec<f64> {
-        raw.iter()
-            .map(|&r| {
-                let r = match self.norm {
-                    Some((m, s)) => (r - m) / s.max(1e-8),
-                    None => r,
-                };
-                match self.cfg.reward_clip {
-                    Some(c) => r.clamp(-c, c),
-                    None => r,
-                }
-            })
-            .collect()
+    /// The model the reference pass runs: the separate reference, or the
+    /// policy (whose adapters [`Trainer::reference_logprobs`] switches off).
+    pub fn reference_model(&self) -> &Gemma {
+        match &self.reference {
+            Reference::Model { model, .. } => model,
+            Reference::AdaptersOff => &self.policy,
+        }
+    }
+
+    /// The reference's per-token log-probs (n, R) of `batch`'s responses,
+    /// without a gradient graph.
+    pub fn reference_logprobs(&self, batch: &TeacherBatch) -> Result<Tensor> {
+        let t = self.cfg.temperature;
+        Ok(match &self.reference {
+            Reference::Model { model, .. } => rollout::response_logprobs(model, batch, false, t)?.0,
+            Reference::AdaptersOff => {
+                let _off = self.policy.adapters_disabled();
+                rollout::response_logprobs(&self.policy, batch, false, t)?.0
+            }
+        })
     }
 
     /// One RL step on `prompts` (B of them): rollouts, rewards, log-probs,
@@ -396,34 +415,28 @@ impl Trainer {
         let generate = t0.elapsed().as_secs_f64();
 
         // Scoring: reward, reference and (unless folded into the update) the
-        // policy before the update; no gradient graph is kept.
+        // policy before the update, and then the advantages; no gradient
+        // graph is kept.
         let t1 = Instant::now();
         let raw = self.score(&rollouts)?;
         let micro = self.micro_batches(&rollouts)?;
         let single_pass = self.cfg.updates_per_batch == 1 && micro.batches.len() == 1;
         let mut lp = self.logprobs_before_update(&micro.batches, single_pass)?;
-        sync(device);
-        let mut score = t1.elapsed().as_secs_f64();
-
-        // Single pass: the update's forward (with gradients) also gives the
-        // policy's log-probs for the KL; timed as part of the update.
-        let t2 = Instant::now();
-        let graph = match single_pass {
-            true => Some(self.policy_pass_with_graph(&micro.batches[0], &mut lp)?),
-            false => None,
+        let beta = self.kl.beta;
+        let mut adv = match single_pass {
+            // The update's forward gives the policy's log-probs, and the
+            // advantages are computed there.
+            true => None,
+            false => Some(advantages(&self.cfg, self.norm, &rollouts, &raw, &micro.batches, &lp, beta)?),
         };
         sync(device);
-        let mut update = t2.elapsed().as_secs_f64();
+        let score = t1.elapsed().as_secs_f64();
 
-        let t3 = Instant::now();
-        let beta = self.kl.beta;
-        let adv = self.advantages(&rollouts, &raw, &micro.batches, &lp, beta)?;
-        score += t3.elapsed().as_secs_f64();
-
-        let t4 = Instant::now();
-        let upd = self.update(step, &micro, &adv.adv, &lp, graph)?;
+        let t2 = Instant::now();
+        let upd = self.update(step, &micro, (&rollouts, &raw), &mut lp, &mut adv)?;
         sync(device);
-        update += t4.elapsed().as_secs_f64();
+        let update = t2.elapsed().as_secs_f64();
+        let adv = adv.context("the update computed no advantages")?;
 
         let times = Times { generate, score, update };
         let st = StepStats::of(step, &rollouts, &raw, &adv, beta, &upd, &times)?;
@@ -449,10 +462,7 @@ impl Trainer {
     /// before the update; without gradient graphs.
     fn logprobs_before_update(&self, batches: &[TeacherBatch], single_pass: bool) -> Result<Logprobs> {
         let _g = tch::no_grad_guard();
-        let reference = batches
-            .iter()
-            .map(|b| Ok(rollout::response_logprobs(&self.reference, b, false, self.cfg.temperature)?.0))
-            .collect::<Result<_>>()?;
+        let reference = batches.iter().map(|b| self.reference_logprobs(b)).collect::<Result<_>>()?;
         let mut lp = Logprobs { reference, old: vec![], entropy: vec![] };
         if !single_pass {
             for b in batches {
@@ -464,61 +474,20 @@ impl Trainer {
         Ok(lp)
     }
 
-    /// The policy's forward with gradients on the only micro-batch: records
-    /// its detached log-probs and entropy in `lp` and returns the log-probs
-    /// with their graph for the update.
-    fn policy_pass_with_graph(&self, batch: &TeacherBatch, lp: &mut Logprobs) -> Result<Tensor> {
-        let (logp, ent) = rollout::response_logprobs(&self.policy, batch, true, self.cfg.temperature)?;
-        lp.old.push(logp.detach());
-        lp.entropy.push(ent.context("entropy requested")?);
-        Ok(logp)
-    }
-
-    /// Per-sample KL, sequence rewards R = score − β_r·KL − penalty, and the
-    /// advantages over each prompt's k samples (`baseline`, then `scale`;
-    /// zero for a group of equal rewards), all (N,).
-    fn advantages(
-        &self,
-        rollouts: &[Rollout],
-        raw: &[f64],
-        batches: &[TeacherBatch],
-        lp: &Logprobs,
-        beta: f64,
-    ) -> Result<Advantages> {
-        let device = self.policy.device();
-        let mut kl_seq = vec![];
-        let mut ent_sum = 0.0;
-        let mut tok_count = 0.0;
-        for (i, b) in batches.iter().enumerate() {
-            let kl = kl_per_token(&lp.old[i], &lp.reference[i], &b.mask, self.cfg.kl_estimator)?; // (n, R)
-            kl_seq.push(kl.sum_dim_intlist(-1, false, Kind::Float)); // (n,)
-            ent_sum += lp.entropy[i].sum(Kind::Double).double_value(&[]);
-            tok_count += b.mask.sum(Kind::Double).double_value(&[]);
-        }
-        let kl_seq = Tensor::cat(&kl_seq, 0); // (N,)
-        let processed = self.process(raw);
-        let score = Tensor::from_slice(&processed).to_kind(Kind::Float).to_device(device); // (N,)
-        let ended: Vec<bool> = rollouts.iter().map(Rollout::ended).collect();
-        let ended_t = Tensor::from_slice(&ended).to_device(device); // (N,)
-        let beta_r = if self.cfg.kl_mode == KlMode::Reward { beta } else { 0.0 };
-        let total =
-            sequence_rewards(&score, &kl_seq.unsqueeze(-1), beta_r, &ended_t, self.cfg.missing_eot_penalty); // (N,)
-        let k = self.cfg.num_samples as i64;
-        let adv = advantages(&total, k, self.cfg.baseline, self.cfg.advantage_scale())?; // (N,)
-        Ok(Advantages { kl_seq, processed, total, adv, ended, ent_sum, tok_count })
-    }
-
-    /// The `updates_per_batch` optimiser steps on the advantages `adv`, the
-    /// gradients of each accumulated over the micro-batches. `graph`: the
-    /// policy's log-probs with their graph from a single pass, used by the
-    /// first forward instead of running the policy again.
+    /// The `updates_per_batch` optimiser steps, the gradients of each
+    /// accumulated over the micro-batches. Each micro-batch is one
+    /// [`Gemma::forward_backward`] of the policy (see [`micro_step`]).
+    /// `adv` None (a single pass: one update, one micro-batch): the first
+    /// forward records the policy's log-probs and entropy in `lp` and
+    /// computes the advantages of `scored` (the rollouts and their raw
+    /// rewards) into `adv`.
     fn update(
         &mut self,
         step: u64,
         micro: &MicroBatches,
-        adv: &Tensor,
-        lp: &Logprobs,
-        mut graph: Option<Tensor>,
+        scored: (&[Rollout], &[f64]),
+        lp: &mut Logprobs,
+        adv: &mut Option<Advantages>,
     ) -> Result<UpdateStats> {
         let updates = self.cfg.updates_per_batch;
         let total_opt_steps = self.cfg.steps * updates as u64;
@@ -530,35 +499,21 @@ impl Trainer {
             sequences: micro.n as f64,
             tokens: micro.batches.iter().map(|b| BatchSize::of(&b.mask).tokens).sum(),
         };
+        // The adapters' dropout applies to the update's passes only.
+        let _training = Training::on(&self.policy);
         for _ in 0..updates {
-            self.opt.zero_grad();
-            let mut loss_u = 0.0;
-            for (i, b) in micro.batches.iter().enumerate() {
-                let r = &micro.ranges[i];
-                let a = adv.narrow(0, r.start as i64, r.len() as i64); // (n,)
-                let logp = match graph.take() {
-                    Some(g) => g,
-                    None => rollout::response_logprobs(&self.policy, b, false, self.cfg.temperature)?.0,
-                }; // (n, R)
-                let loss = self.micro_loss(&logp, i, lp, b, &a, sizes, &mut clip)?;
-                let v = loss.double_value(&[]);
-                if !v.is_finite() {
-                    return Err(match &self.ckpt_root {
-                        Some(root) => train::non_finite_loss(v, step + 1, root),
-                        None => anyhow::anyhow!("non-finite loss ({v}) at step {}", step + 1),
-                    });
-                }
-                loss.backward();
-                loss_u += v;
-            }
-            lr = train::lr_at(self.opt.t, total_opt_steps, &self.cfg.stage.optim);
-            gnorm = self.opt.clip_and_step(
-                self.cfg.stage.optim.grad_clip,
-                lr,
-                step + 1,
-                self.ckpt_root.as_deref(),
-            )?;
-            loss_sum += loss_u;
+            let ctx = MicroContext {
+                cfg: &self.cfg,
+                policy: &self.policy,
+                beta: self.kl.beta,
+                norm: self.norm,
+                sizes,
+            };
+            let r = self.updater.step(micro.batches.len(), total_opt_steps, step, |i| {
+                micro_step(&ctx, micro, i, scored, lp, adv, &mut clip)
+            })?;
+            (lr, gnorm) = (r.lr, r.grad_norm);
+            loss_sum += r.loss;
         }
         Ok(UpdateStats {
             loss: loss_sum / updates as f64,
@@ -566,39 +521,6 @@ impl Trainer {
             lr,
             clip_frac: if clip.counted > 0.0 { clip.clipped / clip.counted } else { 0.0 },
         })
-    }
-
-    /// The loss of micro-batch `i` (log-probs `logp`, advantages `a`):
-    /// REINFORCE, or its clipped importance-weighted form with several
-    /// updates per batch (counting the clipped tokens), plus the KL term in
-    /// loss mode (at the current β); both aggregated as `loss_aggregation`
-    /// says, normalised by the whole batch's `sizes`.
-    #[allow(clippy::too_many_arguments)]
-    fn micro_loss(
-        &self,
-        logp: &Tensor,
-        i: usize,
-        lp: &Logprobs,
-        b: &TeacherBatch,
-        a: &Tensor,
-        sizes: BatchSize,
-        clip: &mut ClipCount,
-    ) -> Result<Tensor> {
-        let agg = self.cfg.loss_aggregation;
-        let mut loss = if self.cfg.updates_per_batch > 1 {
-            let ratio = (logp - &lp.old[i]).exp().detach(); // (n, R)
-            let out = (ratio - 1.0).abs().gt(self.cfg.clip_eps).logical_and(&b.mask);
-            clip.clipped += out.sum(Kind::Double).double_value(&[]);
-            clip.counted += b.mask.sum(Kind::Double).double_value(&[]);
-            clipped_reinforce_loss(logp, &lp.old[i], &b.mask, a, self.cfg.clip_eps, agg, sizes)
-        } else {
-            reinforce_loss(logp, &b.mask, a, agg, sizes)
-        };
-        let beta = self.kl.beta;
-        if self.cfg.kl_mode == KlMode::Loss && beta > 0.0 {
-            loss += kl_loss(logp, &lp.reference[i], &b.mask, self.cfg.kl_estimator, beta, agg, sizes)?;
-        }
-        Ok(loss)
     }
 
     /// Evaluates the policy on `prompts`: one sample each (at
@@ -646,4 +568,165 @@ impl Trainer {
         };
         Ok((report, rollouts.into_iter().zip(rewards).collect()))
     }
+}
+
+/// The adapters' training mode (dropout) on until dropped.
+struct Training<'a>(&'a Gemma);
+
+impl<'a> Training<'a> {
+    fn on(model: &'a Gemma) -> Self {
+        model.set_training(true);
+        Training(model)
+    }
+}
+
+impl Drop for Training<'_> {
+    fn drop(&mut self) {
+        self.0.set_training(false);
+    }
+}
+
+/// Normalisation (by the stored `norm` = (mean, std)) and clipping of raw
+/// rewards.
+fn process(cfg: &RlConfig, norm: Option<(f64, f64)>, raw: &[f64]) -> Vec<f64> {
+    raw.iter()
+        .map(|&r| {
+            let r = match norm {
+                Some((m, s)) => (r - m) / s.max(1e-8),
+                None => r,
+            };
+            match cfg.reward_clip {
+                Some(c) => r.clamp(-c, c),
+                None => r,
+            }
+        })
+        .collect()
+}
+
+/// Per-sample KL, sequence rewards R = score − β_r·KL − penalty, and the
+/// advantages over each prompt's k samples (`baseline`, then `scale`;
+/// zero for a group of equal rewards), all (N,).
+fn advantages(
+    cfg: &RlConfig,
+    norm: Option<(f64, f64)>,
+    rollouts: &[Rollout],
+    raw: &[f64],
+    batches: &[TeacherBatch],
+    lp: &Logprobs,
+    beta: f64,
+) -> Result<Advantages> {
+    let device = batches.first().context("no micro-batch")?.mask.device();
+    let mut kl_seq = vec![];
+    let mut ent_sum = 0.0;
+    let mut tok_count = 0.0;
+    for (i, b) in batches.iter().enumerate() {
+        let kl = kl_per_token(&lp.old[i], &lp.reference[i], &b.mask, cfg.kl_estimator)?; // (n, R)
+        kl_seq.push(kl.sum_dim_intlist(-1, false, Kind::Float)); // (n,)
+        ent_sum += lp.entropy[i].sum(Kind::Double).double_value(&[]);
+        tok_count += b.mask.sum(Kind::Double).double_value(&[]);
+    }
+    let kl_seq = Tensor::cat(&kl_seq, 0); // (N,)
+    let processed = process(cfg, norm, raw);
+    let score = Tensor::from_slice(&processed).to_kind(Kind::Float).to_device(device); // (N,)
+    let ended: Vec<bool> = rollouts.iter().map(Rollout::ended).collect();
+    let ended_t = Tensor::from_slice(&ended).to_device(device); // (N,)
+    let beta_r = if cfg.kl_mode == KlMode::Reward { beta } else { 0.0 };
+    let total = sequence_rewards(&score, &kl_seq.unsqueeze(-1), beta_r, &ended_t, cfg.missing_eot_penalty); // (N,)
+    let k = cfg.num_samples as i64;
+    let adv = loss::advantages(&total, k, cfg.baseline, cfg.advantage_scale())?; // (N,)
+    Ok(Advantages { kl_seq, processed, total, adv, ended, ent_sum, tok_count })
+}
+
+/// What every micro-batch of an update shares.
+struct MicroContext<'a> {
+    cfg: &'a RlConfig,
+    policy: &'a Gemma,
+    /// The KL coefficient of the step.
+    beta: f64,
+    /// The reward normalisation.
+    norm: Option<(f64, f64)>,
+    /// The whole batch's sizes, which every micro-batch's loss is normalised by.
+    sizes: BatchSize,
+}
+
+/// Micro-batch `i`'s forward and backward: [`Gemma::forward_backward`]
+/// whose head takes the hidden states at the response positions (N, H),
+/// computes their log-probs over chunks of the vocabulary's logits (values
+/// only), scatters them to (n, R) as a leaf requiring grad, computes the
+/// loss ([`micro_loss`]) on the leaf, backpropagates it to the leaf, and
+/// the leaf's gradient through the chunks
+/// ([`lm::chunked::token_logprobs_backward`]) into the model. On a single
+/// pass (`adv` None) it first records the policy's log-probs and entropy
+/// in `lp` and computes the advantages. Returns the loss.
+#[allow(clippy::too_many_arguments)]
+fn micro_step(
+    ctx: &MicroContext,
+    micro: &MicroBatches,
+    i: usize,
+    (rollouts, raw): (&[Rollout], &[f64]),
+    lp: &mut Logprobs,
+    adv: &mut Option<Advantages>,
+    clip: &mut ClipCount,
+) -> Result<f64> {
+    let (cfg, policy) = (ctx.cfg, ctx.policy);
+    let b = &micro.batches[i];
+    let range = &micro.ranges[i];
+    let temp = cfg.temperature;
+    policy.forward_backward(&b.ids, &b.positions, None, cfg.stage.gradient_checkpointing, |h| {
+        let (rows, targets) = b.response_rows(h)?; // (N, H), (N,)
+        let first = adv.is_none();
+        let (values, ent) = chunked::token_logprobs(policy, &rows, &targets, temp, LOGPROB_CHUNK, first)?;
+        let logp = b.scatter(&values)?; // (n, R)
+        if first {
+            lp.old.push(logp.detach());
+            lp.entropy.push(b.scatter(&ent.context("entropy requested")?)?);
+            *adv = Some(advantages(cfg, ctx.norm, rollouts, raw, &micro.batches, lp, ctx.beta)?);
+        }
+        let a = adv.as_ref().context("no advantages")?.adv.narrow(0, range.start as i64, range.len() as i64); // (n,)
+        let leaf = logp.detach().set_requires_grad(true);
+        let loss = micro_loss(cfg, ctx.beta, &leaf, i, lp, b, &a, ctx.sizes, clip)?;
+        let v = loss.double_value(&[]);
+        if v.is_finite() && loss.requires_grad() {
+            loss.backward();
+            let g = leaf.grad();
+            if g.defined() {
+                let g = g.masked_select(&b.mask); // (N,)
+                chunked::token_logprobs_backward(policy, &rows, &targets, temp, LOGPROB_CHUNK, &g)?;
+            }
+        }
+        Ok(v)
+    })
+}
+
+/// The loss of micro-batch `i` (log-probs `logp`, advantages `a`):
+/// REINFORCE, or its clipped importance-weighted form with several
+/// updates per batch (counting the clipped tokens), plus the KL term in
+/// loss mode (at β); both aggregated as `loss_aggregation`
+/// says, normalised by the whole batch's `sizes`.
+#[allow(clippy::too_many_arguments)]
+fn micro_loss(
+    cfg: &RlConfig,
+    beta: f64,
+    logp: &Tensor,
+    i: usize,
+    lp: &Logprobs,
+    b: &TeacherBatch,
+    a: &Tensor,
+    sizes: BatchSize,
+    clip: &mut ClipCount,
+) -> Result<Tensor> {
+    let agg = cfg.loss_aggregation;
+    let mut loss = if cfg.updates_per_batch > 1 {
+        let ratio = (logp - &lp.old[i]).exp().detach(); // (n, R)
+        let out = (ratio - 1.0).abs().gt(cfg.clip_eps).logical_and(&b.mask);
+        clip.clipped += out.sum(Kind::Double).double_value(&[]);
+        clip.counted += b.mask.sum(Kind::Double).double_value(&[]);
+        clipped_reinforce_loss(logp, &lp.old[i], &b.mask, a, cfg.clip_eps, agg, sizes)
+    } else {
+        reinforce_loss(logp, &b.mask, a, agg, sizes)
+    };
+    if cfg.kl_mode == KlMode::Loss && beta > 0.0 {
+        loss += kl_loss(logp, &lp.reference[i], &b.mask, cfg.kl_estimator, beta, agg, sizes)?;
+    }
+    Ok(loss)
 }

@@ -87,7 +87,9 @@ fn first_step_kl_is_zero_and_micro_batches_give_the_same_gradient() {
     assert!((a.entropy - b.entropy).abs() < 1e-5);
     assert!(a.reward_std > 0.0 && a.adv_std > 0.0, "the toy reward varies across samples");
     let (mut max_diff, mut max_g) = (0.0f64, 0.0f64);
-    for ((n1, w1), (n2, w2)) in weights(&whole.policy_vs).iter().zip(weights(&micro.policy_vs).iter()) {
+    for ((n1, w1), (n2, w2)) in
+        weights(&whole.policy_weights.base).iter().zip(weights(&micro.policy_weights.base).iter())
+    {
         assert_eq!(n1, n2);
         let (g1, g2) = (w1.grad(), w2.grad());
         max_diff = max_diff.max((&g1 - &g2).abs().max().double_value(&[]));
@@ -96,7 +98,11 @@ fn first_step_kl_is_zero_and_micro_batches_give_the_same_gradient() {
     assert!(max_g > 0.0 && max_diff < 1e-5 * max_g.max(1.0), "gradients differ by {max_diff} (max {max_g})");
     // The reference never moves.
     let (r0, _) = trainer(config(d.path(), &prompts, ""));
-    for ((_, a), (_, b)) in weights(&whole.reference_vs).iter().zip(weights(&r0.reference_vs).iter()) {
+    let ref_vs = |t: &rl::Trainer| match &t.reference {
+        rl::trainer::Reference::Model { vs, .. } => weights(vs),
+        rl::trainer::Reference::AdaptersOff => panic!("a full fine-tune has a reference model"),
+    };
+    for ((_, a), (_, b)) in ref_vs(&whole).iter().zip(ref_vs(&r0).iter()) {
         assert!(a.equal(b));
         assert!(!a.requires_grad());
     }

@@ -127,7 +127,7 @@ pub fn trainer(cfg: rl::RlConfig) -> (rl::Trainer, Vec<std::sync::Arc<rl::Prompt
     let t = rl::Trainer::new(
         cfg,
         (p.vs, p.model),
-        (r.vs, r.model),
+        Some((r.vs, r.model)),
         Some(p.tokenizer),
         specials,
         Box::new(LowIds { below: 128 }),
@@ -141,4 +141,21 @@ pub fn weights(vs: &tch::nn::VarStore) -> Vec<(String, tch::Tensor)> {
     let mut v: Vec<_> = vs.variables().into_iter().collect();
     v.sort_by(|a, b| a.0.cmp(&b.0));
     v
+}
+
+/// The per-token log-probs (n, R) of `batch`'s responses computed the way
+/// the trainer did before its update ran on chunked log-probs: the full
+/// (n, R, V) logits, with a gradient graph (unless under no_grad).
+pub fn full_logprobs(model: &lm::Gemma, batch: &rl::rollout::TeacherBatch, temperature: f64) -> tch::Tensor {
+    use tch::Kind;
+    let hidden = model.forward_hidden(&batch.ids, &batch.positions, None, None).unwrap(); // (n, T, H)
+    let (n, r) = batch.gather.size2().unwrap();
+    let h = hidden.size()[2];
+    let idx = batch.gather.unsqueeze(-1).expand([n, r, h], false); // (n, R, H)
+    let picked = hidden.gather(1, &idx, false); // (n, R, H)
+    let logits = model.logits(&picked).to_kind(Kind::Float); // (n, R, V)
+    let logp_all = lm::generate::sampling_log_softmax(&logits, temperature);
+    let m = batch.mask.to_kind(Kind::Float);
+    logp_all.gather(-1, &batch.targets.unsqueeze(-1), false).squeeze_dim(-1) * &m
+    // (n, R)
 }
