@@ -7,7 +7,11 @@
 //! runs, and runs the stages in order. A stage whose outputs are complete for
 //! the same resolved configuration (hash in `manifest.json` beside its
 //! outputs) is skipped; an interrupted stage resumes from its last
-//! checkpoint (the stages do that themselves).
+//! checkpoint (the stages do that themselves). A stage with `seeds = [...]`
+//! runs once per seed into `<stage>/seed-<seed>/` (each seed with its own
+//! manifest, skipped or resumed on its own; [`load::Loaded::with_seed`] is
+//! the recipe seen from one seed), a later stage with seeds pairs with it
+//! seed by seed, and the report gives mean ± std over the seeds.
 //!
 //! The parts, by concern; the arrows run `run → {check, plan, report} →
 //! stages (the registry) → stages/* → the stage crates`, and every part uses
