@@ -172,13 +172,26 @@ impl RewardModel {
         if valid.size() != [b, t] {
             bail!("valid mask has shape {:?}, the ids ({b}, {t})", valid.size());
         }
+        let (positions, mask) = Self::inputs(valid)?;
+        let hidden = self.backbone.forward_hidden(ids, &positions, Some(&mask), None)?; // (B, T, H)
+        self.score_hidden(&hidden, valid)
+    }
+
+    /// The positions (B, T) and attention mask (B, 1, T, T) of a batch whose
+    /// real tokens `valid` (B, T) marks: positions count real tokens only.
+    pub fn inputs(valid: &Tensor) -> Result<(Tensor, Tensor)> {
+        let (_, t) = valid.size2()?;
         let valid = valid.to_kind(Kind::Bool);
         let counts = valid.to_kind(Kind::Int64);
         let positions = (counts.cumsum(1, Kind::Int64) - 1).clamp_min(0); // (B, T)
-        let mask = padded_causal_mask(&valid, t)?; // (B, 1, T, T)
-        let hidden = self.backbone.forward_hidden(ids, &positions, Some(&mask), None)?; // (B, T, H)
-        let h = hidden.size()[2];
-        let last = last_index(&valid)?; // (B,)
+        Ok((positions, padded_causal_mask(&valid, t)?)) // (B, 1, T, T)
+    }
+
+    /// Rewards (B,) f32 from the backbone's final hidden states (B, T, H):
+    /// the head at each row's last real token.
+    pub fn score_hidden(&self, hidden: &Tensor, valid: &Tensor) -> Result<Tensor> {
+        let (b, _, h) = hidden.size3()?;
+        let last = last_index(&valid.to_kind(Kind::Bool))?; // (B,)
         let index = last.view([b, 1, 1]).expand([b, 1, h], false); // (B, 1, H)
         let pooled = hidden.gather(1, &index, false).squeeze_dim(1); // (B, H)
         Ok(self.score.forward(&pooled).squeeze_dim(-1).to_kind(Kind::Float)) // (B,)

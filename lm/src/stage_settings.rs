@@ -50,6 +50,12 @@ pub struct StageSettings {
     /// LoRA adapters (`[<stage>.lora]`); absent: every weight is trained.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lora: Option<LoraConfig>,
+    /// Start the LoRA adapters from this PEFT adapter directory (made by
+    /// peft's `save_pretrained` or an earlier stage's `adapter/`) instead of
+    /// fresh ones; `model` is its base. Without a `[lora]` table the
+    /// adapter's own config (rank, alpha, target modules) is used.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub adapter: Option<PathBuf>,
     /// With LoRA, the dtype the frozen base is stored and computed in
     /// ("f32" or "bf16"; default: `dtype`). The adapters stay f32.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -66,7 +72,7 @@ fn is_false(b: &bool) -> bool {
 
 impl StageSettings {
     /// The keys of a stage table that belong to these settings.
-    pub const KEYS: [&'static str; 12] = [
+    pub const KEYS: [&'static str; 13] = [
         "model",
         "output_dir",
         "optim",
@@ -77,6 +83,7 @@ impl StageSettings {
         "device",
         "dtype",
         "lora",
+        "adapter",
         "base_dtype",
         "gradient_checkpointing",
     ];
@@ -91,7 +98,7 @@ impl StageSettings {
 
     /// Resolves `model` and `output_dir` against `base` when relative.
     pub fn resolve_paths(&mut self, base: &Path) {
-        for p in [&mut self.model, &mut self.output_dir] {
+        for p in [&mut self.model, &mut self.output_dir].into_iter().chain(self.adapter.as_mut()) {
             if p.is_relative() {
                 *p = base.join(&*p);
             }
@@ -434,7 +441,11 @@ mod tests {
 
     #[test]
     fn keys_list_every_field_of_the_settings() {
-        let s = typed("model = 'm'\noutput_dir = 'o'").unwrap();
+        // Every optional setting set, so that each is serialised.
+        let s = typed(
+            "model = 'm'\noutput_dir = 'o'\nadapter = 'a'\nbase_dtype = 'bf16'\ngradient_checkpointing = true\n[lora]",
+        )
+        .unwrap();
         let keys = top_level_keys(&serde_json::to_string(&s.stage).unwrap()).unwrap();
         assert_eq!(keys, StageSettings::KEYS);
     }

@@ -512,7 +512,7 @@ pub struct TrainerState {
 pub const OPTIMIZER_FILE: &str = "optimizer.safetensors";
 pub const STATE_FILE: &str = "trainer_state.json";
 
-fn step_dir(root: &Path, step: u64) -> PathBuf {
+pub(crate) fn step_dir(root: &Path, step: u64) -> PathBuf {
     root.join(format!("step-{step:08}"))
 }
 
@@ -561,6 +561,20 @@ pub fn save_checkpoint(
     let dir = step_dir(root, state.step);
     let opts = SaveOptions { architecture: architecture.to_string(), ..Default::default() };
     checkpoint::save(&dir, vs, cfg, tok, &opts)?;
+    finish_checkpoint(root, &dir, opt, state, keep_last, extra_files)
+}
+
+/// Completes the checkpoint `dir` whose weights are written: the optimiser
+/// state, `extra_files`, and last the trainer state that marks it complete;
+/// then keeps the newest `keep_last` under `root`.
+pub(crate) fn finish_checkpoint(
+    root: &Path,
+    dir: &Path,
+    opt: &AdamW,
+    state: &TrainerState,
+    keep_last: usize,
+    extra_files: &[(&str, Vec<u8>)],
+) -> Result<PathBuf> {
     // Optimizer and state go in after the model; the state file is the
     // marker of a complete checkpoint, written last.
     checkpoint::write_tensors_file(&dir.join(OPTIMIZER_FILE), &opt.state_tensors())?;
@@ -575,7 +589,7 @@ pub fn save_checkpoint(
                 .with_context(|| format!("cannot remove old checkpoint {}", old.display()))?;
         }
     }
-    Ok(dir)
+    Ok(dir.to_path_buf())
 }
 
 /// Checks every weight in `vs` is finite; the error names the tensors that

@@ -7,14 +7,16 @@ use crate::loss::reward_loss;
 use crate::model::{self, RewardStats, ARCHITECTURE};
 use anyhow::{bail, Context, Result};
 use datasets::{Mixture, MixtureConfig, RecordKind};
+use lm::peft::TaskType;
 use lm::stage_settings::StageSettings;
-use lm::train::{self, AdamW, MetricsLog, TrainerState};
+use lm::train;
+use lm::train::session::{Precision, Session, SessionSpec, Trainable, Updater};
 use lm::Tokenizer;
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
-use tch::{nn, Device, Kind};
+use tch::{Device, Kind};
 
 /// The `[reward]` section of a recipe (or a standalone `align reward` config).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -262,9 +264,11 @@ pub fn plot_metrics(dir: &Path) -> Result<()> {
 pub fn run(cfg: &RewardConfig, base: &Path) -> Result<RewardSummary> {
     cfg.validate()?;
     let device = lm::device::parse_device(&cfg.stage.device)?;
-    let kind = lm::device::parse_dtype(&cfg.stage.dtype)?;
-    if kind == Kind::BFloat16 && device == Device::Cpu {
-        bail!("dtype = \"bf16\" training is for CUDA; use f32 on the CPU");
+    let precision = Precision::of(&cfg.stage)?;
+    if precision.compute == Kind::BFloat16 && device == Device::Cpu && cfg.stage.lora.is_none() {
+        bail!(
+            "dtype = \"bf16\" training is for CUDA; use f32 on the CPU (or LoRA with base_dtype = \"bf16\")"
+        );
     }
     // The output directory: this run's alone (locked), never an input or
     // someone else's; a finished run is not redone.
@@ -282,17 +286,10 @@ pub fn run(cfg: &RewardConfig, base: &Path) -> Result<RewardSummary> {
         );
         return Ok(done);
     }
-    let loaded = model::load(&cfg.stage.model, device, Kind::Float, cfg.head_init_std, cfg.stage.seed)?;
-    let (mut vs, model, tok) = (loaded.vs, loaded.model, loaded.tokenizer);
-    // bf16: keep the exact f32 weights as the optimiser's fp32 masters.
-    let exact: std::collections::BTreeMap<String, tch::Tensor> = if kind != Kind::Float {
-        vs.variables().into_iter().map(|(k, v)| (k, v.copy())).collect()
-    } else {
-        Default::default()
-    };
-    if kind != Kind::Float {
-        vs.set_kind(kind);
-    }
+    let load_kind = precision.load_kind(cfg.stage.lora.is_some());
+    let loaded = model::load(&cfg.stage.model, device, load_kind, cfg.head_init_std, cfg.stage.seed)?;
+    let (mut model, tok) = (loaded.model, loaded.tokenizer);
+    let mut weights = Trainable::prepare(loaded.vs, &mut model.backbone, &cfg.stage, TaskType::SeqCls)?;
     let data = load_data(cfg, &tok, base)?;
     eprintln!("{}", data.mixture.report());
     eprintln!(
@@ -312,131 +309,115 @@ pub fn run(cfg: &RewardConfig, base: &Path) -> Result<RewardSummary> {
     let steps_per_epoch = batches_per_epoch.div_ceil(cfg.grad_accum as u64).max(1);
     let total_steps = if cfg.max_steps > 0 { cfg.max_steps } else { cfg.epochs * steps_per_epoch };
 
-    let ckpt_root = cfg.stage.output_dir.join("checkpoints");
-    let mut opt = AdamW::new(&vs, &cfg.stage.optim);
-    opt.set_masters(exact)?;
-    let fresh = TrainerState {
-        step: 0,
+    let spec = SessionSpec {
+        name: "reward",
+        settings: &cfg.stage,
         total_steps,
-        epoch: 0,
-        batch_in_epoch: 0,
-        rng_word_pos: "0".into(),
         config_hash: cfg.hash()?,
         extra: serde_json::json!({}),
+        architecture: ARCHITECTURE,
+        ignore: &[],
     };
-    let (mut state, resumed_from) = train::resume_or_start(&ckpt_root, &vs, &mut opt, fresh, &[])?;
-
-    std::fs::create_dir_all(&cfg.stage.output_dir)
-        .with_context(|| format!("cannot create {}", cfg.stage.output_dir.display()))?;
-    let mut log = MetricsLog::open(&cfg.stage.output_dir.join("metrics.jsonl"), Some(state.step))?;
-    let pb = train::progress_bar(total_steps, state.step);
-    pb.set_prefix("reward");
+    let mut up = Updater::new(&mut weights, &cfg.stage.optim)?;
+    let mut s = Session::start(spec, &weights, &model.backbone, &mut up)?;
+    let resumed_from = s.resumed_from;
     let eval_pairs: Vec<&PairTokens> = data.eval.kept().collect();
     let pad = tok.special.pad;
     let coef = cfg.center_rewards_coefficient;
     let mut first_losses = vec![];
     let (mut last_loss, mut last_acc) = (f64::NAN, f64::NAN);
     let (mut pair_count, mut tok_count, t0) = (0usize, 0usize, Instant::now());
-    let mut epoch_batches = plan(state.epoch);
+    let mut epoch_batches = plan(s.state.epoch);
     let mut last_saved = None;
     // The reward statistics of the latest evaluation go into every
     // checkpoint saved after it, so any checkpoint can normalise rewards.
     // After a resume they are those the resumed checkpoint carried.
     let mut eval_stats: Option<RewardStats> = match resumed_from {
         None => None,
-        Some(step) => match train::list_checkpoints(&ckpt_root)?.into_iter().find(|(s, _)| *s == step) {
+        Some(step) => match train::list_checkpoints(&s.ckpt_root)?.into_iter().find(|(st, _)| *st == step) {
             Some((_, dir)) => RewardStats::read(&dir)?,
             None => None,
         },
     };
     let save =
-        |vs: &nn::VarStore, opt: &AdamW, st: &TrainerState, stats: Option<&RewardStats>| -> Result<PathBuf> {
+        |s: &Session, weights: &Trainable, up: &Updater, stats: Option<&RewardStats>| -> Result<PathBuf> {
             let extra = match stats {
-                Some(s) => vec![(lm::reward_model::STATS_FILE, serde_json::to_vec_pretty(s)?)],
+                Some(st) => vec![(lm::reward_model::STATS_FILE, serde_json::to_vec_pretty(st)?)],
                 None => vec![],
             };
-            train::save_checkpoint(
-                &ckpt_root,
-                vs,
-                &model.cfg,
-                &tok,
-                opt,
-                st,
-                ARCHITECTURE,
-                cfg.stage.keep_last,
-                &extra,
-            )
+            s.save(weights, up, &model.cfg, &tok, &extra)
         };
-    let stop_at = cfg.stop_after.filter(|&s| s < total_steps);
+    let stop_at = cfg.stop_after.filter(|&st| st < total_steps);
 
-    while state.step < total_steps {
-        if stop_at.is_some_and(|s| state.step >= s) {
+    while s.state.step < total_steps {
+        if stop_at.is_some_and(|st| s.state.step >= st) {
             break;
         }
         // This step's micro-batches, crossing epochs as needed.
         let mut micro = vec![];
         while micro.len() < cfg.grad_accum {
-            if state.batch_in_epoch as usize >= epoch_batches.len() {
-                state.epoch += 1;
-                state.batch_in_epoch = 0;
-                epoch_batches = plan(state.epoch);
+            if s.state.batch_in_epoch as usize >= epoch_batches.len() {
+                s.state.epoch += 1;
+                s.state.batch_in_epoch = 0;
+                epoch_batches = plan(s.state.epoch);
             }
-            let idx = &epoch_batches[state.batch_in_epoch as usize];
+            let idx = &epoch_batches[s.state.batch_in_epoch as usize];
             let pairs: Vec<&PairTokens> = idx.iter().filter_map(|&i| data.train.pairs[i].as_ref()).collect();
             micro.push(make_pair_batch(&pairs, pad, device)?);
-            state.batch_in_epoch += 1;
+            s.state.batch_in_epoch += 1;
         }
         let denom = micro.iter().map(|b| b.pairs).sum::<usize>().max(1) as f64;
-        opt.zero_grad();
-        let (mut loss_sum, mut correct, mut margin_sum) = (0.0, 0.0, 0.0);
-        for b in &micro {
-            let r = model.forward(&b.ids, &b.valid)?; // (2P,)
-            let p = b.pairs as i64;
-            let (rc, rr) = (r.narrow(0, 0, p), r.narrow(0, p, p)); // (P,), (P,)
-            let loss = reward_loss(&rc, &rr, Some(&b.margin), coef, denom)?;
-            let v = loss.double_value(&[]);
-            if !v.is_finite() {
-                return Err(train::non_finite_loss(v, state.step + 1, &ckpt_root));
-            }
-            loss.backward();
-            loss_sum += v;
-            let diff = (&rc - &rr).detach(); // (P,)
-            correct += diff.gt(0.0).to_kind(Kind::Float).sum(Kind::Float).double_value(&[]);
-            margin_sum += diff.sum(Kind::Float).double_value(&[]);
-            pair_count += b.pairs;
-            tok_count += b.tokens;
-        }
-        let lr = train::lr_at(state.step, total_steps, &cfg.stage.optim);
-        let gnorm = opt.clip_and_step(cfg.stage.optim.grad_clip, lr, state.step + 1, Some(&ckpt_root))?;
-        state.step += 1;
+        let (mut correct, mut margin_sum) = (0.0, 0.0);
+        let checkpointing = cfg.stage.gradient_checkpointing;
+        let r = up.step(micro.len(), total_steps, s.state.step, |i| {
+            let b = &micro[i];
+            let (positions, mask) = lm::reward_model::RewardModel::inputs(&b.valid)?;
+            let backbone = &model.backbone;
+            backbone.forward_backward(&b.ids, &positions, Some(&mask), checkpointing, |h| {
+                let r = model.score_hidden(h, &b.valid)?; // (2P,)
+                let p = b.pairs as i64;
+                let (rc, rr) = (r.narrow(0, 0, p), r.narrow(0, p, p)); // (P,), (P,)
+                let loss = reward_loss(&rc, &rr, Some(&b.margin), coef, denom)?;
+                let v = loss.double_value(&[]);
+                if !v.is_finite() {
+                    return Ok(v);
+                }
+                loss.backward();
+                let diff = (&rc - &rr).detach(); // (P,)
+                correct += diff.gt(0.0).to_kind(Kind::Float).sum(Kind::Float).double_value(&[]);
+                margin_sum += diff.sum(Kind::Float).double_value(&[]);
+                Ok(v)
+            })
+        })?;
+        pair_count += micro.iter().map(|b| b.pairs).sum::<usize>();
+        tok_count += micro.iter().map(|b| b.tokens).sum::<usize>();
+        s.state.step += 1;
+        let (step, loss_sum, lr) = (s.state.step, r.loss, r.lr);
         (last_loss, last_acc) = (loss_sum, correct / denom);
         if first_losses.len() < 5 && resumed_from.is_none() {
             first_losses.push(loss_sum);
         }
         let secs = t0.elapsed().as_secs_f64().max(1e-9);
         let (pps, tps) = (pair_count as f64 / secs, tok_count as f64 / secs);
-        log.write(&serde_json::json!({
-            "step": state.step, "loss": loss_sum, "accuracy": last_acc, "margin": margin_sum / denom,
-            "lr": lr, "grad_norm": gnorm, "pairs_per_s": pps, "tokens_per_s": tps, "epoch": state.epoch,
+        s.log.write(&serde_json::json!({
+            "step": step, "loss": loss_sum, "accuracy": last_acc, "margin": margin_sum / denom,
+            "lr": lr, "grad_norm": r.grad_norm, "pairs_per_s": pps, "tokens_per_s": tps, "epoch": s.state.epoch,
         }))?;
-        pb.set_position(state.step);
-        pb.set_message(format!("loss {loss_sum:.4} acc {last_acc:.2} lr {lr:.2e} {pps:.1} pairs/s"));
+        s.progress.set_position(step);
+        s.progress.set_message(format!("loss {loss_sum:.4} acc {last_acc:.2} lr {lr:.2e} {pps:.1} pairs/s"));
         // The last step's evaluation is the final one, below (logged once).
-        if cfg.stage.eval_every > 0
-            && state.step % cfg.stage.eval_every == 0
-            && state.step < total_steps
-            && !eval_pairs.is_empty()
-        {
+        if s.due(cfg.stage.eval_every) && !eval_pairs.is_empty() {
             let (r, all) = eval::evaluate(&model, &eval_pairs, cfg.batch_size, pad, coef)?;
-            log.write(&eval_row(state.step, &r))?;
+            s.log.write(&eval_row(step, &r))?;
             eval_stats = RewardStats::of(&all, "eval");
         }
-        if cfg.stage.save_every > 0 && state.step % cfg.stage.save_every == 0 && state.step < total_steps {
-            save(&vs, &opt, &state, eval_stats.as_ref())?;
-            last_saved = Some(state.step);
+        if s.due(cfg.stage.save_every) {
+            save(&s, &weights, &up, eval_stats.as_ref())?;
+            last_saved = Some(step);
         }
     }
-    pb.finish_and_clear();
+    s.progress.finish_and_clear();
+    let (state, log) = (&s.state, &s.log);
     if last_loss.is_nan() {
         // Resumed at the last step (cut off before the summary): as logged.
         last_loss = log.kept_value(state.step, "loss").unwrap_or(f64::NAN);
@@ -475,7 +456,7 @@ pub fn run(cfg: &RewardConfig, base: &Path) -> Result<RewardSummary> {
     if !summary.completed {
         plot();
         if last_saved != Some(state.step) {
-            save(&vs, &opt, &state, eval_stats.as_ref())?;
+            save(&s, &weights, &up, eval_stats.as_ref())?;
         }
         eprintln!("stopped after step {} of {total_steps} (stop_after); run again to resume", state.step);
         lm::fsio::write_atomic(&summary_path, serde_json::to_string_pretty(&summary)?.as_bytes())?;
@@ -490,15 +471,19 @@ pub fn run(cfg: &RewardConfig, base: &Path) -> Result<RewardSummary> {
         RewardStats::of(&all, "train")
     } else {
         let (r, all) = eval::evaluate(&model, &eval_pairs, cfg.batch_size, pad, coef)?;
-        if log.kept_value(state.step, "eval_loss").is_none() {
-            log.write(&eval_row(state.step, &r))?;
+        if s.log.kept_value(s.state.step, "eval_loss").is_none() {
+            s.log.write(&eval_row(s.state.step, &r))?;
         }
         summary.eval = Some(r);
         RewardStats::of(&all, "eval")
     };
-    save(&vs, &opt, &state, stats.as_ref())?;
+    save(&s, &weights, &up, stats.as_ref())?;
     let model_dir = cfg.stage.output_dir.join("model");
-    model::save(&model_dir, &vs, &model, &tok, stats.as_ref())?;
+    let adapter_dir = cfg.stage.output_dir.join("adapter");
+    s.write_model(&weights, &model.backbone, &model_dir, &adapter_dir, &model.cfg, &tok)?;
+    if let Some(st) = &stats {
+        st.write(&model_dir)?;
+    }
     summary.reward_stats = stats;
     summary.model_dir = Some(model_dir);
     plot();

@@ -5,15 +5,16 @@ use crate::loss::masked_cross_entropy_sum;
 use anyhow::{bail, Context, Result};
 use datasets::{DataReportSummary, Mixture, MixtureConfig};
 use lm::checkpoint;
+use lm::peft::TaskType;
 use lm::stage_settings::StageSettings;
 use lm::train;
-use lm::train::session::{Precision, Session, SessionSpec, Trainable};
+use lm::train::session::{Precision, Session, SessionSpec, Trainable, Updater};
 use lm::{Gemma, Tokenizer};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
-use tch::{Kind, Tensor};
+use tch::Tensor;
 
 /// What the stage trains on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -341,6 +342,29 @@ pub fn batch_loss(model: &Gemma, batch: &Batch, denom: f64) -> Result<Tensor> {
     Ok(masked_cross_entropy_sum(&logits, &batch.target, &batch.mask)? / denom)
 }
 
+/// One micro-batch's forward and backward, as training runs it: the
+/// cross-entropy of its trained tokens summed and divided by `denom` (the
+/// whole step's trained tokens), computed over chunks of the trained
+/// positions only, so that no (B, T, V) logits are built
+/// ([`lm::chunked`]), with the decoder layers recomputed in the backward
+/// pass when `checkpointing` ([`Gemma::forward_backward`]). Gradients
+/// accumulate into the trained variables; returns the loss. Its value and
+/// gradients equal [`batch_loss`]'s and its `backward()`.
+pub fn micro_step(model: &Gemma, batch: &Batch, denom: f64, checkpointing: bool) -> Result<f64> {
+    model.forward_backward(&batch.input, &batch.positions, batch.attn.as_ref(), checkpointing, |h| {
+        let picked = lm::chunked::select(h, &batch.mask)?; // (N, H)
+        let targets = batch.target.f_masked_select(&batch.mask)?; // (N,)
+        lm::chunked::cross_entropy_sum(
+            model,
+            &picked,
+            &targets,
+            1.0 / denom,
+            lm::chunked::DEFAULT_CHUNK,
+            true,
+        )
+    })
+}
+
 /// Mean per-token loss on `seqs` (no gradients). The head and the
 /// cross-entropy run over chunks of the trained positions only
 /// ([`lm::chunked::cross_entropy_sum`]): no (B, T, V) logits.
@@ -429,9 +453,10 @@ pub fn run(cfg: &SftConfig, base: &Path) -> Result<SftSummary> {
     }
     let device = lm::device::parse_device(&cfg.stage.device)?;
     let precision = Precision::of(&cfg.stage)?;
-    let loaded = checkpoint::load_causal_lm(&cfg.stage.model, device, Kind::Float)?;
-    let (model, tok) = (loaded.model, loaded.tokenizer);
-    let mut weights = Trainable::full(loaded.vs, precision);
+    let load_kind = precision.load_kind(cfg.stage.lora.is_some());
+    let loaded = checkpoint::load_causal_lm(&cfg.stage.model, device, load_kind)?;
+    let (mut model, tok) = (loaded.model, loaded.tokenizer);
+    let mut weights = Trainable::prepare(loaded.vs, &mut model, &cfg.stage, TaskType::CausalLm)?;
     let (data, sampler) = load_data(cfg, &tok, base)?;
 
     // Plan: batches per epoch are a pure function of (seed, epoch).
@@ -458,7 +483,8 @@ pub fn run(cfg: &SftConfig, base: &Path) -> Result<SftSummary> {
         architecture: "GemmaForCausalLM",
         ignore: &["lm_head.weight"],
     };
-    let mut s = Session::start(spec, &mut weights)?;
+    let mut up = Updater::new(&mut weights, &cfg.stage.optim)?;
+    let mut s = Session::start(spec, &weights, &model, &mut up)?;
     let resumed_from = s.resumed_from;
     let data_report = data_report(&sampler, &cfg.stage.output_dir)?;
     let mut first_losses = vec![];
@@ -484,13 +510,8 @@ pub fn run(cfg: &SftConfig, base: &Path) -> Result<SftSummary> {
             s.state.batch_in_epoch += 1;
         }
         let denom = micro.iter().map(|b| b.trained).sum::<usize>().max(1) as f64;
-        let r = s.optimizer_step(micro.len(), total_steps, |i| {
-            let loss = batch_loss(&model, &micro[i], denom)?;
-            let v = loss.double_value(&[]);
-            if v.is_finite() {
-                loss.backward();
-            }
-            Ok(v)
+        let r = up.step(micro.len(), total_steps, s.state.step, |i| {
+            micro_step(&model, &micro[i], denom, cfg.stage.gradient_checkpointing)
         })?;
         tok_count += micro.iter().map(|b| b.tokens).sum::<usize>();
         s.state.step += 1;
@@ -509,7 +530,7 @@ pub fn run(cfg: &SftConfig, base: &Path) -> Result<SftSummary> {
             s.log.write(&serde_json::json!({"step": step, "eval_loss": el, "eval_ppl": el.exp()}))?;
         }
         if s.due(cfg.stage.save_every) {
-            s.save(&weights, &model.cfg, &tok, &[])?;
+            s.save(&weights, &up, &model.cfg, &tok, &[])?;
         }
     }
     s.progress.finish_and_clear();
@@ -532,12 +553,13 @@ pub fn run(cfg: &SftConfig, base: &Path) -> Result<SftSummary> {
         };
         (Some(el), Some(el.exp()))
     };
-    s.save(&weights, &model.cfg, &tok, &[])?;
+    s.save(&weights, &up, &model.cfg, &tok, &[])?;
     if let Err(e) = plot_losses(&cfg.stage.output_dir) {
         eprintln!("warning: no loss.png: {e:#}");
     }
     let model_dir = cfg.stage.output_dir.join("model");
-    s.write_model(&weights, &model_dir, &model.cfg, &tok)?;
+    let adapter_dir = cfg.stage.output_dir.join("adapter");
+    s.write_model(&weights, &model, &model_dir, &adapter_dir, &model.cfg, &tok)?;
     let summary = SftSummary {
         steps: s.state.step,
         first_losses,

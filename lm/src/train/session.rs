@@ -9,19 +9,23 @@
 //! - **precision**: `dtype = "bf16"` computes in bf16 with f32 master
 //!   weights, f32 optimiser state and f32 gradient accumulation; under LoRA
 //!   the frozen base may be stored in `base_dtype` while adapters stay f32;
-//! - **the step** ([`Session::optimizer_step`]): micro-batches whose
+//! - **the update** ([`Updater::step`]): micro-batches whose
 //!   forward and backward the stage runs, the NaN guard, accumulation, the
 //!   learning-rate schedule, clipping and the AdamW update;
 //! - **checkpoints**: resume from the newest one (bit-identical on the CPU),
 //!   periodic and final saves, the final `model/` (merged) and `adapter/`;
 //! - **metrics and progress**: `metrics.jsonl` and the progress bar.
 
-use super::{AdamW, MetricsLog, Progress, TrainerState};
+use super::{AdamW, MetricsLog, OptimConfig, Progress, TrainerState};
 use crate::checkpoint::{self, SaveOptions};
 use crate::config::GemmaConfig;
+use crate::lora::LoraConfig;
+use crate::model::Gemma;
+use crate::peft::{self, TaskType};
+use crate::safetensors_io::WeightReader;
 use crate::stage_settings::StageSettings;
 use crate::tokenizer::Tokenizer;
-use anyhow::Result;
+use anyhow::{bail, Context, Result};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use tch::{nn, Kind, Tensor};
@@ -52,17 +56,102 @@ impl Precision {
     }
 }
 
+impl Precision {
+    /// The dtype to load the checkpoint's weights in: the frozen base's
+    /// under LoRA (straight into bf16 when it is bf16), else f32 (the exact
+    /// values become the master weights before the cast to `compute`).
+    pub fn load_kind(&self, lora: bool) -> Kind {
+        if lora {
+            self.base
+        } else {
+            Kind::Float
+        }
+    }
+}
+
 /// What a stage trains: the model's variables (`base`) and which of them
 /// get gradients and optimiser state.
 pub struct Trainable {
-    /// Every variable of the model as loaded (trained in a full fine-tune).
+    /// Every variable of the model as loaded (trained in a full fine-tune;
+    /// frozen under LoRA except the variables a stage always trains).
     pub base: nn::VarStore,
+    /// Under LoRA: the adapters.
+    pub lora: Option<LoraWeights>,
     /// Exact f32 copies of the trained variables taken before a cast to a
     /// lower precision: the optimiser's master weights.
     exact: BTreeMap<String, Tensor>,
 }
 
+/// LoRA adapters over a frozen base.
+pub struct LoraWeights {
+    /// The adapters' variables (f32), at the base weights' key paths.
+    pub vs: nn::VarStore,
+    pub cfg: LoraConfig,
+    /// `base_model_name_or_path` of the saved adapters: the stage's `model`.
+    pub base_model: String,
+    pub task: TaskType,
+}
+
 impl Trainable {
+    /// What the stage's settings ask for: a full fine-tune of `vs`, or
+    /// LoRA adapters attached to `model` (whose variables `vs` holds,
+    /// loaded in [`Precision::load_kind`]), seeded by the stage's seed.
+    /// `task` says what the adapters are saved as (a reward model's are
+    /// `SEQ_CLS`, with its head).
+    pub fn prepare(vs: nn::VarStore, model: &mut Gemma, s: &StageSettings, task: TaskType) -> Result<Self> {
+        let precision = Precision::of(s)?;
+        let start = match &s.adapter {
+            Some(dir) => {
+                Some(peft::load_adapter(dir).with_context(|| format!("adapter = {}", dir.display()))?)
+            }
+            None => None,
+        };
+        let cfg = match (&s.lora, &start) {
+            (None, None) => return Ok(Self::full(vs, precision)),
+            (Some(c), None) => c.clone(),
+            (None, Some(f)) => f.config.clone(),
+            (Some(c), Some(f)) => {
+                let (a, b) = (c.target_modules.resolve()?, f.config.target_modules.resolve()?);
+                if c.rank != f.config.rank || a != b {
+                    bail!(
+                        "[lora] asks for rank {} on {a:?} but the adapter {} has rank {} on {b:?};                          drop the [lora] table to continue the adapter as it is",
+                        c.rank,
+                        s.adapter.as_deref().unwrap_or(Path::new("")).display(),
+                        f.config.rank
+                    );
+                }
+                c.clone()
+            }
+        };
+        if let Some(f) = &start {
+            if f.task_type != task {
+                bail!(
+                    "the adapter {} is a {} adapter; this stage trains {}",
+                    s.adapter.as_deref().unwrap_or(Path::new("")).display(),
+                    f.task_type.as_str(),
+                    task.as_str()
+                );
+            }
+        }
+        let mut vs = vs;
+        if vs.kind() != precision.base {
+            vs.set_kind(precision.base);
+        }
+        let adapters = nn::VarStore::new(vs.device());
+        model.attach_lora(&adapters.root(), &cfg, s.seed)?;
+        if let (Some(f), Some(dir)) = (&start, &s.adapter) {
+            model.load_adapter_tensors(&f.tensors, dir)?;
+            // A SEQ_CLS adapter carries the reward head (PEFT's modules_to_save).
+            if let (Some(src), Some(head)) = (&f.score, vs.variables().get(crate::reward_model::SCORE_WEIGHT))
+            {
+                tch::no_grad(|| head.shallow_clone().f_copy_(src))?;
+            }
+        }
+        let base_model = s.model.display().to_string();
+        let lora = LoraWeights { vs: adapters, cfg, base_model, task };
+        Ok(Trainable { base: vs, lora: Some(lora), exact: BTreeMap::new() })
+    }
+
     /// A full fine-tune of `vs` (loaded in f32) in `precision`: the
     /// variables are cast to the compute dtype, their exact f32 values kept
     /// as master weights.
@@ -74,11 +163,24 @@ impl Trainable {
         } else {
             BTreeMap::new()
         };
-        Trainable { base: vs, exact }
+        Trainable { base: vs, lora: None, exact }
     }
 
-    /// The variables that get gradients and optimiser state, by name.
+    /// The variables that get gradients and optimiser state, by name: the
+    /// adapters and the base variables still trained (all of them in a full
+    /// fine-tune; the reward head under LoRA).
     pub fn trained(&self) -> Vec<(String, Tensor)> {
+        let mut v: Vec<(String, Tensor)> =
+            self.base.variables().into_iter().filter(|(_, t)| t.requires_grad()).collect();
+        if let Some(l) = &self.lora {
+            v.extend(l.vs.variables());
+        }
+        v.sort_by(|a, b| a.0.cmp(&b.0));
+        v
+    }
+
+    /// The trained base variables (the reward head under LoRA), by name.
+    fn trained_base(&self) -> Vec<(String, Tensor)> {
         let mut v: Vec<(String, Tensor)> =
             self.base.variables().into_iter().filter(|(_, t)| t.requires_grad()).collect();
         v.sort_by(|a, b| a.0.cmp(&b.0));
@@ -114,10 +216,62 @@ pub struct StepResult {
     pub grad_norm: f64,
 }
 
-/// A training run in progress: the optimiser, the trainer state, the
-/// metrics log and the progress bar.
-pub struct Session {
+/// The optimiser over what a [`Trainable`] trains, and the guarded update:
+/// what a stage's step calls (once, or several times per step in RL).
+pub struct Updater {
     pub opt: AdamW,
+    optim: OptimConfig,
+    /// Where the last good checkpoint is, for the errors that stop a run.
+    pub ckpt_root: Option<PathBuf>,
+}
+
+impl Updater {
+    /// AdamW over what `t` trains, with `t`'s exact f32 values as masters.
+    pub fn new(t: &mut Trainable, optim: &OptimConfig) -> Result<Self> {
+        let mut opt = AdamW::from_vars(t.trained(), optim)?;
+        opt.set_masters(std::mem::take(&mut t.exact))?;
+        Ok(Updater { opt, optim: optim.clone(), ckpt_root: None })
+    }
+
+    /// One optimiser update over `micro` micro-batches. `f(i)` runs
+    /// micro-batch `i`'s forward and backward and returns its loss,
+    /// normalised by the whole update's denominator (so that the
+    /// accumulated gradient is the update's). A non-finite loss, or
+    /// gradient norm, stops before anything is updated, naming the stage
+    /// step `step` (0-based, the one running) and the last good checkpoint.
+    /// The learning rate is the schedule's at update `opt.t` of
+    /// `total_updates`.
+    pub fn step(
+        &mut self,
+        micro: usize,
+        total_updates: u64,
+        step: u64,
+        mut f: impl FnMut(usize) -> Result<f64>,
+    ) -> Result<StepResult> {
+        self.opt.zero_grad();
+        let mut loss = 0.0;
+        for i in 0..micro {
+            let v = f(i)?;
+            if !v.is_finite() {
+                return Err(match &self.ckpt_root {
+                    Some(root) => super::non_finite_loss(v, step + 1, root),
+                    None => anyhow::anyhow!("non-finite loss ({v}) at step {}", step + 1),
+                });
+            }
+            // bf16 variables: their gradient joins the f32 accumulator.
+            self.opt.accumulate()?;
+            loss += v;
+        }
+        let lr = super::lr_at(self.opt.t, total_updates, &self.optim);
+        let grad_norm =
+            self.opt.clip_and_step(self.optim.grad_clip, lr, step + 1, self.ckpt_root.as_deref())?;
+        Ok(StepResult { loss, lr, grad_norm })
+    }
+}
+
+/// A training run in progress: the trainer state, the metrics log, the
+/// progress bar and the checkpoints.
+pub struct Session {
     pub state: TrainerState,
     /// The step resumed from, if the run resumed.
     pub resumed_from: Option<u64>,
@@ -130,15 +284,15 @@ pub struct Session {
 }
 
 impl Session {
-    /// Sets up the optimiser over what `t` trains, then resumes from the
-    /// newest checkpoint under `output_dir/checkpoints` (a checkpoint of
-    /// another config hash is refused) or starts fresh; opens the metrics
-    /// log (dropping rows logged after the checkpoint) and the progress bar.
-    pub fn start(spec: SessionSpec, t: &mut Trainable) -> Result<Session> {
+    /// Resumes from the newest checkpoint under `output_dir/checkpoints`
+    /// (weights into `t`, optimiser state into `up`; a checkpoint of another
+    /// config hash is refused) or starts fresh; opens the metrics log
+    /// (dropping rows logged after the checkpoint) and the progress bar.
+    /// `model` is the Gemma the adapters are attached to (under LoRA).
+    pub fn start(spec: SessionSpec, t: &Trainable, model: &Gemma, up: &mut Updater) -> Result<Session> {
         let s = spec.settings;
-        let mut opt = AdamW::new(&t.base, &s.optim);
-        opt.set_masters(std::mem::take(&mut t.exact))?;
         let ckpt_root = s.output_dir.join("checkpoints");
+        up.ckpt_root = Some(ckpt_root.clone());
         let fresh = TrainerState {
             step: 0,
             total_steps: spec.total_steps,
@@ -148,14 +302,15 @@ impl Session {
             config_hash: spec.config_hash,
             extra: spec.extra,
         };
-        let (state, resumed_from) =
-            super::resume_or_start(&ckpt_root, &t.base, &mut opt, fresh, spec.ignore)?;
+        let (state, resumed_from) = match &t.lora {
+            None => super::resume_or_start(&ckpt_root, &t.base, &mut up.opt, fresh, spec.ignore)?,
+            Some(_) => resume_lora(&ckpt_root, t, model, &mut up.opt, fresh)?,
+        };
         std::fs::create_dir_all(&s.output_dir)?;
         let log = MetricsLog::open(&s.output_dir.join("metrics.jsonl"), Some(state.step))?;
         let progress = super::progress_bar(spec.total_steps, state.step);
         progress.set_prefix(spec.name);
         Ok(Session {
-            opt,
             state,
             resumed_from,
             log,
@@ -166,38 +321,6 @@ impl Session {
         })
     }
 
-    /// One optimiser step over `micro` micro-batches. `f(i)` runs micro-batch
-    /// `i`'s forward and backward and returns its loss, normalised by the
-    /// whole step's denominator (so that the accumulated gradient is the
-    /// step's). A non-finite loss stops before anything is updated, naming
-    /// the step and the last good checkpoint. The learning rate is the
-    /// schedule's at optimiser update `opt.t` of `total_updates`. Does not
-    /// advance `state.step` (a stage step may take several updates, RL).
-    pub fn optimizer_step(
-        &mut self,
-        micro: usize,
-        total_updates: u64,
-        mut f: impl FnMut(usize) -> Result<f64>,
-    ) -> Result<StepResult> {
-        self.opt.zero_grad();
-        let mut loss = 0.0;
-        for i in 0..micro {
-            let v = f(i)?;
-            if !v.is_finite() {
-                return Err(super::non_finite_loss(v, self.state.step + 1, &self.ckpt_root));
-            }
-            loss += v;
-        }
-        let lr = super::lr_at(self.opt.t, total_updates, &self.settings.optim);
-        let grad_norm = self.opt.clip_and_step(
-            self.settings.optim.grad_clip,
-            lr,
-            self.state.step + 1,
-            Some(&self.ckpt_root),
-        )?;
-        Ok(StepResult { loss, lr, grad_norm })
-    }
-
     /// Whether a periodic action every `every` steps is due after the
     /// current step (never at the last step, which the stage's finish does).
     pub fn due(&self, every: u64) -> bool {
@@ -205,31 +328,112 @@ impl Session {
     }
 
     /// Saves a resumable checkpoint of the current step; `extra_files`
-    /// (`(name, bytes)`) go into it too.
+    /// (`(name, bytes)`) go into it too. A full fine-tune's checkpoint is a
+    /// complete model directory; under LoRA it is a PEFT adapter directory
+    /// (with the reward head for a reward model), the base being the
+    /// stage's `model`, unchanged.
     pub fn save(
         &self,
         t: &Trainable,
+        up: &Updater,
         cfg: &GemmaConfig,
         tok: &Tokenizer,
         extra_files: &[(&str, Vec<u8>)],
     ) -> Result<PathBuf> {
-        super::save_checkpoint(
+        let Some(l) = &t.lora else {
+            return super::save_checkpoint(
+                &self.ckpt_root,
+                &t.base,
+                cfg,
+                tok,
+                &up.opt,
+                &self.state,
+                self.architecture,
+                self.settings.keep_last,
+                extra_files,
+            );
+        };
+        super::check_finite_weights(&l.vs)?;
+        let dir = super::step_dir(&self.ckpt_root, self.state.step);
+        let head = t.trained_base();
+        let extra: Vec<(&str, &Tensor)> = head.iter().map(|(n, v)| (n.as_str(), v)).collect();
+        peft::save_adapter(&dir, &l.vs, &l.cfg, &l.base_model, l.task, &extra)?;
+        super::finish_checkpoint(
             &self.ckpt_root,
-            &t.base,
-            cfg,
-            tok,
-            &self.opt,
+            &dir,
+            &up.opt,
             &self.state,
-            self.architecture,
             self.settings.keep_last,
             extra_files,
         )
     }
 
     /// Writes the trained model as a complete Hugging Face checkpoint in
-    /// `dir` (`output_dir/model`).
-    pub fn write_model(&self, t: &Trainable, dir: &Path, cfg: &GemmaConfig, tok: &Tokenizer) -> Result<()> {
+    /// `dir` (`output_dir/model`): under LoRA the adapters merged into the
+    /// base (in the base's dtype), and the adapters alone in PEFT's format
+    /// in `adapter_dir` (`output_dir/adapter`).
+    pub fn write_model(
+        &self,
+        t: &Trainable,
+        model: &Gemma,
+        dir: &Path,
+        adapter_dir: &Path,
+        cfg: &GemmaConfig,
+        tok: &Tokenizer,
+    ) -> Result<()> {
         let opts = SaveOptions { architecture: self.architecture.to_string(), ..Default::default() };
-        checkpoint::save(dir, &t.base, cfg, tok, &opts)
+        let Some(l) = &t.lora else {
+            return checkpoint::save(dir, &t.base, cfg, tok, &opts);
+        };
+        let merged = peft::MergedWeights::new(&t.base, model, t.base.kind())?;
+        checkpoint::save_source(dir, &merged, cfg, tok, &opts)?;
+        let head = t.trained_base();
+        let extra: Vec<(&str, &Tensor)> = head.iter().map(|(n, v)| (n.as_str(), v)).collect();
+        peft::save_adapter(adapter_dir, &l.vs, &l.cfg, &l.base_model, l.task, &extra)
     }
+}
+
+/// Resumes a LoRA run from the newest checkpoint under `root` (a PEFT
+/// adapter directory with the optimiser state): the adapters into `model`,
+/// the reward head into `t.base`, the moments into `opt`.
+fn resume_lora(
+    root: &Path,
+    t: &Trainable,
+    model: &Gemma,
+    opt: &mut AdamW,
+    fresh: TrainerState,
+) -> Result<(TrainerState, Option<u64>)> {
+    let Some((step, dir)) = super::list_checkpoints(root)?.pop() else {
+        return Ok((fresh, None));
+    };
+    let st = super::read_trainer_state(&dir)?;
+    if st.config_hash != fresh.config_hash {
+        bail!(
+            "{} holds a checkpoint of a different configuration (hash {} ≠ {}); use a new output_dir or delete it",
+            root.display(),
+            st.config_hash,
+            fresh.config_hash
+        );
+    }
+    let file = peft::load_adapter(&dir)?;
+    model.load_adapter_tensors(&file.tensors, &dir)?;
+    let head = t.trained_base();
+    if !head.is_empty() {
+        let mut heads = BTreeMap::new();
+        if let Some(sc) = file.score {
+            heads.insert(crate::reward_model::SCORE_WEIGHT.to_string(), sc);
+        }
+        tch::no_grad(|| -> Result<()> {
+            for (name, var) in &head {
+                let src =
+                    heads.get(name).with_context(|| format!("checkpoint {} lacks {name}", dir.display()))?;
+                var.shallow_clone().f_copy_(src)?;
+            }
+            Ok(())
+        })?;
+    }
+    let opt_file = dir.join(super::OPTIMIZER_FILE);
+    opt.load_state_from(&WeightReader::open_files(std::slice::from_ref(&opt_file), &opt_file)?, st.step)?;
+    eprintln!("resuming from {} (step {step})", dir.display());
+    Ok((st, Some(step)))
 }
