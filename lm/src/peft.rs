@@ -530,8 +530,9 @@ pub fn adapter_config_json(
 /// Writes a PEFT adapter directory at `dir`, atomically (built beside it
 /// and swapped in): `adapter_config.json` ([`adapter_config_json`]) and
 /// `adapter_model.safetensors` with every variable of `adapter_vs` (the
-/// adapters' own `VarStore`, f32) and the `extra` tensors (a `SEQ_CLS`
-/// adapter's `score.weight`), each under PEFT's name: `base_model.model.` +
+/// adapters' own `VarStore`, f32; for `SEQ_CLS` it may also hold the
+/// `score.weight` head) and the `extra` tensors (a `SEQ_CLS` adapter's
+/// `score.weight` kept elsewhere), each under PEFT's name: `base_model.model.` +
 /// align's key. `peft.PeftModel.from_pretrained` loads it unchanged.
 pub fn save_adapter(
     dir: &Path,
@@ -544,7 +545,8 @@ pub fn save_adapter(
     cfg.validate()?;
     let mut tensors = BTreeMap::new();
     for (name, t) in adapter_vs.variables() {
-        if !(name.ends_with(".lora_A.weight") || name.ends_with(".lora_B.weight")) {
+        let head = task_type == TaskType::SeqCls && name == SCORE_WEIGHT;
+        if !(head || name.ends_with(".lora_A.weight") || name.ends_with(".lora_B.weight")) {
             bail!("{name} in the adapters' VarStore is not a LoRA tensor (…lora_A.weight / …lora_B.weight)");
         }
         tensors.insert(format!("{PEFT_PREFIX}{name}"), t.detach());
@@ -558,7 +560,9 @@ pub fn save_adapter(
                 "extra tensor {name}: only a SEQ_CLS adapter's {SCORE_WEIGHT} is saved beside the adapters"
             );
         }
-        tensors.insert(format!("{PEFT_PREFIX}{name}"), t.detach());
+        if tensors.insert(format!("{PEFT_PREFIX}{name}"), t.detach()).is_some() {
+            bail!("{name} is both in the adapters' VarStore and in the extra tensors");
+        }
     }
     let config = adapter_config_json(cfg, base_model, task_type)?;
     fsio::write_dir_atomic(dir, |tmp| {

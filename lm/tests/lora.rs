@@ -273,6 +273,15 @@ fn share_base_shares_one_copy_of_the_weights() {
     });
     assert!(before.equal(&after));
     assert_eq!(rv.trainable_variables().len(), 2 * 2 + 1, "reward model: its adapters and the head");
+    // Its adapters and head save as one SEQ_CLS adapter.
+    let tmp = tempfile::tempdir().unwrap();
+    let c = cfg(2, 4.0, &["q_proj"]);
+    peft::save_adapter(tmp.path(), &rv, &c, "base", TaskType::SeqCls, &[]).unwrap();
+    let file = peft::load_adapter(tmp.path()).unwrap();
+    assert!(file.score.unwrap().equal(&rm.score.weight.detach()));
+    assert_eq!(file.tensors.len(), 2 * 2);
+    let e = peft::save_adapter(tmp.path(), &rv, &c, "base", TaskType::CausalLm, &[]).unwrap_err().to_string();
+    assert!(e.contains("score.weight in the adapters' VarStore is not a LoRA tensor"), "{e}");
 }
 
 #[test]
