@@ -9,10 +9,14 @@
 //! - `summary.json` — win rates with 95% bootstrap intervals overall and per
 //!   category, counts (wins, losses, ties, unparseable), mean answer lengths,
 //!   order agreement, and agreement with an oracle when `--oracle` is given;
-//! - `report.md` — the win-rate table; `winrate.png` — per-category bars.
+//! - `report.md` — the win-rate table; `winrate.png` — per-category bars;
+//! - `report.html` — the side-by-side page ([`crate::html`]): figures, every
+//!   prompt with both answers and verdicts, filters; while judging runs (and
+//!   after a failure half-way) it shows the prompts judged so far, marked
+//!   incomplete.
 
 use crate::judges::{JudgeSpec, LmJudge, LmMode, OracleJudge, RewardJudge};
-use crate::pairwise::{judge_pairs, Judge, Pair, PairResult};
+use crate::pairwise::{judge_pairs, judge_pairs_progress, Judge, Pair, PairResult};
 use crate::stats::{summarize, Outcome, WinRate};
 use crate::template::Template;
 use anyhow::{bail, Context, Result};
@@ -441,6 +445,20 @@ pub fn judge_answers(
     baseline: &[String],
     oracle: Option<&str>,
 ) -> Result<Vec<Judgment>> {
+    judge_answers_progress(judge, prompts, candidate, baseline, oracle, &mut |_| {})
+}
+
+/// [`judge_answers`], calling `progress` with the judgments of the prompts
+/// judged so far (first attempts, no oracle yet) whenever the judge has
+/// finished a chunk of them ([`crate::pairwise::judge_pairs_progress`]).
+pub fn judge_answers_progress(
+    judge: &dyn Judge,
+    prompts: &[PromptRow],
+    candidate: &[String],
+    baseline: &[String],
+    oracle: Option<&str>,
+    progress: &mut dyn FnMut(&[Judgment]),
+) -> Result<Vec<Judgment>> {
     if candidate.len() != prompts.len() || baseline.len() != prompts.len() {
         bail!(
             "{} prompts but {} candidate and {} baseline answers",
@@ -460,7 +478,21 @@ pub fn judge_answers(
             reference: p.reference.as_deref(),
         })
         .collect();
-    let results = judge_pairs(judge, &pairs)?;
+    let judgment = |i: usize, result: PairResult| Judgment {
+        index: i,
+        category: prompts[i].category.clone(),
+        prompt: prompts[i].question.clone(),
+        reference: prompts[i].reference.clone(),
+        candidate: candidate[i].clone(),
+        baseline: baseline[i].clone(),
+        result,
+        oracle_outcome: None,
+        oracle_scores: None,
+        human_outcome: prompts[i].human,
+    };
+    let results = judge_pairs_progress(judge, &pairs, &mut |done| {
+        progress(&done.iter().cloned().enumerate().map(|(i, r)| judgment(i, r)).collect::<Vec<_>>())
+    })?;
     let oracle_results = match oracle {
         Some(name) => Some(judge_pairs(&OracleJudge::new(name)?, &pairs).context("scoring with the oracle")?),
         None => None,
@@ -486,16 +518,9 @@ pub fn judge_answers(
         .into_iter()
         .enumerate()
         .map(|(i, result)| Judgment {
-            index: i,
-            category: prompts[i].category.clone(),
-            prompt: prompts[i].question.clone(),
-            reference: prompts[i].reference.clone(),
-            candidate: candidate[i].clone(),
-            baseline: baseline[i].clone(),
-            result,
             oracle_outcome: oracle_results.as_ref().and_then(|o| o[i].outcome),
             oracle_scores: oracle_scores.as_ref().map(|o| o[i]),
-            human_outcome: prompts[i].human,
+            ..judgment(i, result)
         })
         .collect())
 }
@@ -612,7 +637,7 @@ pub fn report_markdown(s: &Summary) -> String {
 }
 
 /// Writes `judgments.jsonl`, `judgments.parquet`, `summary.json`,
-/// `report.md` and `winrate.png` into `out`.
+/// `report.md`, `report.html` and `winrate.png` into `out`.
 pub fn write_outputs(out: &Path, js: &[Judgment], s: &Summary) -> Result<()> {
     std::fs::create_dir_all(out)
         .with_context(|| format!("cannot create the output directory {}", out.display()))?;
@@ -625,6 +650,7 @@ pub fn write_outputs(out: &Path, js: &[Judgment], s: &Summary) -> Result<()> {
     write_parquet(&out.join("judgments.parquet"), js)?;
     lm::fsio::write_atomic(&out.join("summary.json"), serde_json::to_string_pretty(s)?.as_bytes())?;
     lm::fsio::write_atomic(&out.join("report.md"), report_markdown(s).as_bytes())?;
+    crate::html::write_judge_page(out, js, s, None)?;
     lm::plot::bar_chart(
         &out.join("winrate.png"),
         &format!(
@@ -829,6 +855,46 @@ fn judge_inputs(args: &JudgeArgs) -> Vec<(&'static str, &Path)> {
     inputs
 }
 
+/// Judges the answers; while it runs, and when it fails half-way,
+/// `report.html` in the output directory shows the prompts judged so far,
+/// marked incomplete (rewritten at most every two seconds, and once more
+/// from the last progress on a failure).
+fn judge_with_partial_pages(
+    args: &JudgeArgs,
+    judge: &dyn Judge,
+    prompts: &[PromptRow],
+    (cand, base): (&[String], &[String]),
+    (cand_name, base_name): (&str, &str),
+) -> Result<Vec<Judgment>> {
+    let judge_name = judge.name();
+    let page = |done: &[Judgment]| {
+        let names = (judge_name.as_str(), cand_name, base_name);
+        let s = summarize_all(done, names, args.oracle.as_deref(), args.bootstrap, args.seed);
+        if let Err(e) = crate::html::write_judge_page(&args.out, done, &s, Some(prompts.len())) {
+            eprintln!("warning: cannot write the page of the prompts judged so far: {e:#}");
+        }
+    };
+    let mut last: Vec<Judgment> = vec![];
+    let mut written: Option<std::time::Instant> = None;
+    let result = judge_answers_progress(judge, prompts, cand, base, args.oracle.as_deref(), &mut |done| {
+        if written.is_none_or(|t| t.elapsed() >= std::time::Duration::from_secs(2)) {
+            page(done);
+            written = Some(std::time::Instant::now());
+        }
+        last = done.to_vec();
+    });
+    if result.is_err() && !last.is_empty() {
+        page(&last);
+        eprintln!(
+            "judging failed after {} of {} prompts; {} shows them, marked incomplete",
+            last.len(),
+            prompts.len(),
+            args.out.join("report.html").display()
+        );
+    }
+    result
+}
+
 pub fn cli_judge(args: JudgeArgs) -> Result<()> {
     let cand_name = side(&args.candidate, &args.candidate_answers, "candidate")?;
     let base_name = side(&args.baseline, &args.baseline_answers, "baseline")?;
@@ -862,7 +928,8 @@ pub fn cli_judge(args: JudgeArgs) -> Result<()> {
     let base = answers(&args.baseline, &args.baseline_answers)?;
     let judge = build_judge(&args, device, kind)?;
     eprintln!("judging {} pairs in both orders with {}", prompts.len(), judge.name());
-    let js = judge_answers(judge.as_ref(), &prompts, &cand, &base, args.oracle.as_deref())?;
+    let js =
+        judge_with_partial_pages(&args, judge.as_ref(), &prompts, (&cand, &base), (&cand_name, &base_name))?;
     let s = summarize_all(
         &js,
         (&judge.name(), &cand_name, &base_name),

@@ -87,6 +87,11 @@ impl Judge for HttpJudge {
         format!("http:{}", self.base)
     }
 
+    /// Requests are independent: eight rounds of the requests in flight.
+    fn chunk_items(&self) -> Option<usize> {
+        Some(8 * self.settings.max_in_flight.max(1))
+    }
+
     fn judge(&self, items: &[Shown], attempt: u32) -> Result<Vec<RawVerdict>> {
         let prompts: Vec<String> = items
             .iter()

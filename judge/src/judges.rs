@@ -311,4 +311,8 @@ impl Judge for LmJudge {
             LmMode::Reason => self.judge_reason(items, attempt),
         }
     }
+    /// Four batches: the same batches as one call over all items.
+    fn chunk_items(&self) -> Option<usize> {
+        Some(4 * self.batch_size.max(1))
+    }
 }

@@ -10,12 +10,14 @@
 //! - [`judges`] — `lm:DIR`, `reward:DIR`, `oracle:NAME` and `http:URL`.
 //! - [`http`] — the `http:URL` judge (an OpenAI-compatible client).
 //! - [`harness`] — `align judge`: answers, judging, report.
+//! - [`html`] — `report.html`, the self-contained side-by-side page.
 //! - [`config`] — a judge run's settings as a serde config (recipes).
 //! - [`memorization`] — `align eval memorization`: exact and approximate
 //!   memorization rates of 50-token continuations.
 
 pub mod config;
 pub mod harness;
+pub mod html;
 pub mod http;
 pub mod judges;
 pub mod memorization;

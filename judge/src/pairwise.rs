@@ -44,6 +44,14 @@ pub trait Judge {
     /// One verdict per item, in order. `attempt` is 0, then 1 for the
     /// retry of unparseable verdicts.
     fn judge(&self, items: &[Shown], attempt: u32) -> Result<Vec<RawVerdict>>;
+    /// How many items the judge may be given per call with verdicts that
+    /// do not depend on the other items of the call (its batch size, a
+    /// multiple of it, or any number for independent requests), so that
+    /// judging can report progress between calls; `None` (the default):
+    /// all items in one call.
+    fn chunk_items(&self) -> Option<usize> {
+        None
+    }
 }
 
 /// A pair to judge: the candidate's and the baseline's answers.
@@ -120,6 +128,37 @@ fn checked(judge: &dyn Judge, items: &[Shown], attempt: u32) -> Result<Vec<RawVe
 
 /// Judges every pair in both orders, retrying unparseable verdicts once.
 pub fn judge_pairs(judge: &dyn Judge, pairs: &[Pair]) -> Result<Vec<PairResult>> {
+    judge_pairs_progress(judge, pairs, &mut |_| {})
+}
+
+/// The pair results of the verdicts of the first `2 × k` items (`k`
+/// pairs, both orders each), before any retry.
+fn first_results(verdicts: &[RawVerdict]) -> Vec<PairResult> {
+    verdicts
+        .chunks_exact(2)
+        .map(|ab| {
+            let (a, b) = (&ab[0], &ab[1]);
+            let (outcome, orders_agree) = combine(a.verdict, b.verdict);
+            PairResult {
+                candidate_first: OrderResult { verdict: a.verdict, raw: a.raw.clone(), first_raw: None },
+                baseline_first: OrderResult { verdict: b.verdict, raw: b.raw.clone(), first_raw: None },
+                outcome,
+                orders_agree,
+            }
+        })
+        .collect()
+}
+
+/// [`judge_pairs`], calling `progress` with the results of the pairs
+/// judged so far (first attempts, before retries) after each call of a
+/// judge that takes its items in chunks ([`Judge::chunk_items`]), so that
+/// a run that fails half-way can show what it judged. The verdicts are
+/// the same as [`judge_pairs`]'s.
+pub fn judge_pairs_progress(
+    judge: &dyn Judge,
+    pairs: &[Pair],
+    progress: &mut dyn FnMut(&[PairResult]),
+) -> Result<Vec<PairResult>> {
     let mut shown = Vec::with_capacity(pairs.len() * 2);
     for p in pairs {
         let base = Shown {
@@ -132,7 +171,18 @@ pub fn judge_pairs(judge: &dyn Judge, pairs: &[Pair]) -> Result<Vec<PairResult>>
         shown.push(base);
         shown.push(Shown { answer_a: p.baseline, answer_b: p.candidate, ..base });
     }
-    let mut first = checked(judge, &shown, 0)?;
+    let mut first = match judge.chunk_items() {
+        // Whole pairs per call, a multiple of the judge's chunk.
+        Some(c) if shown.len() > 2 * c.max(1) => {
+            let mut out = Vec::with_capacity(shown.len());
+            for chunk in shown.chunks(2 * c.max(1)) {
+                out.extend(checked(judge, chunk, 0)?);
+                progress(&first_results(&out));
+            }
+            out
+        }
+        _ => checked(judge, &shown, 0)?,
+    };
     let retry: Vec<usize> = (0..first.len()).filter(|&i| first[i].verdict.is_none()).collect();
     let mut first_raw: Vec<Option<String>> = vec![None; first.len()];
     if !retry.is_empty() {

@@ -23,10 +23,13 @@
 //! - [`plan`] — each stage's state and hash, missing inputs, the dry run.
 //! - [`run`] — `align run`.
 //! - [`report`] — `report.md` and `align status`.
+//! - [`html`] — `report.html` of the run (stages, pages of the judges,
+//!   leaderboards, curves), written with `report.md`.
 //! - [`stages`] — the registry of stage kinds, one file per kind behind the
 //!   `StageKind` trait.
 
 mod check;
+mod html;
 mod load;
 mod plan;
 mod report;

@@ -214,7 +214,8 @@ pub fn write_report(l: &Loaded) -> Result<()> {
             md.push_str(&format!("- {w}\n"));
         }
     }
-    lm::fsio::write_atomic(&l.out_dir().join("report.md"), md.as_bytes())
+    lm::fsio::write_atomic(&l.out_dir().join("report.md"), md.as_bytes())?;
+    crate::recipe::html::write_run_page(l)
 }
 
 /// `align status RECIPE`.
