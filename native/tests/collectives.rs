@@ -167,7 +167,9 @@ fn collectives(pg: &ProcessGroup) {
     // wrongly counted input is refused before it reaches c10d.
     let nc = Tensor::zeros([4, 4], (Kind::Float, Device::Cpu)).transpose(0, 1);
     assert!(pg.all_gather(&nc).unwrap_err().to_string().contains("contiguous"));
-    assert!(pg.reduce_scatter(&[f(&[1.0])], ReduceOp::Sum).unwrap_err().to_string().contains("1 inputs for"));
+    let too_many: Vec<Tensor> = (0..=pg.world_size()).map(|_| f(&[1.0])).collect();
+    let e = pg.reduce_scatter(&too_many, ReduceOp::Sum).unwrap_err().to_string();
+    assert!(e.contains(&format!("{} inputs for {} ranks", too_many.len(), pg.world_size())), "{e}");
     assert!(pg.broadcast(&mut f(&[1.0]), 9).is_err());
 
     pg.barrier().unwrap();
