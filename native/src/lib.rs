@@ -506,35 +506,13 @@ impl ProcessGroup {
     /// is all-reduced, and the results are copied back in place. Every rank
     /// passes the same list (same shapes, same order).
     pub fn all_reduce_bucketed(&self, tensors: &[Tensor], op: ReduceOp, bucket_bytes: usize) -> Result<()> {
-        let bytes = |t: &Tensor| t.numel() * t.kind().elt_size_in_bytes();
-        let mut i = 0;
-        while i < tensors.len() {
-            let (kind, device) = (tensors[i].kind(), tensors[i].device());
-            let mut j = i + 1;
-            let mut size = bytes(&tensors[i]);
-            while j < tensors.len()
-                && tensors[j].kind() == kind
-                && tensors[j].device() == device
-                && size + bytes(&tensors[j]) <= bucket_bytes
-            {
-                size += bytes(&tensors[j]);
-                j += 1;
-            }
-            tch::no_grad(|| -> Result<()> {
-                let flat: Vec<Tensor> = tensors[i..j].iter().map(|t| t.reshape([-1])).collect();
-                let mut bucket = Tensor::f_cat(&flat, 0)?;
-                self.all_reduce(&mut bucket, op)?;
-                let mut offset = 0;
-                for t in &tensors[i..j] {
-                    let n = t.numel() as i64;
-                    t.shallow_clone().f_copy_(&bucket.f_narrow(0, offset, n)?.f_view_as(t)?)?;
-                    offset += n;
-                }
-                Ok(())
-            })?;
-            i = j;
-        }
-        Ok(())
+        bucketed(tensors, bucket_bytes, |b| self.all_reduce(b, op))
+    }
+
+    /// [`ProcessGroup::broadcast`] for many tensors (the initial weights), in
+    /// buckets as [`ProcessGroup::all_reduce_bucketed`].
+    pub fn broadcast_bucketed(&self, tensors: &[Tensor], root: usize, bucket_bytes: usize) -> Result<()> {
+        bucketed(tensors, bucket_bytes, |b| self.broadcast(b, root))
     }
 
     /// Copies `root`'s `t` into every other rank's `t` (same shape and dtype).
@@ -583,6 +561,45 @@ impl ProcessGroup {
         .with_context(|| self.ctx("reduce_scatter"))?;
         Ok(out)
     }
+}
+
+/// Runs `collective` on buckets of `tensors` (consecutive tensors of one
+/// dtype and device, flattened, at most `bucket_bytes` unless one tensor is
+/// larger) and copies each bucket's result back into its tensors.
+fn bucketed(
+    tensors: &[Tensor],
+    bucket_bytes: usize,
+    mut collective: impl FnMut(&mut Tensor) -> Result<()>,
+) -> Result<()> {
+    let bytes = |t: &Tensor| t.numel() * t.kind().elt_size_in_bytes();
+    let mut i = 0;
+    while i < tensors.len() {
+        let (kind, device) = (tensors[i].kind(), tensors[i].device());
+        let mut j = i + 1;
+        let mut size = bytes(&tensors[i]);
+        while j < tensors.len()
+            && tensors[j].kind() == kind
+            && tensors[j].device() == device
+            && size + bytes(&tensors[j]) <= bucket_bytes
+        {
+            size += bytes(&tensors[j]);
+            j += 1;
+        }
+        tch::no_grad(|| -> Result<()> {
+            let flat: Vec<Tensor> = tensors[i..j].iter().map(|t| t.reshape([-1])).collect();
+            let mut bucket = Tensor::f_cat(&flat, 0)?;
+            collective(&mut bucket)?;
+            let mut offset = 0;
+            for t in &tensors[i..j] {
+                let n = t.numel() as i64;
+                t.shallow_clone().f_copy_(&bucket.f_narrow(0, offset, n)?.f_view_as(t)?)?;
+                offset += n;
+            }
+            Ok(())
+        })?;
+        i = j;
+    }
+    Ok(())
 }
 
 impl Drop for ProcessGroup {

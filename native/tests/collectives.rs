@@ -1,7 +1,10 @@
 //! c10d collectives over Gloo on loopback, between processes this test
 //! spawns itself: the test binary re-executes its own `rank_process` test
 //! with torchrun's variables (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR,
-//! MASTER_PORT) and a role. Skipped, saying why, when the bridge was built
+//! MASTER_PORT) and a role. (The same role runs under torchrun itself:
+//! `ALIGN_NATIVE_TEST_ROLE=collectives ALIGN_NATIVE_TEST_TIMEOUT_MS=30000
+//! torchrun --no-python --nproc-per-node 2 <this test binary> --exact
+//! rank_process --nocapture`.) Skipped, saying why, when the bridge was built
 //! without Gloo.
 use align_native::{Backend, ProcessGroup, ReduceOp};
 use std::io::Write;
@@ -136,6 +139,17 @@ fn collectives(pg: &ProcessGroup) {
     for (i, g) in grads.iter().enumerate() {
         let e = (i + 1) as f64 * ranks_sum as f64 / w as f64;
         assert!((g - e).abs().max().double_value(&[]) < 1e-6, "bucketed all_reduce of tensor {i}: {g}");
+    }
+
+    // Weights in buckets from rank 0: rank r holds r+i in tensor i.
+    let weights: Vec<Tensor> = shapes
+        .iter()
+        .enumerate()
+        .map(|(i, s)| Tensor::full(*s, (r + i as f32) as f64, (Kind::Float, Device::Cpu)))
+        .collect();
+    pg.broadcast_bucketed(&weights, 0, 64).unwrap();
+    for (i, t) in weights.iter().enumerate() {
+        assert!((t - i as f64).abs().max().double_value(&[]) == 0.0, "bucketed broadcast of tensor {i}: {t}");
     }
 
     // broadcast from the last rank.
