@@ -268,3 +268,75 @@ fn bad_seeds_lists_are_refused_naming_the_stage_and_the_key() {
         "{plan}"
     );
 }
+
+/// A run killed (SIGKILL) while a stage runs its second seed resumes that
+/// seed from its checkpoint and skips the finished first seed.
+#[test]
+fn a_run_killed_in_a_seed_resumes_that_seed_and_skips_the_finished_ones() {
+    let recipe = r#"
+name = "kill-seeds"
+output_dir = "out"
+seed = 2
+device = "cpu"
+[base_model]
+preset = "tiny"
+[tokenizer]
+train_on = ["builtin:pretrain?n=300&seed=1"]
+vocab_size = 300
+[data.text]
+text = ["builtin:pretrain?n=200&seed=2"]
+[data.prompts]
+[[data.prompts.sources]]
+name = "tasks"
+path = "builtin:rl?n=64&seed=5"
+[[stages]]
+name = "tokenizer"
+kind = "tokenizer"
+[[stages]]
+name = "base"
+kind = "pretrain"
+data = "text"
+config = { max_seq_len = 48, batch_size = 8, max_steps = 3, packing = true }
+[[stages]]
+name = "rl"
+kind = "rl"
+from = "base"
+data = "prompts"
+seeds = [0, 1]
+config = { steps = 40, batch_size = 4, num_samples = 2, max_new_tokens = 6, save_every = 1, eval_every = 0, reward = { kind = "oracle" } }
+"#;
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let r = write(dir, recipe);
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_align"))
+        .args(["run", &r])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let ckpts = dir.join("out/rl/seed-1/checkpoints");
+    common::kill_once_checkpointed(
+        &mut child,
+        &ckpts,
+        2,
+        std::time::Duration::from_secs(600),
+        "rl seed 1 checkpoint",
+        "align run",
+    );
+    assert!(dir.join("out/rl/seed-0/manifest.json").exists(), "seed 0 finished before seed 1 started");
+    assert!(!dir.join("out/rl/seed-1/manifest.json").exists(), "seed 1 was killed before it finished");
+    let status = stdout(&align(&["status", &r]));
+    assert!(status.lines().any(|l| l.starts_with("rl seed 0") && l.contains("done")), "{status}");
+    assert!(
+        status.lines().any(|l| l.starts_with("rl seed 1") && l.contains("interrupted (resumes)")),
+        "{status}"
+    );
+    let again = align(&["run", &r]);
+    let err = stderr(&again);
+    assert!(again.status.success(), "{err}");
+    assert_eq!(skipped(&err), names(&["tokenizer", "base", "rl seed 0"]), "{err}");
+    assert_eq!(started(&err), names(&["rl seed 1"]), "{err}");
+    assert!(err.contains("resuming from"), "seed 1 did not resume: {err}");
+    let summary = read_json(&dir.join("out/rl/seed-1/summary.json"));
+    assert_eq!(summary["steps"], 40, "{summary}");
+}
