@@ -21,6 +21,7 @@ use crate::init::seeded_uniform;
 use crate::lora::{AdapterSwitch, AdaptersDisabled, LoraAdapter, LoraConfig, TargetModules, LINEAR_MODULES};
 use crate::model::{Gemma, Linear, WeightInit};
 use crate::reward_model::{self, RewardModel};
+use crate::safetensors_io::WeightReader;
 use crate::tokenizer::Tokenizer;
 use anyhow::{anyhow, bail, Context, Result};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -699,20 +700,28 @@ pub fn merge_dirs(base: &Path, adapter: &Path, out: &Path, kind: Option<Kind>) -
             let backbone = Gemma::with_init(&root, &backbone_cfg, WeightInit::Zeros)?;
             let score = Linear::with_init(&root / "score", rcfg.hidden_size, 1, nn::Init::Const(0.0));
             let mut rm = RewardModel::from_backbone(backbone, score, &rcfg)?;
-            let mut tensors = checkpoint::read_tensors(base)?;
-            tensors.remove("lm_head.weight");
-            match (&file.score, tensors.contains_key(SCORE_WEIGHT)) {
-                (Some(s), _) => {
-                    tensors.insert(SCORE_WEIGHT.to_string(), s.shallow_clone());
-                }
-                (None, true) => {}
-                (None, false) => bail!(
+            let reader = WeightReader::open_dir(base)?;
+            if file.score.is_none() && !reader.contains(SCORE_WEIGHT) {
+                bail!(
                     "{}: the SEQ_CLS adapter has no score head (base_model.model.score.weight) and the base {} is not a reward model",
                     adapter.display(),
                     base.display()
-                ),
+                );
             }
-            checkpoint::load_into(&vs, tensors, &[], base)?;
+            // The adapter's head, when it has one, replaces the base's.
+            let skip: &[&str] = if file.score.is_some() { &[SCORE_WEIGHT] } else { &[] };
+            checkpoint::load_from(&vs, &reader, &["lm_head.weight"], skip, base)?;
+            if let Some(s) = &file.score {
+                if s.size() != rm.score.weight.size() {
+                    bail!(
+                        "{}: the score head has shape {:?}, the model expects {:?}",
+                        adapter.display(),
+                        s.size(),
+                        rm.score.weight.size()
+                    );
+                }
+                tch::no_grad(|| rm.score.weight.f_copy_(s))?;
+            }
             rm.backbone.attach_lora(&adapters.root(), &file.config, 0)?;
             rm.backbone.load_adapter_tensors(&file.tensors, adapter)?;
             let merged = MergedWeights::new(&vs, &rm.backbone, kind)?;
