@@ -214,15 +214,28 @@ fn bench_fused_against_the_reference_step() {
     let params: Vec<Tensor> = init.iter().map(|p| p.copy()).collect();
     let m: Vec<Tensor> = init.iter().map(|p| p.zeros_like()).collect();
     let v: Vec<Tensor> = init.iter().map(|p| p.zeros_like()).collect();
-    // Interleaved, the fastest and the median of each: the machine is shared.
+    // Interleaved, the fastest and the median of each, and the CPU time
+    // (all threads) per step: the machine is shared.
+    // The process's user + system CPU time in ms (/proc/self/stat, 100 Hz ticks).
+    let cpu_ms = || -> f64 {
+        let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+        let rest = stat.rsplit(')').next().unwrap_or("");
+        let f: Vec<f64> = rest.split_whitespace().map(|x| x.parse().unwrap_or(0.0)).collect();
+        f.get(11).zip(f.get(12)).map(|(u, s)| (u + s) * 10.0).unwrap_or(f64::NAN)
+    };
     let (mut ours, mut fused) = (vec![], vec![]);
+    let (mut ours_cpu, mut fused_cpu) = (0.0, 0.0);
     for t in 1..=12u64 {
-        let start = std::time::Instant::now();
+        let (start, c0) = (std::time::Instant::now(), cpu_ms());
         reference.step(&grads, 1e-3, 0.9, 0.999, 0.01, 1e-8);
         ours.push(start.elapsed().as_secs_f64() * 1e3);
-        let start = std::time::Instant::now();
+        let (start, c1) = (std::time::Instant::now(), cpu_ms());
         align_native::fused_adamw_step(&params, &grads, &m, &v, t, 1e-3, 0.9, 0.999, 0.01, 1e-8).unwrap();
         fused.push(start.elapsed().as_secs_f64() * 1e3);
+        if t > 2 {
+            ours_cpu += (c1 - c0) / 10.0;
+            fused_cpu += (cpu_ms() - c1) / 10.0;
+        }
     }
     let summary = |mut v: Vec<f64>| {
         let mut v = v.split_off(2); // after the warm-up
@@ -232,7 +245,8 @@ fn bench_fused_against_the_reference_step() {
     let ((ours_min, ours_med), (fused_min, fused_med)) = (summary(ours), summary(fused));
     println!(
         "AdamW step on {:.1}M f32 parameters, {} threads: lm's (tch ops) {ours_min:.1} ms fastest, \
-         {ours_med:.1} ms median; fused {fused_min:.1} ms fastest, {fused_med:.1} ms median",
+         {ours_med:.1} ms median, {ours_cpu:.0} ms CPU; fused {fused_min:.1} ms fastest, {fused_med:.1} ms median, \
+         {fused_cpu:.0} ms CPU",
         n as f64 / 1e6,
         tch::get_num_threads(),
     );
