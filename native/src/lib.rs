@@ -620,6 +620,16 @@ mod tests {
     }
 
     #[test]
+    fn the_bridge_and_the_build_script_agree_on_the_backends() {
+        let b = backends();
+        assert_eq!(b.gloo, cfg!(align_gloo));
+        assert_eq!(b.nccl, cfg!(align_nccl));
+        assert_eq!(Backend::Gloo.compiled(), b.gloo);
+        assert_eq!(Backend::parse("nccl").unwrap(), Backend::Nccl);
+        assert!(Backend::parse("mpi").is_err());
+    }
+
+    #[test]
     fn no_launch_variables_is_a_single_process_run() {
         assert_eq!(DistEnv::from_vars(vars(&[])).unwrap(), None);
     }
