@@ -3,6 +3,8 @@
 #   make quickstart   the main job (see README)
 #   make test         every test, CPU only
 #   make bench        align against transformers on this machine
+#   make bench-lora   LoRA at gemma-2b size against transformers + PEFT (long)
+#   make gpu-check    the GPU checks (scripts/gpu_check.sh; GPU_CHECK_DEVICE=cpu runs them on the CPU)
 #   make fixtures     regenerate the transformers and peft parity fixtures (needs the venv)
 #
 # libtorch comes from PyTorch 2.11.0: the system python3 when it already has
@@ -32,7 +34,7 @@ ORIG_LD_LIBRARY_PATH := $(LD_LIBRARY_PATH)
 export LD_LIBRARY_PATH = $(LIBTORCH)/lib:$(ORIG_LD_LIBRARY_PATH)
 export ALIGN_PYTHON := $(PYTHON)
 
-.PHONY: all build test quickstart bench fixtures pydeps fonts chromium gloo fmt clippy clean verify-hf
+.PHONY: all build test quickstart bench bench-lora gpu-check fixtures pydeps fonts chromium gloo fmt clippy clean verify-hf
 
 all: build
 
@@ -49,10 +51,10 @@ $(STAMPS)/torch:
 	echo ">> libtorch: $$(cat $(STAMPS)/libtorch)"
 	touch $@
 
-# transformers (and numpy) for the reference side of benchmarks and fixtures only.
+# transformers, numpy and peft for the reference side of benchmarks and fixtures only.
 $(STAMPS)/pydeps: $(STAMPS)/torch
-	$(PYTHON) -c "import transformers, numpy" >/dev/null 2>&1 || \
-	  $(PYTHON) -m pip install --quiet --disable-pip-version-check "transformers>=4.50" numpy
+	$(PYTHON) -c "import transformers, numpy, peft" >/dev/null 2>&1 || \
+	  $(PYTHON) -m pip install --quiet --disable-pip-version-check "transformers>=4.50" numpy peft
 	touch $@
 pydeps: $(STAMPS)/pydeps
 
@@ -118,6 +120,18 @@ bench: build $(STAMPS)/pydeps
 	$(BIN) bench sft --python $(PYTHON)
 	$(PYTHON) -c "import trl" 2>/dev/null || $(PYTHON) -m pip install --quiet --disable-pip-version-check trl
 	$(BIN) bench rl --python $(PYTHON)
+
+# Real size (gemma-2b shapes, random weights): LoRA SFT against
+# transformers + PEFT, f32 and bf16 base, each side in its own process
+# (peak RSS per process), then one RL step. About an hour on 2 cores.
+bench-lora: build $(STAMPS)/pydeps
+	$(BIN) bench lora --python $(PYTHON)
+	$(BIN) bench lora --rl --warmup 0 --steps 1
+
+# The GPU checks (see scripts/gpu_check.sh): build, CUDA in `align info`,
+# CUDA-vs-CPU logits, LoRA SFT/reward/RL steps in bf16 at gemma-2b size.
+gpu-check:
+	bash scripts/gpu_check.sh
 
 # peft (for the LoRA fixtures only; no test needs it) is installed here.
 fixtures: $(STAMPS)/pydeps

@@ -9,6 +9,8 @@ use lm::{GemmaConfig, GenerationConfig};
 use std::path::PathBuf;
 use std::time::Instant;
 
+mod lora;
+
 #[derive(Args, Clone, Debug)]
 pub struct GenerateBench {
     /// Model preset (random weights).
@@ -89,12 +91,62 @@ pub enum BenchCommand {
     Generate(GenerateBench),
     /// Training tokens/s, peak memory and achieved FLOP/s of SFT steps.
     Sft(SftBench),
+    /// LoRA fine-tuning at real size (gemma-2b shapes) against
+    /// transformers + PEFT, f32 and bf16 base; `--rl`: one RL step.
+    Lora(lora::LoraBench),
+    /// A tiny random model's f32 logits on `--device` against the CPU's
+    /// (the GPU check); fails beyond the tolerance.
+    Parity(ParityBench),
+}
+
+#[derive(Args, Clone, Debug)]
+pub struct ParityBench {
+    #[arg(long, default_value = "tiny")]
+    pub preset: String,
+    #[arg(long, default_value = "cuda")]
+    pub device: String,
+    /// Largest allowed absolute difference of any logit.
+    #[arg(long, default_value_t = 1e-4)]
+    pub tolerance: f64,
+}
+
+/// [`ParityBench`]: one random model, its weights copied to the device,
+/// the same ids through both; the largest logit difference.
+fn parity(b: &ParityBench) -> Result<()> {
+    let cfg = GemmaConfig::preset(&b.preset)?;
+    let device = parse_device(&b.device)?;
+    tch::manual_seed(0);
+    let cpu_vs = tch::nn::VarStore::new(tch::Device::Cpu);
+    let cpu = lm::Gemma::new(&cpu_vs.root(), &cfg)?;
+    let mut dev_vs = tch::nn::VarStore::new(device);
+    let dev = lm::Gemma::with_init(&dev_vs.root(), &cfg, lm::WeightInit::Zeros)?;
+    dev_vs.copy(&cpu_vs)?;
+    let (rows, t) = (2i64, 24i64);
+    let ids: Vec<i64> = (0..rows * t).map(|i| 2 + (i * 7919) % (cfg.vocab_size - 2)).collect();
+    let ids = tch::Tensor::from_slice(&ids).view([rows, t]);
+    let (a, d) = tch::no_grad(|| -> Result<_> {
+        Ok((cpu.forward(&ids)?, dev.forward(&ids.to_device(device))?.to_device(tch::Device::Cpu)))
+    })?;
+    let diff = (&a - &d).abs().max().double_value(&[]);
+    let scale = a.abs().max().double_value(&[]);
+    let same_argmax = a.argmax(-1, false).equal(&d.argmax(-1, false));
+    println!(
+        "parity {} ({} × {} tokens): {:?} vs CPU f32 logits, max |diff| {diff:.2e} (logits up to {scale:.2}), \
+         same argmax {same_argmax}, tolerance {:.0e}",
+        b.preset, rows, t, device, b.tolerance
+    );
+    if !(diff <= b.tolerance) {
+        bail!("the logits on {:?} differ from the CPU's by {diff:e} > {:e}", device, b.tolerance);
+    }
+    Ok(())
 }
 
 pub fn run(cmd: BenchCommand) -> Result<()> {
     match cmd {
         BenchCommand::Generate(b) => bench_generate(&b),
         BenchCommand::Sft(b) => bench_sft(&b),
+        BenchCommand::Lora(b) => lora::run(&b),
+        BenchCommand::Parity(b) => parity(&b),
         BenchCommand::Rl(b) => {
             let python = match b.python.as_deref() {
                 Some("none") => None,
