@@ -64,9 +64,12 @@ pub fn kind_of_name(name: &str) -> Result<Kind> {
     })
 }
 
+/// A tensor's `(start, end)` byte offsets in the data section of a file.
+pub type DataOffsets = (usize, usize);
+
 /// The header of a safetensors file holding `entries` in this order (with
 /// the 8-byte length prefix), and each entry's `(start, end)` data offsets.
-pub fn header(entries: &[TensorEntry]) -> Result<(Vec<u8>, Vec<(usize, usize)>)> {
+pub fn header(entries: &[TensorEntry]) -> Result<(Vec<u8>, Vec<DataOffsets>)> {
     let mut map = serde_json::Map::new();
     map.insert("__metadata__".into(), serde_json::json!({"format": "pt"}));
     let mut offsets = Vec::with_capacity(entries.len());
@@ -404,7 +407,7 @@ impl SafetensorsFile {
             let s = st.start + at as usize * elt;
             let e = s + n as usize * elt;
             let bytes = &self.map[s..e];
-            if bytes.as_ptr() as usize % elt == 0 {
+            if (bytes.as_ptr() as usize).is_multiple_of(elt) {
                 // SAFETY: `src` views `bytes` (n elements of `st.kind`,
                 // aligned, inside the mapping, which outlives it: `src` is
                 // dropped at the end of this block, before the pages are

@@ -660,7 +660,7 @@ pub fn resume_or_start(
     checkpoint::load_from(vs, &weights, ignore, &[], &dir)?;
     drop(weights);
     let opt_file = dir.join(OPTIMIZER_FILE);
-    opt.load_state_from(&WeightReader::open_files(&[opt_file.clone()], &opt_file)?, st.step)?;
+    opt.load_state_from(&WeightReader::open_files(std::slice::from_ref(&opt_file), &opt_file)?, st.step)?;
     eprintln!("resuming from {} (step {step})", dir.display());
     Ok((st, Some(step)))
 }

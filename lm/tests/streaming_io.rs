@@ -244,7 +244,7 @@ fn optimizer_state_round_trips_through_the_streaming_reader() {
 
         let (vs2, _) = optimizer_after_steps(kind);
         let mut fresh = AdamW::new(&vs2, &OptimConfig { weight_decay: 0.1, ..Default::default() });
-        let reader = WeightReader::open_files(&[path.clone()], &path).unwrap();
+        let reader = WeightReader::open_files(std::slice::from_ref(&path), &path).unwrap();
         fresh.load_state_from(&reader, opt.t).unwrap();
         assert_eq!(fresh.t, opt.t);
         let (a, b) = (opt.state_tensors(), fresh.state_tensors());
@@ -267,7 +267,7 @@ fn optimizer_state_round_trips_through_the_streaming_reader() {
         let mut partial = opt.state_tensors();
         partial.remove("layer.weight.exp_avg_sq");
         checkpoint::write_tensors_file(&path, &partial).unwrap();
-        let reader = WeightReader::open_files(&[path.clone()], &path).unwrap();
+        let reader = WeightReader::open_files(std::slice::from_ref(&path), &path).unwrap();
         let e = fresh.load_state_from(&reader, 1).unwrap_err().to_string();
         assert!(e.contains("optimizer state lacks layer.weight.exp_avg_sq"), "{e}");
     }
