@@ -121,7 +121,7 @@ pub enum Reference {
     /// A model of its own (the config's `reference`, or the policy's
     /// starting weights in a full fine-tune), frozen: no variable requires
     /// a gradient.
-    Model { vs: nn::VarStore, model: Gemma },
+    Model { vs: nn::VarStore, model: Box<Gemma> },
     /// The policy with its LoRA adapters switched off
     /// ([`Gemma::adapters_disabled`]): the base weights it starts from,
     /// without a second copy.
@@ -317,7 +317,7 @@ impl Trainer {
                     vs.set_kind(precision.compute);
                 }
                 vs.freeze();
-                Reference::Model { vs, model }
+                Reference::Model { vs, model: Box::new(model) }
             }
             None if cfg.stage.lora.is_some() => Reference::AdaptersOff,
             None => bail!(
@@ -387,7 +387,7 @@ impl Trainer {
     /// policy (whose adapters [`Trainer::reference_logprobs`] switches off).
     pub fn reference_model(&self) -> &Gemma {
         match &self.reference {
-            Reference::Model { model, .. } => model,
+            Reference::Model { model, .. } => model.as_ref(),
             Reference::AdaptersOff => &self.policy,
         }
     }
