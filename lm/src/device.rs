@@ -3,10 +3,11 @@
 use anyhow::{bail, Result};
 use tch::{Device, Kind};
 
-/// `auto` picks CUDA when libtorch sees a GPU, the CPU otherwise.
+/// `auto` picks CUDA when libtorch sees a GPU (`cuda:LOCAL_RANK` under
+/// torchrun), the CPU otherwise.
 pub fn parse_device(s: &str) -> Result<Device> {
     Ok(match s {
-        "auto" => Device::cuda_if_available(),
+        "auto" => crate::dist::auto_device().unwrap_or_else(Device::cuda_if_available),
         "cpu" => Device::Cpu,
         "cuda" => {
             if !tch::Cuda::is_available() {

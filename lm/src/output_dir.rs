@@ -260,7 +260,9 @@ struct Marker {
 #[derive(Debug)]
 pub struct Claim {
     pub dir: PathBuf,
-    pub lock: OutputLock,
+    /// `None` on the ranks other than 0 of a distributed run: rank 0
+    /// holds the lock for the run.
+    pub lock: Option<OutputLock>,
     /// The debris removed (paths).
     pub removed: Vec<PathBuf>,
 }
@@ -272,9 +274,14 @@ pub struct Claim {
 /// removes crash debris; marks it as the stage's.
 pub fn claim(dir: &Path, stage: &str, inputs: &[(&str, &Path)]) -> Result<Claim> {
     check_not_an_input(dir, inputs)?;
+    if crate::dist::env_rank() > 0 {
+        // One rank of a distributed run: rank 0 claims (and cleans) the
+        // directory for all of them.
+        return Ok(Claim { dir: dir.to_path_buf(), lock: None, removed: vec![] });
+    }
     check_ours(dir, stage, inputs)?;
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    let lock = OutputLock::acquire(dir)?;
+    let lock = Some(OutputLock::acquire(dir)?);
     let removed = remove_debris(dir)?;
     if !removed.is_empty() {
         eprintln!(

@@ -11,9 +11,9 @@
 pub mod session;
 
 use crate::checkpoint::{self, SaveOptions};
-use crate::safetensors_io::WeightReader;
 use crate::config::GemmaConfig;
 use crate::fsio;
+use crate::safetensors_io::WeightReader;
 use crate::tokenizer::Tokenizer;
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
@@ -331,6 +331,22 @@ impl AdamW {
         self.accumulate()?;
         let Some(p) = self.params.iter().find(|p| p.name == name) else { return Ok(None) };
         Ok(p.gradient())
+    }
+
+    /// The gradients the next update would use (what is pending
+    /// accumulated first), in the optimiser's order, sharing storage with
+    /// them: what a data-parallel run sums over ranks. Every trained tensor
+    /// must have a gradient (ranks must pass the same list).
+    pub fn gradients(&mut self) -> Result<Vec<Tensor>> {
+        self.accumulate()?;
+        self.params
+            .iter()
+            .map(|p| {
+                p.gradient().filter(Tensor::defined).with_context(|| {
+                    format!("{} has no gradient this step; data-parallel training needs one for every trained tensor", p.name)
+                })
+            })
+            .collect()
     }
 
     /// Global L2 norm of all gradients; when `max_norm > 0` and the norm
@@ -758,7 +774,8 @@ pub fn checkpoint_hash<T: Serialize + Clone>(cfg: &T, clear: impl FnOnce(&mut T)
 
 /// Metrics as JSON lines, one object per record, flushed as written.
 pub struct MetricsLog {
-    file: std::fs::File,
+    /// `None` on a rank other than 0 of a distributed run (rank 0 writes).
+    file: Option<std::fs::File>,
     /// The rows kept from an earlier run (when resuming).
     kept: Vec<serde_json::Value>,
 }
@@ -793,7 +810,22 @@ impl MetricsLog {
             .open(path)
             .with_context(|| format!("cannot open {}", path.display()))?;
         let kept = body.lines().filter_map(|l| serde_json::from_str(l).ok()).collect();
-        Ok(MetricsLog { file, kept })
+        Ok(MetricsLog { file: Some(file), kept })
+    }
+
+    /// The rows of `path` up to `resume_step` (what [`MetricsLog::open`]
+    /// keeps), without touching the file: a log whose writes go nowhere,
+    /// for the ranks other than 0 of a distributed run.
+    pub fn read_only(path: &Path, resume_step: Option<u64>) -> Self {
+        let kept = match (resume_step, std::fs::read_to_string(path)) {
+            (Some(s), Ok(text)) => text
+                .lines()
+                .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+                .filter(|v| v["step"].as_u64().is_some_and(|st| st <= s))
+                .collect(),
+            _ => vec![],
+        };
+        MetricsLog { file: None, kept }
     }
 
     /// The value of `key` in a row of `step` kept from the run resumed
@@ -803,8 +835,10 @@ impl MetricsLog {
     }
 
     pub fn write(&mut self, v: &serde_json::Value) -> Result<()> {
-        writeln!(self.file, "{v}")?;
-        self.file.flush()?;
+        if let Some(f) = self.file.as_mut() {
+            writeln!(f, "{v}")?;
+            f.flush()?;
+        }
         Ok(())
     }
 }
@@ -891,6 +925,11 @@ impl Progress {
             last_time: now,
         };
         Progress { bar: None, lines: Some(std::sync::Mutex::new(lines)) }
+    }
+
+    /// No bar and no lines (the ranks other than 0 of a distributed run).
+    pub fn hidden() -> Progress {
+        Progress { bar: None, lines: None }
     }
 
     fn with_lines(&self, f: impl FnOnce(&mut ProgressLines)) {

@@ -305,8 +305,14 @@ pub fn run(cfg: &RewardConfig, base: &Path) -> Result<RewardSummary> {
     let plan = |epoch: u64| {
         plan_epoch(&lens, &epoch_order(&data, epoch), cfg.batch_size, cfg.stage.seed ^ (epoch << 20))
     };
+    // Data-parallel: a step is grad_accum micro-batches per rank, taken
+    // from one global sequence (the single process's order): rank r runs
+    // the step's micro-batches i with i % world == r.
+    let dist = lm::dist::init(device)?;
+    let (rank, world) = (dist.rank, dist.world);
+    let global_accum = cfg.grad_accum * world;
     let batches_per_epoch = plan(0).len() as u64;
-    let steps_per_epoch = batches_per_epoch.div_ceil(cfg.grad_accum as u64).max(1);
+    let steps_per_epoch = batches_per_epoch.div_ceil(global_accum as u64).max(1);
     let total_steps = if cfg.max_steps > 0 { cfg.max_steps } else { cfg.epochs * steps_per_epoch };
 
     let spec = SessionSpec {
@@ -355,18 +361,26 @@ pub fn run(cfg: &RewardConfig, base: &Path) -> Result<RewardSummary> {
         }
         // This step's micro-batches, crossing epochs as needed.
         let mut micro = vec![];
-        while micro.len() < cfg.grad_accum {
+        for i in 0..global_accum {
             if s.state.batch_in_epoch as usize >= epoch_batches.len() {
                 s.state.epoch += 1;
                 s.state.batch_in_epoch = 0;
                 epoch_batches = plan(s.state.epoch);
             }
-            let idx = &epoch_batches[s.state.batch_in_epoch as usize];
-            let pairs: Vec<&PairTokens> = idx.iter().filter_map(|&i| data.train.pairs[i].as_ref()).collect();
-            micro.push(make_pair_batch(&pairs, pad, device)?);
+            if i % world == rank {
+                let idx = &epoch_batches[s.state.batch_in_epoch as usize];
+                let pairs: Vec<&PairTokens> =
+                    idx.iter().filter_map(|&i| data.train.pairs[i].as_ref()).collect();
+                micro.push(make_pair_batch(&pairs, pad, device)?);
+            }
             s.state.batch_in_epoch += 1;
         }
-        let denom = micro.iter().map(|b| b.pairs).sum::<usize>().max(1) as f64;
+        // The denominator is the global count of pairs.
+        let counts = up.global_sums(&[
+            micro.iter().map(|b| b.pairs).sum::<usize>() as f64,
+            micro.iter().map(|b| b.tokens).sum::<usize>() as f64,
+        ])?;
+        let denom = counts[0].max(1.0);
         let (mut correct, mut margin_sum) = (0.0, 0.0);
         let checkpointing = cfg.stage.gradient_checkpointing;
         let r = up.step(micro.len(), total_steps, s.state.step, |i| {
@@ -389,8 +403,12 @@ pub fn run(cfg: &RewardConfig, base: &Path) -> Result<RewardSummary> {
                 Ok(v)
             })
         })?;
-        pair_count += micro.iter().map(|b| b.pairs).sum::<usize>();
-        tok_count += micro.iter().map(|b| b.tokens).sum::<usize>();
+        if dist.is_distributed() {
+            let g = up.global_sums(&[correct, margin_sum])?;
+            (correct, margin_sum) = (g[0], g[1]);
+        }
+        pair_count += counts[0] as usize;
+        tok_count += counts[1] as usize;
         s.state.step += 1;
         let (step, loss_sum, lr) = (s.state.step, r.loss, r.lr);
         (last_loss, last_acc) = (loss_sum, correct / denom);
@@ -449,6 +467,9 @@ pub fn run(cfg: &RewardConfig, base: &Path) -> Result<RewardSummary> {
     };
     let summary_path = cfg.stage.output_dir.join("summary.json");
     let plot = || {
+        if !dist.is_main() {
+            return;
+        }
         if let Err(e) = plot_metrics(&cfg.stage.output_dir) {
             eprintln!("warning: no loss.png: {e:#}");
         }
@@ -459,7 +480,9 @@ pub fn run(cfg: &RewardConfig, base: &Path) -> Result<RewardSummary> {
             save(&s, &weights, &up, eval_stats.as_ref())?;
         }
         eprintln!("stopped after step {} of {total_steps} (stop_after); run again to resume", state.step);
-        lm::fsio::write_atomic(&summary_path, serde_json::to_string_pretty(&summary)?.as_bytes())?;
+        if dist.is_main() {
+            lm::fsio::write_atomic(&summary_path, serde_json::to_string_pretty(&summary)?.as_bytes())?;
+        }
         return Ok(summary);
     }
 
@@ -481,11 +504,18 @@ pub fn run(cfg: &RewardConfig, base: &Path) -> Result<RewardSummary> {
     let model_dir = cfg.stage.output_dir.join("model");
     let adapter_dir = cfg.stage.output_dir.join("adapter");
     s.write_model(&weights, &model.backbone, &model_dir, &adapter_dir, &model.cfg, &tok)?;
-    if let Some(st) = &stats {
-        st.write(&model_dir)?;
+    if dist.is_main() {
+        if let Some(st) = &stats {
+            st.write(&model_dir)?;
+        }
     }
+    // The model is complete (with its statistics) on every rank's return.
+    dist.barrier()?;
     summary.reward_stats = stats;
     summary.model_dir = Some(model_dir);
+    if !dist.is_main() {
+        return Ok(summary);
+    }
     plot();
     lm::fsio::write_atomic(&summary_path, serde_json::to_string_pretty(&summary)?.as_bytes())?;
     Ok(summary)

@@ -325,7 +325,10 @@ pub fn data_report(sampler: &Option<Sampler>, out_dir: &Path) -> Result<DataRepo
     let mut summary = DataReportSummary::from_report(mix.report());
     if let Some(fr) = mix.report().filters.as_ref().filter(|fr| !fr.removed.is_empty()) {
         let path = out_dir.join(FILTERED_OUT_FILE);
-        fr.write_removed(&path)?;
+        // Rank 0 writes for a distributed run.
+        if lm::dist::env_rank() == 0 {
+            fr.write_removed(&path)?;
+        }
         summary.removed_rows_file = Some(path);
     }
     Ok(summary)
@@ -471,8 +474,14 @@ pub fn run(cfg: &SftConfig, base: &Path) -> Result<SftSummary> {
             cfg.stage.seed ^ (epoch << 20),
         )
     };
+    // Data-parallel: a step is grad_accum micro-batches per rank, taken
+    // from one global sequence (the single process's order): rank r runs
+    // the step's micro-batches i with i % world == r.
+    let dist = lm::dist::init(device)?;
+    let (rank, world) = (dist.rank, dist.world);
+    let global_accum = cfg.grad_accum * world;
     let batches_per_epoch = plan(0).len() as u64;
-    let steps_per_epoch = batches_per_epoch.div_ceil(cfg.grad_accum as u64).max(1);
+    let steps_per_epoch = batches_per_epoch.div_ceil(global_accum as u64).max(1);
     let total_steps = if cfg.max_steps > 0 { cfg.max_steps } else { cfg.epochs * steps_per_epoch };
     let spec = SessionSpec {
         name: "sft",
@@ -495,25 +504,32 @@ pub fn run(cfg: &SftConfig, base: &Path) -> Result<SftSummary> {
     while s.state.step < total_steps {
         // Gather this step's micro-batches, crossing epochs as needed.
         let mut micro = vec![];
-        while micro.len() < cfg.grad_accum {
+        for i in 0..global_accum {
             if s.state.batch_in_epoch as usize >= epoch_batches.len() {
                 s.state.epoch += 1;
                 s.state.batch_in_epoch = 0;
                 epoch_batches = plan(s.state.epoch);
             }
-            micro.push(make_batch(
-                &data.train,
-                &epoch_batches[s.state.batch_in_epoch as usize],
-                tok.special.pad,
-                device,
-            )?);
+            if i % world == rank {
+                micro.push(make_batch(
+                    &data.train,
+                    &epoch_batches[s.state.batch_in_epoch as usize],
+                    tok.special.pad,
+                    device,
+                )?);
+            }
             s.state.batch_in_epoch += 1;
         }
-        let denom = micro.iter().map(|b| b.trained).sum::<usize>().max(1) as f64;
+        // The denominator is the global count of trained tokens.
+        let counts = up.global_sums(&[
+            micro.iter().map(|b| b.trained).sum::<usize>() as f64,
+            micro.iter().map(|b| b.tokens).sum::<usize>() as f64,
+        ])?;
+        let denom = counts[0].max(1.0);
         let r = up.step(micro.len(), total_steps, s.state.step, |i| {
             micro_step(&model, &micro[i], denom, cfg.stage.gradient_checkpointing)
         })?;
-        tok_count += micro.iter().map(|b| b.tokens).sum::<usize>();
+        tok_count += counts[1] as usize;
         s.state.step += 1;
         let (step, loss_sum, lr) = (s.state.step, r.loss, r.lr);
         last_loss = loss_sum;
@@ -554,8 +570,10 @@ pub fn run(cfg: &SftConfig, base: &Path) -> Result<SftSummary> {
         (Some(el), Some(el.exp()))
     };
     s.save(&weights, &up, &model.cfg, &tok, &[])?;
-    if let Err(e) = plot_losses(&cfg.stage.output_dir) {
-        eprintln!("warning: no loss.png: {e:#}");
+    if dist.is_main() {
+        if let Err(e) = plot_losses(&cfg.stage.output_dir) {
+            eprintln!("warning: no loss.png: {e:#}");
+        }
     }
     let model_dir = cfg.stage.output_dir.join("model");
     let adapter_dir = cfg.stage.output_dir.join("adapter");
@@ -577,6 +595,9 @@ pub fn run(cfg: &SftConfig, base: &Path) -> Result<SftSummary> {
         data: data_report,
         windows: data.windows.clone(),
     };
+    if !dist.is_main() {
+        return Ok(summary);
+    }
     lm::fsio::write_atomic(
         &cfg.stage.output_dir.join("summary.json"),
         serde_json::to_string_pretty(&summary)?.as_bytes(),

@@ -19,6 +19,7 @@
 use super::{AdamW, MetricsLog, OptimConfig, Progress, TrainerState};
 use crate::checkpoint::{self, SaveOptions};
 use crate::config::GemmaConfig;
+use crate::dist::Dist;
 use crate::lora::LoraConfig;
 use crate::model::Gemma;
 use crate::peft::{self, TaskType};
@@ -138,7 +139,8 @@ impl Trainable {
             vs.set_kind(precision.base);
         }
         let adapters = nn::VarStore::new(vs.device());
-        model.attach_lora(&adapters.root(), &cfg, s.seed)?;
+        // LoRA dropout draws per rank (rank 0's are a single process's).
+        model.attach_lora(&adapters.root(), &cfg, rank_seed(s.seed, crate::dist::env_rank()))?;
         if let (Some(f), Some(dir)) = (&start, &s.adapter) {
             model.load_adapter_tensors(&f.tensors, dir)?;
             // A SEQ_CLS adapter carries the reward head (PEFT's modules_to_save).
@@ -188,6 +190,12 @@ impl Trainable {
     }
 }
 
+/// `seed` for rank `rank`'s own randomness (LoRA dropout, RL sampling):
+/// `seed` itself on rank 0 (and in a single process), distinct per rank.
+pub fn rank_seed(seed: u64, rank: usize) -> u64 {
+    seed ^ (rank as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15)
+}
+
 /// What the session needs to know about the stage.
 pub struct SessionSpec<'a> {
     /// The stage's name: the progress bar's prefix.
@@ -223,6 +231,9 @@ pub struct Updater {
     optim: OptimConfig,
     /// Where the last good checkpoint is, for the errors that stop a run.
     pub ckpt_root: Option<PathBuf>,
+    /// This process's place in a data-parallel run (one process unless
+    /// launched by torchrun).
+    pub dist: &'static Dist,
 }
 
 impl Updater {
@@ -230,7 +241,21 @@ impl Updater {
     pub fn new(t: &mut Trainable, optim: &OptimConfig) -> Result<Self> {
         let mut opt = AdamW::from_vars(t.trained(), optim)?;
         opt.set_masters(std::mem::take(&mut t.exact))?;
-        Ok(Updater { opt, optim: optim.clone(), ckpt_root: None })
+        let dist = crate::dist::init(t.base.device())?;
+        Ok(Updater { opt, optim: optim.clone(), ckpt_root: None, dist })
+    }
+
+    /// The sum of `v` over the ranks of a data-parallel run (`v` in one
+    /// process): a stage's loss denominator (tokens, pairs) is the global
+    /// count, so each rank's micro-batch losses are scaled as one process
+    /// would scale them.
+    pub fn global_sum(&self, v: f64) -> Result<f64> {
+        Ok(self.dist.sum(&[v])?[0])
+    }
+
+    /// [`Updater::global_sum`] of several values in one collective.
+    pub fn global_sums(&self, v: &[f64]) -> Result<Vec<f64>> {
+        self.dist.sum(v)
     }
 
     /// One optimiser update over `micro` micro-batches. `f(i)` runs
@@ -241,6 +266,12 @@ impl Updater {
     /// step `step` (0-based, the one running) and the last good checkpoint.
     /// The learning rate is the schedule's at update `opt.t` of
     /// `total_updates`.
+    ///
+    /// In a data-parallel run each rank runs its own micro-batches (losses
+    /// normalised by the global denominator, [`Updater::global_sum`]); the
+    /// gradients are then summed over ranks (bucketed), before clipping,
+    /// so the update, the norm and the loss returned are the global ones.
+    /// A non-finite loss on any rank stops every rank.
     pub fn step(
         &mut self,
         micro: usize,
@@ -250,17 +281,28 @@ impl Updater {
     ) -> Result<StepResult> {
         self.opt.zero_grad();
         let mut loss = 0.0;
+        let non_finite = |v: f64, root: &Option<PathBuf>| match root {
+            Some(root) => super::non_finite_loss(v, step + 1, root),
+            None => anyhow::anyhow!("non-finite loss ({v}) at step {}", step + 1),
+        };
+        let distributed = self.dist.is_distributed();
         for i in 0..micro {
             let v = f(i)?;
-            if !v.is_finite() {
-                return Err(match &self.ckpt_root {
-                    Some(root) => super::non_finite_loss(v, step + 1, root),
-                    None => anyhow::anyhow!("non-finite loss ({v}) at step {}", step + 1),
-                });
+            // Distributed: the sum over ranks below carries it to every rank.
+            if !v.is_finite() && !distributed {
+                return Err(non_finite(v, &self.ckpt_root));
             }
             // bf16 variables: their gradient joins the f32 accumulator.
             self.opt.accumulate()?;
             loss += v;
+        }
+        if distributed {
+            loss = self.global_sum(loss)?;
+            if !loss.is_finite() {
+                return Err(non_finite(loss, &self.ckpt_root));
+            }
+            let grads = self.opt.gradients()?;
+            self.dist.all_reduce_sum(&grads)?;
         }
         let lr = super::lr_at(self.opt.t, total_updates, &self.optim);
         let grad_norm =
@@ -281,6 +323,8 @@ pub struct Session {
     pub ckpt_root: PathBuf,
     settings: StageSettings,
     architecture: &'static str,
+    /// Rank 0 writes; every rank reads.
+    pub dist: &'static Dist,
 }
 
 impl Session {
@@ -306,10 +350,17 @@ impl Session {
             None => super::resume_or_start(&ckpt_root, &t.base, &mut up.opt, fresh, spec.ignore)?,
             Some(_) => resume_lora(&ckpt_root, t, model, &mut up.opt, fresh)?,
         };
-        std::fs::create_dir_all(&s.output_dir)?;
-        let log = MetricsLog::open(&s.output_dir.join("metrics.jsonl"), Some(state.step))?;
-        let progress = super::progress_bar(spec.total_steps, state.step);
+        let dist = up.dist;
+        let metrics = s.output_dir.join("metrics.jsonl");
+        let (log, progress) = if dist.is_main() {
+            std::fs::create_dir_all(&s.output_dir)?;
+            (MetricsLog::open(&metrics, Some(state.step))?, super::progress_bar(spec.total_steps, state.step))
+        } else {
+            (MetricsLog::read_only(&metrics, Some(state.step)), Progress::hidden())
+        };
         progress.set_prefix(spec.name);
+        // Every rank has read the checkpoint before rank 0 may write the next.
+        dist.barrier()?;
         Ok(Session {
             state,
             resumed_from,
@@ -318,6 +369,7 @@ impl Session {
             ckpt_root,
             settings: s.clone(),
             architecture: spec.architecture,
+            dist,
         })
     }
 
@@ -333,6 +385,25 @@ impl Session {
     /// (with the reward head for a reward model), the base being the
     /// stage's `model`, unchanged.
     pub fn save(
+        &self,
+        t: &Trainable,
+        up: &Updater,
+        cfg: &GemmaConfig,
+        tok: &Tokenizer,
+        extra_files: &[(&str, Vec<u8>)],
+    ) -> Result<PathBuf> {
+        // Rank 0 writes (every rank holds the same weights and state); the
+        // others wait for the checkpoint to be complete.
+        let dir = if self.dist.is_main() {
+            self.save_here(t, up, cfg, tok, extra_files)?
+        } else {
+            super::step_dir(&self.ckpt_root, self.state.step)
+        };
+        self.dist.barrier()?;
+        Ok(dir)
+    }
+
+    fn save_here(
         &self,
         t: &Trainable,
         up: &Updater,
@@ -373,6 +444,21 @@ impl Session {
     /// base (in the base's dtype), and the adapters alone in PEFT's format
     /// in `adapter_dir` (`output_dir/adapter`).
     pub fn write_model(
+        &self,
+        t: &Trainable,
+        model: &Gemma,
+        dir: &Path,
+        adapter_dir: &Path,
+        cfg: &GemmaConfig,
+        tok: &Tokenizer,
+    ) -> Result<()> {
+        if self.dist.is_main() {
+            self.write_model_here(t, model, dir, adapter_dir, cfg, tok)?;
+        }
+        self.dist.barrier()
+    }
+
+    fn write_model_here(
         &self,
         t: &Trainable,
         model: &Gemma,

@@ -1,0 +1,254 @@
+//! Data-parallel SFT over Gloo on loopback: the test binary re-executes its
+//! own `rank_process` test as each rank, with torchrun's variables (RANK,
+//! WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT). Skipped, saying why,
+//! when the bridge was built without Gloo.
+//!
+//! - 2 ranks × grad_accum 2 end with the weights of 1 process × grad_accum 4
+//!   (the same global batches in the same order);
+//! - a dead peer is an error naming the lost rank within the timeout.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+use tch::Tensor;
+
+const ROLE: &str = "ALIGN_DDP_TEST_ROLE";
+const CONFIG: &str = "ALIGN_DDP_TEST_CONFIG";
+
+fn gloo_or_skip(test: &str) -> bool {
+    if lm::dist::backends().gloo {
+        return true;
+    }
+    let _ = writeln!(
+        std::io::stderr(),
+        "SKIPPED {test}: align-native was built without Gloo (libgloo-dev's headers were missing at build time; \
+         `make test` installs them)"
+    );
+    false
+}
+
+fn fixture() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../lm/tests/fixtures/mqa")
+}
+
+fn write_data(dir: &Path, n: usize) -> PathBuf {
+    let words = ["gemma", "align", "model", "reward", "policy", "judge", "token", "batch"];
+    let lines: Vec<String> = (0..n)
+        .map(|i| {
+            let w = format!("{}{}", words[i % words.len()], i % 5);
+            let r: String = w.chars().rev().collect();
+            serde_json::json!({"messages": [
+                {"role": "user", "content": format!("Reverse the word: {w}")},
+                {"role": "assistant", "content": r}]})
+            .to_string()
+        })
+        .collect();
+    let p = dir.join("train.jsonl");
+    std::fs::write(&p, lines.join("\n")).unwrap();
+    p
+}
+
+/// A full fine-tune in f32 writing to `dir/out_name`.
+fn config(dir: &Path, out_name: &str, grad_accum: usize, extra: &str) -> PathBuf {
+    let data = write_data(dir, 48);
+    let toml = format!(
+        r#"
+model = "{}"
+output_dir = "{}"
+max_seq_len = 64
+batch_size = 2
+grad_accum = {grad_accum}
+max_steps = 4
+seed = 5
+device = "cpu"
+{extra}
+[optim]
+lr = 1e-3
+warmup_steps = 1
+weight_decay = 0.1
+[data]
+seed = 1
+[[data.sources]]
+name = "reverse"
+path = "{}"
+"#,
+        fixture().display(),
+        dir.join(out_name).display(),
+        data.display()
+    );
+    let p = dir.join(format!("{out_name}.toml"));
+    std::fs::write(&p, toml).unwrap();
+    p
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+struct Rank {
+    child: Child,
+    log: PathBuf,
+}
+
+fn spawn(
+    dir: &Path,
+    role: &str,
+    config: &Path,
+    rank: usize,
+    world: usize,
+    port: u16,
+    env: &[(&str, &str)],
+) -> Rank {
+    let log = dir.join(format!("{role}-rank{rank}-{port}.log"));
+    let out = std::fs::File::create(&log).unwrap();
+    let mut cmd = Command::new(std::env::current_exe().unwrap());
+    cmd.args(["--exact", "rank_process", "--nocapture", "--test-threads=1"])
+        .env(ROLE, role)
+        .env(CONFIG, config)
+        .env("RANK", rank.to_string())
+        .env("WORLD_SIZE", world.to_string())
+        .env("LOCAL_RANK", rank.to_string())
+        .env("MASTER_ADDR", "127.0.0.1")
+        .env("MASTER_PORT", port.to_string())
+        .env("OMP_NUM_THREADS", "1")
+        .stdout(out.try_clone().unwrap())
+        .stderr(out)
+        .stdin(Stdio::null());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    Rank { child: cmd.spawn().unwrap(), log }
+}
+
+/// Waits for every rank (killing all after `deadline`): each rank's exit
+/// success, log and time.
+fn join(ranks: Vec<Rank>, deadline: Duration) -> Vec<(bool, String, Duration)> {
+    let start = Instant::now();
+    let mut out = vec![];
+    for mut r in ranks {
+        let status = loop {
+            if let Some(s) = r.child.try_wait().unwrap() {
+                break s;
+            }
+            if start.elapsed() > deadline {
+                let _ = r.child.kill();
+                let _ = r.child.wait();
+                panic!(
+                    "a rank hung for {deadline:?}:\n{}",
+                    std::fs::read_to_string(&r.log).unwrap_or_default()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        out.push((status.success(), std::fs::read_to_string(&r.log).unwrap_or_default(), start.elapsed()));
+    }
+    out
+}
+
+fn run_ranks(dir: &Path, config: &Path, world: usize) {
+    let port = free_port();
+    let ranks = (0..world).map(|r| spawn(dir, "sft", config, r, world, port, &[])).collect();
+    for (ok, log, _) in join(ranks, Duration::from_secs(300)) {
+        assert!(ok, "a rank failed:\n{log}");
+    }
+}
+
+fn weights(out: &Path) -> Vec<(String, Tensor)> {
+    let mut w = Tensor::read_safetensors(out.join("model/model.safetensors")).unwrap();
+    w.sort_by(|a, b| a.0.cmp(&b.0));
+    w
+}
+
+fn max_diff(a: &[(String, Tensor)], b: &[(String, Tensor)]) -> f64 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .map(|((na, ta), (nb, tb))| {
+            assert_eq!(na, nb);
+            (ta - tb).abs().max().double_value(&[])
+        })
+        .fold(0.0, f64::max)
+}
+
+/// One rank of a test run (a no-op when the harness runs it directly).
+#[test]
+fn rank_process() {
+    let Ok(role) = std::env::var(ROLE) else { return };
+    if role == "die" {
+        // Joins the group, then dies before the first collective.
+        lm::dist::init(tch::Device::Cpu).unwrap();
+        std::process::exit(3);
+    }
+    let path = PathBuf::from(std::env::var(CONFIG).unwrap());
+    let cfg = sft::SftConfig::from_toml_file(&path).unwrap();
+    if let Err(e) = sft::stage::run(&cfg, path.parent().unwrap()) {
+        eprintln!("rank error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+#[test]
+fn two_ranks_train_as_one_process_with_the_same_global_batch() {
+    if !gloo_or_skip("two_ranks_train_as_one_process_with_the_same_global_batch") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    // One process: 4 micro-batches of 2 rows per step.
+    let one = config(dir.path(), "one", 4, "");
+    let cfg = sft::SftConfig::from_toml_file(&one).unwrap();
+    let single = sft::stage::run(&cfg, dir.path()).unwrap();
+    // Two ranks: 2 micro-batches each, the same 8 rows per step.
+    let two = config(dir.path(), "two", 2, "");
+    run_ranks(dir.path(), &two, 2);
+    let (a, b) = (weights(&dir.path().join("one")), weights(&dir.path().join("two")));
+    let d = max_diff(&a, &b);
+    assert!(d < 1e-5, "2 ranks differ from 1 process by {d}");
+    // The base moved, and the logged (global) losses agree.
+    let base = {
+        let mut w = Tensor::read_safetensors(fixture().join("model.safetensors")).unwrap();
+        w.retain(|(n, _)| a.iter().any(|(m, _)| m == n));
+        w.sort_by(|x, y| x.0.cmp(&y.0));
+        w
+    };
+    assert!(max_diff(&a, &base) > 1e-4, "training did not move the weights");
+    let summary: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.path().join("two/summary.json")).unwrap()).unwrap();
+    let losses: Vec<f64> =
+        summary["first_losses"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect();
+    assert_eq!(losses.len(), single.first_losses.len());
+    for (x, y) in losses.iter().zip(&single.first_losses) {
+        assert!((x - y).abs() < 1e-5, "losses {losses:?} vs {:?}", single.first_losses);
+    }
+    // Rank 0 alone wrote: one metrics log with one row per step.
+    let rows = lm::train::read_metrics(&dir.path().join("two/metrics.jsonl")).unwrap();
+    assert_eq!(rows.iter().filter(|r| r.get("loss").is_some()).count(), 4);
+}
+
+#[test]
+fn a_dead_peer_is_an_error_within_the_timeout() {
+    if !gloo_or_skip("a_dead_peer_is_an_error_within_the_timeout") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path(), "dead", 2, "");
+    let port = free_port();
+    let env = [("ALIGN_DIST_TIMEOUT", "5")];
+    let ranks = vec![
+        spawn(dir.path(), "sft", &cfg, 0, 2, port, &env),
+        spawn(dir.path(), "die", &cfg, 1, 2, port, &env),
+    ];
+    let out = join(ranks, Duration::from_secs(120));
+    let (ok, log, t) = &out[0];
+    assert!(!ok, "rank 0 went on without its peer:\n{log}");
+    assert!(log.contains("rank 0 of 2"), "the error does not say which rank:\n{log}");
+    assert!(*t < Duration::from_secs(90), "rank 0 took {t:?} to fail");
+    // No checkpoint was half-written.
+    let ckpts = dir.path().join("dead/checkpoints");
+    if ckpts.exists() {
+        for e in std::fs::read_dir(&ckpts).unwrap() {
+            let p = e.unwrap().path();
+            assert!(p.join("trainer_state.json").exists(), "a partial checkpoint {}", p.display());
+        }
+    }
+}
