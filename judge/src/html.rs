@@ -24,7 +24,6 @@
 //! The helpers ([`escape`], [`script_json`], [`png_data_uri`], [`STYLE`])
 //! also serve the page of a whole recipe run (`align run`'s `report.html`).
 
-use crate::harness::{Judgment, Summary};
 use anyhow::{Context, Result};
 use serde::Serialize;
 use serde_json::{json, Value};
@@ -114,12 +113,13 @@ pub fn page(title: &str, body: &str, script: Option<&str>) -> String {
     )
 }
 
-/// The judge page of `js` and their summary `s`. `total`: `None` for a
-/// finished run; `Some(n)` for a run that has judged `js.len()` of `n`
-/// prompts so far (the page says it is incomplete).
-pub fn judge_page(js: &[Judgment], s: &Summary, total: Option<usize>) -> Result<String> {
-    let rows: Vec<Value> = js.iter().map(serde_json::to_value).collect::<Result<_, _>>()?;
-    judge_page_of(&serde_json::to_value(s)?, &rows, total)
+/// The judge page of the judgments `rows` and their `summary` (the
+/// harness's `Judgment`s and `Summary`, or anything serialised alike).
+/// `total`: `None` for a finished run; `Some(n)` for a run that has judged
+/// `rows.len()` of `n` prompts so far (the page says it is incomplete).
+pub fn judge_page(rows: &[impl Serialize], summary: &impl Serialize, total: Option<usize>) -> Result<String> {
+    let rows: Vec<Value> = rows.iter().map(serde_json::to_value).collect::<Result<_, _>>()?;
+    judge_page_of(&serde_json::to_value(summary)?, &rows, total)
 }
 
 /// [`judge_page`] of the summary and judgments as JSON, as `summary.json`
@@ -144,8 +144,13 @@ pub fn judge_page_of(summary: &Value, rows: &[Value], total: Option<usize>) -> R
 }
 
 /// Writes `report.html` into `out` (atomically): see [`judge_page`].
-pub fn write_judge_page(out: &Path, js: &[Judgment], s: &Summary, total: Option<usize>) -> Result<()> {
-    let html = judge_page(js, s, total)?;
+pub fn write_judge_page(
+    out: &Path,
+    rows: &[impl Serialize],
+    summary: &impl Serialize,
+    total: Option<usize>,
+) -> Result<()> {
+    let html = judge_page(rows, summary, total)?;
     lm::fsio::write_atomic(&out.join("report.html"), html.as_bytes())
 }
 
