@@ -326,6 +326,14 @@ impl Trainer {
         };
         let mut policy_weights = Trainable::prepare(policy_vs, &mut policy, &cfg.stage, TaskType::CausalLm)?;
         let updater = Updater::new(&mut policy_weights, &cfg.stage.optim)?;
+        if updater.dist.world > 1 {
+            // Every rank would run the whole batch and the summed gradient
+            // would be world times the batch's (issue 14, item 3).
+            bail!(
+                "rl: data-parallel RL is not supported yet (launched with WORLD_SIZE={}); run the RL stage in one process (SFT and reward train data-parallel)",
+                updater.dist.world
+            );
+        }
         if cfg.kl_mode == KlMode::Loss && cfg.kl_estimator == KlEstimator::K1 && cfg.beta > 0.0 {
             eprintln!(
                 "warning: kl_mode = \"loss\" with the k1 estimator: its gradient is zero in expectation; use kl_estimator = \"k3\""
