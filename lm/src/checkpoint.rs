@@ -19,50 +19,14 @@ use crate::safetensors_io::{self, WeightReader};
 use crate::tokenizer::Tokenizer;
 use anyhow::{anyhow, bail, Context, Result};
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use tch::{nn, Device, Kind, Tensor};
 
 pub const CONFIG: &str = "config.json";
-pub const WEIGHTS: &str = "model.safetensors";
-pub const WEIGHTS_INDEX: &str = "model.safetensors.index.json";
+pub use crate::safetensors_io::{weight_files, TensorEntry, TensorSource, WEIGHTS, WEIGHTS_INDEX};
 pub const TOKENIZER: &str = "tokenizer.json";
 pub const TOKENIZER_CONFIG: &str = "tokenizer_config.json";
 pub const GENERATION_CONFIG: &str = "generation_config.json";
-
-/// The safetensors files of a checkpoint: the shards named by the index, or
-/// the single `model.safetensors`.
-pub fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
-    let index = dir.join(WEIGHTS_INDEX);
-    if index.exists() {
-        let text =
-            std::fs::read_to_string(&index).with_context(|| format!("cannot read {}", index.display()))?;
-        let v: serde_json::Value =
-            serde_json::from_str(&text).with_context(|| format!("{} is not valid JSON", index.display()))?;
-        let map = v
-            .get("weight_map")
-            .and_then(|m| m.as_object())
-            .ok_or_else(|| anyhow!("{} has no \"weight_map\" object", index.display()))?;
-        let mut files: Vec<String> = map
-            .values()
-            .map(|f| {
-                f.as_str()
-                    .map(String::from)
-                    .ok_or_else(|| anyhow!("{}: a weight_map value is not a string", index.display()))
-            })
-            .collect::<Result<_>>()?;
-        files.sort();
-        files.dedup();
-        return Ok(files.into_iter().map(|f| dir.join(f)).collect());
-    }
-    let single = dir.join(WEIGHTS);
-    if single.exists() {
-        return Ok(vec![single]);
-    }
-    bail!(
-        "{} has neither {WEIGHTS} nor {WEIGHTS_INDEX}; is it a Hugging Face model directory?",
-        dir.display()
-    )
-}
 
 /// Reads one safetensors file onto the CPU (every tensor at once: for
 /// small files; large ones load through [`WeightReader`]).
@@ -97,60 +61,6 @@ pub fn tensor_names(dir: &Path) -> Result<std::collections::BTreeSet<String>> {
 /// (for small checkpoints and tests; models load through [`load_from`]).
 pub fn read_tensors(dir: &Path) -> Result<BTreeMap<String, Tensor>> {
     WeightReader::open_dir(dir)?.read_all()
-}
-
-/// One tensor a [`TensorSource`] will produce: its name, dtype and shape.
-#[derive(Debug, Clone, PartialEq)]
-pub struct TensorEntry {
-    pub name: String,
-    pub kind: Kind,
-    pub shape: Vec<i64>,
-}
-
-impl TensorEntry {
-    /// Bytes of the tensor's data.
-    pub fn bytes(&self) -> usize {
-        self.shape.iter().product::<i64>().max(0) as usize * self.kind.elt_size_in_bytes()
-    }
-}
-
-/// Named tensors produced one at a time as they are written, so that a save
-/// never holds a second copy of the model: a `VarStore`'s variables, a map,
-/// or weights computed on the fly (LoRA merged into the base, a cast).
-pub trait TensorSource {
-    /// The tensors in the order they are written (their dtype and shape as
-    /// they will be stored).
-    fn entries(&self) -> Result<Vec<TensorEntry>>;
-    /// The tensor `name` of [`TensorSource::entries`], on any device, of the
-    /// entry's dtype and shape.
-    fn tensor(&self, name: &str) -> Result<Tensor>;
-}
-
-impl TensorSource for BTreeMap<String, Tensor> {
-    fn entries(&self) -> Result<Vec<TensorEntry>> {
-        Ok(self
-            .iter()
-            .map(|(n, t)| TensorEntry { name: n.clone(), kind: t.kind(), shape: t.size() })
-            .collect())
-    }
-    fn tensor(&self, name: &str) -> Result<Tensor> {
-        self.get(name).map(Tensor::shallow_clone).ok_or_else(|| anyhow!("no tensor {name}"))
-    }
-}
-
-impl TensorSource for nn::VarStore {
-    fn entries(&self) -> Result<Vec<TensorEntry>> {
-        let mut v: Vec<TensorEntry> = self
-            .variables()
-            .into_iter()
-            .map(|(n, t)| TensorEntry { name: n, kind: t.kind(), shape: t.size() })
-            .collect();
-        v.sort_by(|a, b| a.name.cmp(&b.name));
-        Ok(v)
-    }
-    fn tensor(&self, name: &str) -> Result<Tensor> {
-        self.variables().remove(name).ok_or_else(|| anyhow!("no variable {name}"))
-    }
 }
 
 /// Writes named tensors to one safetensors file, atomically, streamed

@@ -16,13 +16,106 @@
 //!   chunk, so loading never holds the file in anonymous memory and the
 //!   resident set does not grow by the file's size.
 
-use crate::checkpoint::{TensorEntry, TensorSource};
 use crate::fsio;
 use anyhow::{anyhow, bail, Context, Result};
 use std::collections::{BTreeMap, HashMap};
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use tch::{Device, Kind, Tensor};
+use tch::{nn, Device, Kind, Tensor};
+
+/// The single-file weights of a checkpoint.
+pub const WEIGHTS: &str = "model.safetensors";
+/// The index of a sharded checkpoint's weights.
+pub const WEIGHTS_INDEX: &str = "model.safetensors.index.json";
+
+/// The safetensors files of a checkpoint: the shards named by the index, or
+/// the single `model.safetensors`.
+pub fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
+    let index = dir.join(WEIGHTS_INDEX);
+    if index.exists() {
+        let text =
+            std::fs::read_to_string(&index).with_context(|| format!("cannot read {}", index.display()))?;
+        let v: serde_json::Value =
+            serde_json::from_str(&text).with_context(|| format!("{} is not valid JSON", index.display()))?;
+        let map = v
+            .get("weight_map")
+            .and_then(|m| m.as_object())
+            .ok_or_else(|| anyhow!("{} has no \"weight_map\" object", index.display()))?;
+        let mut files: Vec<String> = map
+            .values()
+            .map(|f| {
+                f.as_str()
+                    .map(String::from)
+                    .ok_or_else(|| anyhow!("{}: a weight_map value is not a string", index.display()))
+            })
+            .collect::<Result<_>>()?;
+        files.sort();
+        files.dedup();
+        return Ok(files.into_iter().map(|f| dir.join(f)).collect());
+    }
+    let single = dir.join(WEIGHTS);
+    if single.exists() {
+        return Ok(vec![single]);
+    }
+    bail!(
+        "{} has neither {WEIGHTS} nor {WEIGHTS_INDEX}; is it a Hugging Face model directory?",
+        dir.display()
+    )
+}
+
+/// One tensor a [`TensorSource`] will produce: its name, dtype and shape.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TensorEntry {
+    pub name: String,
+    pub kind: Kind,
+    pub shape: Vec<i64>,
+}
+
+impl TensorEntry {
+    /// Bytes of the tensor's data.
+    pub fn bytes(&self) -> usize {
+        self.shape.iter().product::<i64>().max(0) as usize * self.kind.elt_size_in_bytes()
+    }
+}
+
+/// Named tensors produced one at a time as they are written, so that a save
+/// never holds a second copy of the model: a `VarStore`'s variables, a map,
+/// or weights computed on the fly (LoRA merged into the base, a cast).
+pub trait TensorSource {
+    /// The tensors in the order they are written (their dtype and shape as
+    /// they will be stored).
+    fn entries(&self) -> Result<Vec<TensorEntry>>;
+    /// The tensor `name` of [`TensorSource::entries`], on any device, of the
+    /// entry's dtype and shape.
+    fn tensor(&self, name: &str) -> Result<Tensor>;
+}
+
+impl TensorSource for BTreeMap<String, Tensor> {
+    fn entries(&self) -> Result<Vec<TensorEntry>> {
+        Ok(self
+            .iter()
+            .map(|(n, t)| TensorEntry { name: n.clone(), kind: t.kind(), shape: t.size() })
+            .collect())
+    }
+    fn tensor(&self, name: &str) -> Result<Tensor> {
+        self.get(name).map(Tensor::shallow_clone).ok_or_else(|| anyhow!("no tensor {name}"))
+    }
+}
+
+impl TensorSource for nn::VarStore {
+    fn entries(&self) -> Result<Vec<TensorEntry>> {
+        let mut v: Vec<TensorEntry> = self
+            .variables()
+            .into_iter()
+            .map(|(n, t)| TensorEntry { name: n, kind: t.kind(), shape: t.size() })
+            .collect();
+        v.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(v)
+    }
+    fn tensor(&self, name: &str) -> Result<Tensor> {
+        self.variables().remove(name).ok_or_else(|| anyhow!("no variable {name}"))
+    }
+}
 
 /// Bytes copied at a time between a tensor and a file.
 pub const CHUNK_BYTES: usize = 64 << 20;
@@ -194,8 +287,8 @@ pub fn write_sharded(dir: &Path, src: &dyn TensorSource, max_shard_bytes: usize)
     let shards = split_shards(&entries, max_shard_bytes.max(1));
     let n = shards.len();
     if n == 1 {
-        write_file(&dir.join(crate::checkpoint::WEIGHTS), src, &shards[0])?;
-        let index = dir.join(crate::checkpoint::WEIGHTS_INDEX);
+        write_file(&dir.join(WEIGHTS), src, &shards[0])?;
+        let index = dir.join(WEIGHTS_INDEX);
         if index.exists() {
             std::fs::remove_file(&index).with_context(|| format!("cannot remove {}", index.display()))?;
         }
@@ -212,7 +305,7 @@ pub fn write_sharded(dir: &Path, src: &dyn TensorSource, max_shard_bytes: usize)
     let total_size: usize = entries.iter().map(TensorEntry::bytes).sum();
     let total_parameters: i64 = entries.iter().map(|e| e.shape.iter().product::<i64>()).sum();
     fsio::write_atomic(
-        &dir.join(crate::checkpoint::WEIGHTS_INDEX),
+        &dir.join(WEIGHTS_INDEX),
         index_json(total_size, total_parameters, &weight_map)?.as_bytes(),
     )
 }
@@ -448,7 +541,7 @@ impl WeightReader {
     /// Opens the weights of the checkpoint directory `dir`: the shards its
     /// index names, or its `model.safetensors`.
     pub fn open_dir(dir: &Path) -> Result<Self> {
-        Self::open_files(&crate::checkpoint::weight_files(dir)?, dir)
+        Self::open_files(&weight_files(dir)?, dir)
     }
 
     /// Opens the given safetensors files; a tensor in two of them is an
