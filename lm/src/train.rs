@@ -191,6 +191,10 @@ pub struct AdamW {
     pub fused: bool,
 }
 
+/// One `at::_fused_adamw_` call's tensors: weights, gradients, first and
+/// second moments.
+type FusedGroup = (Vec<Tensor>, Vec<Tensor>, Vec<Tensor>, Vec<Tensor>);
+
 struct Param {
     name: String,
     var: Tensor,
@@ -424,7 +428,8 @@ impl AdamW {
     /// variable with a master then receives it rounded. `false` (nothing
     /// done) when a tensor does not suit the kernel.
     fn update_fused(&mut self, lr: f64) -> Result<bool> {
-        let mut groups: [(Vec<Tensor>, Vec<Tensor>, Vec<Tensor>, Vec<Tensor>); 2] = Default::default();
+        // Per weight-decay group (0: none, 1: decayed): weights, gradients, moments.
+        let mut groups: [FusedGroup; 2] = Default::default();
         for p in &self.params {
             let Some(g) = p.gradient() else { continue };
             let w = p.master.as_ref().unwrap_or(&p.var);
@@ -705,6 +710,24 @@ pub fn read_trainer_state(dir: &Path) -> Result<TrainerState> {
     serde_json::from_str(&text).with_context(|| format!("{} is not a trainer state", p.display()))
 }
 
+/// The newest checkpoint under `root` with its trainer state, or None when
+/// there is none. A checkpoint of another configuration (its `config_hash`
+/// is not `hash`) is an error rather than something to mix in.
+pub(crate) fn newest_checkpoint(root: &Path, hash: &str) -> Result<Option<(u64, PathBuf, TrainerState)>> {
+    let Some((step, dir)) = list_checkpoints(root)?.pop() else {
+        return Ok(None);
+    };
+    let st = read_trainer_state(&dir)?;
+    if st.config_hash != hash {
+        bail!(
+            "{} holds a checkpoint of a different configuration (hash {} ≠ {hash}); use a new output_dir or delete it",
+            root.display(),
+            st.config_hash,
+        );
+    }
+    Ok(Some((step, dir, st)))
+}
+
 /// Starts a run, or resumes it from the newest checkpoint under `root`:
 /// loads the weights into `vs` and the moments into `opt`, and returns the
 /// saved state with the step resumed from. A checkpoint of another
@@ -716,18 +739,9 @@ pub fn resume_or_start(
     fresh: TrainerState,
     ignore: &[&str],
 ) -> Result<(TrainerState, Option<u64>)> {
-    let Some((step, dir)) = list_checkpoints(root)?.pop() else {
+    let Some((step, dir, st)) = newest_checkpoint(root, &fresh.config_hash)? else {
         return Ok((fresh, None));
     };
-    let st = read_trainer_state(&dir)?;
-    if st.config_hash != fresh.config_hash {
-        bail!(
-            "{} holds a checkpoint of a different configuration (hash {} ≠ {}); use a new output_dir or delete it",
-            root.display(),
-            st.config_hash,
-            fresh.config_hash
-        );
-    }
     // Weights and moments stream from the mapped files into the existing
     // tensors, one at a time: no second copy of either in memory.
     let weights = WeightReader::open_dir(&dir)?;
