@@ -252,3 +252,27 @@ fn a_dead_peer_is_an_error_within_the_timeout() {
         }
     }
 }
+
+#[test]
+fn bad_setups_are_clear_errors() {
+    if !gloo_or_skip("bad_setups_are_clear_errors") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path(), "bad", 2, "");
+    let closed = free_port().to_string();
+    let cases: [(&[(&str, &str)], &str); 4] = [
+        (&[("RANK", "5")], "RANK 5 is out of range for WORLD_SIZE 2"),
+        (&[("WORLD_SIZE", "two")], "WORLD_SIZE must be a positive integer"),
+        (&[("ALIGN_DIST_BACKEND", "nccl")], "nccl"),
+        // Rank 1 waits for a store nobody serves.
+        (&[("MASTER_PORT", closed.as_str()), ("ALIGN_DIST_TIMEOUT", "3")], "rendezvous"),
+    ];
+    for (env, want) in cases {
+        let rank = spawn(dir.path(), "sft", &cfg, 1, 2, free_port(), env);
+        let out = join(vec![rank], Duration::from_secs(60));
+        let (ok, log, _) = &out[0];
+        assert!(!ok, "{env:?} was accepted:\n{log}");
+        assert!(log.contains(want), "{env:?}: the error does not say {want:?}:\n{log}");
+    }
+}
