@@ -135,7 +135,7 @@ fn parity(b: &ParityBench) -> Result<()> {
          same argmax {same_argmax}, tolerance {:.0e}",
         b.preset, rows, t, device, b.tolerance
     );
-    if !(diff <= b.tolerance) {
+    if diff.is_nan() || diff > b.tolerance {
         bail!("the logits on {:?} differ from the CPU's by {diff:e} > {:e}", device, b.tolerance);
     }
     Ok(())

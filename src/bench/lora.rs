@@ -117,6 +117,9 @@ struct Outcome {
     /// Seconds to build the model and the trainer.
     setup_seconds: f64,
     peak_rss_mib: f64,
+    /// Peak RSS when the model and trainer were built, before any step.
+    #[serde(default)]
+    setup_peak_rss_mib: f64,
     /// RL: the timed steps' generate/score/update split.
     #[serde(default)]
     split: Vec<[f64; 3]>,
@@ -253,6 +256,7 @@ fn machine(threads: i64) -> String {
 fn report(dtype: &str, job: &Job, ours: &[Outcome], theirs: &[Outcome]) {
     let all = |o: &[Outcome]| -> Vec<f64> { o.iter().flat_map(|x| x.step_seconds.iter().copied()).collect() };
     let peak = |o: &[Outcome]| o.iter().map(|x| x.peak_rss_mib).fold(0.0, f64::max);
+    let setup_peak = |o: &[Outcome]| o.iter().map(|x| x.setup_peak_rss_mib).fold(0.0, f64::max);
     let gib = |mib: f64| mib / 1024.0;
     let s = median(all(ours));
     let tokens = (job.batch * job.seq * if job.reward { 2 } else { 1 }) as f64;
@@ -260,21 +264,23 @@ fn report(dtype: &str, job: &Job, ours: &[Outcome], theirs: &[Outcome]) {
         let split = |i: usize| median(ours.iter().flat_map(|o| o.split.iter().map(|x| x[i])).collect());
         println!(
             "{dtype} base  align RL step {s:>7.1} s (generate {:.1}, score {:.1}, update {:.1}; {:.1} rollout tokens/s)  \
-             peak RSS {:.2} GiB  setup {:.0} s",
+             peak RSS {:.2} GiB (after setup {:.2})  setup {:.0} s",
             split(0),
             split(1),
             split(2),
             (r.prompts * r.k * r.new_tokens) as f64 / split(0),
             gib(peak(ours)),
+            gib(setup_peak(ours)),
             ours[0].setup_seconds
         );
         return;
     }
     let what = if job.reward { "align reward" } else { "align       " };
     println!(
-        "{dtype} base  {what} {s:>7.1} s/step  {:>7.1} tokens/s  peak RSS {:>6.2} GiB  setup {:.0} s",
+        "{dtype} base  {what} {s:>7.1} s/step  {:>7.1} tokens/s  peak RSS {:>6.2} GiB (after setup {:.2})  setup {:.0} s",
         tokens / s,
         gib(peak(ours)),
+        gib(setup_peak(ours)),
         ours[0].setup_seconds
     );
     if theirs.is_empty() {
@@ -347,8 +353,24 @@ fn random_model(job: &Job) -> Result<(tch::nn::VarStore, Gemma, GemmaConfig)> {
     tch::manual_seed(0);
     let mut vs = tch::nn::VarStore::new(device);
     vs.set_kind(parse_dtype(&job.base_dtype)?);
-    let model = Gemma::with_init(&vs.root(), &cfg, WeightInit::Random)?;
+    let model = Gemma::with_init(&vs.root(), &cfg, WeightInit::Zeros)?;
+    fill_random(&vs, cfg.initializer_range)?;
     Ok((vs, model, cfg))
+}
+
+/// Draws every weight but the norms (zero in Gemma) from normal(0, `std`)
+/// in place, in its own dtype: allocated once, as a checkpoint load does.
+/// (`WeightInit::Random` draws in f32 and casts, a transient f32 copy of
+/// each tensor: 2 GiB more at the 256000 × 2048 embedding.)
+fn fill_random(vs: &tch::nn::VarStore, std: f64) -> Result<()> {
+    tch::no_grad(|| -> Result<()> {
+        for (name, v) in vs.variables() {
+            if !name.contains("norm") {
+                let _ = v.shallow_clone().f_normal_(0.0, std)?;
+            }
+        }
+        Ok(())
+    })
 }
 
 fn worker_sft(job: &Job) -> Result<Outcome> {
@@ -370,6 +392,7 @@ fn worker_sft(job: &Job) -> Result<Outcome> {
     let rows: Vec<Vec<usize>> = (0..seqs.len()).map(|i| vec![i]).collect();
     let batch = sft::batch::make_batch(&seqs, &rows, 0, device)?;
     let setup_seconds = t0.elapsed().as_secs_f64();
+    let setup_peak_rss_mib = peak_rss_mib();
     model.set_training(true);
     let mut step_seconds = vec![];
     let total = (job.warmup + job.steps) as u64;
@@ -384,7 +407,13 @@ fn worker_sft(job: &Job) -> Result<Outcome> {
             step_seconds.push(secs);
         }
     }
-    Ok(Outcome { step_seconds, setup_seconds, peak_rss_mib: peak_rss_mib(), ..Default::default() })
+    Ok(Outcome {
+        step_seconds,
+        setup_seconds,
+        peak_rss_mib: peak_rss_mib(),
+        setup_peak_rss_mib,
+        ..Default::default()
+    })
 }
 
 fn worker_rl(job: &Job) -> Result<Outcome> {
@@ -435,6 +464,7 @@ fn worker_rl(job: &Job) -> Result<Outcome> {
     let specials = Specials::of(&tok);
     let mut tr = rl::Trainer::new(rl_cfg, (vs, model), None, None, specials, Box::new(reward))?;
     let setup_seconds = t0.elapsed().as_secs_f64();
+    let setup_peak_rss_mib = peak_rss_mib();
     // Random prompt ids (a fixed LCG: the same prompts every run).
     let mut state = 0x2545_f491_4f6c_dd1du64;
     let mut next_id = move || {
@@ -467,7 +497,14 @@ fn worker_rl(job: &Job) -> Result<Outcome> {
             split.push([st.time_generate, st.time_score, st.time_update]);
         }
     }
-    Ok(Outcome { step_seconds, setup_seconds, peak_rss_mib: peak_rss_mib(), split, versions: None })
+    Ok(Outcome {
+        step_seconds,
+        setup_seconds,
+        peak_rss_mib: peak_rss_mib(),
+        setup_peak_rss_mib,
+        split,
+        versions: None,
+    })
 }
 
 fn worker_reward(job: &Job) -> Result<Outcome> {
@@ -480,7 +517,8 @@ fn worker_reward(job: &Job) -> Result<Outcome> {
     tch::manual_seed(0);
     let mut vs = tch::nn::VarStore::new(device);
     vs.set_kind(parse_dtype(&job.base_dtype)?);
-    let mut rm = lm::reward_model::RewardModel::with_init(&vs.root(), &cfg, 0.02, WeightInit::Random)?;
+    let mut rm = lm::reward_model::RewardModel::with_init(&vs.root(), &cfg, 0.02, WeightInit::Zeros)?;
+    fill_random(&vs, cfg.initializer_range)?;
     let mut t = Trainable::prepare(vs, &mut rm.backbone, &s, TaskType::SeqCls)?;
     let mut up = Updater::new(&mut t, &s.optim)?;
     // `batch` pairs: chosen rows then rejected rows, full length.
@@ -490,6 +528,7 @@ fn worker_reward(job: &Job) -> Result<Outcome> {
     let valid = tch::Tensor::ones([2 * p, n], (Kind::Bool, device));
     let (positions, mask) = lm::reward_model::RewardModel::inputs(&valid)?;
     let setup_seconds = t0.elapsed().as_secs_f64();
+    let setup_peak_rss_mib = peak_rss_mib();
     rm.backbone.set_training(true);
     let mut step_seconds = vec![];
     let total = (job.warmup + job.steps) as u64;
@@ -516,5 +555,11 @@ fn worker_reward(job: &Job) -> Result<Outcome> {
             step_seconds.push(secs);
         }
     }
-    Ok(Outcome { step_seconds, setup_seconds, peak_rss_mib: peak_rss_mib(), ..Default::default() })
+    Ok(Outcome {
+        step_seconds,
+        setup_seconds,
+        peak_rss_mib: peak_rss_mib(),
+        setup_peak_rss_mib,
+        ..Default::default()
+    })
 }
