@@ -181,6 +181,14 @@ impl Trainable {
         v
     }
 
+    /// Writes the adapters `l` (this one's) in PEFT's format at `dir`, with
+    /// the trained base variables (a reward model's head).
+    fn save_adapter(&self, l: &LoraWeights, dir: &Path) -> Result<()> {
+        let head = self.trained_base();
+        let extra: Vec<(&str, &Tensor)> = head.iter().map(|(n, v)| (n.as_str(), v)).collect();
+        peft::save_adapter(dir, &l.vs, &l.cfg, &l.base_model, l.task, &extra)
+    }
+
     /// The trained base variables (the reward head under LoRA), by name.
     fn trained_base(&self) -> Vec<(String, Tensor)> {
         let mut v: Vec<(String, Tensor)> =
@@ -426,9 +434,7 @@ impl Session {
         };
         super::check_finite_weights(&l.vs)?;
         let dir = super::step_dir(&self.ckpt_root, self.state.step);
-        let head = t.trained_base();
-        let extra: Vec<(&str, &Tensor)> = head.iter().map(|(n, v)| (n.as_str(), v)).collect();
-        peft::save_adapter(&dir, &l.vs, &l.cfg, &l.base_model, l.task, &extra)?;
+        t.save_adapter(l, &dir)?;
         super::finish_checkpoint(
             &self.ckpt_root,
             &dir,
@@ -473,9 +479,7 @@ impl Session {
         };
         let merged = peft::MergedWeights::new(&t.base, model, t.base.kind())?;
         checkpoint::save_source(dir, &merged, cfg, tok, &opts)?;
-        let head = t.trained_base();
-        let extra: Vec<(&str, &Tensor)> = head.iter().map(|(n, v)| (n.as_str(), v)).collect();
-        peft::save_adapter(adapter_dir, &l.vs, &l.cfg, &l.base_model, l.task, &extra)
+        t.save_adapter(l, adapter_dir)
     }
 }
 
@@ -489,18 +493,9 @@ fn resume_lora(
     opt: &mut AdamW,
     fresh: TrainerState,
 ) -> Result<(TrainerState, Option<u64>)> {
-    let Some((step, dir)) = super::list_checkpoints(root)?.pop() else {
+    let Some((step, dir, st)) = super::newest_checkpoint(root, &fresh.config_hash)? else {
         return Ok((fresh, None));
     };
-    let st = super::read_trainer_state(&dir)?;
-    if st.config_hash != fresh.config_hash {
-        bail!(
-            "{} holds a checkpoint of a different configuration (hash {} ≠ {}); use a new output_dir or delete it",
-            root.display(),
-            st.config_hash,
-            fresh.config_hash
-        );
-    }
     let file = peft::load_adapter(&dir)?;
     model.load_adapter_tensors(&file.tensors, &dir)?;
     let head = t.trained_base();
