@@ -50,6 +50,10 @@ pub struct LoraBench {
     /// Keep every layer's activations (no activation checkpointing).
     #[arg(long)]
     pub no_checkpointing: bool,
+    /// Positions per chunk of the SFT loss over the vocabulary (default:
+    /// `lm::chunked::DEFAULT_CHUNK`, as `sft::micro_step` uses).
+    #[arg(long)]
+    pub loss_chunk: Option<i64>,
     #[arg(long, default_value = "cpu")]
     pub device: String,
     /// One RL step instead of SFT steps: a LoRA policy, the reference =
@@ -99,6 +103,8 @@ struct Job {
     rl: Option<RlShape>,
     #[serde(default)]
     reward: bool,
+    #[serde(default)]
+    loss_chunk: Option<i64>,
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize)]
@@ -225,6 +231,7 @@ pub fn run(b: &LoraBench) -> Result<()> {
             threads,
             rl,
             reward: b.reward,
+            loss_chunk: b.loss_chunk,
         };
         let (mut ours, mut theirs) = (vec![], vec![]);
         for _ in 0..b.rounds {
@@ -398,8 +405,27 @@ fn worker_sft(job: &Job) -> Result<Outcome> {
     let total = (job.warmup + job.steps) as u64;
     for step in 0..total {
         let t1 = Instant::now();
-        let r = up.step(1, total, step, |_| {
-            sft::micro_step(&model, &batch, batch.trained as f64, job.checkpointing)
+        let r = up.step(1, total, step, |_| match job.loss_chunk {
+            None => sft::micro_step(&model, &batch, batch.trained as f64, job.checkpointing),
+            // sft::micro_step with another chunk size.
+            Some(chunk) => model.forward_backward(
+                &batch.input,
+                &batch.positions,
+                batch.attn.as_ref(),
+                job.checkpointing,
+                |h| {
+                    let picked = lm::chunked::select(h, &batch.mask)?;
+                    let targets = batch.target.f_masked_select(&batch.mask)?;
+                    lm::chunked::cross_entropy_sum(
+                        &model,
+                        &picked,
+                        &targets,
+                        1.0 / batch.trained as f64,
+                        chunk,
+                        true,
+                    )
+                },
+            ),
         })?;
         let secs = t1.elapsed().as_secs_f64();
         eprintln!("align {} base: step {} {:.1} s, loss {:.4}", job.base_dtype, step + 1, secs, r.loss);
