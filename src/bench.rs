@@ -6,10 +6,13 @@ use clap::{Args, Subcommand};
 use lm::device::{parse_device, parse_dtype};
 use lm::reference::Reference;
 use lm::{GemmaConfig, GenerationConfig};
-use std::path::PathBuf;
 use std::time::Instant;
 
 mod lora;
+mod util;
+
+pub use util::python;
+use util::{median, peak_rss_mib, scripts_dir};
 
 #[derive(Args, Clone, Debug)]
 pub struct GenerateBench {
@@ -168,18 +171,6 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
             Ok(())
         }
     }
-}
-
-/// Peak resident memory of this process in MiB (Linux `VmHWM`).
-fn peak_rss_mib() -> f64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmHWM:"))
-                .and_then(|l| l.split_whitespace().nth(1).and_then(|kb| kb.parse::<f64>().ok()))
-        })
-        .map_or(f64::NAN, |kb| kb / 1024.0)
 }
 
 /// The machine's matmul rate in GFLOP/s for `kind` (f32 or bf16 operands,
@@ -388,27 +379,6 @@ impl MatmulFloor {
     }
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    v[v.len() / 2]
-}
-
-/// The reference interpreter: `--python`, else `$ALIGN_PYTHON`, else the
-/// project venv, else `python3`.
-pub fn python(explicit: Option<&str>) -> String {
-    if let Some(p) = explicit {
-        return p.to_string();
-    }
-    if let Ok(p) = std::env::var("ALIGN_PYTHON") {
-        return p;
-    }
-    let venv = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/python");
-    if venv.exists() {
-        return venv.display().to_string();
-    }
-    "python3".into()
-}
-
 fn bench_generate(b: &GenerateBench) -> Result<()> {
     let device = parse_device(&b.device)?;
     let kind = parse_dtype(&b.dtype)?;
@@ -496,9 +466,4 @@ fn bench_generate(b: &GenerateBench) -> Result<()> {
     );
     println!("ratio        {:>10.2}x", align_tps / ref_tps);
     Ok(())
-}
-
-/// The reference scripts of the workspace.
-fn scripts_dir() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("scripts")
 }

@@ -26,9 +26,21 @@ use crate::recompute::push_gradient;
 use anyhow::{ensure, Result};
 use tch::{Device, Kind, Reduction, Tensor};
 
-/// Positions per chunk: 256 positions × 256000 × 4 bytes = 250 MiB of f32
-/// logits at Gemma's vocabulary.
-pub const DEFAULT_CHUNK: i64 = 256;
+/// Positions per chunk at Gemma's vocabulary when sized by [`chunk_size`]
+/// (64 positions × 256000 × 4 bytes = 62.5 MiB of f32 logits; with their
+/// bf16 copy and the gradients one chunk's forward and backward stays near
+/// 0.25 GiB). Tests use it as a chunk size that does not divide N.
+pub const DEFAULT_CHUNK: i64 = 64;
+
+/// The f32 logits one chunk may hold: [`chunk_size`]'s budget.
+pub const CHUNK_BYTES: i64 = 64 << 20;
+
+/// Positions per chunk for `model`: as many as keep one chunk's f32 logits
+/// within [`CHUNK_BYTES`] (65 at a 256000-token vocabulary; a small
+/// vocabulary's batch fits in one chunk), between 16 and 4096.
+pub fn chunk_size(model: &Gemma) -> i64 {
+    (CHUNK_BYTES / (4 * model.cfg.vocab_size.max(1))).clamp(16, 4096)
+}
 
 /// The rows of `hidden` (B, T, H) where `mask` (B, T) bool is true, in
 /// row-major order, as (N, H), keeping the graph. The matching targets are

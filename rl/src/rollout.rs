@@ -242,9 +242,6 @@ impl TeacherBatch {
     }
 }
 
-/// Positions per chunk of the LM head and log-softmax over the vocabulary.
-pub const LOGPROB_CHUNK: i64 = lm::chunked::DEFAULT_CHUNK;
-
 /// Per-token log-probabilities (n, R) f32 of the responses of `batch` under
 /// `model`'s sampling distribution at `temperature`, `log_softmax(logits /
 /// T)`, zero where masked out, and with `entropy` the per-token entropy
@@ -269,6 +266,13 @@ pub fn response_logprobs(
     let hidden = model.forward_hidden(&batch.ids, &batch.positions, None, None)?; // (n, T, H)
     let (rows, targets) = batch.response_rows(&hidden)?; // (N, H), (N,)
     drop(hidden);
-    let (lp, ent) = lm::chunked::token_logprobs(model, &rows, &targets, temperature, LOGPROB_CHUNK, entropy)?;
+    let (lp, ent) = lm::chunked::token_logprobs(
+        model,
+        &rows,
+        &targets,
+        temperature,
+        lm::chunked::chunk_size(model),
+        entropy,
+    )?;
     Ok((batch.scatter(&lp)?, ent.map(|e| batch.scatter(&e)).transpose()?))
 }

@@ -38,7 +38,7 @@ use crate::loss::{
     KlEstimator,
 };
 use crate::reward::RewardFn;
-use crate::rollout::{self, Prompt, Rollout, Specials, TeacherBatch, LOGPROB_CHUNK, SALT_EVAL, SALT_TRAIN};
+use crate::rollout::{self, Prompt, Rollout, Specials, TeacherBatch, SALT_EVAL, SALT_TRAIN};
 use anyhow::{bail, Context, Result};
 use lm::peft::TaskType;
 use lm::train::session::{Precision, Trainable, Updater};
@@ -683,7 +683,8 @@ fn micro_step(
     policy.forward_backward(&b.ids, &b.positions, None, cfg.stage.gradient_checkpointing, |h| {
         let (rows, targets) = b.response_rows(h)?; // (N, H), (N,)
         let first = adv.is_none();
-        let (values, ent) = chunked::token_logprobs(policy, &rows, &targets, temp, LOGPROB_CHUNK, first)?;
+        let (values, ent) =
+            chunked::token_logprobs(policy, &rows, &targets, temp, chunked::chunk_size(policy), first)?;
         let logp = b.scatter(&values)?; // (n, R)
         if first {
             lp.old.push(logp.detach());
@@ -699,7 +700,14 @@ fn micro_step(
             let g = leaf.grad();
             if g.defined() {
                 let g = g.masked_select(&b.mask); // (N,)
-                chunked::token_logprobs_backward(policy, &rows, &targets, temp, LOGPROB_CHUNK, &g)?;
+                chunked::token_logprobs_backward(
+                    policy,
+                    &rows,
+                    &targets,
+                    temp,
+                    chunked::chunk_size(policy),
+                    &g,
+                )?;
             }
         }
         Ok(v)

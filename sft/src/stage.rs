@@ -362,7 +362,7 @@ pub fn micro_step(model: &Gemma, batch: &Batch, denom: f64, checkpointing: bool)
             &picked,
             &targets,
             1.0 / denom,
-            lm::chunked::DEFAULT_CHUNK,
+            lm::chunked::chunk_size(model),
             true,
         )
     })
@@ -382,7 +382,7 @@ pub fn evaluate(model: &Gemma, seqs: &[Sequence], batch_size: usize, pad: i64) -
         let picked = lm::chunked::select(&hidden, &b.mask)?; // (N, H)
         drop(hidden);
         let targets = b.target.f_masked_select(&b.mask)?; // (N,)
-        let chunk = lm::chunked::DEFAULT_CHUNK;
+        let chunk = lm::chunked::chunk_size(model);
         sum += lm::chunked::cross_entropy_sum(model, &picked, &targets, 1.0, chunk, false)?;
         n += b.trained;
     }

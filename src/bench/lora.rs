@@ -10,7 +10,7 @@
 //! `--rounds`) instead of single steps as the small benchmarks do; the
 //! medians of the timed steps are compared.
 
-use super::{median, peak_rss_mib, python, scripts_dir};
+use super::util::{median, peak_rss_mib, python, scripts_dir};
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use lm::device::{parse_device, parse_dtype};
@@ -51,7 +51,7 @@ pub struct LoraBench {
     #[arg(long)]
     pub no_checkpointing: bool,
     /// Positions per chunk of the SFT loss over the vocabulary (default:
-    /// `lm::chunked::DEFAULT_CHUNK`, as `sft::micro_step` uses).
+    /// `lm::chunked::chunk_size`, as `sft::micro_step` uses).
     #[arg(long)]
     pub loss_chunk: Option<i64>,
     #[arg(long, default_value = "cpu")]
