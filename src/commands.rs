@@ -185,8 +185,7 @@ pub fn init(
     max_shard_size: &str,
 ) -> Result<()> {
     let kind = parse_dtype(dtype)?;
-    let max_shard_bytes =
-        lm::safetensors_io::parse_size(max_shard_size).context("--max-shard-size")?;
+    let max_shard_bytes = lm::safetensors_io::parse_size(max_shard_size).context("--max-shard-size")?;
     let tok = Tokenizer::from_file(tokenizer)?;
     let mut cfg = GemmaConfig::preset(preset)?;
     if lm::fsio::same_file(out, tokenizer)

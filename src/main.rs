@@ -269,7 +269,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Bench { command } => bench::run(command),
         Command::Sft { config } => commands::sft(&config),
-        Command::Merge { base, adapter, out, dtype } => commands::merge(&base, &adapter, &out, dtype.as_deref()),
+        Command::Merge { base, adapter, out, dtype } => {
+            commands::merge(&base, &adapter, &out, dtype.as_deref())
+        }
         Command::Info => commands::info(),
         Command::Eval { command: EvalCommand::Memorization(a) } => judge::cli_memorization(a),
         Command::Eval { command: EvalCommand::Tasks { model, prompts, max_new_tokens, batch, run, out } } => {

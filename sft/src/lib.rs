@@ -21,5 +21,6 @@ pub mod stage;
 pub use batch::{Sequence, Truncation};
 pub use loss::masked_cross_entropy_sum;
 pub use stage::{
-    batch_loss, data_report, evaluate, micro_step, load_data, run, Mode, SftConfig, SftSummary, FILTERED_OUT_FILE,
+    batch_loss, data_report, evaluate, load_data, micro_step, run, Mode, SftConfig, SftSummary,
+    FILTERED_OUT_FILE,
 };
