@@ -89,7 +89,8 @@ gloo:
 	if [ ! -f $(GLOO_HEADER) ]; then
 	  echo ">> installing $(GLOO_PACKAGE) (Gloo's headers, for the distributed backend)"
 	  SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo)
-	  $$SUDO apt-get install -y -q $(GLOO_PACKAGE) || { $$SUDO apt-get update -q && $$SUDO apt-get install -y -q $(GLOO_PACKAGE); }
+	  $$SUDO apt-get install -y -q $(GLOO_PACKAGE) || { $$SUDO apt-get update -q && $$SUDO apt-get install -y -q $(GLOO_PACKAGE); } \
+	    || echo "note: $(GLOO_PACKAGE) could not be installed; the bridge builds without Gloo and the distributed tests skip"
 	  touch native/build.rs
 	fi
 
