@@ -3,31 +3,13 @@
 //! gradient (1e-6), with masked positions and chunk sizes that do not
 //! divide the number of positions; tied and untied heads.
 
+mod common;
+
+use common::{close, rel_diff, serial, TOL};
 use lm::chunked::{self, DEFAULT_CHUNK};
 use lm::generate::sampling_log_softmax;
 use lm::{Gemma, GemmaConfig};
 use tch::{nn, Device, Kind, Reduction, Tensor};
-
-const TOL: f64 = 1e-6;
-
-/// The tests draw from torch's global generator: one at a time.
-static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
-
-fn serial() -> std::sync::MutexGuard<'static, ()> {
-    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-/// `a` equals `b` within TOL relative to max(1, |b|) (sums of many f32 terms).
-fn close(a: f64, b: f64) -> bool {
-    (a - b).abs() <= TOL * b.abs().max(1.0)
-}
-
-/// The largest difference between `a` and `b`, relative to max(1, max |b|):
-/// 1e-6 is what f32 sums taken in another order may differ by.
-fn rel_diff(a: &Tensor, b: &Tensor) -> f64 {
-    let d = (a - b).abs().max().double_value(&[]);
-    d / b.abs().max().double_value(&[]).max(1.0)
-}
 
 struct Setup {
     vs: nn::VarStore,
@@ -174,6 +156,7 @@ fn cross_entropy_equals_the_full_computation_in_value_and_gradient() {
 
 #[test]
 fn cross_entropy_ignores_target_minus_100_and_handles_no_positions() {
+    let _serial = serial();
     let s = setup(true);
     let h = tch::no_grad(|| hidden(&s));
     let sel = chunked::select(&h, &s.mask).unwrap();

@@ -3,32 +3,14 @@
 //! `loss.backward()` (1e-6): causal and padded masks, frozen parameters,
 //! a chunked head, LoRA adapters with dropout.
 
+mod common;
+
+use common::{close, rel_diff, serial, TOL};
 use lm::chunked;
 use lm::lora::{AdapterSwitch, LoraAdapter};
 use lm::model::padded_causal_mask;
 use lm::{Gemma, GemmaConfig};
 use tch::{nn, Device, Kind, Reduction, Tensor};
-
-const TOL: f64 = 1e-6;
-
-/// The tests draw from torch's global generator: one at a time.
-static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
-
-fn serial() -> std::sync::MutexGuard<'static, ()> {
-    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-/// `a` equals `b` within TOL relative to max(1, |b|) (sums of many f32 terms).
-fn close(a: f64, b: f64) -> bool {
-    (a - b).abs() <= TOL * b.abs().max(1.0)
-}
-
-/// The largest difference between `a` and `b`, relative to max(1, max |b|):
-/// 1e-6 is what f32 sums taken in another order may differ by.
-fn rel_diff(a: &Tensor, b: &Tensor) -> f64 {
-    let d = (a - b).abs().max().double_value(&[]);
-    d / b.abs().max().double_value(&[]).max(1.0)
-}
 
 struct Setup {
     vs: nn::VarStore,

@@ -79,3 +79,25 @@ pub fn greedy(max_new: usize) -> lm::GenerationConfig {
         pad_id: 0,
     }
 }
+
+/// What f32 sums taken in another order may differ by, relative to the
+/// values' scale: the tolerance of the chunked and recomputed paths.
+pub const TOL: f64 = 1e-6;
+
+/// The tests that draw from torch's global generator take it one at a time.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+pub fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// `a` equals `b` within TOL relative to max(1, |b|) (sums of many f32 terms).
+pub fn close(a: f64, b: f64) -> bool {
+    (a - b).abs() <= TOL * b.abs().max(1.0)
+}
+
+/// The largest difference between `a` and `b`, relative to max(1, max |b|).
+pub fn rel_diff(a: &Tensor, b: &Tensor) -> f64 {
+    let d = (a - b).abs().max().double_value(&[]);
+    d / b.abs().max().double_value(&[]).max(1.0)
+}
