@@ -96,6 +96,40 @@ impl StageSettings {
         (self.eval_every, self.save_every, self.keep_last) = (0, 0, 0);
     }
 
+    /// Whether the stage trains LoRA adapters (a `[lora]` table, or an
+    /// `adapter` to start from).
+    pub fn uses_lora(&self) -> bool {
+        self.lora.is_some() || self.adapter.is_some()
+    }
+
+    /// Checks what can be checked before a run claims its output
+    /// directory: the optimiser, the dtypes, the LoRA table and the adapter
+    /// directory.
+    pub fn validate(&self) -> Result<()> {
+        self.optim.validate()?;
+        crate::device::parse_dtype(&self.dtype)?;
+        if let Some(b) = &self.base_dtype {
+            crate::device::parse_dtype(b)?;
+            if !self.uses_lora() {
+                anyhow::bail!(
+                    "base_dtype = {b:?} is for LoRA (the frozen base's dtype); without a [lora] table or an adapter set dtype instead"
+                );
+            }
+        }
+        if let Some(l) = &self.lora {
+            l.validate()?;
+        }
+        if let Some(dir) = &self.adapter {
+            if !dir.join("adapter_config.json").is_file() {
+                anyhow::bail!(
+                    "adapter = {}: no adapter_config.json there; give a PEFT adapter directory (peft's save_pretrained, or a stage's adapter/)",
+                    dir.display()
+                );
+            }
+        }
+        Ok(())
+    }
+
     /// Resolves `model` and `output_dir` against `base` when relative.
     pub fn resolve_paths(&mut self, base: &Path) {
         for p in [&mut self.model, &mut self.output_dir].into_iter().chain(self.adapter.as_mut()) {

@@ -78,7 +78,7 @@ impl RewardConfig {
     }
 
     pub fn validate(&self) -> Result<()> {
-        self.stage.optim.validate()?;
+        self.stage.validate()?;
         if self.batch_size == 0 || self.grad_accum == 0 {
             bail!("batch_size and grad_accum must be at least 1");
         }
@@ -265,7 +265,7 @@ pub fn run(cfg: &RewardConfig, base: &Path) -> Result<RewardSummary> {
     cfg.validate()?;
     let device = lm::device::parse_device(&cfg.stage.device)?;
     let precision = Precision::of(&cfg.stage)?;
-    if precision.compute == Kind::BFloat16 && device == Device::Cpu && cfg.stage.lora.is_none() {
+    if precision.compute == Kind::BFloat16 && device == Device::Cpu && !cfg.stage.uses_lora() {
         bail!(
             "dtype = \"bf16\" training is for CUDA; use f32 on the CPU (or LoRA with base_dtype = \"bf16\")"
         );
@@ -286,7 +286,7 @@ pub fn run(cfg: &RewardConfig, base: &Path) -> Result<RewardSummary> {
         );
         return Ok(done);
     }
-    let load_kind = precision.load_kind(cfg.stage.lora.is_some());
+    let load_kind = precision.load_kind(cfg.stage.uses_lora());
     let loaded = model::load(&cfg.stage.model, device, load_kind, cfg.head_init_std, cfg.stage.seed)?;
     let (mut model, tok) = (loaded.model, loaded.tokenizer);
     let mut weights = Trainable::prepare(loaded.vs, &mut model.backbone, &cfg.stage, TaskType::SeqCls)?;

@@ -210,7 +210,7 @@ impl RlConfig {
     }
 
     pub fn validate(&self) -> Result<()> {
-        self.stage.optim.validate()?;
+        self.stage.validate()?;
         self.reward.validate()?;
         if self.batch_size == 0 {
             bail!("batch_size (prompts per step) must be at least 1");

@@ -229,7 +229,7 @@ pub fn load_trainer(
 ) -> Result<(Trainer, Prompts)> {
     let device = lm::device::parse_device(&cfg.stage.device)?;
     let precision = Precision::of(&cfg.stage)?;
-    let lora = cfg.stage.lora.is_some();
+    let lora = cfg.stage.uses_lora();
     let loaded = checkpoint::load_causal_lm(&cfg.stage.model, device, precision.load_kind(lora))
         .with_context(|| format!("loading the policy from {}", cfg.stage.model.display()))?;
     let reference = match (&cfg.reference, lora) {

@@ -319,7 +319,7 @@ impl Trainer {
                 vs.freeze();
                 Reference::Model { vs, model: Box::new(model) }
             }
-            None if cfg.stage.lora.is_some() => Reference::AdaptersOff,
+            None if cfg.stage.uses_lora() => Reference::AdaptersOff,
             None => bail!(
                 "no reference model: a full fine-tune needs one (the reference is the policy with its adapters off only under LoRA)"
             ),

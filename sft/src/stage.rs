@@ -95,7 +95,7 @@ impl SftConfig {
     }
 
     pub fn validate(&self) -> Result<()> {
-        self.stage.optim.validate()?;
+        self.stage.validate()?;
         if self.batch_size == 0 || self.grad_accum == 0 || self.max_seq_len < 2 {
             bail!("batch_size and grad_accum must be at least 1 and max_seq_len at least 2");
         }
@@ -456,7 +456,7 @@ pub fn run(cfg: &SftConfig, base: &Path) -> Result<SftSummary> {
     }
     let device = lm::device::parse_device(&cfg.stage.device)?;
     let precision = Precision::of(&cfg.stage)?;
-    let load_kind = precision.load_kind(cfg.stage.lora.is_some());
+    let load_kind = precision.load_kind(cfg.stage.uses_lora());
     let loaded = checkpoint::load_causal_lm(&cfg.stage.model, device, load_kind)?;
     let (mut model, tok) = (loaded.model, loaded.tokenizer);
     let mut weights = Trainable::prepare(loaded.vs, &mut model, &cfg.stage, TaskType::CausalLm)?;

@@ -214,3 +214,18 @@ fn a_stage_starts_from_an_adapter_made_by_peft() {
     let saved = lm::peft::load_adapter(&cfg.stage.output_dir.join("adapter")).unwrap();
     assert_eq!(saved.config.rank, 4);
 }
+
+#[test]
+fn bad_lora_settings_are_refused_before_anything_is_written() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(dir.path(), "out", "");
+    cfg.stage.lora = None;
+    cfg.stage.base_dtype = Some("bf16".into());
+    let e = sft::run(&cfg, dir.path()).unwrap_err().to_string();
+    assert!(e.contains("base_dtype = \"bf16\" is for LoRA"), "{e}");
+    cfg.stage.base_dtype = None;
+    cfg.stage.adapter = Some(dir.path().join("no-such-adapter"));
+    let e = sft::run(&cfg, dir.path()).unwrap_err().to_string();
+    assert!(e.contains("no adapter_config.json there"), "{e}");
+    assert!(!cfg.stage.output_dir.exists(), "the output directory was created");
+}

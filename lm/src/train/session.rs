@@ -44,14 +44,11 @@ pub struct Precision {
 
 impl Precision {
     pub fn of(s: &StageSettings) -> Result<Self> {
+        s.validate()?;
         let compute = crate::device::parse_dtype(&s.dtype)?;
-        let base = match (&s.base_dtype, &s.lora) {
-            (Some(b), Some(_)) => crate::device::parse_dtype(b)?,
-            (Some(_), None) => anyhow::bail!(
-                "base_dtype = {:?} is for LoRA (the frozen base's dtype); without a [lora] table set dtype instead",
-                s.base_dtype.as_deref().unwrap_or_default()
-            ),
-            (None, _) => compute,
+        let base = match &s.base_dtype {
+            Some(b) => crate::device::parse_dtype(b)?,
+            None => compute,
         };
         Ok(Precision { compute, base })
     }
