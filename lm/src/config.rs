@@ -6,13 +6,52 @@ use serde::{Deserialize, Serialize};
 use std::path::Path;
 
 /// The `rope_parameters` block transformers 5 writes (`rope_theta` moved there).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct RopeParameters {
     #[serde(default)]
     pub rope_type: Option<String>,
     #[serde(default)]
     pub rope_theta: Option<f64>,
+    /// `linear` scaling: the inverse frequencies divided by `factor`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub factor: Option<f64>,
+    /// `proportional` (Gemma 4): the share of each head's dimensions rotated.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub partial_rotary_factor: Option<f64>,
+    #[serde(flatten)]
+    pub extra: serde_json::Map<String, serde_json::Value>,
 }
+
+/// `rope_parameters` as a checkpoint writes it: one block (Gemma, Gemma 2),
+/// or one per layer type (`sliding_attention`, `full_attention`: Gemma 3, 4).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum RopeConfig {
+    PerLayerType(std::collections::BTreeMap<String, RopeParameters>),
+    Single(RopeParameters),
+}
+
+/// The family member a `model_type` names; each has its own file under
+/// [`crate::family`] saying how transformers computes it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Family {
+    /// `gemma`: Gemma 1.
+    Gemma,
+    /// `gemma2`: four norms per layer, soft-capping, alternating sliding windows.
+    Gemma2,
+    /// `gemma3_text`: q/k norms, RoPE per layer type, 5:1 sliding/full.
+    Gemma3,
+    /// `gemma4_text` (dense): per-layer inputs, shared KV, partial RoPE.
+    Gemma4,
+}
+
+/// The `model_type`s align reads, with their family.
+pub const MODEL_TYPES: &[(&str, Family)] = &[
+    ("gemma", Family::Gemma),
+    ("gemma2", Family::Gemma2),
+    ("gemma3_text", Family::Gemma3),
+    ("gemma4_text", Family::Gemma4),
+];
 
 /// Hyper-parameters of a Gemma decoder, named as in transformers' `GemmaConfig`.
 ///
@@ -46,7 +85,34 @@ pub struct GemmaConfig {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rope_theta: Option<f64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub rope_parameters: Option<RopeParameters>,
+    pub rope_parameters: Option<RopeConfig>,
+    /// Gemma 3's legacy name for the sliding layers' `rope_theta`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rope_local_base_freq: Option<f64>,
+    /// The legacy name of the full-attention layers' scaling (Gemma 3).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rope_scaling: Option<RopeParameters>,
+    /// Gemma 2+: attention scale `query_pre_attn_scalar^-1/2` (else `head_dim^-1/2`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub query_pre_attn_scalar: Option<f64>,
+    /// Gemma 2+: the keys a sliding layer's query sees, itself included.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sliding_window: Option<i64>,
+    /// Gemma 2+: `sliding_attention` or `full_attention` per layer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub layer_types: Option<Vec<String>>,
+    /// Gemma 3's legacy form of `layer_types`: every n-th layer is full.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sliding_window_pattern: Option<i64>,
+    /// Gemma 2+: `cap · tanh(logits / cap)` on the LM head's logits.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub final_logit_softcapping: Option<f64>,
+    /// Gemma 2: `cap · tanh(scores / cap)` on the attention scores.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attn_logit_softcapping: Option<f64>,
+    /// Bidirectional attention (embedding models): refused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub use_bidirectional_attention: Option<serde_json::Value>,
     #[serde(default)]
     pub attention_bias: bool,
     #[serde(default = "default_tie")]
@@ -112,6 +178,15 @@ impl GemmaConfig {
             rms_norm_eps: 1e-6,
             rope_theta: Some(10000.0),
             rope_parameters: None,
+            rope_local_base_freq: None,
+            rope_scaling: None,
+            query_pre_attn_scalar: None,
+            sliding_window: None,
+            layer_types: None,
+            sliding_window_pattern: None,
+            final_logit_softcapping: None,
+            attn_logit_softcapping: None,
+            use_bidirectional_attention: None,
             attention_bias: false,
             tie_word_embeddings: true,
             pad_token_id: Some(0),
@@ -154,9 +229,7 @@ impl GemmaConfig {
 
     /// Checks the values make a model align can build.
     pub fn validate(&self) -> Result<()> {
-        if self.model_type != "gemma" {
-            bail!("model_type is {:?}; align supports Gemma (model_type \"gemma\") only", self.model_type);
-        }
+        let family = self.family()?;
         for (name, v) in [
             ("vocab_size", self.vocab_size),
             ("hidden_size", self.hidden_size),
@@ -191,12 +264,39 @@ impl GemmaConfig {
         if self.rms_norm_eps.is_nan() || self.rms_norm_eps <= 0.0 {
             bail!("rms_norm_eps must be positive, got {}", self.rms_norm_eps);
         }
-        if let Some(t) = self.rope_parameters.as_ref().and_then(|r| r.rope_type.as_deref()) {
-            if t != "default" {
-                bail!("rope_parameters.rope_type {t:?} is not supported; only \"default\"");
+        match &self.use_bidirectional_attention {
+            None | Some(serde_json::Value::Null) | Some(serde_json::Value::Bool(false)) => {}
+            Some(v) => bail!(
+                "use_bidirectional_attention = {v} is not supported: align trains causal language models"
+            ),
+        }
+        for (name, v) in [
+            ("query_pre_attn_scalar", self.query_pre_attn_scalar),
+            ("final_logit_softcapping", self.final_logit_softcapping),
+            ("attn_logit_softcapping", self.attn_logit_softcapping),
+        ] {
+            if let Some(v) = v.filter(|v| v.is_nan() || *v <= 0.0) {
+                bail!("{name} must be positive, got {v}");
             }
         }
-        Ok(())
+        crate::family::layer_specs(self, family).map(|_| ())
+    }
+
+    /// The family `model_type` names; an unknown one is an error listing
+    /// those align reads.
+    pub fn family(&self) -> Result<Family> {
+        match MODEL_TYPES.iter().find(|(t, _)| *t == self.model_type) {
+            Some((_, f)) => Ok(*f),
+            None => {
+                let known: Vec<String> = MODEL_TYPES.iter().map(|(t, _)| format!("{t:?}")).collect();
+                bail!(
+                    "model_type is {:?}; align reads the Gemma family: {} (the text model of a \
+                     multimodal \"gemma3\"/\"gemma4\" checkpoint is read from its text_config)",
+                    self.model_type,
+                    known.join(", ")
+                )
+            }
+        }
     }
 
     pub fn num_kv_heads(&self) -> i64 {
@@ -207,8 +307,18 @@ impl GemmaConfig {
         self.head_dim.unwrap_or(self.hidden_size / self.num_attention_heads.max(1))
     }
 
+    /// The RoPE block of `layer_type` (None: the single block of Gemma 1/2).
+    pub fn rope_block(&self, layer_type: Option<&str>) -> Option<&RopeParameters> {
+        match (self.rope_parameters.as_ref()?, layer_type) {
+            (RopeConfig::Single(r), _) => Some(r),
+            (RopeConfig::PerLayerType(m), Some(t)) => m.get(t),
+            (RopeConfig::PerLayerType(_), None) => None,
+        }
+    }
+
+    /// `rope_theta` of Gemma 1/2 (one block or the top-level key).
     pub fn rope_theta(&self) -> f64 {
-        self.rope_parameters.as_ref().and_then(|r| r.rope_theta).or(self.rope_theta).unwrap_or(10000.0)
+        self.rope_block(None).and_then(|r| r.rope_theta).or(self.rope_theta).unwrap_or(10000.0)
     }
 
     /// The MLP activation: `hidden_activation` (Gemma 1 legacy) wins over
@@ -220,11 +330,19 @@ impl GemmaConfig {
     /// Number of parameters (tied head counted once).
     pub fn num_parameters(&self) -> i64 {
         let h = self.hidden_size;
-        let q = self.num_attention_heads * self.head_dim();
-        let kv = self.num_kv_heads() * self.head_dim();
-        let layer = h * q + 2 * h * kv + q * h + 3 * h * self.intermediate_size + 2 * h;
+        let specs = self.family().and_then(|f| crate::family::layer_specs(self, f)).unwrap_or_default();
+        let layers: i64 = specs
+            .iter()
+            .map(|s| {
+                let q = self.num_attention_heads * s.head_dim;
+                let kv = s.num_kv_heads * s.head_dim;
+                let norms = if s.sandwich_norms { 4 * h } else { 2 * h };
+                let qk_norms = if s.qk_norm { 2 * s.head_dim } else { 0 };
+                h * q + 2 * h * kv + q * h + 3 * h * self.intermediate_size + norms + qk_norms
+            })
+            .sum();
         let head = if self.tie_word_embeddings { 0 } else { self.vocab_size * h };
-        self.vocab_size * h + self.num_hidden_layers * layer + h + head
+        self.vocab_size * h + layers + h + head
     }
 
     /// Writes the config as `config.json` text.

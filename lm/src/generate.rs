@@ -237,6 +237,40 @@ pub fn generate_detailed<F>(
     prompts: &[Vec<i64>],
     cfg: &GenerationConfig,
     top_logprobs: usize,
+    on_step: F,
+) -> Result<Vec<Generation>>
+where
+    F: FnMut(usize, &[Option<StepToken>]) -> bool,
+{
+    generate_core(model, wt, prompts, cfg, top_logprobs, None, on_step)
+}
+
+/// [`generate`] with one random stream per prompt: the draws of row `r`
+/// come from a ChaCha stream seeded by `seeds[r]` (`cfg.seed` is not
+/// used), so a row's tokens do not depend on which rows share its batch
+/// (RL rollouts seeded per sample, split across data-parallel ranks).
+pub fn generate_seeded(
+    model: &Gemma,
+    prompts: &[Vec<i64>],
+    cfg: &GenerationConfig,
+    seeds: &[u64],
+) -> Result<Vec<Generation>> {
+    if seeds.len() != prompts.len() {
+        bail!("{} seeds for {} prompts; give one seed per prompt", seeds.len(), prompts.len());
+    }
+    let wt = InferenceWeights::for_model(model);
+    generate_core(model, wt.as_ref(), prompts, cfg, 0, Some(seeds), |_, _| true)
+}
+
+/// [`generate_detailed`], with per-row random streams when `seeds` is given
+/// (one stream seeded by `cfg.seed` for the whole batch otherwise).
+fn generate_core<F>(
+    model: &Gemma,
+    wt: Option<&InferenceWeights>,
+    prompts: &[Vec<i64>],
+    cfg: &GenerationConfig,
+    top_logprobs: usize,
+    seeds: Option<&[u64]>,
     mut on_step: F,
 ) -> Result<Vec<Generation>>
 where
@@ -283,7 +317,7 @@ where
     let positions = (valid_p.to_kind(Kind::Int64).cumsum(1, Kind::Int64) - 1).clamp_min(0); // (B, P)
     let mut next_pos = positions.narrow(1, plen - 1, 1) + 1; // (B, 1)
 
-    let mut cache = KvCache::new(&model.cfg, b, capacity, model.kind(), dev);
+    let mut cache = KvCache::new(&model.cfg, b, capacity, model.kind(), dev)?;
     // Without padding, plain causal attention (and, when decoding, attention
     // to every cached key) needs no mask: the fast path.
     let padded = prompts.iter().any(|p| p.len() as i64 != plen);
@@ -293,7 +327,11 @@ where
         model.logits_with(&hidden.narrow(1, plen - 1, 1), wt).squeeze_dim(1).to_kind(Kind::Float); // (B, V)
 
     let top_n_count = (top_logprobs as i64).min(vocab);
-    let mut rng = ChaCha8Rng::seed_from_u64(cfg.seed);
+    // One stream for the batch, or one per row.
+    let mut rngs: Vec<ChaCha8Rng> = match seeds {
+        Some(s) => s.iter().map(|&s| ChaCha8Rng::seed_from_u64(s)).collect(),
+        None => vec![ChaCha8Rng::seed_from_u64(cfg.seed)],
+    };
     let mut out: Vec<Generation> = (0..b)
         .map(|_| Generation {
             tokens: vec![],
@@ -304,7 +342,10 @@ where
         .collect();
     let mut done = vec![false; b as usize];
     for step in 0..max_new {
-        let uniform: Vec<f64> = (0..b).map(|_| rng.random::<f64>()).collect();
+        let uniform: Vec<f64> = match seeds {
+            Some(_) => rngs.iter_mut().map(|r| r.random::<f64>()).collect(),
+            None => (0..b).map(|_| rngs[0].random::<f64>()).collect(),
+        };
         let next = choose(&logits, cfg, &uniform); // (B,)
         let log_probs = sampling_log_softmax(&logits, cfg.temperature); // (B, V)
         let lp = log_probs.gather(1, &next.unsqueeze(1), false).squeeze_dim(1); // (B,)

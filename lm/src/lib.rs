@@ -48,6 +48,7 @@ pub mod checkpoint;
 pub mod chunked;
 pub mod config;
 pub mod device;
+pub mod family;
 pub mod dist;
 pub mod fsio;
 pub mod generate;

@@ -1,4 +1,7 @@
-//! The Gemma decoder, exact to transformers' `GemmaForCausalLM`.
+//! The Gemma decoder, exact to transformers' `GemmaForCausalLM`,
+//! `Gemma2ForCausalLM` and `Gemma3ForCausalLM`: what differs between the
+//! family members is read once into a [`LayerSpec`] per layer
+//! ([`crate::family`], one file per member).
 //!
 //! Struct fields and `nn::Path` segments equal the checkpoint keys
 //! (`model.layers.{i}.self_attn.q_proj.weight`, …) so loading needs no rename
@@ -10,9 +13,13 @@
 //! - rotate-half RoPE with `inv_freq = 1/θ^(2i/head_dim)` computed in fp32;
 //! - MLP `down(gelu_tanh(gate(x)) * up(x))`;
 //! - attention scale 1/sqrt(head_dim), softmax in fp32 (SDPA), MQA/GQA/MHA;
-//! - LM head tied to the embedding matrix.
+//! - LM head tied to the embedding matrix;
+//! - Gemma 2/3: four norms per layer, `query_pre_attn_scalar`, q/k norms,
+//!   soft-capped attention scores and logits, sliding-window layers (masks
+//!   and a KV cache bounded by the window), RoPE per layer type.
 
 use crate::config::GemmaConfig;
+use crate::family::{LayerSpec, RopeSpec, Span};
 use crate::lora::LoraAdapter;
 use anyhow::{ensure, Context, Result};
 use tch::{nn, nn::Module, Device, Kind, Tensor};
@@ -131,9 +138,11 @@ pub struct LayerWeights {
     gate_up: Tensor,
     /// (I, H).
     down: Tensor,
-    /// `1 + w` of the two norms in f32, for f32 models.
+    /// `1 + w` of the norms in f32, for f32 models.
     input_norm: Option<Tensor>,
     post_norm: Option<Tensor>,
+    pre_ff_norm: Option<Tensor>,
+    post_ff_norm: Option<Tensor>,
 }
 
 impl InferenceWeights {
@@ -158,6 +167,7 @@ impl InferenceWeights {
         let t = |l: &Linear| l.merged_weight().tr();
         let f32_model = model.kind() == Kind::Float;
         let scale = |n: &RmsNorm| f32_model.then(|| n.weight.detach() + 1.0);
+        let scale_opt = |n: &Option<RmsNorm>| n.as_ref().and_then(scale);
         let layers = model
             .model
             .layers
@@ -171,6 +181,8 @@ impl InferenceWeights {
                     down: t(&m.down_proj).contiguous(),
                     input_norm: scale(&l.input_layernorm),
                     post_norm: scale(&l.post_attention_layernorm),
+                    pre_ff_norm: scale_opt(&l.pre_feedforward_layernorm),
+                    post_ff_norm: scale_opt(&l.post_feedforward_layernorm),
                 }
             })
             .collect();
@@ -224,11 +236,14 @@ pub struct Rope {
 }
 
 impl Rope {
-    pub fn new(cfg: &GemmaConfig, device: Device) -> Self {
-        let dim = cfg.head_dim();
+    /// `inv_freq = 1 / θ^(2i/d)`, divided by the linear scaling factor when
+    /// there is one, in f32 as transformers computes it.
+    pub fn new(spec: &RopeSpec, device: Device) -> Self {
+        let dim = spec.dim;
         let exponent =
             Tensor::arange_start_step(0, dim, 2, (Kind::Int64, device)).to_kind(Kind::Float) / dim as f64;
-        let inv_freq = Tensor::pow_scalar(cfg.rope_theta(), &exponent).reciprocal();
+        let inv_freq = Tensor::pow_scalar(spec.theta, &exponent).reciprocal();
+        let inv_freq = if spec.factor == 1.0 { inv_freq } else { inv_freq / spec.factor };
         Rope { inv_freq }
     }
 
@@ -249,6 +264,11 @@ impl Rope {
     }
 }
 
+/// The RoPE tables of one forward pass: (cos, signed sin) per distinct RoPE
+/// of the model (Gemma 3 has one for sliding and one for full layers),
+/// each (B, 1, T, D); a layer reads its own by index.
+pub struct RopeTables(pub Vec<(Tensor, Tensor)>);
+
 /// `x · cos + rotate_half(x) · sin`, with rotate_half(x) = cat(−x₂, x₁)
 /// written as `roll(x, D/2) · sin_signed` (see [`Rope::tables`]).
 fn apply_rope(x: &Tensor, cos: &Tensor, sin_signed: &Tensor) -> Tensor {
@@ -257,8 +277,15 @@ fn apply_rope(x: &Tensor, cos: &Tensor, sin_signed: &Tensor) -> Tensor {
 }
 
 /// Per-layer key/value cache, preallocated to `capacity` positions.
+///
+/// A sliding layer keeps only its last `window` positions, in a ring:
+/// position `p` lives in slot `p mod window`. Attention does not depend on
+/// the order of its keys, so the ring is read as it is, each slot's mask
+/// taken from the position it holds ([`ring_positions`]). Long rollouts
+/// thus hold `window` positions per sliding layer, not the whole sequence.
 pub struct KvCache {
-    /// (k, v) per layer, each (B, KVH, capacity, D).
+    /// (k, v) per layer, each (B, KVH, slots, D): `capacity` slots for full
+    /// layers, `min(window, capacity)` for sliding ones.
     layers: Vec<(Tensor, Tensor)>,
     /// Number of positions filled.
     pub len: i64,
@@ -266,13 +293,33 @@ pub struct KvCache {
 }
 
 impl KvCache {
-    pub fn new(cfg: &GemmaConfig, batch: i64, capacity: i64, kind: Kind, device: Device) -> Self {
-        let shape = [batch, cfg.num_kv_heads(), capacity, cfg.head_dim()];
-        let layers = (0..cfg.num_hidden_layers)
-            .map(|_| (Tensor::zeros(shape, (kind, device)), Tensor::zeros(shape, (kind, device))))
+    pub fn new(cfg: &GemmaConfig, batch: i64, capacity: i64, kind: Kind, device: Device) -> Result<Self> {
+        let specs = crate::family::layer_specs(cfg, cfg.family()?)?;
+        let layers = specs
+            .iter()
+            .map(|s| {
+                let slots = match s.span {
+                    Span::Full => capacity,
+                    Span::Sliding(w) => w.min(capacity),
+                };
+                let shape = [batch, s.num_kv_heads, slots, s.head_dim];
+                (Tensor::zeros(shape, (kind, device)), Tensor::zeros(shape, (kind, device)))
+            })
             .collect();
-        KvCache { layers, len: 0, capacity }
+        Ok(KvCache { layers, len: 0, capacity })
     }
+
+    /// Bytes the cache holds (keys and values of every layer).
+    pub fn bytes(&self) -> i64 {
+        let bytes = |t: &Tensor| (t.numel() * t.kind().elt_size_in_bytes()) as i64;
+        self.layers.iter().map(|(k, v)| bytes(k) + bytes(v)).sum()
+    }
+}
+
+/// The positions a ring of `slots` slots holds once `len` positions were
+/// written: slot j holds the latest p < len with p mod slots = j, or −1.
+fn ring_positions(len: i64, slots: i64) -> Vec<i64> {
+    (0..slots).map(|j| if j < len { len - 1 - (len - 1 - j).rem_euclid(slots) } else { -1 }).collect()
 }
 
 #[derive(Debug)]
@@ -281,36 +328,54 @@ pub struct Attention {
     pub k_proj: Linear,
     pub v_proj: Linear,
     pub o_proj: Linear,
+    /// Gemma 3: RMSNorm over each query / key head before RoPE.
+    pub q_norm: Option<RmsNorm>,
+    pub k_norm: Option<RmsNorm>,
     n_heads: i64,
     n_kv: i64,
     head_dim: i64,
+    /// The factor on q·k (`head_dim^-1/2` or `query_pre_attn_scalar^-1/2`).
+    scaling: f64,
+    /// `cap · tanh(s / cap)` on the scores (Gemma 2).
+    softcap: Option<f64>,
+    span: Span,
+    /// Which of the model's RoPE tables this layer reads.
+    rope_id: usize,
 }
 
 impl Attention {
-    pub fn new(p: nn::Path, cfg: &GemmaConfig, init: WeightInit) -> Self {
+    pub fn new(p: nn::Path, cfg: &GemmaConfig, spec: &LayerSpec, rope_id: usize, init: WeightInit) -> Self {
         let h = cfg.hidden_size;
-        let (nh, nkv, d) = (cfg.num_attention_heads, cfg.num_kv_heads(), cfg.head_dim());
+        let (nh, nkv, d) = (cfg.num_attention_heads, spec.num_kv_heads, spec.head_dim);
         let w = init.normal(cfg.initializer_range);
+        let norm = |name: &str| spec.qk_norm.then(|| RmsNorm::new(&p / name, d, cfg.rms_norm_eps));
         Attention {
             q_proj: Linear::with_init(&p / "q_proj", h, nh * d, w),
             k_proj: Linear::with_init(&p / "k_proj", h, nkv * d, w),
             v_proj: Linear::with_init(&p / "v_proj", h, nkv * d, w),
             o_proj: Linear::with_init(&p / "o_proj", nh * d, h, w),
+            q_norm: norm("q_norm"),
+            k_norm: norm("k_norm"),
             n_heads: nh,
             n_kv: nkv,
             head_dim: d,
+            scaling: spec.scaling,
+            softcap: spec.attn_softcap,
+            span: spec.span,
+            rope_id,
         }
     }
 
-    /// `x` (B, T, H); `cos`, `sin_signed` from [`Rope::tables`]; `mask`
-    /// (B, 1, T, S) bool, true = may attend, or None for plain causal
-    /// attention (over the cached positions too, with a cache). A badly shaped input is an
-    /// error naming the shapes, never a panic (the checks read sizes only).
+    /// `x` (B, T, H); `rope` from [`Gemma::rope_tables`]; `mask`
+    /// (B, 1, T, S) bool over all S = cached + T positions, true = may
+    /// attend, or None for plain causal attention (over the cached positions
+    /// too, with a cache). A sliding layer narrows either to its window. A
+    /// badly shaped input is an error naming the shapes, never a panic (the
+    /// checks read sizes only).
     pub fn forward(
         &self,
         x: &Tensor,
-        cos: &Tensor,
-        sin_signed: &Tensor,
+        rope: &RopeTables,
         mask: Option<&Tensor>,
         cache: Option<(&mut (Tensor, Tensor), i64)>,
         wt: Option<&LayerWeights>,
@@ -324,10 +389,15 @@ impl Attention {
             "attention input has hidden size {h}, the layer expects {hidden} (input shape {:?})",
             x.size()
         );
+        let (cos, sin_signed) = rope.0.get(self.rope_id).context("no RoPE table for this layer")?;
         let d = self.head_dim;
         let (nh, nkv) = (self.n_heads, self.n_kv);
+        let norm = |n: &Option<RmsNorm>, y: Tensor| match n {
+            Some(n) => n.forward(&y),
+            None => y,
+        };
         let (q, k, v) = match wt {
-            Some(w) => {
+            Some(w) if self.q_norm.is_none() => {
                 // One projection, and RoPE once over the q|k heads side by side.
                 let qkv = x.f_matmul(&w.qkv)?.f_view([b, t, nh + 2 * nkv, d])?; // (B, T, NH+2·KVH, D)
                 let qk = qkv.f_narrow(2, 0, nh + nkv)?.transpose(1, 2); // (B, NH+KVH, T, D)
@@ -335,44 +405,93 @@ impl Attention {
                 let v = qkv.f_narrow(2, nh + nkv, nkv)?.transpose(1, 2); // (B, KVH, T, D)
                 (qk.f_narrow(1, 0, nh)?, qk.f_narrow(1, nh, nkv)?, v)
             }
+            Some(w) => {
+                let qkv = x.f_matmul(&w.qkv)?.f_view([b, t, nh + 2 * nkv, d])?; // (B, T, NH+2·KVH, D)
+                let q = norm(&self.q_norm, qkv.f_narrow(2, 0, nh)?).transpose(1, 2); // (B, NH, T, D)
+                let k = norm(&self.k_norm, qkv.f_narrow(2, nh, nkv)?).transpose(1, 2); // (B, KVH, T, D)
+                let v = qkv.f_narrow(2, nh + nkv, nkv)?.transpose(1, 2); // (B, KVH, T, D)
+                (apply_rope(&q, cos, sin_signed), apply_rope(&k, cos, sin_signed), v)
+            }
             None => {
-                let q = self.q_proj.forward(x).f_view([b, t, nh, d])?.transpose(1, 2); // (B, NH, T, D)
-                let k = self.k_proj.forward(x).f_view([b, t, nkv, d])?.transpose(1, 2); // (B, KVH, T, D)
+                let q = norm(&self.q_norm, self.q_proj.forward(x).f_view([b, t, nh, d])?).transpose(1, 2); // (B, NH, T, D)
+                let k = norm(&self.k_norm, self.k_proj.forward(x).f_view([b, t, nkv, d])?).transpose(1, 2); // (B, KVH, T, D)
                 let v = self.v_proj.forward(x).f_view([b, t, nkv, d])?.transpose(1, 2); // (B, KVH, T, D)
                 (apply_rope(&q, cos, sin_signed), apply_rope(&k, cos, sin_signed), v)
             }
         };
-        let (k, v) = match cache {
-            Some((kv, start)) => {
-                kv.0.f_narrow(2, start, t)?.f_copy_(&k)?;
-                kv.1.f_narrow(2, start, t)?.f_copy_(&v)?;
-                (kv.0.f_narrow(2, 0, start + t)?, kv.1.f_narrow(2, 0, start + t)?)
-                // (B, KVH, S, D)
-            }
-            None => (k, v),
-        };
-        let s = k.size()[2];
+        let start = cache.as_ref().map_or(0, |c| c.1);
+        let s_all = start + t; // every position so far: the caller's mask covers them
         if let Some(m) = mask {
             let ms = m.size();
             let fits = |got: i64, want: i64| got == want || got == 1;
             ensure!(
-                ms.len() == 4 && fits(ms[0], b) && fits(ms[1], self.n_heads) && fits(ms[2], t) && ms[3] == s,
-                "attention mask must be (B, 1, T, S) = ({b}, 1, {t}, {s}) or broadcast to it, got {ms:?}"
+                ms.len() == 4
+                    && fits(ms[0], b)
+                    && fits(ms[1], self.n_heads)
+                    && fits(ms[2], t)
+                    && ms[3] == s_all,
+                "attention mask must be (B, 1, T, S) = ({b}, 1, {t}, {s_all}) or broadcast to it, got {ms:?}"
             );
         }
-        // Several new queries over a cache holding earlier positions: SDPA's
-        // `is_causal` aligns its mask top-left (query i sees keys 0..=i), so
-        // the mask is made here, aligned bottom-right (query i sees the
-        // cached keys and the new ones up to its own: 0..=S−T+i).
-        let offset_causal = (mask.is_none() && t > 1 && s > t).then(|| {
-            let q_pos = Tensor::arange_start(s - t, s, (Kind::Int64, x.device())).view([t, 1]); // (T, 1)
-            let k_pos = Tensor::arange(s, (Kind::Int64, x.device())).view([1, s]); // (1, S)
-            k_pos.le_tensor(&q_pos).view([1, 1, t, s]) // (1, 1, T, S)
-        });
-        let mask = mask.or(offset_causal.as_ref());
+        let (k, v, mask) = match self.span {
+            Span::Full => {
+                let (k, v) = match cache {
+                    Some((kv, start)) => {
+                        kv.0.f_narrow(2, start, t)?.f_copy_(&k)?;
+                        kv.1.f_narrow(2, start, t)?.f_copy_(&v)?;
+                        (kv.0.f_narrow(2, 0, start + t)?, kv.1.f_narrow(2, 0, start + t)?)
+                        // (B, KVH, S, D)
+                    }
+                    None => (k, v),
+                };
+                // Several new queries over a cache holding earlier positions: SDPA's
+                // `is_causal` aligns its mask top-left (query i sees keys 0..=i), so
+                // the mask is made here, aligned bottom-right (query i sees the
+                // cached keys and the new ones up to its own: 0..=S−T+i).
+                let mask = match mask {
+                    Some(m) => Some(m.shallow_clone()),
+                    None if t > 1 && s_all > t => {
+                        Some(band_mask(start, t, (0..s_all).collect(), None, x.device()))
+                    }
+                    None => None,
+                };
+                (k, v, mask)
+            }
+            Span::Sliding(window) => {
+                // The keys: what the ring holds (positions before `start`
+                // still in the window) and the new ones, with their positions.
+                let (k_all, v_all, key_pos) = match &cache {
+                    Some((kv, _)) => {
+                        let slots = kv.0.size()[2];
+                        let held = ring_positions(start, slots);
+                        let k_all = Tensor::f_cat(&[&kv.0, &k], 2)?; // (B, KVH, slots + T, D)
+                        let v_all = Tensor::f_cat(&[&kv.1, &v], 2)?;
+                        let pos: Vec<i64> = held.into_iter().chain(start..start + t).collect();
+                        (k_all, v_all, pos)
+                    }
+                    None => (k.shallow_clone(), v.shallow_clone(), (0..t).collect()),
+                };
+                let plain_causal = mask.is_none() && cache.is_none() && t <= window;
+                let m =
+                    (!plain_causal).then(|| band_mask(start, t, key_pos, Some((window, mask)), x.device()));
+                if let Some((kv, start)) = cache {
+                    // Keep the last `slots` new positions: position p in slot p mod slots.
+                    let slots = kv.0.size()[2];
+                    let keep = t.min(slots);
+                    let first = start + t - keep;
+                    let idx = Tensor::from_slice(&(first..start + t).map(|p| p % slots).collect::<Vec<_>>())
+                        .to_device(x.device());
+                    let _ = kv.0.f_index_copy_(2, &idx, &k.f_narrow(2, t - keep, keep)?)?;
+                    let _ = kv.1.f_index_copy_(2, &idx, &v.f_narrow(2, t - keep, keep)?)?;
+                }
+                (k_all, v_all, m)
+            }
+        };
+        let mask = mask.as_ref();
+        let s = k.size()[2];
         let rep = self.n_heads / self.n_kv;
-        let scale = 1.0 / (d as f64).sqrt();
-        if let Some(w) = wt.filter(|_| t == 1 && rep > 1) {
+        let scale = self.scaling;
+        if let Some(w) = wt.filter(|_| t == 1 && rep > 1 && self.softcap.is_none()) {
             // Decoding with shared key/value heads: the query heads of one
             // key/value head become that head's rows, so no copy of the
             // cache is made per head (query head h = kv·rep + r, as below).
@@ -390,9 +509,12 @@ impl Attention {
             let v = v.unsqueeze(2).expand([b, self.n_kv, rep, s, d], false).reshape([b, self.n_heads, s, d]);
             (k, v)
         };
-        let y = match mask {
-            Some(m) => Tensor::f_scaled_dot_product_attention(&q, &k, &v, Some(m), 0.0, false, scale, false)?,
-            None => {
+        let y = match (self.softcap, mask) {
+            (Some(cap), _) => softcapped_attention(&q, &k, &v, mask, scale, cap)?,
+            (None, Some(m)) => {
+                Tensor::f_scaled_dot_product_attention(&q, &k, &v, Some(m), 0.0, false, scale, false)?
+            }
+            (None, None) => {
                 Tensor::f_scaled_dot_product_attention::<Tensor>(&q, &k, &v, None, 0.0, t > 1, scale, false)?
             }
         }; // (B, NH, T, D)
@@ -402,6 +524,59 @@ impl Attention {
             None => self.o_proj.forward(&y),
         })
     }
+}
+
+/// The (B or 1, 1, T, K) bool mask of T queries at positions
+/// `start..start+T` over keys at `key_pos` (−1: an empty ring slot, never
+/// seen): causal, and with `Some((window, caller_mask))` also within the
+/// window (`q − window < k`) and allowed by the caller's mask (B, 1, T, S)
+/// over all positions, read at each key's position.
+fn band_mask(
+    start: i64,
+    t: i64,
+    key_pos: Vec<i64>,
+    window: Option<(i64, Option<&Tensor>)>,
+    device: Device,
+) -> Tensor {
+    let n = key_pos.len() as i64;
+    let kp = Tensor::from_slice(&key_pos).to_device(device).view([1, n]); // (1, K)
+    let qp = Tensor::arange_start(start, start + t, (Kind::Int64, device)).view([t, 1]); // (T, 1)
+    let mut m = kp.le_tensor(&qp).logical_and(&kp.ge(0)); // (T, K)
+    let mut m4 = None;
+    if let Some((w, caller)) = window {
+        m = m.logical_and(&kp.gt_tensor(&(&qp - w)));
+        if let Some(c) = caller {
+            let idx = kp.clamp_min(0).view([n]);
+            m4 = Some(c.index_select(3, &idx).logical_and(&m.view([1, 1, t, n])));
+            // (B, 1, T, K)
+        }
+    }
+    m4.unwrap_or_else(|| m.view([1, 1, t, n]))
+}
+
+/// Attention with soft-capped scores, the way transformers' eager kernel
+/// computes it (Gemma 2): `s = q·kᵀ · scale`, `s = cap · tanh(s / cap)`,
+/// masked, softmax in f32 cast back, `· v`. `q` (B, NH, T, D), `k`/`v`
+/// (B, NH, S, D), `mask` (B, 1, T, S) bool or None for causal (aligned
+/// bottom-right).
+fn softcapped_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: Option<&Tensor>,
+    scale: f64,
+    cap: f64,
+) -> Result<Tensor> {
+    let (t, s) = (q.size()[2], k.size()[2]);
+    let scores = q.f_matmul(&k.transpose(2, 3))? * scale; // (B, NH, T, S)
+    let scores = (scores / cap).tanh() * cap;
+    let allowed = match mask {
+        Some(m) => m.shallow_clone(),
+        None => band_mask(s - t, t, (0..s).collect(), None, q.device()),
+    };
+    let scores = scores.f_masked_fill(&allowed.logical_not(), f64::NEG_INFINITY)?;
+    let probs = scores.f_softmax(-1, Kind::Float)?.f_to_kind(q.kind())?;
+    Ok(probs.f_matmul(v)?) // (B, NH, T, D)
 }
 
 #[derive(Debug)]
@@ -445,43 +620,79 @@ impl Mlp {
 pub struct DecoderLayer {
     pub input_layernorm: RmsNorm,
     pub self_attn: Attention,
+    /// Gemma 1: the MLP's input norm. Gemma 2+: the attention output's norm.
     pub post_attention_layernorm: RmsNorm,
+    /// Gemma 2+: the MLP's input norm.
+    pub pre_feedforward_layernorm: Option<RmsNorm>,
+    /// Gemma 2+: the MLP output's norm.
+    pub post_feedforward_layernorm: Option<RmsNorm>,
     pub mlp: Mlp,
 }
 
 impl DecoderLayer {
-    pub fn new(p: nn::Path, cfg: &GemmaConfig, init: WeightInit) -> Self {
+    pub fn new(p: nn::Path, cfg: &GemmaConfig, spec: &LayerSpec, rope_id: usize, init: WeightInit) -> Self {
+        let norm = |name: &str| RmsNorm::new(&p / name, cfg.hidden_size, cfg.rms_norm_eps);
         DecoderLayer {
-            input_layernorm: RmsNorm::new(&p / "input_layernorm", cfg.hidden_size, cfg.rms_norm_eps),
-            self_attn: Attention::new(&p / "self_attn", cfg, init),
-            post_attention_layernorm: RmsNorm::new(
-                &p / "post_attention_layernorm",
-                cfg.hidden_size,
-                cfg.rms_norm_eps,
-            ),
+            input_layernorm: norm("input_layernorm"),
+            self_attn: Attention::new(&p / "self_attn", cfg, spec, rope_id, init),
+            post_attention_layernorm: norm("post_attention_layernorm"),
+            pre_feedforward_layernorm: spec.sandwich_norms.then(|| norm("pre_feedforward_layernorm")),
+            post_feedforward_layernorm: spec.sandwich_norms.then(|| norm("post_feedforward_layernorm")),
             mlp: Mlp::new(&p / "mlp", cfg, init),
         }
     }
 
-    /// One decoder layer: `x` (B, T, H) → (B, T, H). `cos`, `sin_signed`
-    /// from [`Gemma::rope_tables`]; `mask`, `cache` and `wt` as in
+    /// One decoder layer: `x` (B, T, H) → (B, T, H). `rope` from
+    /// [`Gemma::rope_tables`]; `mask`, `cache` and `wt` as in
     /// [`Gemma::forward_hidden_with`] (the cache entry of this layer and
     /// the position its new keys start at).
     pub fn forward(
         &self,
         x: &Tensor,
-        cos: &Tensor,
-        sin_signed: &Tensor,
+        rope: &RopeTables,
         mask: Option<&Tensor>,
         cache: Option<(&mut (Tensor, Tensor), i64)>,
         wt: Option<&LayerWeights>,
     ) -> Result<Tensor> {
         let h = self.input_layernorm.forward_scaled(x, wt.and_then(|w| w.input_norm.as_ref()));
-        let h = self.self_attn.forward(&h, cos, sin_signed, mask, cache, wt)?;
-        let x = x.f_add(&h)?; // residual (not in place: autograd keeps x)
-        let h = self.post_attention_layernorm.forward_scaled(&x, wt.and_then(|w| w.post_norm.as_ref()));
-        let h = self.mlp.forward_with(&h, wt)?;
-        Ok(x.f_add(&h)?) // residual
+        let h = self.self_attn.forward(&h, rope, mask, cache, wt)?;
+        let post_norm = wt.and_then(|w| w.post_norm.as_ref());
+        match (&self.pre_feedforward_layernorm, &self.post_feedforward_layernorm) {
+            (Some(pre), Some(post)) => {
+                let h = self.post_attention_layernorm.forward_scaled(&h, post_norm);
+                let x = x.f_add(&h)?; // residual (not in place: autograd keeps x)
+                let h = pre.forward_scaled(&x, wt.and_then(|w| w.pre_ff_norm.as_ref()));
+                let h = self.mlp.forward_with(&h, wt)?;
+                let h = post.forward_scaled(&h, wt.and_then(|w| w.post_ff_norm.as_ref()));
+                Ok(x.f_add(&h)?) // residual
+            }
+            _ => {
+                let x = x.f_add(&h)?; // residual (not in place: autograd keeps x)
+                let h = self.post_attention_layernorm.forward_scaled(&x, post_norm);
+                let h = self.mlp.forward_with(&h, wt)?;
+                Ok(x.f_add(&h)?) // residual
+            }
+        }
+    }
+
+    /// The layer's norms with their names under the layer
+    /// (`input_layernorm`, …, `self_attn.q_norm`), in checkpoint order.
+    pub fn norms(&self) -> Vec<(&'static str, &RmsNorm)> {
+        let mut out = vec![("input_layernorm", &self.input_layernorm)];
+        out.push(("post_attention_layernorm", &self.post_attention_layernorm));
+        if let Some(n) = &self.pre_feedforward_layernorm {
+            out.push(("pre_feedforward_layernorm", n));
+        }
+        if let Some(n) = &self.post_feedforward_layernorm {
+            out.push(("post_feedforward_layernorm", n));
+        }
+        if let Some(n) = &self.self_attn.q_norm {
+            out.push(("self_attn.q_norm", n));
+        }
+        if let Some(n) = &self.self_attn.k_norm {
+            out.push(("self_attn.k_norm", n));
+        }
+        out
     }
 }
 
@@ -499,7 +710,8 @@ pub struct Gemma {
     /// Present only when `tie_word_embeddings` is false.
     pub lm_head: Option<Linear>,
     pub cfg: GemmaConfig,
-    rope: Rope,
+    /// One per distinct RoPE of the layers; each layer knows its index.
+    ropes: Vec<Rope>,
     device: Device,
 }
 
@@ -526,8 +738,20 @@ impl Gemma {
                 let _ = embed_tokens.get(pad).zero_();
             });
         }
-        let layers =
-            (0..cfg.num_hidden_layers).map(|i| DecoderLayer::new(&m / "layers" / i, cfg, init)).collect();
+        let specs = crate::family::layer_specs(cfg, cfg.family()?)?;
+        // The distinct RoPEs, and each layer's index among them.
+        let mut rope_specs: Vec<RopeSpec> = Vec::new();
+        let mut layers = Vec::with_capacity(specs.len());
+        for (i, spec) in specs.iter().enumerate() {
+            let id = match rope_specs.iter().position(|r| *r == spec.rope) {
+                Some(id) => id,
+                None => {
+                    rope_specs.push(spec.rope);
+                    rope_specs.len() - 1
+                }
+            };
+            layers.push(DecoderLayer::new(&m / "layers" / i, cfg, spec, id, init));
+        }
         let norm = RmsNorm::new(&m / "norm", cfg.hidden_size, cfg.rms_norm_eps);
         let lm_head = (!cfg.tie_word_embeddings).then(|| {
             Linear::with_init(
@@ -541,7 +765,7 @@ impl Gemma {
             model: GemmaModel { embed_tokens, layers, norm },
             lm_head,
             cfg: cfg.clone(),
-            rope: Rope::new(cfg, p.device()),
+            ropes: rope_specs.iter().map(|r| Rope::new(r, p.device())).collect(),
             device: p.device(),
         })
     }
@@ -593,11 +817,11 @@ impl Gemma {
             ensure!(start + t <= c.capacity, "KV cache full: {} + {t} > capacity {}", start, c.capacity);
         }
         let mut x = self.embed(input_ids)?; // (B, T, H)
-        let (cos, sin) = self.rope_tables(positions);
+        let rope = self.rope_tables(positions);
         for (i, layer) in self.model.layers.iter().enumerate() {
             let lw = wt.map(|w| &w.layers[i]);
             let kv = cache.as_mut().map(|c| (&mut c.layers[i], start));
-            x = layer.forward(&x, &cos, &sin, mask, kv, lw).with_context(|| format!("layer {i}"))?;
+            x = layer.forward(&x, &rope, mask, kv, lw).with_context(|| format!("layer {i}"))?;
         }
         if let Some(c) = cache {
             c.len = start + t;
@@ -616,9 +840,9 @@ impl Gemma {
     }
 
     /// RoPE tables (cos, signed sin) for `positions` (B, T), each
-    /// (B, 1, T, D) in the activation dtype.
-    pub fn rope_tables(&self, positions: &Tensor) -> (Tensor, Tensor) {
-        self.rope.tables(positions, self.kind())
+    /// (B, 1, T, D) in the activation dtype, one pair per distinct RoPE.
+    pub fn rope_tables(&self, positions: &Tensor) -> RopeTables {
+        RopeTables(self.ropes.iter().map(|r| r.tables(positions, self.kind())).collect())
     }
 
     /// The final norm, applied to the last decoder layer's output.
@@ -626,19 +850,28 @@ impl Gemma {
         self.model.norm.forward(x)
     }
 
-    /// Logits (…, V) from final hidden states (…, H).
+    /// Logits (…, V) from final hidden states (…, H), soft-capped
+    /// (`cap · tanh(logits / cap)`) when `final_logit_softcapping` is set.
     pub fn logits(&self, hidden: &Tensor) -> Tensor {
-        match &self.lm_head {
+        let logits = match &self.lm_head {
             Some(head) => head.forward(hidden),
             None => hidden.matmul(&self.model.embed_tokens.tr()),
-        }
+        };
+        self.softcap_logits(logits)
     }
 
     /// [`Gemma::logits`] with the transposed head of [`InferenceWeights`] if given.
     pub fn logits_with(&self, hidden: &Tensor, wt: Option<&InferenceWeights>) -> Tensor {
         match wt {
-            Some(w) => hidden.matmul(&w.head),
+            Some(w) => self.softcap_logits(hidden.matmul(&w.head)),
             None => self.logits(hidden),
+        }
+    }
+
+    fn softcap_logits(&self, logits: Tensor) -> Tensor {
+        match self.cfg.final_logit_softcapping {
+            Some(cap) => (logits / cap).tanh() * cap,
+            None => logits,
         }
     }
 
@@ -718,11 +951,19 @@ impl Gemma {
                         k_proj: a.k_proj.share(),
                         v_proj: a.v_proj.share(),
                         o_proj: a.o_proj.share(),
+                        q_norm: a.q_norm.as_ref().map(norm),
+                        k_norm: a.k_norm.as_ref().map(norm),
                         n_heads: a.n_heads,
                         n_kv: a.n_kv,
                         head_dim: a.head_dim,
+                        scaling: a.scaling,
+                        softcap: a.softcap,
+                        span: a.span,
+                        rope_id: a.rope_id,
                     },
                     post_attention_layernorm: norm(&l.post_attention_layernorm),
+                    pre_feedforward_layernorm: l.pre_feedforward_layernorm.as_ref().map(norm),
+                    post_feedforward_layernorm: l.post_feedforward_layernorm.as_ref().map(norm),
                     mlp: Mlp {
                         gate_proj: l.mlp.gate_proj.share(),
                         up_proj: l.mlp.up_proj.share(),
@@ -739,7 +980,7 @@ impl Gemma {
             },
             lm_head: self.lm_head.as_ref().map(Linear::share),
             cfg: self.cfg.clone(),
-            rope: Rope { inv_freq: self.rope.inv_freq.shallow_clone() },
+            ropes: self.ropes.iter().map(|r| Rope { inv_freq: r.inv_freq.shallow_clone() }).collect(),
             device: self.device,
         }
     }
@@ -770,7 +1011,8 @@ mod tests {
     #[test]
     fn rope_roll_form_equals_rotate_half_bit_for_bit() {
         let cfg = GemmaConfig::preset("test-mqa").unwrap();
-        let rope = Rope::new(&cfg, Device::Cpu);
+        let spec = crate::family::layer_specs(&cfg, cfg.family().unwrap()).unwrap()[0].rope;
+        let rope = Rope::new(&spec, Device::Cpu);
         let d = cfg.head_dim();
         let positions = Tensor::from_slice(&[0i64, 1, 7, 300, 0, 0, 5, 1999]).view([2, 4]);
         for kind in [Kind::Float, Kind::BFloat16] {
@@ -809,8 +1051,8 @@ mod tests {
             let valid = ids.ne(0); // row 0 is left-padded by two
             let positions = (valid.to_kind(Kind::Int64).cumsum(1, Kind::Int64) - 1).clamp_min(0);
             let mask = padded_causal_mask(&valid, t).unwrap();
-            let mut c1 = KvCache::new(&cfg, b, t + 1, Kind::Float, Device::Cpu);
-            let mut c2 = KvCache::new(&cfg, b, t + 1, Kind::Float, Device::Cpu);
+            let mut c1 = KvCache::new(&cfg, b, t + 1, Kind::Float, Device::Cpu).unwrap();
+            let mut c2 = KvCache::new(&cfg, b, t + 1, Kind::Float, Device::Cpu).unwrap();
             let _g = tch::no_grad_guard();
             let a = model.forward_hidden(&ids, &positions, Some(&mask), Some(&mut c1)).unwrap();
             let bb =
@@ -843,12 +1085,12 @@ mod tests {
         assert_eq!(h.size(), [2, 3, 64]);
 
         let attn = &model.model.layers[0].self_attn;
-        let (cos, sin) = model.rope.tables(&positions, Kind::Float);
+        let rope = model.rope_tables(&positions);
         let flat = Tensor::zeros([6, 64], (Kind::Float, Device::Cpu));
-        let e = attn.forward(&flat, &cos, &sin, None, None, None).unwrap_err().to_string();
+        let e = attn.forward(&flat, &rope, None, None, None).unwrap_err().to_string();
         assert!(e.contains("attention input must be (batch, time, hidden), got shape [6, 64]"), "{e}");
         let narrow = Tensor::zeros([2, 3, 48], (Kind::Float, Device::Cpu));
-        let e = attn.forward(&narrow, &cos, &sin, None, None, None).unwrap_err().to_string();
+        let e = attn.forward(&narrow, &rope, None, None, None).unwrap_err().to_string();
         assert!(e.contains("hidden size 48, the layer expects 64"), "{e}");
 
         let bad_mask = Tensor::ones([2, 3, 3], (Kind::Bool, Device::Cpu));

@@ -181,11 +181,7 @@ impl Gemma {
         let mut out = BTreeMap::new();
         out.insert("model.embed_tokens.weight".to_string(), self.model.embed_tokens.shallow_clone());
         for (i, l) in self.model.layers.iter().enumerate() {
-            let norms = [
-                ("input_layernorm", &l.input_layernorm),
-                ("post_attention_layernorm", &l.post_attention_layernorm),
-            ];
-            for (n, norm) in norms {
+            for (n, norm) in l.norms() {
                 out.insert(format!("model.layers.{i}.{n}.weight"), norm.weight.shallow_clone());
             }
         }

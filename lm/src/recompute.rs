@@ -75,11 +75,11 @@ impl Gemma {
         head: impl FnOnce(&Tensor) -> Result<R>,
     ) -> Result<R> {
         let seed = self.dropout_seed()?;
-        let (cos, sin) = tch::no_grad(|| self.rope_tables(positions));
+        let rope = tch::no_grad(|| self.rope_tables(positions));
         let mut x = self.embed(ids)?; // (B, T, H)
         for (i, layer) in self.model.layers.iter().enumerate() {
             reseed(seed, i);
-            x = layer.forward(&x, &cos, &sin, mask, None, None).with_context(|| format!("layer {i}"))?;
+            x = layer.forward(&x, &rope, mask, None, None).with_context(|| format!("layer {i}"))?;
         }
         let h = self.final_norm(&x); // (B, T, H)
         drop(x);
@@ -100,14 +100,14 @@ impl Gemma {
         head: impl FnOnce(&Tensor) -> Result<R>,
     ) -> Result<R> {
         let seed = self.dropout_seed()?;
-        let (cos, sin) = tch::no_grad(|| self.rope_tables(positions));
+        let rope = tch::no_grad(|| self.rope_tables(positions));
         let layers = &self.model.layers;
         // Forward without a graph, keeping each layer's input.
         let mut inputs = Vec::with_capacity(layers.len());
         let mut x = tch::no_grad(|| self.embed(ids))?; // (B, T, H)
         for (i, layer) in layers.iter().enumerate() {
             reseed(seed, i);
-            let y = tch::no_grad(|| layer.forward(&x, &cos, &sin, mask, None, None))
+            let y = tch::no_grad(|| layer.forward(&x, &rope, mask, None, None))
                 .with_context(|| format!("layer {i}"))?;
             inputs.push(std::mem::replace(&mut x, y));
         }
@@ -132,7 +132,7 @@ impl Gemma {
             let xi = saved.detach().set_requires_grad(true);
             drop(saved);
             reseed(seed, i);
-            let y = layer.forward(&xi, &cos, &sin, mask, None, None).with_context(|| format!("layer {i}"))?;
+            let y = layer.forward(&xi, &rope, mask, None, None).with_context(|| format!("layer {i}"))?;
             push_gradient(&y, &g)?;
             drop(y);
             g = xi.grad();

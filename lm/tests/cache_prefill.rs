@@ -14,7 +14,7 @@ fn prefill(m: &lm::Gemma, wt: Option<&InferenceWeights>, prompt: &[i64], cuts: &
     let t = prompt.len() as i64;
     let x = Tensor::from_slice(prompt).unsqueeze(0); // (1, T)
     let pos = Tensor::arange(t, (Kind::Int64, Device::Cpu)).unsqueeze(0); // (1, T)
-    let mut cache = KvCache::new(&m.cfg, 1, t, m.kind(), Device::Cpu);
+    let mut cache = KvCache::new(&m.cfg, 1, t, m.kind(), Device::Cpu).unwrap();
     let mut bounds = vec![0];
     bounds.extend(cuts.iter().map(|&c| c as i64));
     bounds.push(t);

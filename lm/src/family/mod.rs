@@ -1,0 +1,126 @@
+//! The Gemma family: what each `model_type` computes, layer by layer.
+//!
+//! One decoder ([`crate::model::Gemma`]) runs every member; what differs
+//! between them is read from `config.json` once, here, into a
+//! [`LayerSpec`] per layer: the attention span (full or a sliding window),
+//! the heads, the attention scale and soft-cap, the extra norms and the
+//! RoPE frequencies. Each member has its own file saying how transformers
+//! computes it and how its config maps onto the specs:
+//!
+//! - [`gemma`] — Gemma 1 (`modeling_gemma.py`);
+//! - [`gemma2`] — Gemma 2 (`modeling_gemma2.py`);
+//! - [`gemma3`] — Gemma 3 text (`modeling_gemma3.py`).
+
+pub mod gemma;
+pub mod gemma2;
+pub mod gemma3;
+
+use crate::config::{Family, GemmaConfig, RopeParameters};
+use anyhow::{bail, Result};
+
+/// How far back a layer's queries see.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Span {
+    /// Every earlier position (`full_attention`).
+    Full,
+    /// The last `window` positions, the query's own included
+    /// (`sliding_attention`: key j is seen from query i when `i − window < j ≤ i`).
+    Sliding(i64),
+}
+
+/// The rotary embedding of one layer: `inv_freq = 1 / (θ^(2i/d) · factor)`
+/// over the first `rotary_dim` dimensions of a head.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RopeSpec {
+    pub theta: f64,
+    /// `linear` scaling (1 when there is none).
+    pub factor: f64,
+    /// The head dimension the frequencies are computed for.
+    pub dim: i64,
+}
+
+/// What one decoder layer computes, beyond what every Gemma layer shares.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LayerSpec {
+    pub span: Span,
+    pub head_dim: i64,
+    pub num_kv_heads: i64,
+    /// The factor on `q·k` before the soft-cap and the softmax.
+    pub scaling: f64,
+    /// `cap · tanh(s / cap)` on the attention scores.
+    pub attn_softcap: Option<f64>,
+    /// RMSNorm over each query and key head before RoPE (Gemma 3).
+    pub qk_norm: bool,
+    /// Gemma 2's four norms: the attention and MLP outputs are normed
+    /// before their residual adds (`post_attention_layernorm`,
+    /// `post_feedforward_layernorm`), the MLP input by `pre_feedforward_layernorm`.
+    pub sandwich_norms: bool,
+    pub rope: RopeSpec,
+}
+
+/// The specs of `cfg`'s layers, in order; a config the family cannot run is
+/// an error naming the field.
+pub fn layer_specs(cfg: &GemmaConfig, family: Family) -> Result<Vec<LayerSpec>> {
+    match family {
+        Family::Gemma => gemma::layer_specs(cfg),
+        Family::Gemma2 => gemma2::layer_specs(cfg),
+        Family::Gemma3 => gemma3::layer_specs(cfg),
+        Family::Gemma4 => bail!(
+            "model_type \"gemma4_text\" is not supported yet by this build of align (Gemma 1, 2 and 3 are)"
+        ),
+    }
+}
+
+/// `layer_types` read as spans: `sliding_attention` or `full_attention`,
+/// one per layer, or `default(i)` for each layer when the key is absent.
+pub(crate) fn spans(cfg: &GemmaConfig, window: i64, default: impl Fn(i64) -> bool) -> Result<Vec<Span>> {
+    let n = cfg.num_hidden_layers;
+    if window <= 0 {
+        bail!("sliding_window must be positive, got {window}");
+    }
+    let span = |sliding: bool| if sliding { Span::Sliding(window) } else { Span::Full };
+    match &cfg.layer_types {
+        None => Ok((0..n).map(|i| span(default(i))).collect()),
+        Some(types) => {
+            if types.len() as i64 != n {
+                bail!("layer_types has {} entries; num_hidden_layers is {n}", types.len());
+            }
+            types
+                .iter()
+                .enumerate()
+                .map(|(i, t)| match t.as_str() {
+                    "sliding_attention" => Ok(span(true)),
+                    "full_attention" => Ok(span(false)),
+                    other => bail!(
+                        "layer_types[{i}] is {other:?}; align knows \"sliding_attention\" and \"full_attention\""
+                    ),
+                })
+                .collect()
+        }
+    }
+}
+
+/// A RoPE block's frequencies: rope_type `default`, or `linear` with its
+/// `factor`; `field` names the block in errors.
+pub(crate) fn rope_spec(
+    block: Option<&RopeParameters>,
+    theta: f64,
+    dim: i64,
+    field: &str,
+) -> Result<RopeSpec> {
+    let theta = block.and_then(|b| b.rope_theta).unwrap_or(theta);
+    let factor = match block.and_then(|b| b.rope_type.as_deref()).unwrap_or("default") {
+        "default" => 1.0,
+        "linear" => match block.and_then(|b| b.factor) {
+            Some(f) if f > 0.0 => f,
+            other => bail!("{field}.factor must be a positive number for linear RoPE scaling, got {other:?}"),
+        },
+        other => {
+            bail!("{field}.rope_type {other:?} is not supported; align computes \"default\" and \"linear\"")
+        }
+    };
+    if theta.is_nan() || theta <= 0.0 {
+        bail!("{field}.rope_theta must be positive, got {theta}");
+    }
+    Ok(RopeSpec { theta, factor, dim })
+}
