@@ -22,6 +22,8 @@ use crate::tokenizer::Tokenizer;
 use anyhow::{anyhow, bail, Result};
 use std::ops::Range;
 
+pub mod template;
+
 /// Gemma's chat template (Jinja), as transformers' `apply_chat_template` runs it.
 pub const CHAT_TEMPLATE: &str = include_str!("chat_template.jinja");
 
@@ -132,6 +134,16 @@ pub fn render(messages: &[Message], add_generation_prompt: bool) -> Result<Rende
     Ok(Rendered { text, trained, controls })
 }
 
+/// Renders `messages` with the template `tok` carries: the checkpoint's own
+/// ([`template::ChatTemplate::render`]) or, without one, the built-in Gemma
+/// formatter ([`render`]).
+pub fn render_for(tok: &Tokenizer, messages: &[Message], add_generation_prompt: bool) -> Result<Rendered> {
+    match &tok.chat_template {
+        Some(t) => t.render(messages, add_generation_prompt),
+        None => render(messages, add_generation_prompt),
+    }
+}
+
 /// Renders and tokenizes `messages` and marks the tokens whose first byte
 /// falls in a model turn's trained span.
 ///
@@ -142,7 +154,7 @@ pub fn render(messages: &[Message], add_generation_prompt: bool) -> Result<Rende
 /// whole text at once (as `apply_chat_template(tokenize=True)` does), which
 /// is what [`Tokenizer::parse_special_tokens`] asks for.
 pub fn encode(tok: &Tokenizer, messages: &[Message], add_generation_prompt: bool) -> Result<Encoded> {
-    let r = render(messages, add_generation_prompt)?;
+    let r = render_for(tok, messages, add_generation_prompt)?;
     let (ids, starts) =
         if tok.parse_special_tokens { encode_whole(tok, &r.text)? } else { encode_pieces(tok, &r)? };
     let loss_mask = starts.iter().map(|s| r.trained.iter().any(|sp| sp.contains(s))).collect();

@@ -273,9 +273,23 @@ pub fn save_source(
         safetensors_io::write_sharded(tmp, src, opts.max_shard_bytes)?;
         write_atomic(&tmp.join(CONFIG), cfg.to_json()?.as_bytes())?;
         tok.save(&tmp.join(TOKENIZER))?;
-        let tc = tokenizer_config_json(cfg.max_position_embeddings);
-        write_atomic(&tmp.join(TOKENIZER_CONFIG), serde_json::to_string_pretty(&tc)?.as_bytes())?;
-        write_atomic(&tmp.join("chat_template.jinja"), CHAT_TEMPLATE.as_bytes())?;
+        // The input's tokenizer_config.json and chat_template.jinja as they
+        // were; the built-in ones only for a tokenizer that came without.
+        let files = &tok.template_files;
+        match &files.tokenizer_config {
+            Some(bytes) => write_atomic(&tmp.join(TOKENIZER_CONFIG), bytes)?,
+            None => {
+                let tc = tokenizer_config_json(cfg.max_position_embeddings);
+                write_atomic(&tmp.join(TOKENIZER_CONFIG), serde_json::to_string_pretty(&tc)?.as_bytes())?;
+            }
+        }
+        match &files.chat_template {
+            Some(bytes) => write_atomic(&tmp.join(crate::chat::template::TEMPLATE_FILE), bytes)?,
+            None if files.tokenizer_config.is_none() => {
+                write_atomic(&tmp.join(crate::chat::template::TEMPLATE_FILE), CHAT_TEMPLATE.as_bytes())?
+            }
+            None => {}
+        }
         let gc = generation_config_json(tok);
         write_atomic(&tmp.join(GENERATION_CONFIG), serde_json::to_string_pretty(&gc)?.as_bytes())?;
         Ok(())

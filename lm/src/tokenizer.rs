@@ -1,9 +1,11 @@
 //! `Tokenizer`: the `tokenizers` crate over a `tokenizer.json`, with Gemma's
 //! special tokens looked up by their strings, and BPE training for the demo.
 
+use crate::chat::template::{self, ChatTemplate, TemplateFiles, TemplateOrigin};
 use anyhow::{anyhow, bail, Context, Result};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::sync::OnceLock;
 use tokenizers::decoders::byte_level::ByteLevel as ByteLevelDecoder;
 use tokenizers::models::bpe::{BpeTrainerBuilder, BPE};
@@ -53,6 +55,15 @@ pub struct Tokenizer {
     pub parse_special_tokens: bool,
     /// `inner` with special-token parsing off, made on first use.
     text_only: OnceLock<tokenizers::Tokenizer>,
+    /// The chat template of the directory the tokenizer was loaded from;
+    /// `None` renders with the built-in Gemma formatter ([`crate::chat::render`]),
+    /// which is also used when the checkpoint's template is the built-in one.
+    pub chat_template: Option<Arc<ChatTemplate>>,
+    /// Where the template [`crate::chat::encode`] uses came from.
+    pub template_origin: TemplateOrigin,
+    /// `tokenizer_config.json` and `chat_template.jinja` of that directory,
+    /// as read: a checkpoint align writes keeps them as they were.
+    pub template_files: TemplateFiles,
 }
 
 impl Tokenizer {
@@ -62,7 +73,49 @@ impl Tokenizer {
         }
         let inner = tokenizers::Tokenizer::from_file(path)
             .map_err(|e| anyhow!("cannot load tokenizer {}: {e}", path.display()))?;
-        Self::new(inner).with_context(|| format!("tokenizer {}", path.display()))
+        let mut tok = Self::new(inner).with_context(|| format!("tokenizer {}", path.display()))?;
+        let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        tok.load_chat_template(dir)?;
+        Ok(tok)
+    }
+
+    /// Takes the chat template of the checkpoint directory `dir`
+    /// (`chat_template.jinja`, else `tokenizer_config.json`'s
+    /// `chat_template`) and keeps both files' bytes for saving. Without a
+    /// template, or with the built-in one, the built-in formatter renders.
+    pub fn load_chat_template(&mut self, dir: &Path) -> Result<()> {
+        let files = TemplateFiles::read(dir)?;
+        let found = template::find(dir, &files)?;
+        self.template_files = files;
+        match found {
+            None => {
+                self.chat_template = None;
+                self.template_origin = TemplateOrigin::Builtin;
+            }
+            Some(found) => {
+                let bos_is_builtin = found.variables.get("bos_token").is_none_or(|b| b == "<bos>");
+                self.template_origin = found.origin.clone();
+                self.chat_template = if found.source == crate::chat::CHAT_TEMPLATE && bos_is_builtin {
+                    None
+                } else {
+                    Some(Arc::new(ChatTemplate::new(found, &self.inner)?))
+                };
+            }
+        }
+        Ok(())
+    }
+
+    /// Which chat template renders conversations, for `align inspect`.
+    pub fn describe_chat_template(&self) -> String {
+        match (&self.template_origin, &self.chat_template) {
+            (TemplateOrigin::Builtin, _) => {
+                "align's built-in Gemma template (the checkpoint has none)".to_string()
+            }
+            (origin, None) => {
+                format!("the checkpoint's ({origin}), which is align's built-in Gemma template")
+            }
+            (origin, Some(_)) => format!("the checkpoint's ({origin})"),
+        }
     }
 
     pub fn new(inner: tokenizers::Tokenizer) -> Result<Self> {
@@ -84,6 +137,9 @@ impl Tokenizer {
             special,
             parse_special_tokens: parse_special_tokens_default(),
             text_only: OnceLock::new(),
+            chat_template: None,
+            template_origin: TemplateOrigin::Builtin,
+            template_files: TemplateFiles::default(),
         })
     }
 
