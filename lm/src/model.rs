@@ -194,6 +194,16 @@ impl InferenceWeights {
     }
 }
 
+/// The dtype norms and softmaxes compute in: f32, as transformers upcasts
+/// to, or f64 for f64 models (the gradient checks), which f32 would round.
+pub fn at_least_f32(kind: Kind) -> Kind {
+    if kind == Kind::Double {
+        Kind::Double
+    } else {
+        Kind::Float
+    }
+}
+
 /// Gemma's RMSNorm: computed in fp32, scaled by `(1 + weight)`.
 #[derive(Debug)]
 pub struct RmsNorm {
@@ -210,10 +220,11 @@ impl RmsNorm {
 impl Module for RmsNorm {
     fn forward(&self, x: &Tensor) -> Tensor {
         let kind = x.kind();
-        let xf = x.to_kind(Kind::Float);
-        let var = xf.pow_tensor_scalar(2).mean_dim(-1, true, Kind::Float);
+        let f = at_least_f32(kind);
+        let xf = x.to_kind(f);
+        let var = xf.pow_tensor_scalar(2).mean_dim(-1, true, f);
         let normed = xf * (var + self.eps).rsqrt();
-        let out = normed * (self.weight.to_kind(Kind::Float) + 1.0);
+        let out = normed * (self.weight.to_kind(f) + 1.0);
         out.to_kind(kind)
     }
 }
@@ -575,7 +586,7 @@ fn softcapped_attention(
         None => band_mask(s - t, t, (0..s).collect(), None, q.device()),
     };
     let scores = scores.f_masked_fill(&allowed.logical_not(), f64::NEG_INFINITY)?;
-    let probs = scores.f_softmax(-1, Kind::Float)?.f_to_kind(q.kind())?;
+    let probs = scores.f_softmax(-1, at_least_f32(q.kind()))?.f_to_kind(q.kind())?;
     Ok(probs.f_matmul(v)?) // (B, NH, T, D)
 }
 
