@@ -137,6 +137,7 @@ gpu-check:
 # peft (for the LoRA fixtures only; no test needs it) is installed here.
 fixtures: $(STAMPS)/pydeps
 	$(PYTHON) scripts/make_fixtures.py
+	$(PYTHON) scripts/make_family_fixtures.py
 	$(PYTHON) -c "import peft" >/dev/null 2>&1 || \
 	  $(PYTHON) -m pip install --quiet --disable-pip-version-check peft
 	$(PYTHON) scripts/make_peft_fixture.py
