@@ -12,7 +12,7 @@
 //! destination and renamed into place (both in [`crate::fsio`]).
 
 use crate::chat::CHAT_TEMPLATE;
-use crate::config::GemmaConfig;
+use crate::config::{Family, GemmaConfig};
 use crate::fsio::{write_atomic, write_dir_atomic};
 use crate::model::{Gemma, WeightInit};
 use crate::safetensors_io::{self, WeightReader};
@@ -228,6 +228,26 @@ impl Default for SaveOptions {
     }
 }
 
+/// The `architectures` name of `family` for a head given by its Gemma 1
+/// name (`GemmaForCausalLM`, `GemmaForSequenceClassification`), as
+/// transformers' auto classes map the family's `model_type`; other names
+/// are kept as they are. transformers 5.24 has no sequence classifier for
+/// `gemma4_text`: a Gemma 4 reward model is written in the same layout
+/// (`model.*` and `score.weight`) under `Gemma4TextForSequenceClassification`.
+pub fn family_architecture(family: Family, head: &str) -> String {
+    let (causal, classifier) = match family {
+        Family::Gemma => ("GemmaForCausalLM", "GemmaForSequenceClassification"),
+        Family::Gemma2 => ("Gemma2ForCausalLM", "Gemma2ForSequenceClassification"),
+        Family::Gemma3 => ("Gemma3ForCausalLM", "Gemma3TextForSequenceClassification"),
+        Family::Gemma4 => ("Gemma4ForCausalLM", "Gemma4TextForSequenceClassification"),
+    };
+    match head {
+        "GemmaForCausalLM" => causal.into(),
+        "GemmaForSequenceClassification" => classifier.into(),
+        other => other.into(),
+    }
+}
+
 /// Writes a complete checkpoint directory atomically. Weights are stored in
 /// the dtype they have in `vs`, streamed one tensor at a time.
 pub fn save(
@@ -258,7 +278,7 @@ pub fn save_source(
         .map(|e| e.kind)
         .unwrap_or(Kind::Float);
     let mut cfg = cfg.clone();
-    cfg.architectures = Some(vec![opts.architecture.clone()]);
+    cfg.architectures = Some(vec![family_architecture(cfg.family()?, &opts.architecture)]);
     cfg.pad_token_id = Some(tok.special.pad);
     cfg.bos_token_id = Some(tok.special.bos);
     cfg.eos_token_id = Some(serde_json::json!(tok.special.eos));
