@@ -138,6 +138,7 @@ gpu-check:
 fixtures: $(STAMPS)/pydeps
 	$(PYTHON) scripts/make_fixtures.py
 	$(PYTHON) scripts/make_family_fixtures.py
+	$(PYTHON) scripts/make_template_fixtures.py
 	$(PYTHON) -c "import peft" >/dev/null 2>&1 || \
 	  $(PYTHON) -m pip install --quiet --disable-pip-version-check peft
 	$(PYTHON) scripts/make_peft_fixture.py
