@@ -241,3 +241,47 @@ fn saved_checkpoints_keep_the_input_template_files_byte_for_byte() {
     assert_eq!(std::fs::read_to_string(dst.join("tokenizer_config.json")).unwrap(), config);
     assert!(!dst.join("chat_template.jinja").exists());
 }
+
+/// The Gemma-family fixtures (scripts/make_family_fixtures.py) are tiny
+/// checkpoints, each with its family's template: their `chats` (rendered by
+/// `apply_chat_template`) render and encode the same here, and each model turn
+/// trains on its trimmed content and `<end_of_turn>\n`.
+#[test]
+fn family_checkpoints_render_their_own_templates_as_transformers_does() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+    let mut seen = 0;
+    for family in ["gemma2", "gemma3", "gemma4", "gemma3-mm", "gemma4-mm"] {
+        let dir = root.join(family);
+        let Ok(text) = std::fs::read_to_string(dir.join("expected.json")) else { continue };
+        let exp: Value = serde_json::from_str(&text).unwrap();
+        let Some(chats) = exp["chats"].as_array() else { continue };
+        let mut tok = Tokenizer::from_file(&dir.join("tokenizer.json")).unwrap();
+        assert!(tok.chat_template.is_some(), "{family}: its own template");
+        for (k, case) in chats.iter().enumerate() {
+            let what = format!("{family} chat {k}");
+            let msgs = messages(case);
+            let gen = case["add_generation_prompt"].as_bool().unwrap();
+            if let Some(err) = case["error"].as_str() {
+                let e = render_for(&tok, &msgs, gen).unwrap_err().to_string();
+                assert!(e.contains(err), "{what}: {e}");
+                continue;
+            }
+            let r = render_for(&tok, &msgs, gen).unwrap();
+            assert_eq!(r.text, case["text"].as_str().unwrap(), "{what}");
+            let want: Vec<String> = msgs
+                .iter()
+                .filter(|m| m.is_model())
+                .map(|m| format!("{}<end_of_turn>\n", lm::chat::py_trim(&m.content)))
+                .collect();
+            let got: Vec<&str> = r.trained.iter().map(|s| &r.text[s.clone()]).collect();
+            assert_eq!(got, want, "{what}: trained spans");
+            for parse in [false, true] {
+                tok.parse_special_tokens = parse;
+                let enc = encode(&tok, &msgs, gen).unwrap();
+                assert_eq!(enc.ids, ids(&case["ids"]), "{what}: ids (parse_special_tokens {parse})");
+            }
+            seen += 1;
+        }
+    }
+    eprintln!("family chats checked: {seen}");
+}
