@@ -245,6 +245,28 @@ def packed(model, seed):
             "logits": [[round(x, 6) for x in row] for row in logits.tolist()], "loss": loss}
 
 
+def packed_grads(model, pk, small=512):
+    """Gradients of the packed row's loss (mean NLL over the masked targets) with respect to every
+    parameter: their L2 norms, and the full gradient (7 significant digits) of every parameter of
+    at most ``small`` elements (norm weights, Gemma 4's per-layer gates and projections). The tied embedding's gradient includes lm_head's."""
+    model.zero_grad(set_to_none=True)
+    logits = model(input_ids=torch.tensor([pk["input_ids"]]), position_ids=torch.tensor([pk["position_ids"]]),
+                   use_cache=False).logits[0]
+    lp = logits.log_softmax(-1)
+    trained = [i for i, m in enumerate(pk["mask"]) if m]
+    loss = -lp[trained, [pk["target"][i] for i in trained]].mean()
+    loss.backward()
+    assert abs(loss.item() - pk["loss"]) < 1e-5, (loss.item(), pk["loss"])
+    norms, grads = {}, {}
+    for name, p in model.named_parameters():
+        g = p.grad if p.grad is not None else torch.zeros_like(p)
+        norms[name] = g.norm().item()
+        if p.numel() <= small:
+            grads[name] = [float(f"{x:.7g}") for x in g.reshape(-1).tolist()]
+    model.zero_grad(set_to_none=True)
+    return {"grad_norms": norms, "grads": grads}
+
+
 def chats(tok, template):
     out = []
     for msgs, gen in CONVERSATIONS:
@@ -276,6 +298,7 @@ def causal_expected(model, seed, tok, template):
             assert ids[len(p):] == g, ("cache vs recompute", ids[len(p):], g)
         pad = padded(model, prompts)
         pk = packed(model, seed)
+    pk.update(packed_grads(model, pk))
     return {**versions(), "prompts": prompts, "last_logits": last, "full_logits": full, "greedy": greedy,
             "greedy_margins": margins, "eos_token_ids": EOS_IDS, "max_new_tokens": MAX_NEW,
             "padded": pad, "packed": pk, "chats": chats(tok, template)}
