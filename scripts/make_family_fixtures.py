@@ -245,6 +245,39 @@ def packed(model, seed):
             "logits": [[round(x, 6) for x in row] for row in logits.tolist()], "loss": loss}
 
 
+def resolved(model):
+    """What transformers built from config.json, per layer (read off the modules), and the rotary
+    inverse frequencies per layer type: for a config reader's test."""
+    text = model.model
+    layers = []
+    for i, layer in enumerate(text.layers):
+        attn = layer.self_attn
+        kv_heads = model.config.num_attention_heads // attn.num_key_value_groups
+        layers.append({
+            "layer_type": model.config.layer_types[i],
+            "head_dim": attn.head_dim,
+            "num_key_value_heads": kv_heads,
+            "scaling": attn.scaling,
+            "sliding_window": attn.sliding_window,
+            "intermediate_size": layer.mlp.gate_proj.out_features,
+            "kv_shared": bool(getattr(attn, "is_kv_shared_layer", False)),
+            "stores_kv": bool(getattr(attn, "store_full_length_kv", False)),
+            "k_eq_v": bool(getattr(attn, "use_alternative_attention", False)),
+        })
+    rotary = text.rotary_emb
+    if hasattr(rotary, "layer_types"):
+        inv_freq = {t: getattr(rotary, f"{t}_inv_freq").tolist() for t in rotary.layer_types}
+    else:
+        inv_freq = {"all": rotary.inv_freq.tolist()}
+    out = {"layers": layers, "inv_freq": inv_freq,
+           "embed_scale": float(text.embed_tokens.embed_scale)}
+    if hasattr(text, "embed_tokens_per_layer"):
+        out["per_layer_embed_scale"] = float(text.embed_tokens_per_layer.embed_scale)
+    if hasattr(model.config, "kv_sharing_modes"):
+        out["kv_sharing_modes"] = model.config.kv_sharing_modes
+    return out
+
+
 def packed_grads(model, pk, small=512):
     """Gradients of the packed row's loss (mean NLL over the masked targets) with respect to every
     parameter: their L2 norms, and the full gradient (7 significant digits) of every parameter of
@@ -301,7 +334,7 @@ def causal_expected(model, seed, tok, template):
     pk.update(packed_grads(model, pk))
     return {**versions(), "prompts": prompts, "last_logits": last, "full_logits": full, "greedy": greedy,
             "greedy_margins": margins, "eos_token_ids": EOS_IDS, "max_new_tokens": MAX_NEW,
-            "padded": pad, "packed": pk, "chats": chats(tok, template)}
+            "padded": pad, "packed": pk, "chats": chats(tok, template), "resolved": resolved(model)}
 
 
 def save(model, out):
