@@ -278,6 +278,105 @@ def resolved(model):
     return out
 
 
+def reference_logits(out, ids):
+    """Logits of one prompt (no padding, positions 0..) computed from ``out``'s config.json and
+    model.safetensors by a from-scratch f64 implementation of FAMILY.md's description (no
+    transformers module): an executable spec of Gemma 2, 3 and 4 (text) for the re-implementer."""
+    import math
+    from safetensors.torch import load_file
+    cfg = json.load(open(os.path.join(out, "config.json")))
+    w = {k: v.double() for k, v in load_file(os.path.join(out, "model.safetensors")).items()}
+    fam = cfg["model_type"]                      # gemma2 | gemma3_text | gemma4_text
+    g4 = fam == "gemma4_text"
+    n_layers, hidden, heads = cfg["num_hidden_layers"], cfg["hidden_size"], cfg["num_attention_heads"]
+    eps, types, window = cfg["rms_norm_eps"], cfg["layer_types"], cfg["sliding_window"]
+    plc = {int(k): v for k, v in (cfg.get("per_layer_config") or {}).items()}
+
+    def head_dim(i):
+        return plc.get(i, {}).get("head_dim", cfg["head_dim"])
+
+    def kv_heads(i):
+        return plc.get(i, {}).get("num_key_value_heads", cfg["num_key_value_heads"])
+
+    def norm(x, weight=None):
+        y = x * torch.pow(x.pow(2).mean(-1, keepdim=True) + eps, -0.5)
+        if weight is None:
+            return y
+        return y * weight if g4 else y * (1.0 + weight)   # Gemma 4: w; Gemma 2/3: 1 + w
+
+    def gelu(x):
+        return torch.nn.functional.gelu(x, approximate="tanh")
+
+    def inv_freq(layer_type, d):
+        rp = cfg["rope_parameters"] if fam == "gemma2" else cfg["rope_parameters"][layer_type]
+        theta, kind = rp["rope_theta"], rp["rope_type"]
+        if kind == "proportional":
+            angles = int(rp.get("partial_rotary_factor", 1.0) * d // 2)
+            f = 1.0 / theta ** (torch.arange(0, 2 * angles, 2).double() / d)
+            f = torch.cat([f, torch.zeros(d // 2 - angles, dtype=torch.float64)])
+        else:
+            f = 1.0 / theta ** (torch.arange(0, d, 2).double() / d)
+        return f / rp.get("factor", 1.0) if kind in ("linear", "proportional") else f
+
+    def rope(x, pos, layer_type, d):              # x [T, heads, d]; rotate_half pairs (i, i + d/2)
+        f = pos[:, None].double() * inv_freq(layer_type, d)[None]
+        emb = torch.cat([f, f], -1)
+        cos, sin = emb.cos()[:, None], emb.sin()[:, None]
+        return x * cos + torch.cat([-x[..., d // 2:], x[..., :d // 2]], -1) * sin
+
+    t = len(ids)
+    ids, pos = torch.tensor(ids), torch.arange(t)
+    qi, ki = pos[:, None], pos[None]
+    masks = {"full_attention": ki <= qi, "sliding_attention": (ki <= qi) & (ki > qi - window)}
+    h = w["model.embed_tokens.weight"][ids] * math.sqrt(hidden)
+    if g4 and cfg.get("hidden_size_per_layer_input"):
+        ple = cfg["hidden_size_per_layer_input"]
+        tok = (w["model.embed_tokens_per_layer.weight"][ids] * math.sqrt(ple)).view(t, n_layers, ple)
+        ctx = (h @ w["model.per_layer_model_projection.weight"].T * hidden ** -0.5).view(t, n_layers, ple)
+        per_layer = (norm(ctx, w["model.per_layer_projection_norm.weight"]) + tok) * 2 ** -0.5
+    first_shared = n_layers - cfg.get("num_kv_shared_layers", 0)
+    kv = {}
+    for i in range(n_layers):
+        p, lt, d, nk = f"model.layers.{i}.", types[i], head_dim(i), kv_heads(i)
+        x = norm(h, w[p + "input_layernorm.weight"])
+        q = (x @ w[p + "self_attn.q_proj.weight"].T).view(t, heads, d)
+        if fam != "gemma2":
+            q = norm(q, w[p + "self_attn.q_norm.weight"])
+        q = rope(q, pos, lt, d)
+        if i >= first_shared:                       # reuse the last non-shared layer of this type
+            k, v = kv[max(j for j in range(first_shared) if types[j] == lt)]
+        else:
+            kr = (x @ w[p + "self_attn.k_proj.weight"].T).view(t, nk, d)
+            vname = p + "self_attn.v_proj.weight"
+            vr = (x @ w[vname].T).view(t, nk, d) if vname in w else kr     # attention_k_eq_v
+            if fam != "gemma2":
+                kr = norm(kr, w[p + "self_attn.k_norm.weight"])
+            k, v = rope(kr, pos, lt, d), (norm(vr) if g4 else vr)          # Gemma 4 v_norm
+            kv[i] = (k, v)
+        k, v = k.repeat_interleave(heads // nk, 1), v.repeat_interleave(heads // nk, 1)
+        scale = 1.0 if g4 else cfg["query_pre_attn_scalar"] ** -0.5
+        scores = torch.einsum("qhd,khd->hqk", q, k) * scale
+        if fam == "gemma2" and cfg.get("attn_logit_softcapping"):
+            c = cfg["attn_logit_softcapping"]
+            scores = torch.tanh(scores / c) * c
+        probs = scores.masked_fill(~masks[lt], float("-inf")).softmax(-1)
+        a = torch.einsum("hqk,khd->qhd", probs, v).reshape(t, heads * d) @ w[p + "self_attn.o_proj.weight"].T
+        h = h + norm(a, w[p + "post_attention_layernorm.weight"])
+        x = norm(h, w[p + "pre_feedforward_layernorm.weight"])
+        m = (gelu(x @ w[p + "mlp.gate_proj.weight"].T) * (x @ w[p + "mlp.up_proj.weight"].T)) @ w[p + "mlp.down_proj.weight"].T
+        h = h + norm(m, w[p + "post_feedforward_layernorm.weight"])
+        if g4 and cfg.get("hidden_size_per_layer_input"):
+            y = gelu(h @ w[p + "per_layer_input_gate.weight"].T) * per_layer[:, i]
+            h = h + norm(y @ w[p + "per_layer_projection.weight"].T, w[p + "post_per_layer_input_norm.weight"])
+        if g4:
+            h = h * w[p + "layer_scalar"]
+    logits = norm(h, w["model.norm.weight"]) @ w["model.embed_tokens.weight"].T
+    if cfg.get("final_logit_softcapping"):
+        c = cfg["final_logit_softcapping"]
+        logits = torch.tanh(logits / c) * c
+    return logits
+
+
 def packed_grads(model, pk, small=512):
     """Gradients of the packed row's loss (mean NLL over the masked targets) with respect to every
     parameter: their L2 norms, and the full gradient (7 significant digits) of every parameter of
@@ -426,6 +525,11 @@ def make_causal(name, cls, config, template, seed, unit_norms=False, layer_scala
     save(model, out)
     expected = causal_expected(model, seed, tok, template)
     reload_check(out, model, cls, expected["prompts"])
+    # The description in FAMILY.md, implemented from scratch in f64, gives transformers' logits.
+    ref = reference_logits(out, expected["full_logits"]["prompt"])
+    d = (ref - torch.tensor(expected["full_logits"]["logits"], dtype=torch.float64)).abs().max().item()
+    assert d < 1e-4, f"{name}: the reference implementation differs from transformers by {d}"
+    print(f"  reference implementation (f64) vs transformers (f32): max |dlogit| {d:.2e}", file=sys.stderr)
     write_json(os.path.join(out, "expected.json"), expected)
     return model, expected
 
