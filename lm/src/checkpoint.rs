@@ -228,6 +228,71 @@ impl Default for SaveOptions {
     }
 }
 
+/// A text model's tensors put back into its multimodal checkpoint: `model.X`
+/// under the checkpoint's text prefix, and every tensor of the other towers
+/// read from the source checkpoint as stored.
+struct Wrapped<'a> {
+    text: &'a dyn TensorSource,
+    prefix: String,
+    raw: WeightReader,
+    /// The other towers' tensors, by their stored names.
+    passthrough: Vec<String>,
+}
+
+impl<'a> Wrapped<'a> {
+    fn new(text: &'a dyn TensorSource, w: &crate::config::Wrapper) -> Result<Self> {
+        let raw = WeightReader::open_dir_raw(&w.source).with_context(|| {
+            format!(
+                "reading the vision and audio towers of the multimodal checkpoint {} to write them back",
+                w.source.display()
+            )
+        })?;
+        let prefix = safetensors_io::TEXT_PREFIXES
+            .iter()
+            .find(|p| raw.names().any(|n| n.starts_with(*p)))
+            .with_context(|| format!("{}: no text model tensors under a known prefix", w.source.display()))?
+            .to_string();
+        let passthrough =
+            raw.names().filter(|n| safetensors_io::text_name(n, &prefix).is_none()).cloned().collect();
+        Ok(Wrapped { text, prefix, raw, passthrough })
+    }
+
+    fn stored(&self, name: &str) -> String {
+        match name.strip_prefix("model.") {
+            Some(rest) => format!("{}{rest}", self.prefix),
+            None => name.to_string(),
+        }
+    }
+}
+
+impl TensorSource for Wrapped<'_> {
+    fn entries(&self) -> Result<Vec<TensorEntry>> {
+        let mut out: Vec<TensorEntry> = self
+            .text
+            .entries()?
+            .into_iter()
+            .map(|e| TensorEntry { name: self.stored(&e.name), ..e })
+            .collect();
+        for name in &self.passthrough {
+            let (_, st) = self.raw.get(name).context("a listed tensor")?;
+            out.push(TensorEntry { name: name.clone(), kind: st.kind, shape: st.shape.clone() });
+        }
+        out.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(out)
+    }
+
+    fn tensor(&self, name: &str) -> Result<Tensor> {
+        if self.passthrough.iter().any(|n| n == name) {
+            return self.raw.read(name);
+        }
+        let public = match name.strip_prefix(self.prefix.as_str()) {
+            Some(rest) => format!("model.{rest}"),
+            None => name.to_string(),
+        };
+        self.text.tensor(&public)
+    }
+}
+
 /// The `architectures` name of `family` for a head given by its Gemma 1
 /// name (`GemmaForCausalLM`, `GemmaForSequenceClassification`), as
 /// transformers' auto classes map the family's `model_type`; other names
@@ -289,9 +354,30 @@ pub fn save_source(
     };
     cfg.extra.insert("torch_dtype".into(), serde_json::json!(dtype));
     cfg.extra.insert("dtype".into(), serde_json::json!(dtype));
+    // The text model of a multimodal checkpoint goes back into it: the
+    // wrapper's config, the text tensors under its prefix, the other towers
+    // copied as they were. A reward model is written as a text model.
+    let wrapped = match &cfg.wrapper {
+        Some(w) if opts.architecture == SaveOptions::default().architecture => Some(Wrapped::new(src, w)?),
+        _ => None,
+    };
+    let config_json = match (&wrapped, &cfg.wrapper) {
+        (Some(_), Some(w)) => {
+            let mut outer = w.config.clone();
+            if let Some(o) = outer.as_object_mut() {
+                o.insert("dtype".into(), serde_json::json!(dtype));
+            }
+            serde_json::to_string_pretty(&outer)?
+        }
+        _ => cfg.to_json()?,
+    };
+    let src: &dyn TensorSource = match &wrapped {
+        Some(w) => w,
+        None => src,
+    };
     write_dir_atomic(dir, |tmp| {
         safetensors_io::write_sharded(tmp, src, opts.max_shard_bytes)?;
-        write_atomic(&tmp.join(CONFIG), cfg.to_json()?.as_bytes())?;
+        write_atomic(&tmp.join(CONFIG), config_json.as_bytes())?;
         tok.save(&tmp.join(TOKENIZER))?;
         // The input's tokenizer_config.json and chat_template.jinja as they
         // were; the built-in ones only for a tokenizer that came without.

@@ -534,13 +534,56 @@ impl SafetensorsFile {
 /// file that holds each tensor.
 pub struct WeightReader {
     files: Vec<SafetensorsFile>,
+    /// Each tensor's file, by the name the model reads it under.
     which: BTreeMap<String, usize>,
+    /// Names read under another name than they are stored under (the text
+    /// model of a multimodal checkpoint, see [`TEXT_PREFIXES`]).
+    stored: BTreeMap<String, String>,
+    /// The multimodal prefix the text model was found under, if any.
+    pub text_prefix: Option<String>,
+}
+
+/// Where a multimodal Gemma checkpoint (`Gemma3ForConditionalGeneration`,
+/// `Gemma4ForConditionalGeneration`) keeps its text model's `model.*`
+/// tensors: transformers 5 saves Gemma 3's under the legacy
+/// `language_model.model.` and Gemma 4's under `model.language_model.`.
+pub const TEXT_PREFIXES: &[&str] = &["language_model.model.", "model.language_model."];
+
+/// The name the text model reads `stored` under (`model.…`, `lm_head.weight`),
+/// or None for a tensor of another tower, when the text model lives under `prefix`.
+pub fn text_name(stored: &str, prefix: &str) -> Option<String> {
+    if let Some(rest) = stored.strip_prefix(prefix) {
+        return Some(format!("model.{rest}"));
+    }
+    matches!(stored, "lm_head.weight" | "language_model.lm_head.weight").then(|| "lm_head.weight".to_string())
 }
 
 impl WeightReader {
     /// Opens the weights of the checkpoint directory `dir`: the shards its
     /// index names, or its `model.safetensors`.
+    ///
+    /// In a multimodal checkpoint, the text model's tensors are read under
+    /// the names of a text-only one (`model.…`) and the other towers'
+    /// tensors are not listed: [`Self::open_dir_raw`] lists them as stored.
     pub fn open_dir(dir: &Path) -> Result<Self> {
+        let mut r = Self::open_files(&weight_files(dir)?, dir)?;
+        let prefix = TEXT_PREFIXES.iter().find(|p| r.which.keys().any(|n| n.starts_with(*p)));
+        if let Some(prefix) = prefix {
+            let mut which = BTreeMap::new();
+            for (name, i) in std::mem::take(&mut r.which) {
+                if let Some(public) = text_name(&name, prefix) {
+                    r.stored.insert(public.clone(), name);
+                    which.insert(public, i);
+                }
+            }
+            r.which = which;
+            r.text_prefix = Some(prefix.to_string());
+        }
+        Ok(r)
+    }
+
+    /// [`Self::open_dir`] with every tensor under its stored name.
+    pub fn open_dir_raw(dir: &Path) -> Result<Self> {
         Self::open_files(&weight_files(dir)?, dir)
     }
 
@@ -558,7 +601,7 @@ impl WeightReader {
             }
             files.push(f);
         }
-        Ok(WeightReader { files, which })
+        Ok(WeightReader { files, which, stored: BTreeMap::new(), text_prefix: None })
     }
 
     /// The names of all tensors.
@@ -573,7 +616,11 @@ impl WeightReader {
     /// Where tensor `name` is stored: its file and its dtype, shape, bytes.
     pub fn get(&self, name: &str) -> Option<(&SafetensorsFile, &StoredTensor)> {
         let f = &self.files[*self.which.get(name)?];
-        Some((f, &f.tensors()[name]))
+        Some((f, &f.tensors()[self.stored_name(name)]))
+    }
+
+    fn stored_name<'a>(&'a self, name: &'a str) -> &'a str {
+        self.stored.get(name).map_or(name, String::as_str)
     }
 
     fn file(&self, name: &str) -> Result<&SafetensorsFile> {
@@ -582,12 +629,12 @@ impl WeightReader {
 
     /// See [`SafetensorsFile::copy_into`].
     pub fn copy_into(&self, name: &str, dst: &Tensor) -> Result<()> {
-        self.file(name)?.copy_into(name, dst)
+        self.file(name)?.copy_into(self.stored_name(name), dst)
     }
 
     /// See [`SafetensorsFile::read`].
     pub fn read(&self, name: &str) -> Result<Tensor> {
-        self.file(name)?.read(name)
+        self.file(name)?.read(self.stored_name(name))
     }
 
     /// Every tensor read onto the CPU (for small checkpoints).
