@@ -111,9 +111,10 @@ def main():
                 for k in f.keys():
                     have[k] = f.get_tensor(k)
         # Gemma 3's wrapper loads from either layout (llava's language_model.model.* / vision_tower.* /
-        # multi_modal_projector.*, or model.language_model.* / model.vision_tower.* / ...): compare by
-        # the loaded (modern) name.
+        # multi_modal_projector.*, or model.language_model.* / model.vision_tower.* / ...; the vision
+        # tower with or without the Hub's vision_model. prefix): compare by the loaded name.
         def canonical(k):
+            k = k.replace("vision_tower.vision_model.", "vision_tower.")  # the Hub's Siglip prefix
             for old, new in (("language_model.model.", "model.language_model."), ("vision_tower.", "model.vision_tower."),
                              ("multi_modal_projector.", "model.multi_modal_projector.")):
                 if k.startswith(old):
