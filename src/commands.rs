@@ -144,9 +144,10 @@ pub fn read_messages(path: &Path) -> Result<Vec<Message>> {
 pub fn inspect(model: &Path, messages: &Path, tokens: bool) -> Result<()> {
     let tok = Tokenizer::from_file(&model.join(checkpoint::TOKENIZER))?;
     let msgs = read_messages(messages)?;
-    let rendered =
-        chat::render(&msgs, false).with_context(|| format!("conversation in {}", messages.display()))?;
+    let rendered = chat::render_for(&tok, &msgs, false)
+        .with_context(|| format!("conversation in {}", messages.display()))?;
     let enc = chat::encode(&tok, &msgs, false)?;
+    println!("── chat template: {} ──", tok.describe_chat_template());
     println!("── rendered (trained spans between ⟦ and ⟧) ──");
     let mut text = String::new();
     let mut pos = 0;
@@ -187,7 +188,7 @@ pub fn init(
     let kind = parse_dtype(dtype)?;
     let max_shard_bytes = lm::safetensors_io::parse_size(max_shard_size).context("--max-shard-size")?;
     let tok = Tokenizer::from_file(tokenizer)?;
-    let mut cfg = GemmaConfig::preset(preset)?;
+    let mut cfg = GemmaConfig::preset_for_tokenizer(preset, tok.vocab_size())?;
     if lm::fsio::same_file(out, tokenizer)
         || lm::fsio::canonical(tokenizer).starts_with(lm::fsio::canonical(out))
     {
@@ -209,14 +210,6 @@ pub fn init(
                 if n == 1 { "y" } else { "ies" }
             );
         }
-    }
-    let n = tok.vocab_size();
-    if preset.starts_with("gemma-") {
-        if n > cfg.vocab_size {
-            bail!("the tokenizer has {n} tokens, more than {preset}'s vocab_size {}", cfg.vocab_size);
-        }
-    } else {
-        cfg.vocab_size = (n + 63) / 64 * 64;
     }
     cfg.pad_token_id = Some(tok.special.pad);
     cfg.bos_token_id = Some(tok.special.bos);

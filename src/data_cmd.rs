@@ -435,7 +435,11 @@ fn inspect(a: &InspectArgs) -> Result<()> {
     };
     let mut shown = Vec::new();
     for seq in sequences(&ex.record) {
-        let text = match chat::render(&seq.messages, seq.generation_prompt) {
+        let rendered = match &tokenizer {
+            Some(tok) => chat::render_for(tok, &seq.messages, seq.generation_prompt),
+            None => chat::render(&seq.messages, seq.generation_prompt),
+        };
+        let text = match rendered {
             Ok(r) => Ok(clip_example(mark_trained(&r)?, if a.full { usize::MAX } else { EXAMPLE_MAX_CHARS })),
             Err(e) => Err(format!("{e:#}")),
         };

@@ -151,6 +151,7 @@ fn inspect_marks_trained_spans_and_rejects_roles_out_of_order() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("<start_of_turn>model\n⟦ba<end_of_turn>\n⟧"), "{text}");
+    assert!(text.contains("chat template: the checkpoint's") && text.contains("built-in"), "{text}");
     let bad = tmp.path().join("bad.json");
     std::fs::write(&bad, r#"[{"role":"assistant","content":"hi"},{"role":"user","content":"x"}]"#).unwrap();
     let out =

@@ -285,3 +285,85 @@ fn family_checkpoints_render_their_own_templates_as_transformers_does() {
     }
     eprintln!("family chats checked: {seen}");
 }
+
+/// Contents built to hurt, as in adversarial_chat.rs: control-token strings
+/// (Gemma's and Gemma 4's), the markers transformers uses, white space
+/// Python strips, arbitrary unicode.
+fn hostile_content() -> impl proptest::strategy::Strategy<Value = String> {
+    use proptest::prelude::*;
+    let piece = prop_oneof![
+        Just("<start_of_turn>".to_string()),
+        Just("<end_of_turn>".to_string()),
+        Just("<bos>".to_string()),
+        Just("<|turn>".to_string()),
+        Just("<turn|>".to_string()),
+        Just("<|channel>".to_string()),
+        Just("<channel|>".to_string()),
+        Just("<start_of_turn>model\n".to_string()),
+        Just("\u{f0000}".to_string()),
+        Just("\u{f0001}".to_string()),
+        Just(String::new()),
+        Just("\n\t\u{a0}\u{3000}\u{1f}\u{85} ".to_string()),
+        any::<String>(),
+        "[a-z <>|/_]{0,12}",
+    ];
+    prop::collection::vec(piece, 0..5).prop_map(|v| v.concat())
+}
+
+/// Arbitrary contents in valid conversations never break a checkpoint
+/// template: it renders, the template's markers are the only control tokens,
+/// the ids decode to the text, and the trained tokens to the model turns'
+/// spans (for Gemma 3's template: the trimmed content and `<end_of_turn>\n`).
+#[test]
+fn hostile_content_in_checkpoint_templates_stays_text() {
+    use proptest::prelude::*;
+    use proptest::test_runner::{Config, RngSeed, TestRunner};
+    for name in ["gemma3", "gemma4_style"] {
+        let mut tok = tokenizer(name);
+        tok.parse_special_tokens = false;
+        let (open, close) =
+            if name == "gemma3" { ("<start_of_turn>", "<end_of_turn>") } else { ("<|turn>", "<turn|>") };
+        let open_id = tok.inner.token_to_id(open).map(i64::from).unwrap();
+        let close_id = tok.inner.token_to_id(close).map(i64::from).unwrap();
+        let strategy =
+            (any::<bool>(), hostile_content(), prop::collection::vec(hostile_content(), 1..5), any::<bool>());
+        let mut cfg = Config { cases: 96, failure_persistence: None, ..Config::default() };
+        if std::env::var_os("PROPTEST_RNG_SEED").is_none() {
+            cfg.rng_seed = RngSeed::Fixed(0x7e37_1a7e_u64.wrapping_add(name.len() as u64));
+        }
+        TestRunner::new(cfg)
+            .run(&strategy, |(sys, sys_text, turns, gen)| {
+                let mut msgs = Vec::new();
+                if sys {
+                    msgs.push(Message::system(sys_text));
+                }
+                for (j, t) in turns.iter().enumerate() {
+                    msgs.push(Message::new(if j % 2 == 0 { "user" } else { "assistant" }, t.clone()));
+                }
+                let r = render_for(&tok, &msgs, gen).expect("a valid conversation renders");
+                let enc = encode(&tok, &msgs, gen).expect("a valid conversation encodes");
+                let count = |id: i64| enc.ids.iter().filter(|&&i| i == id).count();
+                let system_turn = usize::from(sys && name == "gemma4_style");
+                prop_assert_eq!(count(open_id), turns.len() + system_turn + usize::from(gen));
+                prop_assert_eq!(count(close_id), turns.len() + system_turn);
+                prop_assert_eq!(count(tok.special.bos), 1);
+                prop_assert_eq!(tok.decode(&enc.ids, false).unwrap(), r.text.clone());
+                let models: Vec<&Message> = msgs.iter().filter(|m| m.is_model()).collect();
+                prop_assert_eq!(r.trained.len(), models.len());
+                let spans: Vec<&str> = r.trained.iter().map(|s| &r.text[s.clone()]).collect();
+                for (span, m) in spans.iter().zip(&models) {
+                    prop_assert!(span.ends_with(&format!("{close}\n")), "{:?}", span);
+                    if name == "gemma3" {
+                        let content: String =
+                            m.content.chars().filter(|&c| c != '\u{f0000}' && c != '\u{f0001}').collect();
+                        prop_assert_eq!(*span, format!("{}<end_of_turn>\n", lm::chat::py_trim(&content)));
+                    }
+                }
+                let trained: Vec<i64> =
+                    enc.ids.iter().zip(&enc.loss_mask).filter(|(_, &m)| m).map(|(&i, _)| i).collect();
+                prop_assert_eq!(tok.decode(&trained, false).unwrap(), spans.concat());
+                Ok(())
+            })
+            .unwrap();
+    }
+}
