@@ -542,10 +542,9 @@ def make_mm(name, cls, config, text_model, template, seed, unit_norms=False, sof
     model = cls(config).eval()
     randomize(model, seed, unit_norms)
     lm = model.model.language_model
-    missing, unexpected = lm.load_state_dict(text_model.model.state_dict(), strict=True), None
+    lm.load_state_dict(text_model.model.state_dict(), strict=True)  # layer_scalar (a persistent buffer) too
     with torch.no_grad():
         model.lm_head.weight.copy_(text_model.lm_head.weight)
-    # Non-persistent / buffer state (layer_scalar is a persistent buffer) comes with the state dict.
     set_generation(model)
     save(model, out)
     prompts = prompts_for(seed)
