@@ -318,3 +318,32 @@ fn soft_capped_gradients_equal_finite_differences() {
         }
     }
 }
+
+/// A config align cannot run is refused naming the field: an unknown
+/// `model_type`, an unknown `layer_types` entry, a window that is not
+/// positive, a RoPE type align does not compute, bidirectional attention.
+#[test]
+fn bad_family_configs_are_errors_naming_the_field() {
+    let text = std::fs::read_to_string(fixture_dir("gemma3").join("config.json")).unwrap();
+    let base: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let check = |edit: &dyn Fn(&mut serde_json::Value), want: &[&str]| {
+        let mut v = base.clone();
+        edit(&mut v);
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("config.json");
+        std::fs::write(&path, serde_json::to_string(&v).unwrap()).unwrap();
+        let e = format!("{:#}", lm::GemmaConfig::from_file(&path).unwrap_err());
+        for w in want {
+            assert!(e.contains(w), "{e}\nshould say {w:?}");
+        }
+    };
+    check(&|v| v["model_type"] = "llama".into(), &["model_type is \"llama\"", "\"gemma3_text\""]);
+    check(&|v| v["layer_types"][2] = "chunked_attention".into(), &["layer_types[2]", "chunked_attention"]);
+    check(&|v| v["layer_types"] = serde_json::json!(["full_attention"]), &["layer_types has 1 entries"]);
+    check(&|v| v["sliding_window"] = 0.into(), &["sliding_window must be positive"]);
+    check(
+        &|v| v["rope_parameters"]["full_attention"]["rope_type"] = "yarn".into(),
+        &["rope_parameters.full_attention.rope_type", "yarn"],
+    );
+    check(&|v| v["use_bidirectional_attention"] = true.into(), &["use_bidirectional_attention"]);
+}
