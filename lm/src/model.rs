@@ -16,10 +16,14 @@
 //! - LM head tied to the embedding matrix;
 //! - Gemma 2/3: four norms per layer, `query_pre_attn_scalar`, q/k norms,
 //!   soft-capped attention scores and logits, sliding-window layers (masks
-//!   and a KV cache bounded by the window), RoPE per layer type.
+//!   and a KV cache bounded by the window), RoPE per layer type;
+//! - Gemma 4: norms scaled by `w` (not `1 + w`), `v_norm`, per-layer
+//!   head shapes, keys = values, partial RoPE, per-layer inputs, layers
+//!   reusing an earlier layer's keys and values ([`SharedKv`]), `layer_scalar`
+//!   ([`crate::family::gemma4`]).
 
-use crate::config::GemmaConfig;
-use crate::family::{LayerSpec, RopeSpec, Span};
+use crate::config::{Family, GemmaConfig};
+use crate::family::{KvSharing, LayerSpec, NormStyle, RopeSpec, Span};
 use crate::lora::LoraAdapter;
 use anyhow::{ensure, Context, Result};
 use tch::{nn, nn::Module, Device, Kind, Tensor};
@@ -154,6 +158,12 @@ impl InferenceWeights {
     /// The inference layout of `model`'s current weights, or None where it
     /// does not pay: not on the CPU, or weights over [`Self::MAX_BYTES`].
     pub fn for_model(model: &Gemma) -> Option<Self> {
+        // Gemma 4 generates with the training layout: its layers differ too
+        // much (no k/v projections on KV-sharing layers, keys = values,
+        // `w`-scaled norms, per-layer inputs) for the joined copies to pay.
+        if model.family == Family::Gemma4 {
+            return None;
+        }
         let bytes = model.cfg.num_parameters() * model.kind().elt_size_in_bytes() as i64;
         if model.device != Device::Cpu || bytes > Self::MAX_BYTES {
             return None;
@@ -174,8 +184,9 @@ impl InferenceWeights {
             .iter()
             .map(|l| {
                 let (a, m) = (&l.self_attn, &l.mlp);
-                LayerWeights {
-                    qkv: Tensor::cat(&[t(&a.q_proj), t(&a.k_proj), t(&a.v_proj)], 1),
+                let (k, v) = (a.k_proj.as_ref()?, a.v_proj.as_ref()?);
+                Some(LayerWeights {
+                    qkv: Tensor::cat(&[t(&a.q_proj), t(k), t(v)], 1),
                     o: t(&a.o_proj).contiguous(),
                     gate_up: Tensor::cat(&[t(&m.gate_proj), t(&m.up_proj)], 1),
                     down: t(&m.down_proj).contiguous(),
@@ -183,9 +194,9 @@ impl InferenceWeights {
                     post_norm: scale(&l.post_attention_layernorm),
                     pre_ff_norm: scale_opt(&l.pre_feedforward_layernorm),
                     post_ff_norm: scale_opt(&l.post_feedforward_layernorm),
-                }
+                })
             })
-            .collect();
+            .collect::<Option<Vec<_>>>()?;
         let head = match &model.lm_head {
             Some(h) => t(h).contiguous(),
             None => model.model.embed_tokens.detach().tr().contiguous(),
@@ -204,16 +215,33 @@ pub fn at_least_f32(kind: Kind) -> Kind {
     }
 }
 
-/// Gemma's RMSNorm: computed in fp32, scaled by `(1 + weight)`.
+/// Gemma's RMSNorm: computed in fp32, scaled by `(1 + weight)` (Gemma 1–3)
+/// or by `weight` (Gemma 4: `Gemma4RMSNorm`, `x · (mean x² + eps)^-1/2 · w`).
 #[derive(Debug)]
 pub struct RmsNorm {
     pub weight: Tensor,
     eps: f64,
+    style: NormStyle,
 }
 
 impl RmsNorm {
+    /// A `1 + w` norm, its weight 0.
     pub fn new(p: nn::Path, dim: i64, eps: f64) -> Self {
-        RmsNorm { weight: p.zeros("weight", &[dim]), eps }
+        Self::with_style(p, dim, eps, NormStyle::OnePlus)
+    }
+
+    /// A norm of `style`, its weight the identity (0 for `1 + w`, 1 for `w`).
+    pub fn with_style(p: nn::Path, dim: i64, eps: f64, style: NormStyle) -> Self {
+        let weight = match style {
+            NormStyle::OnePlus => p.zeros("weight", &[dim]),
+            NormStyle::Plain => p.var("weight", &[dim], nn::Init::Const(1.0)),
+        };
+        RmsNorm { weight, eps, style }
+    }
+
+    /// The same weight (a shallow clone: one storage).
+    fn share(&self) -> RmsNorm {
+        RmsNorm { weight: self.weight.shallow_clone(), eps: self.eps, style: self.style }
     }
 }
 
@@ -222,11 +250,29 @@ impl Module for RmsNorm {
         let kind = x.kind();
         let f = at_least_f32(kind);
         let xf = x.to_kind(f);
-        let var = xf.pow_tensor_scalar(2).mean_dim(-1, true, f);
-        let normed = xf * (var + self.eps).rsqrt();
-        let out = normed * (self.weight.to_kind(f) + 1.0);
+        let out = match self.style {
+            NormStyle::OnePlus => {
+                let var = xf.pow_tensor_scalar(2).mean_dim(-1, true, f);
+                let normed = xf * (var + self.eps).rsqrt();
+                normed * (self.weight.to_kind(f) + 1.0)
+            }
+            NormStyle::Plain => rms_normalise(&xf, self.eps) * self.weight.to_kind(f),
+        };
         out.to_kind(kind)
     }
+}
+
+/// `x · (mean x² + eps)^-1/2` over the last dimension, as `Gemma4RMSNorm`
+/// computes it (`torch.pow(·, -0.5)`); `xf` already f32 (or f64).
+fn rms_normalise(xf: &Tensor, eps: f64) -> Tensor {
+    let mean_squared = xf.pow_tensor_scalar(2).mean_dim(-1, true, xf.kind()) + eps;
+    xf * mean_squared.pow_tensor_scalar(-0.5)
+}
+
+/// Gemma 4's `v_norm` (`Gemma4RMSNorm(with_scale=False)`): normalised in
+/// f32 (f64 for f64 models), no weight, cast back.
+fn rms_unscaled(x: &Tensor, eps: f64) -> Tensor {
+    rms_normalise(&x.to_kind(at_least_f32(x.kind())), eps).to_kind(x.kind())
 }
 
 impl RmsNorm {
@@ -249,11 +295,21 @@ pub struct Rope {
 impl Rope {
     /// `inv_freq = 1 / θ^(2i/d)`, divided by the linear scaling factor when
     /// there is one, in f32 as transformers computes it.
+    ///
+    /// With fewer `rotated` pairs than `dim / 2` (Gemma 4's `proportional`
+    /// RoPE), the exponents stay `2i/dim` and the other frequencies are 0.
     pub fn new(spec: &RopeSpec, device: Device) -> Self {
         let dim = spec.dim;
-        let exponent =
-            Tensor::arange_start_step(0, dim, 2, (Kind::Int64, device)).to_kind(Kind::Float) / dim as f64;
+        let rotated = spec.rotated.clamp(0, dim / 2);
+        let exponent = Tensor::arange_start_step(0, 2 * rotated, 2, (Kind::Int64, device))
+            .to_kind(Kind::Float)
+            / dim as f64;
         let inv_freq = Tensor::pow_scalar(spec.theta, &exponent).reciprocal();
+        let inv_freq = if rotated < dim / 2 {
+            Tensor::cat(&[inv_freq, Tensor::zeros([dim / 2 - rotated], (Kind::Float, device))], 0)
+        } else {
+            inv_freq
+        };
         let inv_freq = if spec.factor == 1.0 { inv_freq } else { inv_freq / spec.factor };
         Rope { inv_freq }
     }
@@ -313,6 +369,9 @@ impl KvCache {
                     Span::Full => capacity,
                     Span::Sliding(w) => w.min(capacity),
                 };
+                // A layer reusing an earlier layer's keys and values keeps none.
+                let slots =
+                    if s.gemma4.is_some_and(|g| matches!(g.kv, KvSharing::Reuse(_))) { 0 } else { slots };
                 let shape = [batch, s.num_kv_heads, slots, s.head_dim];
                 (Tensor::zeros(shape, (kind, device)), Tensor::zeros(shape, (kind, device)))
             })
@@ -333,40 +392,93 @@ fn ring_positions(len: i64, slots: i64) -> Vec<i64> {
     (0..slots).map(|j| if j < len { len - 1 - (len - 1 - j).rem_euclid(slots) } else { -1 }).collect()
 }
 
+/// The keys and values one layer attended over in a forward pass, with the
+/// mask it used: what a Gemma 4 layer that reuses them sees.
+#[derive(Debug)]
+pub struct SharedEntry {
+    /// (B, KVH, S, D) each, before the heads are repeated.
+    pub k: Tensor,
+    pub v: Tensor,
+    /// (B or 1, 1, T, S) bool, or None for plain causal attention.
+    pub mask: Option<Tensor>,
+}
+
+/// What the storing layers of a forward pass leave for the layers that
+/// reuse their keys and values (Gemma 4's `num_kv_shared_layers`), by the
+/// storing layer's index. A reusing layer sees exactly the keys its source
+/// attended over in the same pass: with a cache, the cached positions and
+/// the new ones (for a sliding layer, its ring and the new positions).
+#[derive(Debug, Default)]
+pub struct SharedKv(pub std::collections::BTreeMap<usize, SharedEntry>);
+
+/// What one forward pass hands every decoder layer besides its input.
+pub struct Pass<'a> {
+    /// From [`Gemma::rope_tables`].
+    pub rope: &'a RopeTables,
+    /// (B, 1, T, S) bool over all S = cached + T positions, true = may
+    /// attend, or None for plain causal attention.
+    pub mask: Option<&'a Tensor>,
+    pub shared: SharedKv,
+}
+
+impl<'a> Pass<'a> {
+    pub fn new(rope: &'a RopeTables, mask: Option<&'a Tensor>) -> Self {
+        Pass { rope, mask, shared: SharedKv::default() }
+    }
+}
+
 #[derive(Debug)]
 pub struct Attention {
     pub q_proj: Linear,
-    pub k_proj: Linear,
-    pub v_proj: Linear,
+    /// None on a Gemma 4 layer that reuses an earlier layer's keys/values.
+    pub k_proj: Option<Linear>,
+    /// None there too, and on Gemma 4's full layers with `attention_k_eq_v`.
+    pub v_proj: Option<Linear>,
     pub o_proj: Linear,
-    /// Gemma 3: RMSNorm over each query / key head before RoPE.
+    /// Gemma 3+: RMSNorm over each query / key head before RoPE.
     pub q_norm: Option<RmsNorm>,
     pub k_norm: Option<RmsNorm>,
+    /// Gemma 4: the unscaled RMSNorm over each value head (its eps).
+    v_norm: Option<f64>,
     n_heads: i64,
     n_kv: i64,
     head_dim: i64,
-    /// The factor on q·k (`head_dim^-1/2` or `query_pre_attn_scalar^-1/2`).
+    /// The factor on q·k (`head_dim^-1/2`, `query_pre_attn_scalar^-1/2`, or 1).
     scaling: f64,
     /// `cap · tanh(s / cap)` on the scores (Gemma 2).
     softcap: Option<f64>,
     span: Span,
     /// Which of the model's RoPE tables this layer reads.
     rope_id: usize,
+    /// The layer's index, and where its keys and values come from / go.
+    index: usize,
+    kv: KvSharing,
 }
 
 impl Attention {
-    pub fn new(p: nn::Path, cfg: &GemmaConfig, spec: &LayerSpec, rope_id: usize, init: WeightInit) -> Self {
+    pub fn new(
+        p: nn::Path,
+        cfg: &GemmaConfig,
+        spec: &LayerSpec,
+        (index, rope_id): (usize, usize),
+        init: WeightInit,
+    ) -> Self {
         let h = cfg.hidden_size;
         let (nh, nkv, d) = (cfg.num_attention_heads, spec.num_kv_heads, spec.head_dim);
         let w = init.normal(cfg.initializer_range);
-        let norm = |name: &str| spec.qk_norm.then(|| RmsNorm::new(&p / name, d, cfg.rms_norm_eps));
+        let g4 = spec.gemma4;
+        let kv = g4.map_or(KvSharing::Own, |g| g.kv);
+        let own_kv = !matches!(kv, KvSharing::Reuse(_));
+        let k_eq_v = g4.is_some_and(|g| g.k_eq_v);
+        let norm = |name: &str| RmsNorm::with_style(&p / name, d, cfg.rms_norm_eps, spec.norm);
         Attention {
             q_proj: Linear::with_init(&p / "q_proj", h, nh * d, w),
-            k_proj: Linear::with_init(&p / "k_proj", h, nkv * d, w),
-            v_proj: Linear::with_init(&p / "v_proj", h, nkv * d, w),
+            k_proj: own_kv.then(|| Linear::with_init(&p / "k_proj", h, nkv * d, w)),
+            v_proj: (own_kv && !k_eq_v).then(|| Linear::with_init(&p / "v_proj", h, nkv * d, w)),
             o_proj: Linear::with_init(&p / "o_proj", nh * d, h, w),
-            q_norm: norm("q_norm"),
-            k_norm: norm("k_norm"),
+            q_norm: spec.qk_norm.then(|| norm("q_norm")),
+            k_norm: (spec.qk_norm && own_kv).then(|| norm("k_norm")),
+            v_norm: (g4.is_some() && own_kv).then_some(cfg.rms_norm_eps),
             n_heads: nh,
             n_kv: nkv,
             head_dim: d,
@@ -374,20 +486,51 @@ impl Attention {
             softcap: spec.attn_softcap,
             span: spec.span,
             rope_id,
+            index,
+            kv,
         }
     }
 
-    /// `x` (B, T, H); `rope` from [`Gemma::rope_tables`]; `mask`
-    /// (B, 1, T, S) bool over all S = cached + T positions, true = may
-    /// attend, or None for plain causal attention (over the cached positions
-    /// too, with a cache). A sliding layer narrows either to its window. A
-    /// badly shaped input is an error naming the shapes, never a panic (the
-    /// checks read sizes only).
+    /// The layer whose keys and values this one reuses (Gemma 4), if any.
+    pub fn reuses(&self) -> Option<usize> {
+        match self.kv {
+            KvSharing::Reuse(src) => Some(src),
+            _ => None,
+        }
+    }
+
+    /// The same base weights (shallow clones), no adapters.
+    fn share(&self) -> Attention {
+        Attention {
+            q_proj: self.q_proj.share(),
+            k_proj: self.k_proj.as_ref().map(Linear::share),
+            v_proj: self.v_proj.as_ref().map(Linear::share),
+            o_proj: self.o_proj.share(),
+            q_norm: self.q_norm.as_ref().map(RmsNorm::share),
+            k_norm: self.k_norm.as_ref().map(RmsNorm::share),
+            v_norm: self.v_norm,
+            n_heads: self.n_heads,
+            n_kv: self.n_kv,
+            head_dim: self.head_dim,
+            scaling: self.scaling,
+            softcap: self.softcap,
+            span: self.span,
+            rope_id: self.rope_id,
+            index: self.index,
+            kv: self.kv,
+        }
+    }
+
+    /// `x` (B, T, H); `pass` the RoPE tables, the mask (B, 1, T, S) bool
+    /// over all S = cached + T positions, true = may attend, or None for
+    /// plain causal attention (over the cached positions too, with a
+    /// cache), and the keys/values shared between layers. A sliding layer
+    /// narrows either mask to its window. A badly shaped input is an error
+    /// naming the shapes, never a panic (the checks read sizes only).
     pub fn forward(
         &self,
         x: &Tensor,
-        rope: &RopeTables,
-        mask: Option<&Tensor>,
+        pass: &mut Pass<'_>,
         cache: Option<(&mut (Tensor, Tensor), i64)>,
         wt: Option<&LayerWeights>,
     ) -> Result<Tensor> {
@@ -400,34 +543,50 @@ impl Attention {
             "attention input has hidden size {h}, the layer expects {hidden} (input shape {:?})",
             x.size()
         );
-        let (cos, sin_signed) = rope.0.get(self.rope_id).context("no RoPE table for this layer")?;
+        let mask = pass.mask;
+        let (cos, sin_signed) = pass.rope.0.get(self.rope_id).context("no RoPE table for this layer")?;
         let d = self.head_dim;
         let (nh, nkv) = (self.n_heads, self.n_kv);
         let norm = |n: &Option<RmsNorm>, y: Tensor| match n {
             Some(n) => n.forward(&y),
             None => y,
         };
-        let (q, k, v) = match wt {
-            Some(w) if self.q_norm.is_none() => {
+        let (q, new_kv) = match (wt, self.kv) {
+            (_, KvSharing::Reuse(_)) => {
+                let q = norm(&self.q_norm, self.q_proj.forward(x).f_view([b, t, nh, d])?).transpose(1, 2); // (B, NH, T, D)
+                (apply_rope(&q, cos, sin_signed), None)
+            }
+            (Some(w), _) if self.q_norm.is_none() => {
                 // One projection, and RoPE once over the q|k heads side by side.
                 let qkv = x.f_matmul(&w.qkv)?.f_view([b, t, nh + 2 * nkv, d])?; // (B, T, NH+2·KVH, D)
                 let qk = qkv.f_narrow(2, 0, nh + nkv)?.transpose(1, 2); // (B, NH+KVH, T, D)
                 let qk = apply_rope(&qk, cos, sin_signed);
                 let v = qkv.f_narrow(2, nh + nkv, nkv)?.transpose(1, 2); // (B, KVH, T, D)
-                (qk.f_narrow(1, 0, nh)?, qk.f_narrow(1, nh, nkv)?, v)
+                (qk.f_narrow(1, 0, nh)?, Some((qk.f_narrow(1, nh, nkv)?, v)))
             }
-            Some(w) => {
+            (Some(w), _) => {
                 let qkv = x.f_matmul(&w.qkv)?.f_view([b, t, nh + 2 * nkv, d])?; // (B, T, NH+2·KVH, D)
                 let q = norm(&self.q_norm, qkv.f_narrow(2, 0, nh)?).transpose(1, 2); // (B, NH, T, D)
                 let k = norm(&self.k_norm, qkv.f_narrow(2, nh, nkv)?).transpose(1, 2); // (B, KVH, T, D)
                 let v = qkv.f_narrow(2, nh + nkv, nkv)?.transpose(1, 2); // (B, KVH, T, D)
-                (apply_rope(&q, cos, sin_signed), apply_rope(&k, cos, sin_signed), v)
+                (apply_rope(&q, cos, sin_signed), Some((apply_rope(&k, cos, sin_signed), v)))
             }
-            None => {
+            (None, _) => {
+                let k_proj = self.k_proj.as_ref().context("the layer has no k_proj")?;
                 let q = norm(&self.q_norm, self.q_proj.forward(x).f_view([b, t, nh, d])?).transpose(1, 2); // (B, NH, T, D)
-                let k = norm(&self.k_norm, self.k_proj.forward(x).f_view([b, t, nkv, d])?).transpose(1, 2); // (B, KVH, T, D)
-                let v = self.v_proj.forward(x).f_view([b, t, nkv, d])?.transpose(1, 2); // (B, KVH, T, D)
-                (apply_rope(&q, cos, sin_signed), apply_rope(&k, cos, sin_signed), v)
+                let k_raw = k_proj.forward(x).f_view([b, t, nkv, d])?; // (B, T, KVH, D)
+                                                                       // Gemma 4's attention_k_eq_v: the values are the key projection.
+                let v_raw = match &self.v_proj {
+                    Some(v_proj) => v_proj.forward(x).f_view([b, t, nkv, d])?,
+                    None => k_raw.shallow_clone(),
+                };
+                let k = norm(&self.k_norm, k_raw).transpose(1, 2); // (B, KVH, T, D)
+                let v = match self.v_norm {
+                    Some(eps) => rms_unscaled(&v_raw, eps),
+                    None => v_raw,
+                }
+                .transpose(1, 2); // (B, KVH, T, D)
+                (apply_rope(&q, cos, sin_signed), Some((apply_rope(&k, cos, sin_signed), v)))
             }
         };
         let start = cache.as_ref().map_or(0, |c| c.1);
@@ -444,60 +603,26 @@ impl Attention {
                 "attention mask must be (B, 1, T, S) = ({b}, 1, {t}, {s_all}) or broadcast to it, got {ms:?}"
             );
         }
-        let (k, v, mask) = match self.span {
-            Span::Full => {
-                let (k, v) = match cache {
-                    Some((kv, start)) => {
-                        kv.0.f_narrow(2, start, t)?.f_copy_(&k)?;
-                        kv.1.f_narrow(2, start, t)?.f_copy_(&v)?;
-                        (kv.0.f_narrow(2, 0, start + t)?, kv.1.f_narrow(2, 0, start + t)?)
-                        // (B, KVH, S, D)
-                    }
-                    None => (k, v),
+        let (k, v, mask) = match new_kv {
+            None => {
+                let KvSharing::Reuse(src) = self.kv else {
+                    anyhow::bail!("no keys or values for this layer")
                 };
-                // Several new queries over a cache holding earlier positions: SDPA's
-                // `is_causal` aligns its mask top-left (query i sees keys 0..=i), so
-                // the mask is made here, aligned bottom-right (query i sees the
-                // cached keys and the new ones up to its own: 0..=S−T+i).
-                let mask = match mask {
-                    Some(m) => Some(m.shallow_clone()),
-                    None if t > 1 && s_all > t => {
-                        Some(band_mask(start, t, (0..s_all).collect(), None, x.device()))
-                    }
-                    None => None,
-                };
-                (k, v, mask)
+                let e = pass.shared.0.get(&src).with_context(|| {
+                    format!("layer {} reuses the keys and values of layer {src}, which left none", self.index)
+                })?;
+                (e.k.shallow_clone(), e.v.shallow_clone(), e.mask.as_ref().map(Tensor::shallow_clone))
             }
-            Span::Sliding(window) => {
-                // The keys: what the ring holds (positions before `start`
-                // still in the window) and the new ones, with their positions.
-                let (k_all, v_all, key_pos) = match &cache {
-                    Some((kv, _)) => {
-                        let slots = kv.0.size()[2];
-                        let held = ring_positions(start, slots);
-                        let k_all = Tensor::f_cat(&[&kv.0, &k], 2)?; // (B, KVH, slots + T, D)
-                        let v_all = Tensor::f_cat(&[&kv.1, &v], 2)?;
-                        let pos: Vec<i64> = held.into_iter().chain(start..start + t).collect();
-                        (k_all, v_all, pos)
-                    }
-                    None => (k.shallow_clone(), v.shallow_clone(), (0..t).collect()),
-                };
-                let plain_causal = mask.is_none() && cache.is_none() && t <= window;
-                let m =
-                    (!plain_causal).then(|| band_mask(start, t, key_pos, Some((window, mask)), x.device()));
-                if let Some((kv, start)) = cache {
-                    // Keep the last `slots` new positions: position p in slot p mod slots.
-                    let slots = kv.0.size()[2];
-                    let keep = t.min(slots);
-                    let first = start + t - keep;
-                    let idx = Tensor::from_slice(&(first..start + t).map(|p| p % slots).collect::<Vec<_>>())
-                        .to_device(x.device());
-                    let _ = kv.0.f_index_copy_(2, &idx, &k.f_narrow(2, t - keep, keep)?)?;
-                    let _ = kv.1.f_index_copy_(2, &idx, &v.f_narrow(2, t - keep, keep)?)?;
-                }
-                (k_all, v_all, m)
-            }
+            Some((k, v)) => self.keys_and_mask(x.device(), k, v, mask, cache, t)?,
         };
+        if self.kv == KvSharing::Store {
+            let entry = SharedEntry {
+                k: k.shallow_clone(),
+                v: v.shallow_clone(),
+                mask: mask.as_ref().map(Tensor::shallow_clone),
+            };
+            pass.shared.0.insert(self.index, entry);
+        }
         let mask = mask.as_ref();
         let s = k.size()[2];
         let rep = self.n_heads / self.n_kv;
@@ -533,6 +658,77 @@ impl Attention {
         Ok(match wt {
             Some(w) => y.f_matmul(&w.o)?,
             None => self.o_proj.forward(&y),
+        })
+    }
+
+    /// This layer's new keys and values `k`, `v` (B, KVH, T, D) written to
+    /// its cache entry, and the keys, values and mask its queries attend
+    /// over: with a cache, the cached positions and the new ones (a sliding
+    /// layer's ring read as it is, each slot masked by the position it
+    /// holds), `mask` narrowed to the window on a sliding layer.
+    fn keys_and_mask(
+        &self,
+        device: Device,
+        k: Tensor,
+        v: Tensor,
+        mask: Option<&Tensor>,
+        cache: Option<(&mut (Tensor, Tensor), i64)>,
+        t: i64,
+    ) -> Result<(Tensor, Tensor, Option<Tensor>)> {
+        let start = cache.as_ref().map_or(0, |c| c.1);
+        let s_all = start + t;
+        Ok(match self.span {
+            Span::Full => {
+                let (k, v) = match cache {
+                    Some((kv, start)) => {
+                        kv.0.f_narrow(2, start, t)?.f_copy_(&k)?;
+                        kv.1.f_narrow(2, start, t)?.f_copy_(&v)?;
+                        (kv.0.f_narrow(2, 0, start + t)?, kv.1.f_narrow(2, 0, start + t)?)
+                        // (B, KVH, S, D)
+                    }
+                    None => (k, v),
+                };
+                // Several new queries over a cache holding earlier positions: SDPA's
+                // `is_causal` aligns its mask top-left (query i sees keys 0..=i), so
+                // the mask is made here, aligned bottom-right (query i sees the
+                // cached keys and the new ones up to its own: 0..=S−T+i).
+                let mask = match mask {
+                    Some(m) => Some(m.shallow_clone()),
+                    None if t > 1 && s_all > t => {
+                        Some(band_mask(start, t, (0..s_all).collect(), None, device))
+                    }
+                    None => None,
+                };
+                (k, v, mask)
+            }
+            Span::Sliding(window) => {
+                // The keys: what the ring holds (positions before `start`
+                // still in the window) and the new ones, with their positions.
+                let (k_all, v_all, key_pos) = match &cache {
+                    Some((kv, _)) => {
+                        let slots = kv.0.size()[2];
+                        let held = ring_positions(start, slots);
+                        let k_all = Tensor::f_cat(&[&kv.0, &k], 2)?; // (B, KVH, slots + T, D)
+                        let v_all = Tensor::f_cat(&[&kv.1, &v], 2)?;
+                        let pos: Vec<i64> = held.into_iter().chain(start..start + t).collect();
+                        (k_all, v_all, pos)
+                    }
+                    None => (k.shallow_clone(), v.shallow_clone(), (0..t).collect()),
+                };
+                let plain_causal = mask.is_none() && cache.is_none() && t <= window;
+                let m = (!plain_causal).then(|| band_mask(start, t, key_pos, Some((window, mask)), device));
+                if let Some((kv, start)) = cache {
+                    // Keep the last `slots` new positions: position p in slot p mod slots.
+                    let slots = kv.0.size()[2];
+                    let keep = t.min(slots);
+                    let first = start + t - keep;
+                    let idx = Tensor::from_slice(&(first..start + t).map(|p| p % slots).collect::<Vec<_>>())
+                        .to_device(device);
+                    let _ = kv.0.f_index_copy_(2, &idx, &k.f_narrow(2, t - keep, keep)?)?;
+                    let _ = kv.1.f_index_copy_(2, &idx, &v.f_narrow(2, t - keep, keep)?)?;
+                }
+                (k_all, v_all, m)
+            }
         })
     }
 }
@@ -598,13 +794,23 @@ pub struct Mlp {
 }
 
 impl Mlp {
-    pub fn new(p: nn::Path, cfg: &GemmaConfig, init: WeightInit) -> Self {
-        let (h, i) = (cfg.hidden_size, cfg.intermediate_size);
+    /// An MLP of hidden size `i` (`intermediate_size`, or twice that on
+    /// Gemma 4's double-wide KV-sharing layers).
+    pub fn new(p: nn::Path, cfg: &GemmaConfig, i: i64, init: WeightInit) -> Self {
+        let h = cfg.hidden_size;
         let w = init.normal(cfg.initializer_range);
         Mlp {
             gate_proj: Linear::with_init(&p / "gate_proj", h, i, w),
             up_proj: Linear::with_init(&p / "up_proj", h, i, w),
             down_proj: Linear::with_init(&p / "down_proj", i, h, w),
+        }
+    }
+
+    fn share(&self) -> Mlp {
+        Mlp {
+            gate_proj: self.gate_proj.share(),
+            up_proj: self.up_proj.share(),
+            down_proj: self.down_proj.share(),
         }
     }
 }
@@ -638,52 +844,124 @@ pub struct DecoderLayer {
     /// Gemma 2+: the MLP output's norm.
     pub post_feedforward_layernorm: Option<RmsNorm>,
     pub mlp: Mlp,
+    /// Gemma 4 with per-layer inputs: `h + post_per_layer_input_norm(
+    /// per_layer_projection(gelu(per_layer_input_gate(h)) · input))` after the MLP.
+    pub per_layer_input_gate: Option<Linear>,
+    pub per_layer_projection: Option<Linear>,
+    pub post_per_layer_input_norm: Option<RmsNorm>,
+    /// Gemma 4: the factor (1,) on the layer's output (a buffer transformers
+    /// saves in checkpoints; not trained).
+    pub layer_scalar: Option<Tensor>,
 }
 
 impl DecoderLayer {
-    pub fn new(p: nn::Path, cfg: &GemmaConfig, spec: &LayerSpec, rope_id: usize, init: WeightInit) -> Self {
-        let norm = |name: &str| RmsNorm::new(&p / name, cfg.hidden_size, cfg.rms_norm_eps);
+    pub fn new(
+        p: nn::Path,
+        cfg: &GemmaConfig,
+        spec: &LayerSpec,
+        (index, rope_id): (usize, usize),
+        init: WeightInit,
+    ) -> Self {
+        let h = cfg.hidden_size;
+        let norm = |name: &str| RmsNorm::with_style(&p / name, h, cfg.rms_norm_eps, spec.norm);
+        let per_layer = spec.gemma4.and_then(|g| g.per_layer_input);
+        let w = init.normal(cfg.initializer_range);
         DecoderLayer {
             input_layernorm: norm("input_layernorm"),
-            self_attn: Attention::new(&p / "self_attn", cfg, spec, rope_id, init),
+            self_attn: Attention::new(&p / "self_attn", cfg, spec, (index, rope_id), init),
             post_attention_layernorm: norm("post_attention_layernorm"),
             pre_feedforward_layernorm: spec.sandwich_norms.then(|| norm("pre_feedforward_layernorm")),
             post_feedforward_layernorm: spec.sandwich_norms.then(|| norm("post_feedforward_layernorm")),
-            mlp: Mlp::new(&p / "mlp", cfg, init),
+            mlp: Mlp::new(&p / "mlp", cfg, spec.intermediate_size, init),
+            per_layer_input_gate: per_layer.map(|d| Linear::with_init(&p / "per_layer_input_gate", h, d, w)),
+            per_layer_projection: per_layer.map(|d| Linear::with_init(&p / "per_layer_projection", d, h, w)),
+            post_per_layer_input_norm: per_layer.map(|_| norm("post_per_layer_input_norm")),
+            layer_scalar: spec
+                .gemma4
+                .map(|_| p.add("layer_scalar", Tensor::ones([1], (p.kind(), p.device())), false)),
         }
     }
 
-    /// One decoder layer: `x` (B, T, H) → (B, T, H). `rope` from
-    /// [`Gemma::rope_tables`]; `mask`, `cache` and `wt` as in
-    /// [`Gemma::forward_hidden_with`] (the cache entry of this layer and
+    /// The same base weights (shallow clones), no adapters.
+    fn share(&self) -> DecoderLayer {
+        DecoderLayer {
+            input_layernorm: self.input_layernorm.share(),
+            self_attn: self.self_attn.share(),
+            post_attention_layernorm: self.post_attention_layernorm.share(),
+            pre_feedforward_layernorm: self.pre_feedforward_layernorm.as_ref().map(RmsNorm::share),
+            post_feedforward_layernorm: self.post_feedforward_layernorm.as_ref().map(RmsNorm::share),
+            mlp: self.mlp.share(),
+            per_layer_input_gate: self.per_layer_input_gate.as_ref().map(Linear::share),
+            per_layer_projection: self.per_layer_projection.as_ref().map(Linear::share),
+            post_per_layer_input_norm: self.post_per_layer_input_norm.as_ref().map(RmsNorm::share),
+            layer_scalar: self.layer_scalar.as_ref().map(Tensor::shallow_clone),
+        }
+    }
+
+    /// One decoder layer: `x` (B, T, H) → (B, T, H). `per_layer_input`
+    /// (B, T, P): this layer's slice of [`Gemma::per_layer_inputs`] (Gemma 4
+    /// with per-layer inputs, else None); `pass` the RoPE tables, the mask
+    /// and the shared keys/values of this forward pass; `cache` and `wt` as
+    /// in [`Gemma::forward_hidden_with`] (the cache entry of this layer and
     /// the position its new keys start at).
     pub fn forward(
         &self,
         x: &Tensor,
-        rope: &RopeTables,
-        mask: Option<&Tensor>,
+        per_layer_input: Option<&Tensor>,
+        pass: &mut Pass<'_>,
         cache: Option<(&mut (Tensor, Tensor), i64)>,
         wt: Option<&LayerWeights>,
     ) -> Result<Tensor> {
         let h = self.input_layernorm.forward_scaled(x, wt.and_then(|w| w.input_norm.as_ref()));
-        let h = self.self_attn.forward(&h, rope, mask, cache, wt)?;
+        let h = self.self_attn.forward(&h, pass, cache, wt)?;
         let post_norm = wt.and_then(|w| w.post_norm.as_ref());
-        match (&self.pre_feedforward_layernorm, &self.post_feedforward_layernorm) {
+        let x = match (&self.pre_feedforward_layernorm, &self.post_feedforward_layernorm) {
             (Some(pre), Some(post)) => {
                 let h = self.post_attention_layernorm.forward_scaled(&h, post_norm);
                 let x = x.f_add(&h)?; // residual (not in place: autograd keeps x)
                 let h = pre.forward_scaled(&x, wt.and_then(|w| w.pre_ff_norm.as_ref()));
                 let h = self.mlp.forward_with(&h, wt)?;
                 let h = post.forward_scaled(&h, wt.and_then(|w| w.post_ff_norm.as_ref()));
-                Ok(x.f_add(&h)?) // residual
+                x.f_add(&h)? // residual
             }
             _ => {
                 let x = x.f_add(&h)?; // residual (not in place: autograd keeps x)
                 let h = self.post_attention_layernorm.forward_scaled(&x, post_norm);
                 let h = self.mlp.forward_with(&h, wt)?;
-                Ok(x.f_add(&h)?) // residual
+                x.f_add(&h)? // residual
             }
+        };
+        let x =
+            match (&self.per_layer_input_gate, &self.per_layer_projection, &self.post_per_layer_input_norm) {
+                (Some(gate), Some(proj), Some(norm)) => {
+                    let input = per_layer_input.context("this layer needs its per-layer input")?;
+                    let h = gate.forward(&x).gelu("tanh").f_mul(input)?; // (B, T, P)
+                    let h = norm.forward(&proj.forward(&h)); // (B, T, H)
+                    x.f_add(&h)? // residual
+                }
+                _ => x,
+            };
+        Ok(match &self.layer_scalar {
+            Some(s) => x.f_mul(s)?,
+            None => x,
+        })
+    }
+
+    /// The layer's tensors besides its norms ([`DecoderLayer::norms`]) and
+    /// the projections LoRA adapts ([`Gemma::linears`]), with their names
+    /// under the layer: Gemma 4's per-layer-input projections and `layer_scalar`.
+    pub fn other_tensors(&self) -> Vec<(&'static str, &Tensor)> {
+        let mut out = vec![];
+        if let Some(l) = &self.per_layer_input_gate {
+            out.push(("per_layer_input_gate.weight", &l.weight));
         }
+        if let Some(l) = &self.per_layer_projection {
+            out.push(("per_layer_projection.weight", &l.weight));
+        }
+        if let Some(t) = &self.layer_scalar {
+            out.push(("layer_scalar", t));
+        }
+        out
     }
 
     /// The layer's norms with their names under the layer
@@ -703,6 +981,9 @@ impl DecoderLayer {
         if let Some(n) = &self.self_attn.k_norm {
             out.push(("self_attn.k_norm", n));
         }
+        if let Some(n) = &self.post_per_layer_input_norm {
+            out.push(("post_per_layer_input_norm", n));
+        }
         out
     }
 }
@@ -713,6 +994,11 @@ pub struct GemmaModel {
     pub embed_tokens: Tensor, // (V, H), `model.embed_tokens.weight`
     pub layers: Vec<DecoderLayer>,
     pub norm: RmsNorm,
+    /// Gemma 4's per-layer inputs ([`Gemma::per_layer_inputs`]): (V', L·P)
+    /// `model.embed_tokens_per_layer.weight`, …
+    pub embed_tokens_per_layer: Option<Tensor>,
+    pub per_layer_model_projection: Option<Linear>,
+    pub per_layer_projection_norm: Option<RmsNorm>,
 }
 
 /// `GemmaForCausalLM`: the backbone and a head tied to the embeddings.
@@ -724,6 +1010,7 @@ pub struct Gemma {
     /// One per distinct RoPE of the layers; each layer knows its index.
     ropes: Vec<Rope>,
     device: Device,
+    family: Family,
 }
 
 impl Gemma {
@@ -749,7 +1036,35 @@ impl Gemma {
                 let _ = embed_tokens.get(pad).zero_();
             });
         }
-        let specs = crate::family::layer_specs(cfg, cfg.family()?)?;
+        let family = cfg.family()?;
+        let specs = crate::family::layer_specs(cfg, family)?;
+        // Gemma 4's per-layer inputs.
+        let per_layer = crate::family::gemma4::per_layer_embedding(cfg)?;
+        let embed_tokens_per_layer = per_layer.map(|(vocab, d)| {
+            let e = (&m / "embed_tokens_per_layer").var(
+                "weight",
+                &[vocab, cfg.num_hidden_layers * d],
+                init.normal(cfg.initializer_range),
+            );
+            if let Some(pad) = cfg.pad_token_id.filter(|&id| id >= 0 && id < vocab) {
+                tch::no_grad(|| {
+                    let _ = e.get(pad).zero_();
+                });
+            }
+            e
+        });
+        let per_layer_model_projection = per_layer.map(|(_, d)| {
+            let w = init.normal(cfg.initializer_range);
+            Linear::with_init(
+                &m / "per_layer_model_projection",
+                cfg.hidden_size,
+                cfg.num_hidden_layers * d,
+                w,
+            )
+        });
+        let per_layer_projection_norm = per_layer.map(|(_, d)| {
+            RmsNorm::with_style(&m / "per_layer_projection_norm", d, cfg.rms_norm_eps, NormStyle::Plain)
+        });
         // The distinct RoPEs, and each layer's index among them.
         let mut rope_specs: Vec<RopeSpec> = Vec::new();
         let mut layers = Vec::with_capacity(specs.len());
@@ -761,9 +1076,10 @@ impl Gemma {
                     rope_specs.len() - 1
                 }
             };
-            layers.push(DecoderLayer::new(&m / "layers" / i, cfg, spec, id, init));
+            layers.push(DecoderLayer::new(&m / "layers" / i, cfg, spec, (i, id), init));
         }
-        let norm = RmsNorm::new(&m / "norm", cfg.hidden_size, cfg.rms_norm_eps);
+        let style = specs.first().map_or(NormStyle::OnePlus, |s| s.norm);
+        let norm = RmsNorm::with_style(&m / "norm", cfg.hidden_size, cfg.rms_norm_eps, style);
         let lm_head = (!cfg.tie_word_embeddings).then(|| {
             Linear::with_init(
                 p / "lm_head",
@@ -773,11 +1089,19 @@ impl Gemma {
             )
         });
         Ok(Gemma {
-            model: GemmaModel { embed_tokens, layers, norm },
+            model: GemmaModel {
+                embed_tokens,
+                layers,
+                norm,
+                embed_tokens_per_layer,
+                per_layer_model_projection,
+                per_layer_projection_norm,
+            },
             lm_head,
             cfg: cfg.clone(),
             ropes: rope_specs.iter().map(|r| Rope::new(r, p.device())).collect(),
             device: p.device(),
+            family,
         })
     }
 
@@ -828,11 +1152,14 @@ impl Gemma {
             ensure!(start + t <= c.capacity, "KV cache full: {} + {t} > capacity {}", start, c.capacity);
         }
         let mut x = self.embed(input_ids)?; // (B, T, H)
+        let per_layer = self.per_layer_inputs(input_ids, &x)?; // (B, T, L, P)
         let rope = self.rope_tables(positions);
+        let mut pass = Pass::new(&rope, mask);
         for (i, layer) in self.model.layers.iter().enumerate() {
-            let lw = wt.map(|w| &w.layers[i]);
+            let lw = wt.and_then(|w| w.layers.get(i));
             let kv = cache.as_mut().map(|c| (&mut c.layers[i], start));
-            x = layer.forward(&x, &rope, mask, kv, lw).with_context(|| format!("layer {i}"))?;
+            let input = per_layer.as_ref().map(|p| p.select(2, i as i64));
+            x = layer.forward(&x, input.as_ref(), &mut pass, kv, lw).with_context(|| format!("layer {i}"))?;
         }
         if let Some(c) = cache {
             c.len = start + t;
@@ -843,11 +1170,47 @@ impl Gemma {
     /// The scaled embeddings (B, T, H) of `input_ids` (B, T): the first
     /// decoder layer's input.
     pub fn embed(&self, input_ids: &Tensor) -> Result<Tensor> {
-        let kind = self.kind();
         let x = Tensor::f_embedding(&self.model.embed_tokens, input_ids, -1, false, false)?; // (B, T, H)
-        let normalizer =
-            Tensor::from((self.cfg.hidden_size as f64).sqrt()).to_kind(kind).to_device(self.device);
-        Ok(x * normalizer)
+        Ok(x * self.embed_scale(self.cfg.hidden_size))
+    }
+
+    /// `sqrt(dim)` in the activation dtype: rounded from f64 directly as
+    /// Gemma 1–3 compute it, through an f32 buffer as Gemma 4's
+    /// `Gemma4TextScaledWordEmbedding` does (the same in f32).
+    fn embed_scale(&self, dim: i64) -> Tensor {
+        let scale = Tensor::from((dim as f64).sqrt());
+        let scale = if self.family == Family::Gemma4 { scale.to_kind(Kind::Float) } else { scale };
+        scale.to_kind(self.kind()).to_device(self.device)
+    }
+
+    /// Gemma 4's per-layer inputs (B, T, L, P) of `input_ids` (B, T) whose
+    /// scaled embeddings are `embeds` (B, T, H), as `get_per_layer_inputs`
+    /// and `project_per_layer_inputs` compute them:
+    /// `(norm(per_layer_model_projection(embeds) · H^-1/2) + embed_tokens_per_layer[ids] · √P) · 2^-1/2`,
+    /// the norm per layer over P. None for a model without them.
+    pub fn per_layer_inputs(&self, input_ids: &Tensor, embeds: &Tensor) -> Result<Option<Tensor>> {
+        let m = &self.model;
+        let (Some(table), Some(proj), Some(norm)) =
+            (&m.embed_tokens_per_layer, &m.per_layer_model_projection, &m.per_layer_projection_norm)
+        else {
+            return Ok(None);
+        };
+        let (b, t) = input_ids.size2()?;
+        let l = self.cfg.num_hidden_layers;
+        let p = table.size()[1] / l.max(1);
+        let rows = table.size()[0];
+        if input_ids.numel() > 0 {
+            let (lo, hi) = (input_ids.f_min()?.int64_value(&[]), input_ids.f_max()?.int64_value(&[]));
+            ensure!(
+                lo >= 0 && hi < rows,
+                "token ids {lo}..={hi} are outside embed_tokens_per_layer's {rows} rows (vocab_size_per_layer_input)"
+            );
+        }
+        let tokens = Tensor::f_embedding(table, input_ids, -1, false, false)? * self.embed_scale(p); // (B, T, L·P)
+        let tokens = tokens.f_reshape([b, t, l, p])?;
+        let context = proj.forward(embeds) * (self.cfg.hidden_size as f64).powf(-0.5); // (B, T, L·P)
+        let context = norm.forward(&context.f_reshape([b, t, l, p])?);
+        Ok(Some((context + tokens) * 2f64.powf(-0.5)))
     }
 
     /// RoPE tables (cos, signed sin) for `positions` (B, T), each
@@ -907,10 +1270,16 @@ impl Gemma {
         let mut out = Vec::with_capacity(self.model.layers.len() * 7);
         for (i, l) in self.model.layers.iter().enumerate() {
             let (a, m) = (&l.self_attn, &l.mlp);
-            let attn =
-                [("q_proj", &a.q_proj), ("k_proj", &a.k_proj), ("v_proj", &a.v_proj), ("o_proj", &a.o_proj)];
+            // Gemma 4: no k_proj / v_proj on KV-sharing layers, no v_proj with k = v.
+            let attn = [
+                ("q_proj", Some(&a.q_proj)),
+                ("k_proj", a.k_proj.as_ref()),
+                ("v_proj", a.v_proj.as_ref()),
+                ("o_proj", Some(&a.o_proj)),
+            ];
+            let attn = attn.into_iter().filter_map(|(n, p)| Some((n, p?)));
             let mlp = [("gate_proj", &m.gate_proj), ("up_proj", &m.up_proj), ("down_proj", &m.down_proj)];
-            out.extend(attn.into_iter().map(|(n, p)| (format!("model.layers.{i}.self_attn.{n}"), p)));
+            out.extend(attn.map(|(n, p)| (format!("model.layers.{i}.self_attn.{n}"), p)));
             out.extend(mlp.into_iter().map(|(n, p)| (format!("model.layers.{i}.mlp.{n}"), p)));
         }
         out
@@ -922,17 +1291,18 @@ impl Gemma {
         for (i, l) in self.model.layers.iter_mut().enumerate() {
             let (a, m) = (&mut l.self_attn, &mut l.mlp);
             let attn = [
-                ("q_proj", &mut a.q_proj),
-                ("k_proj", &mut a.k_proj),
-                ("v_proj", &mut a.v_proj),
-                ("o_proj", &mut a.o_proj),
+                ("q_proj", Some(&mut a.q_proj)),
+                ("k_proj", a.k_proj.as_mut()),
+                ("v_proj", a.v_proj.as_mut()),
+                ("o_proj", Some(&mut a.o_proj)),
             ];
+            let attn = attn.into_iter().filter_map(|(n, p)| Some((n, p?)));
             let mlp = [
                 ("gate_proj", &mut m.gate_proj),
                 ("up_proj", &mut m.up_proj),
                 ("down_proj", &mut m.down_proj),
             ];
-            out.extend(attn.into_iter().map(|(n, p)| (format!("model.layers.{i}.self_attn.{n}"), p)));
+            out.extend(attn.map(|(n, p)| (format!("model.layers.{i}.self_attn.{n}"), p)));
             out.extend(mlp.into_iter().map(|(n, p)| (format!("model.layers.{i}.mlp.{n}"), p)));
         }
         out
@@ -948,52 +1318,46 @@ impl Gemma {
     /// adapters: a policy and a reward model each attach their own adapters
     /// over one copy of the base weights.
     pub fn share_base(&self) -> Gemma {
-        let norm = |n: &RmsNorm| RmsNorm { weight: n.weight.shallow_clone(), eps: n.eps };
-        let layers = self
-            .model
-            .layers
-            .iter()
-            .map(|l| {
-                let a = &l.self_attn;
-                DecoderLayer {
-                    input_layernorm: norm(&l.input_layernorm),
-                    self_attn: Attention {
-                        q_proj: a.q_proj.share(),
-                        k_proj: a.k_proj.share(),
-                        v_proj: a.v_proj.share(),
-                        o_proj: a.o_proj.share(),
-                        q_norm: a.q_norm.as_ref().map(norm),
-                        k_norm: a.k_norm.as_ref().map(norm),
-                        n_heads: a.n_heads,
-                        n_kv: a.n_kv,
-                        head_dim: a.head_dim,
-                        scaling: a.scaling,
-                        softcap: a.softcap,
-                        span: a.span,
-                        rope_id: a.rope_id,
-                    },
-                    post_attention_layernorm: norm(&l.post_attention_layernorm),
-                    pre_feedforward_layernorm: l.pre_feedforward_layernorm.as_ref().map(norm),
-                    post_feedforward_layernorm: l.post_feedforward_layernorm.as_ref().map(norm),
-                    mlp: Mlp {
-                        gate_proj: l.mlp.gate_proj.share(),
-                        up_proj: l.mlp.up_proj.share(),
-                        down_proj: l.mlp.down_proj.share(),
-                    },
-                }
-            })
-            .collect();
+        let m = &self.model;
         Gemma {
             model: GemmaModel {
-                embed_tokens: self.model.embed_tokens.shallow_clone(),
-                layers,
-                norm: norm(&self.model.norm),
+                embed_tokens: m.embed_tokens.shallow_clone(),
+                layers: m.layers.iter().map(DecoderLayer::share).collect(),
+                norm: m.norm.share(),
+                embed_tokens_per_layer: m.embed_tokens_per_layer.as_ref().map(Tensor::shallow_clone),
+                per_layer_model_projection: m.per_layer_model_projection.as_ref().map(Linear::share),
+                per_layer_projection_norm: m.per_layer_projection_norm.as_ref().map(RmsNorm::share),
             },
             lm_head: self.lm_head.as_ref().map(Linear::share),
             cfg: self.cfg.clone(),
             ropes: self.ropes.iter().map(|r| Rope { inv_freq: r.inv_freq.shallow_clone() }).collect(),
             device: self.device,
+            family: self.family,
         }
+    }
+
+    /// The model's tensors besides the embeddings, the norms
+    /// ([`DecoderLayer::norms`], `model.norm`), the projections LoRA adapts
+    /// ([`Gemma::linears`]) and the head, by checkpoint name: Gemma 4's
+    /// per-layer-input tensors and `layer_scalar`s. Shallow clones.
+    pub fn other_tensors(&self) -> Vec<(String, Tensor)> {
+        let m = &self.model;
+        let mut out = vec![];
+        if let Some(t) = &m.embed_tokens_per_layer {
+            out.push(("model.embed_tokens_per_layer.weight".to_string(), t.shallow_clone()));
+        }
+        if let Some(l) = &m.per_layer_model_projection {
+            out.push(("model.per_layer_model_projection.weight".to_string(), l.weight.shallow_clone()));
+        }
+        if let Some(n) = &m.per_layer_projection_norm {
+            out.push(("model.per_layer_projection_norm.weight".to_string(), n.weight.shallow_clone()));
+        }
+        for (i, l) in m.layers.iter().enumerate() {
+            for (n, t) in l.other_tensors() {
+                out.push((format!("model.layers.{i}.{n}"), t.shallow_clone()));
+            }
+        }
+        out
     }
 }
 
@@ -1098,10 +1462,10 @@ mod tests {
         let attn = &model.model.layers[0].self_attn;
         let rope = model.rope_tables(&positions);
         let flat = Tensor::zeros([6, 64], (Kind::Float, Device::Cpu));
-        let e = attn.forward(&flat, &rope, None, None, None).unwrap_err().to_string();
+        let e = attn.forward(&flat, &mut Pass::new(&rope, None), None, None).unwrap_err().to_string();
         assert!(e.contains("attention input must be (batch, time, hidden), got shape [6, 64]"), "{e}");
         let narrow = Tensor::zeros([2, 3, 48], (Kind::Float, Device::Cpu));
-        let e = attn.forward(&narrow, &rope, None, None, None).unwrap_err().to_string();
+        let e = attn.forward(&narrow, &mut Pass::new(&rope, None), None, None).unwrap_err().to_string();
         assert!(e.contains("hidden size 48, the layer expects 64"), "{e}");
 
         let bad_mask = Tensor::ones([2, 3, 3], (Kind::Bool, Device::Cpu));

@@ -185,6 +185,8 @@ impl Gemma {
                 out.insert(format!("model.layers.{i}.{n}.weight"), norm.weight.shallow_clone());
             }
         }
+        // Gemma 4's per-layer-input tensors and layer_scalars.
+        out.extend(self.other_tensors());
         for (name, l) in self.linears() {
             out.insert(format!("{name}.weight"), l.weight.shallow_clone());
         }

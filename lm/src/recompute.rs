@@ -18,14 +18,24 @@
 //! detached leaf, so a caller may compute its loss over chunks of positions
 //! ([`crate::chunked`]) with one backward each.
 //!
+//! Two things cross layers besides the hidden states, both Gemma 4's: the
+//! per-layer inputs (computed once from the embeddings, one slice per
+//! layer) and the keys and values a storing layer leaves for the layers
+//! that reuse them. While recomputing, each layer reads them as leaves that
+//! require grad; their gradients are gathered and pushed, with the
+//! incoming `g`, into the layer that made them (the storing layer's keys
+//! and values when it is recomputed; the per-layer inputs with the
+//! embeddings at the end).
+//!
 //! LoRA dropout (the only randomness in the forward pass) must draw the same
 //! masks when a layer is recomputed; torch's generator state cannot be saved
 //! through tch, so while some adapter applies dropout the generator is
 //! reseeded before each layer, with a seed drawn once per call from it (the
 //! same in both modes, so checkpointing changes nothing).
 
-use crate::model::Gemma;
+use crate::model::{Gemma, Pass, SharedEntry};
 use anyhow::{ensure, Context, Result};
+use std::collections::BTreeMap;
 use tch::{Device, Kind, Tensor};
 
 impl Gemma {
@@ -77,10 +87,16 @@ impl Gemma {
         let seed = self.dropout_seed()?;
         let rope = tch::no_grad(|| self.rope_tables(positions));
         let mut x = self.embed(ids)?; // (B, T, H)
+        let per_layer = self.per_layer_inputs(ids, &x)?; // (B, T, L, P)
+        let mut pass = Pass::new(&rope, mask);
         for (i, layer) in self.model.layers.iter().enumerate() {
             reseed(seed, i);
-            x = layer.forward(&x, &rope, mask, None, None).with_context(|| format!("layer {i}"))?;
+            let input = per_layer.as_ref().map(|p| p.select(2, i as i64));
+            x = layer
+                .forward(&x, input.as_ref(), &mut pass, None, None)
+                .with_context(|| format!("layer {i}"))?;
         }
+        drop((pass, per_layer));
         let h = self.final_norm(&x); // (B, T, H)
         drop(x);
         let leaf = h.detach().set_requires_grad(true);
@@ -102,15 +118,24 @@ impl Gemma {
         let seed = self.dropout_seed()?;
         let rope = tch::no_grad(|| self.rope_tables(positions));
         let layers = &self.model.layers;
-        // Forward without a graph, keeping each layer's input.
+        // Forward without a graph, keeping each layer's input (and the
+        // per-layer inputs and shared keys/values, Gemma 4).
         let mut inputs = Vec::with_capacity(layers.len());
-        let mut x = tch::no_grad(|| self.embed(ids))?; // (B, T, H)
+        let (mut x, per_layer) = tch::no_grad(|| -> Result<_> {
+            let e = self.embed(ids)?; // (B, T, H)
+            let p = self.per_layer_inputs(ids, &e)?; // (B, T, L, P)
+            Ok((e, p))
+        })?;
+        let mut pass = Pass::new(&rope, mask);
         for (i, layer) in layers.iter().enumerate() {
             reseed(seed, i);
-            let y = tch::no_grad(|| layer.forward(&x, &rope, mask, None, None))
+            let input = per_layer.as_ref().map(|p| p.select(2, i as i64));
+            let y = tch::no_grad(|| layer.forward(&x, input.as_ref(), &mut pass, None, None))
                 .with_context(|| format!("layer {i}"))?;
             inputs.push(std::mem::replace(&mut x, y));
         }
+        let stored = std::mem::take(&mut pass.shared.0);
+        drop(pass);
         // The final norm with a graph, from the last layer's output.
         let last = x.detach().set_requires_grad(true);
         drop(x);
@@ -126,23 +151,73 @@ impl Gemma {
         drop(h);
         let mut g = last.grad();
         drop(last);
-        // The layers, last first: recompute with a graph, backpropagate g.
+        // The layers, last first: recompute with a graph, backpropagate g
+        // (and the gradients later layers left on the keys and values this
+        // one stored).
+        let mut kv_grads: BTreeMap<usize, (Tensor, Tensor)> = BTreeMap::new();
+        let mut per_layer_grads: Vec<Option<Tensor>> = (0..layers.len()).map(|_| None).collect();
         for (i, layer) in layers.iter().enumerate().rev() {
             let saved = inputs.pop().context("a layer input was not kept")?;
             let xi = saved.detach().set_requires_grad(true);
             drop(saved);
             reseed(seed, i);
-            let y = layer.forward(&xi, &rope, mask, None, None).with_context(|| format!("layer {i}"))?;
-            push_gradient(&y, &g)?;
-            drop(y);
+            let input = per_layer.as_ref().map(|p| p.select(2, i as i64).detach().set_requires_grad(true));
+            let mut pass = Pass::new(&rope, mask);
+            // A reusing layer reads its source's keys and values as leaves.
+            let leaves = match layer.self_attn.reuses() {
+                Some(src) => {
+                    let e =
+                        stored.get(&src).with_context(|| format!("layer {i}: layer {src} stored no keys"))?;
+                    let (k, v) = (e.k.detach().set_requires_grad(true), e.v.detach().set_requires_grad(true));
+                    let mask = e.mask.as_ref().map(Tensor::shallow_clone);
+                    pass.shared
+                        .0
+                        .insert(src, SharedEntry { k: k.shallow_clone(), v: v.shallow_clone(), mask });
+                    Some((src, k, v))
+                }
+                None => None,
+            };
+            let y = layer
+                .forward(&xi, input.as_ref(), &mut pass, None, None)
+                .with_context(|| format!("layer {i}"))?;
+            let mut outs = vec![(y, g)];
+            if let Some((gk, gv)) = kv_grads.remove(&i) {
+                let e = pass.shared.0.remove(&i).with_context(|| format!("layer {i} stored no keys"))?;
+                outs.push((e.k, gk));
+                outs.push((e.v, gv));
+            }
+            drop(pass);
+            push_gradients(&outs)?;
+            drop(outs);
             g = xi.grad();
             ensure!(g.defined(), "layer {i}: no gradient reached its input");
+            if let Some((src, k, v)) = leaves {
+                let (gk, gv) = (k.grad(), v.grad());
+                if gk.defined() && gv.defined() {
+                    let acc = match kv_grads.remove(&src) {
+                        Some((ak, av)) => (ak + gk, av + gv),
+                        None => (gk, gv),
+                    };
+                    kv_grads.insert(src, acc);
+                }
+            }
+            per_layer_grads[i] = input.map(|t| t.grad()).filter(Tensor::defined);
         }
-        // The embedding, recomputed with a graph.
+        // The embedding (and the per-layer inputs made from it), recomputed with a graph.
         let e = self.embed(ids)?;
-        if e.requires_grad() {
-            push_gradient(&e, &g)?;
+        let per_layer = self.per_layer_inputs(ids, &e)?;
+        let mut outs = vec![];
+        if let Some(p) = per_layer.filter(Tensor::requires_grad) {
+            let grads = per_layer_grads
+                .into_iter()
+                .map(|gi| gi.unwrap_or_else(|| p.select(2, 0).zeros_like()))
+                .collect::<Vec<_>>();
+            outs.push((p, Tensor::f_stack(&grads, 2)?));
         }
+        if e.requires_grad() {
+            outs.push((e, g));
+        }
+        push_gradients(&outs)?;
         Ok(out)
     }
 
@@ -166,6 +241,32 @@ fn reseed(seed: Option<i64>, i: usize) {
     if let Some(s) = seed {
         tch::manual_seed(s.wrapping_add(i as i64));
     }
+}
+
+/// Backpropagates each gradient `g` (shaped as its `out`) from `out` into
+/// their graph at once: `Σ (out ⊙ g).sum()` backward. Nothing to do for none.
+pub fn push_gradients(pairs: &[(Tensor, Tensor)]) -> Result<()> {
+    if let [(out, g)] = pairs {
+        return push_gradient(out, g);
+    }
+    let mut total: Option<Tensor> = None;
+    for (out, g) in pairs {
+        ensure!(
+            out.size() == g.size(),
+            "gradient of shape {:?} for a tensor of shape {:?}",
+            g.size(),
+            out.size()
+        );
+        let s = out.f_mul(&g.f_to_kind(out.kind())?)?.f_sum(Kind::Float)?;
+        total = Some(match total {
+            Some(t) => t.f_add(&s)?,
+            None => s,
+        });
+    }
+    if let Some(t) = total {
+        t.f_backward()?;
+    }
+    Ok(())
 }
 
 /// Backpropagates the gradient `g` (shaped as `out`) from `out` into its

@@ -6,7 +6,7 @@
 //! - full causal attention, scale `head_dim^-1/2`, one RoPE (`rope_theta`);
 //! - MLP `down(gelu_tanh(gate(x)) · up(x))`; the head tied to the embeddings.
 
-use super::{rope_spec, LayerSpec, Span};
+use super::{rope_spec, LayerSpec, NormStyle, Span};
 use crate::config::GemmaConfig;
 use anyhow::Result;
 
@@ -22,6 +22,9 @@ pub fn layer_specs(cfg: &GemmaConfig) -> Result<Vec<LayerSpec>> {
         qk_norm: false,
         sandwich_norms: false,
         rope,
+        intermediate_size: cfg.intermediate_size,
+        norm: NormStyle::OnePlus,
+        gemma4: None,
     };
     Ok(vec![layer; cfg.num_hidden_layers.max(0) as usize])
 }

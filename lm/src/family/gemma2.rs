@@ -12,7 +12,7 @@
 //!   keys wide counted in sequence positions, the query's own included;
 //! - final-logit soft-capping on the LM head (`final_logit_softcapping`).
 
-use super::{rope_spec, spans, LayerSpec};
+use super::{rope_spec, spans, LayerSpec, NormStyle};
 use crate::config::GemmaConfig;
 use anyhow::Result;
 
@@ -37,6 +37,9 @@ pub fn layer_specs(cfg: &GemmaConfig) -> Result<Vec<LayerSpec>> {
             qk_norm: false,
             sandwich_norms: true,
             rope,
+            intermediate_size: cfg.intermediate_size,
+            norm: NormStyle::OnePlus,
+            gemma4: None,
         })
         .collect())
 }

@@ -13,7 +13,7 @@
 //!   pass `attn_logit_softcapping` to its kernel, so a value in the config
 //!   changes nothing, here as there; final-logit soft-capping when set.
 
-use super::{rope_spec, spans, LayerSpec, Span};
+use super::{rope_spec, spans, LayerSpec, NormStyle, Span};
 use crate::config::{GemmaConfig, RopeParameters};
 use anyhow::Result;
 
@@ -54,6 +54,9 @@ pub fn layer_specs(cfg: &GemmaConfig) -> Result<Vec<LayerSpec>> {
             qk_norm: true,
             sandwich_norms: true,
             rope: if span == Span::Full { full } else { sliding },
+            intermediate_size: cfg.intermediate_size,
+            norm: NormStyle::OnePlus,
+            gemma4: None,
         })
         .collect())
 }

@@ -9,11 +9,13 @@
 //!
 //! - [`gemma`] — Gemma 1 (`modeling_gemma.py`);
 //! - [`gemma2`] — Gemma 2 (`modeling_gemma2.py`);
-//! - [`gemma3`] — Gemma 3 text (`modeling_gemma3.py`).
+//! - [`gemma3`] — Gemma 3 text (`modeling_gemma3.py`);
+//! - [`gemma4`] — Gemma 4 text, dense (`modeling_gemma4.py`).
 
 pub mod gemma;
 pub mod gemma2;
 pub mod gemma3;
+pub mod gemma4;
 
 use crate::config::{Family, GemmaConfig, RopeParameters};
 use anyhow::{bail, Result};
@@ -28,8 +30,9 @@ pub enum Span {
     Sliding(i64),
 }
 
-/// The rotary embedding of one layer: `inv_freq = 1 / (θ^(2i/d) · factor)`
-/// over the first `rotary_dim` dimensions of a head.
+/// The rotary embedding of one layer: `inv_freq[i] = 1 / (θ^(2i/dim) · factor)`
+/// for the first `rotated` of the `dim / 2` frequency pairs, 0 for the
+/// rest (those dimensions are not rotated: cos 1, sin 0).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct RopeSpec {
     pub theta: f64,
@@ -37,6 +40,44 @@ pub struct RopeSpec {
     pub factor: f64,
     /// The head dimension the frequencies are computed for.
     pub dim: i64,
+    /// The frequency pairs that rotate: `dim / 2`, or fewer with Gemma 4's
+    /// `proportional` RoPE (`int(partial_rotary_factor · dim // 2)`).
+    pub rotated: i64,
+}
+
+/// How a layer's RMSNorms scale the normalised input.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NormStyle {
+    /// `x̂ · (1 + w)`, weights initialised to 0 (Gemma 1, 2, 3).
+    OnePlus,
+    /// `x̂ · w`, weights initialised to 1 (Gemma 4, as Gemma 3n).
+    Plain,
+}
+
+/// Where a layer's keys and values come from (Gemma 4's `kv_sharing_modes`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KvSharing {
+    /// Its own projections; nobody reads them.
+    Own,
+    /// Its own projections, and later layers of its type reuse what it
+    /// attended over (`"store"`).
+    Store,
+    /// No key/value projections: the keys, values and mask layer `src`
+    /// attended over in the same forward pass (`"reuse"`).
+    Reuse(usize),
+}
+
+/// What only Gemma 4 layers have.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Gemma4Layer {
+    /// Full-attention layers with `attention_k_eq_v`: no `v_proj`, the
+    /// values are the key projection (before `k_norm` and RoPE).
+    pub k_eq_v: bool,
+    pub kv: KvSharing,
+    /// `hidden_size_per_layer_input` when the model has per-layer inputs:
+    /// the layer's `per_layer_input_gate`, `per_layer_projection` and
+    /// `post_per_layer_input_norm`.
+    pub per_layer_input: Option<i64>,
 }
 
 /// What one decoder layer computes, beyond what every Gemma layer shares.
@@ -56,6 +97,11 @@ pub struct LayerSpec {
     /// `post_feedforward_layernorm`), the MLP input by `pre_feedforward_layernorm`.
     pub sandwich_norms: bool,
     pub rope: RopeSpec,
+    /// The MLP's hidden size (Gemma 4's KV-sharing layers may be double wide).
+    pub intermediate_size: i64,
+    pub norm: NormStyle,
+    /// Gemma 4: `v_norm`, plain norms, attention scale 1, `layer_scalar`, …
+    pub gemma4: Option<Gemma4Layer>,
 }
 
 /// The specs of `cfg`'s layers, in order; a config the family cannot run is
@@ -65,9 +111,7 @@ pub fn layer_specs(cfg: &GemmaConfig, family: Family) -> Result<Vec<LayerSpec>> 
         Family::Gemma => gemma::layer_specs(cfg),
         Family::Gemma2 => gemma2::layer_specs(cfg),
         Family::Gemma3 => gemma3::layer_specs(cfg),
-        Family::Gemma4 => bail!(
-            "model_type \"gemma4_text\" is not supported yet by this build of align (Gemma 1, 2 and 3 are)"
-        ),
+        Family::Gemma4 => gemma4::layer_specs(cfg),
     }
 }
 
@@ -122,5 +166,5 @@ pub(crate) fn rope_spec(
     if theta.is_nan() || theta <= 0.0 {
         bail!("{field}.rope_theta must be positive, got {theta}");
     }
-    Ok(RopeSpec { theta, factor, dim })
+    Ok(RopeSpec { theta, factor, dim, rotated: dim / 2 })
 }
