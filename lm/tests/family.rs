@@ -347,3 +347,45 @@ fn bad_family_configs_are_errors_naming_the_field() {
     );
     check(&|v| v["use_bidirectional_attention"] = true.into(), &["use_bidirectional_attention"]);
 }
+
+/// The packed row's mean loss and its gradients (soft-capping inside the
+/// loss) equal transformers' autograd: every norm weight's gradient value
+/// by value, every parameter's gradient norm.
+#[test]
+fn packed_loss_gradients_equal_transformers() {
+    for name in FAMILIES {
+        let l = load(name);
+        let e = &expected(name)["packed"];
+        let input = Tensor::from_slice(&ids(&e["input_ids"])).unsqueeze(0);
+        let pos = ids(&e["position_ids"]);
+        let target = Tensor::from_slice(&ids(&e["target"]));
+        let keep: Vec<bool> = e["mask"].as_array().unwrap().iter().map(|b| b.as_bool().unwrap()).collect();
+        let keep = Tensor::from_slice(&keep).to_kind(Kind::Float);
+        let h = l
+            .model
+            .forward_hidden(&input, &Tensor::from_slice(&pos).unsqueeze(0), Some(&packed_mask(&pos)), None)
+            .unwrap();
+        let logp = l.model.logits(&h).squeeze_dim(0).log_softmax(-1, Kind::Float);
+        let nll = -logp.gather(1, &target.view([-1, 1]), false).view([-1]);
+        let loss = (nll * &keep).sum(Kind::Float) / keep.sum(Kind::Float);
+        let want = e["loss"].as_f64().unwrap();
+        assert!((loss.double_value(&[]) - want).abs() < 1e-5, "{name}: loss {loss:?} vs {want}");
+        loss.backward();
+        let vars = l.vs.variables();
+        for (n, g) in e["grads"].as_object().unwrap() {
+            let got = vars[n].grad().view([-1]);
+            let want = Tensor::from_slice(&floats(g));
+            let scale = want.abs().max().double_value(&[]).max(1e-3);
+            let d = max_abs_diff(&got, &want) / scale;
+            assert!(d < 1e-3, "{name}: gradient of {n} differs from transformers' by {d} (relative)");
+        }
+        for (n, want) in e["grad_norms"].as_object().unwrap() {
+            let got = vars[n].grad().norm().double_value(&[]);
+            let want = want.as_f64().unwrap();
+            assert!(
+                (got - want).abs() <= 1e-4 * want.max(1.0),
+                "{name}: |∇{n}| = {got}, transformers {want}"
+            );
+        }
+    }
+}
