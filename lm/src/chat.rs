@@ -1,5 +1,15 @@
-//! The Gemma dialogue formatter.
+//! The dialogue formatter.
 //!
+//! A tokenizer loaded from a checkpoint directory carries the checkpoint's
+//! own chat template ([`template`]: `chat_template.jinja`, else
+//! `tokenizer_config.json`'s `chat_template`), and [`encode`] /
+//! [`render_for`] render with it: the text is `apply_chat_template`'s, the
+//! loss covers each model turn's content and the end marker the template
+//! writes after it (found by rendering prefixes of the conversation), and
+//! control-token strings in messages stay text. Without a template, or with
+//! align's own, the built-in Gemma formatter below renders.
+//!
+//! The built-in formatter:
 //! Renders a conversation exactly as Gemma's chat template
 //! (`chat_template.jinja`, written into every `tokenizer_config.json` align
 //! saves) does: `<bos>` once, then per turn
