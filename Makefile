@@ -34,7 +34,7 @@ ORIG_LD_LIBRARY_PATH := $(LD_LIBRARY_PATH)
 export LD_LIBRARY_PATH = $(LIBTORCH)/lib:$(ORIG_LD_LIBRARY_PATH)
 export ALIGN_PYTHON := $(PYTHON)
 
-.PHONY: all build test quickstart bench bench-lora gpu-check fixtures pydeps fonts chromium gloo fmt clippy clean verify-hf
+.PHONY: all build test quickstart bench bench-lora gpu-check fixtures pydeps fonts chromium gloo fmt clippy clean verify-hf verify-family verify-family
 
 all: build
 
@@ -163,3 +163,26 @@ verify-hf: build $(STAMPS)/pydeps
 	  | $(PYTHON) -c 'import json,sys; d=json.load(sys.stdin); print(json.dumps({"prompt_ids": d["prompt_ids"], "token_ids": d["token_ids"]}))' > runs/verify-hf/align.json
 	$(PYTHON) scripts/check_hf_load.py runs/verify-hf/model "Sort the numbers 5 2 9" 16 > runs/verify-hf/transformers.json
 	cmp runs/verify-hf/align.json runs/verify-hf/transformers.json && echo "verify-hf: transformers loads the align checkpoint and agrees token for token"
+
+# transformers loads align's saves of every Gemma-family fixture (causal LMs,
+# multimodal wrappers, reward models) with the fixtures' outputs (by hand).
+verify-family: $(STAMPS)/pydeps
+	rm -rf runs/verify-family && mkdir -p runs/verify-family
+	ALIGN_SAVE_DIR=$(CURDIR)/runs/verify-family cargo test --release -p lm --test family_reward write_family -- --ignored
+	set -e; for f in $$(ls runs/verify-family); do \
+	  $(PYTHON) scripts/check_family_load.py runs/verify-family/$$f lm/tests/fixtures/$$f/expected.json; done
+
+# align's saves of the Gemma-family fixtures (written by an ignored test of
+# lm/tests/family_reward.rs) load in transformers with the fixtures' logits,
+# greedy ids, rewards and untouched vision tensors (scripts/check_family_load.py).
+FAMILY_FIXTURES := gemma2 gemma3 gemma4 gemma3-mm gemma4-mm gemma2-reward gemma3-reward
+verify-family: $(STAMPS)/torch $(STAMPS)/pydeps
+	rm -rf runs/verify-family
+	mkdir -p runs/verify-family
+	ALIGN_SAVE_DIR=$(CURDIR)/runs/verify-family $(CARGO) test --release -p lm --test family_reward -- --ignored write_family_saves_for_transformers
+	fail=0
+	for n in $(FAMILY_FIXTURES); do
+	  $(PYTHON) scripts/check_family_load.py runs/verify-family/$$n lm/tests/fixtures/$$n/expected.json || fail=1
+	done
+	if [ $$fail = 0 ]; then echo "verify-family: transformers loads align's saves of every family fixture with the same outputs"; fi
+	exit $$fail
