@@ -121,7 +121,9 @@ pub struct GemmaConfig {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rope_scaling: Option<RopeParameters>,
     /// Gemma 2+: attention scale `query_pre_attn_scalar^-1/2` (else `head_dim^-1/2`).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// transformers declares it an int and its strict config refuses `256.0`:
+    /// a whole value is written as an integer.
+    #[serde(default, skip_serializing_if = "Option::is_none", serialize_with = "whole_as_int")]
     pub query_pre_attn_scalar: Option<f64>,
     /// Gemma 2+: the keys a sliding layer's query sees, itself included.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -176,6 +178,15 @@ pub struct Wrapper {
 
 /// The multimodal `model_type`s whose text model align reads.
 pub const MULTIMODAL_TYPES: &[&str] = &["gemma3", "gemma4"];
+
+/// Writes a whole number as an integer (`256`, not `256.0`).
+fn whole_as_int<S: serde::Serializer>(v: &Option<f64>, s: S) -> std::result::Result<S::Ok, S::Error> {
+    match v {
+        Some(x) if x.fract() == 0.0 && x.abs() < 9.0e15 => s.serialize_i64(*x as i64),
+        Some(x) => s.serialize_f64(*x),
+        None => s.serialize_none(),
+    }
+}
 
 fn default_model_type() -> String {
     "gemma".into()
