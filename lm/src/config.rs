@@ -585,7 +585,18 @@ impl GemmaConfig {
             cfg.wrapper = Some(Wrapper { config: value.clone(), source });
             cfg
         } else {
-            serde_json::from_str(&text).map_err(invalid)?
+            let mut cfg: GemmaConfig = serde_json::from_str(&text).map_err(invalid)?;
+            // Gemma2Config's defaults for soft-capping keys a config leaves
+            // out (a null in the file means off).
+            if cfg.model_type == "gemma2" {
+                if value.get("attn_logit_softcapping").is_none() {
+                    cfg.attn_logit_softcapping = Some(crate::family::gemma2::DEFAULT_ATTN_SOFTCAP);
+                }
+                if value.get("final_logit_softcapping").is_none() {
+                    cfg.final_logit_softcapping = Some(crate::family::gemma2::DEFAULT_FINAL_SOFTCAP);
+                }
+            }
+            cfg
         };
         cfg.validate().with_context(|| format!("invalid model config {}", path.display()))?;
         Ok(cfg)
@@ -776,7 +787,15 @@ impl GemmaConfig {
 
     /// Writes the config as `config.json` text.
     pub fn to_json(&self) -> Result<String> {
-        Ok(serde_json::to_string_pretty(self)?)
+        let mut v = serde_json::to_value(self)?;
+        // Gemma 2 reads an absent soft-capping key as on (50, 30): an
+        // unset one is written as null, which reads back as off.
+        if let (Some(o), "gemma2") = (v.as_object_mut(), self.model_type.as_str()) {
+            for key in ["attn_logit_softcapping", "final_logit_softcapping"] {
+                o.entry(key).or_insert(serde_json::Value::Null);
+            }
+        }
+        Ok(serde_json::to_string_pretty(&v)?)
     }
 }
 

@@ -389,3 +389,31 @@ fn packed_loss_gradients_equal_transformers() {
         }
     }
 }
+
+/// A Gemma 2 config without the soft-capping keys gets transformers'
+/// defaults (50 and 30); an explicit null turns them off.
+#[test]
+fn gemma2_soft_capping_defaults_when_the_keys_are_absent() {
+    let text = std::fs::read_to_string(fixture_dir("gemma2").join("config.json")).unwrap();
+    let base: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let read = |v: &serde_json::Value| {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("config.json");
+        std::fs::write(&path, serde_json::to_string(v).unwrap()).unwrap();
+        lm::GemmaConfig::from_file(&path).unwrap()
+    };
+    let mut absent = base.clone();
+    absent.as_object_mut().unwrap().remove("attn_logit_softcapping");
+    absent.as_object_mut().unwrap().remove("final_logit_softcapping");
+    let c = read(&absent);
+    assert_eq!((c.attn_logit_softcapping, c.final_logit_softcapping), (Some(50.0), Some(30.0)));
+    let mut null = base.clone();
+    null["attn_logit_softcapping"] = serde_json::Value::Null;
+    null["final_logit_softcapping"] = serde_json::Value::Null;
+    let c = read(&null);
+    assert_eq!((c.attn_logit_softcapping, c.final_logit_softcapping), (None, None));
+    // Written back as null, so a save of a model without soft-capping reads back without.
+    let again: serde_json::Value = serde_json::from_str(&c.to_json().unwrap()).unwrap();
+    let c = read(&again);
+    assert_eq!((c.attn_logit_softcapping, c.final_logit_softcapping), (None, None));
+}

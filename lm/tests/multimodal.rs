@@ -1,4 +1,5 @@
-//! Multimodal Gemma checkpoints (`Gemma3ForConditionalGeneration`, made by
+//! Multimodal Gemma checkpoints (`Gemma3ForConditionalGeneration`,
+//! `Gemma4ForConditionalGeneration`, made by
 //! scripts/make_family_fixtures.py with a tiny vision tower): align reads
 //! the text model (`text_config`, tensors under the text prefix) with
 //! transformers' logits, and writes back a complete checkpoint of the same
@@ -55,4 +56,9 @@ fn check(name: &str) {
 #[test]
 fn gemma3_multimodal_text_model_matches_and_keeps_its_vision_tower() {
     check("gemma3-mm");
+}
+
+#[test]
+fn gemma4_multimodal_text_model_matches_and_keeps_its_vision_tower() {
+    check("gemma4-mm");
 }
