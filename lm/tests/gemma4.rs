@@ -630,3 +630,58 @@ fn bf16_runs_near_f32() {
     let g = lm::generate(&b.model, &[prompt.clone(), prompt[..9].to_vec()], &greedy(8)).unwrap();
     assert!(g.iter().all(|g| !g.tokens.is_empty()));
 }
+
+/// LoRA with dropout on every projection, training: activation
+/// checkpointing (which reseeds each layer's dropout when recomputing it)
+/// gives the adapters the plain pass's gradients, through the shared keys
+/// and values and the per-layer inputs.
+#[test]
+fn lora_dropout_with_checkpointing_gives_the_plain_gradients() {
+    let _g = serial();
+    let (base, _vs) = load_f64();
+    let mut model = base.share_base();
+    let avs = nn::VarStore::new(Device::Cpu);
+    let cfg = lm::lora::LoraConfig {
+        rank: 2,
+        alpha: 4.0,
+        dropout: 0.2,
+        target_modules: lm::lora::TargetModules::Preset("all-linear".into()),
+    };
+    model.attach_lora(&avs.root(), &cfg, 7).unwrap();
+    model.set_training(true);
+    // B starts at zero: give it values so that A gets gradients too.
+    tch::no_grad(|| {
+        for mut t in avs.trainable_variables() {
+            let _ = t.g_add_(&(Tensor::randn_like(&t) * 0.05));
+        }
+    });
+    let prompt = ids(&expected(NAME)["full_logits"]["prompt"]);
+    let t = prompt.len() as i64;
+    let x = Tensor::from_slice(&prompt).unsqueeze(0);
+    let pos = Tensor::arange(t, (Kind::Int64, Device::Cpu)).unsqueeze(0);
+    let targets: Vec<i64> = prompt[1..].iter().copied().chain([-100]).collect();
+    let targets = Tensor::from_slice(&targets);
+    let run = |checkpointing: bool| -> Vec<Tensor> {
+        for mut v in avs.trainable_variables() {
+            v.zero_grad();
+        }
+        tch::manual_seed(11);
+        model
+            .forward_backward(&x, &pos, None, checkpointing, |h| {
+                let lp = model.logits(h).flatten(0, 1).log_softmax(-1, Kind::Double);
+                let picked = lp.gather(1, &targets.view([-1, 1]).clamp_min(0), false).view([-1]);
+                let loss = -(picked * targets.ge(0).to_kind(Kind::Double)).sum(Kind::Double);
+                loss.backward();
+                Ok(())
+            })
+            .unwrap();
+        avs.trainable_variables().iter().map(|v| v.grad().detach().copy()).collect()
+    };
+    let (a, b) = (run(false), run(true));
+    assert!(!a.is_empty());
+    for (i, (ga, gb)) in a.iter().zip(&b).enumerate() {
+        assert!(ga.abs().max().double_value(&[]) > 0.0, "adapter tensor {i} gets a gradient");
+        let d = max_abs_diff(ga, gb);
+        assert!(d < 1e-9, "adapter tensor {i}: gradients differ by {d}");
+    }
+}
