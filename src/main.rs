@@ -99,7 +99,9 @@ enum Command {
     },
     /// Write a freshly initialised checkpoint directory.
     Init {
-        /// gemma-2b, gemma-7b, tiny, small-20m or test-mqa.
+        /// A preset: gemma-2b, gemma-7b, gemma2-9b, gemma3-1b, gemma4-e2b, … (a
+        /// published size), tiny, tiny-gemma2/3/4, small-20m, … (sized by the
+        /// tokenizer); an unknown name lists them all.
         #[arg(long)]
         preset: String,
         /// tokenizer.json to ship with the model.

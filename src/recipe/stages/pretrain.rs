@@ -59,10 +59,7 @@ impl StageKind for Pretrain {
         let init = match (&l.recipe.base_model.preset, &l.recipe.base_model.checkpoint) {
             (Some(p), _) if s.from.is_none() => {
                 let tok = lm::Tokenizer::from_file(&l.tokenizer_path())?;
-                let mut cfg = lm::GemmaConfig::preset(p)?;
-                if !p.starts_with("gemma-") {
-                    cfg.vocab_size = (tok.vocab_size() + 63) / 64 * 64;
-                }
+                let cfg = lm::GemmaConfig::preset_for_tokenizer(p, tok.vocab_size())?;
                 let vs = tch::nn::VarStore::new(tch::Device::Cpu);
                 let _m = lm::Gemma::new(&vs.root(), &cfg)?;
                 lm::init::init_seeded(&vs, cfg.initializer_range, ctx.seed())?;
