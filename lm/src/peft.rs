@@ -34,6 +34,10 @@ pub const ADAPTER_CONFIG: &str = "adapter_config.json";
 pub const ADAPTER_WEIGHTS: &str = "adapter_model.safetensors";
 /// What PEFT puts before a model's own key names in its adapter files.
 pub const PEFT_PREFIX: &str = "base_model.model.";
+
+/// Where transformers 5 puts a multimodal Gemma's text model among its
+/// modules (`Gemma3ForConditionalGeneration`, `Gemma4ForConditionalGeneration`).
+pub const MULTIMODAL_TEXT: &str = "model.language_model.";
 /// The PEFT release whose `adapter_config.json` fields align writes.
 pub const PEFT_VERSION: &str = "0.21.2";
 /// A sequence classifier's head, saved with a `SEQ_CLS` adapter.
@@ -434,6 +438,10 @@ pub fn load_adapter(dir: &Path) -> Result<AdapterFile> {
             unknown.push(key);
             continue;
         };
+        // An adapter of a multimodal model names the text model's modules
+        // `model.language_model.…`; align's are `model.…`.
+        let text_name = name.strip_prefix(MULTIMODAL_TEXT).map(|rest| format!("model.{rest}"));
+        let name = text_name.as_deref().unwrap_or(name);
         if name == SCORE_WEIGHT && task_type == TaskType::SeqCls {
             score = Some(t);
             continue;
@@ -542,12 +550,20 @@ pub fn save_adapter(
     extra: &[(&str, &Tensor)],
 ) -> Result<()> {
     cfg.validate()?;
+    // Over the text model of a multimodal base (`*ForConditionalGeneration`),
+    // PEFT names the modules `model.language_model.…`.
+    let multimodal = task_type == TaskType::CausalLm
+        && checkpoint::read_config(Path::new(base_model)).is_ok_and(|c| c.wrapper.is_some());
     let mut tensors = BTreeMap::new();
     for (name, t) in adapter_vs.variables() {
         let head = task_type == TaskType::SeqCls && name == SCORE_WEIGHT;
         if !(head || name.ends_with(".lora_A.weight") || name.ends_with(".lora_B.weight")) {
             bail!("{name} in the adapters' VarStore is not a LoRA tensor (…lora_A.weight / …lora_B.weight)");
         }
+        let name = match name.strip_prefix("model.") {
+            Some(rest) if multimodal => format!("{MULTIMODAL_TEXT}{rest}"),
+            _ => name,
+        };
         tensors.insert(format!("{PEFT_PREFIX}{name}"), t.detach());
     }
     if tensors.is_empty() {

@@ -62,3 +62,52 @@ fn gemma3_multimodal_text_model_matches_and_keeps_its_vision_tower() {
 fn gemma4_multimodal_text_model_matches_and_keeps_its_vision_tower() {
     check("gemma4-mm");
 }
+
+/// LoRA over a multimodal model's text model: the adapter is written under
+/// PEFT's names for it (`base_model.model.model.language_model.…`) and
+/// reads back into align's modules with the same logits.
+#[test]
+fn a_lora_adapter_of_a_multimodal_text_model_uses_peft_names() {
+    use lm::lora::LoraConfig;
+    use lm::peft::{self, TaskType};
+    use tch::nn;
+    for name in ["gemma3-mm", "gemma4-mm"] {
+        let dir = fixture_dir(name);
+        let mut m = load(name);
+        let adapters = nn::VarStore::new(Device::Cpu);
+        m.model.attach_lora(&adapters.root(), &LoraConfig::default(), 3).unwrap();
+        tch::no_grad(|| {
+            for (_, mut v) in adapters.variables() {
+                let _ = v.g_add_(&(Tensor::randn_like(&v) * 0.05));
+            }
+        });
+        let out = tempfile::tempdir().unwrap();
+        let adir = out.path().join("adapter");
+        let base = dir.to_str().unwrap();
+        peft::save_adapter(&adir, &adapters, &LoraConfig::default(), base, TaskType::CausalLm, &[]).unwrap();
+        let keys: Vec<String> = lm::checkpoint::read_tensors_file(&adir.join("adapter_model.safetensors"))
+            .unwrap()
+            .into_keys()
+            .collect();
+        assert!(
+            keys.iter().all(|k| k.starts_with("base_model.model.model.language_model.layers.")),
+            "{name}: {keys:?}"
+        );
+        let file = peft::load_adapter(&adir).unwrap();
+        let mut again = load(name);
+        let vs2 = nn::VarStore::new(Device::Cpu);
+        again.model.attach_lora(&vs2.root(), &file.config, 0).unwrap();
+        again.model.load_adapter_tensors(&file.tensors, &adir).unwrap();
+        let x = Tensor::from_slice(&[2i64, 50, 117, 304, 209, 326, 96, 320]).unsqueeze(0);
+        let (a, b) = tch::no_grad(|| (m.model.forward(&x).unwrap(), again.model.forward(&x).unwrap()));
+        assert!(a.equal(&b), "{name}: logits with the adapter read back");
+        if let Ok(keep) = std::env::var("ALIGN_SAVE_DIR") {
+            let to = std::path::Path::new(&keep).join(format!("{name}-adapter"));
+            let _ = std::fs::remove_dir_all(&to);
+            std::fs::rename(&adir, &to).unwrap();
+            let logits: Vec<f32> = a.get(0).get(7).try_into().unwrap();
+            std::fs::write(to.join("align_last_logits.json"), serde_json::to_string(&logits).unwrap())
+                .unwrap();
+        }
+    }
+}
