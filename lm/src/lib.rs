@@ -1,9 +1,14 @@
 //! `lm`: everything about the language model that the stages share.
 //!
-//! - [`GemmaConfig`] — hyper-parameters with Hugging Face `config.json` names,
-//!   and presets (`gemma-2b`, `gemma-7b`, small ones for tests and the demo).
-//! - [`Gemma`] — the decoder, exact to transformers' `GemmaForCausalLM`
-//!   (`model.rs`), with a [`KvCache`] for generation.
+//! - [`GemmaConfig`] — hyper-parameters with Hugging Face `config.json` names
+//!   for every family member (`gemma`, `gemma2`, `gemma3_text`,
+//!   `gemma4_text`; the text model of a multimodal `gemma3`/`gemma4`
+//!   checkpoint), and presets.
+//! - [`family`] — what each member computes, one file per member, read into
+//!   a `LayerSpec` per layer (window, heads, scale, soft-cap, norms, RoPE).
+//! - [`Gemma`] — the one decoder running them, exact to transformers'
+//!   `Gemma*ForCausalLM` (`model.rs`), with a [`KvCache`] for generation
+//!   (sliding layers in a ring of `window` slots).
 //! - [`Tokenizer`] — `tokenizer.json` with Gemma's special tokens found by
 //!   their strings; byte-level BPE training for the built-in demo.
 //! - [`chat`] — the dialogue formatter: Gemma's chat template, token ids and
