@@ -125,12 +125,19 @@ impl Tokenizer {
                 .map(i64::from)
                 .ok_or_else(|| anyhow!("the tokenizer has no {s:?} token; Gemma's dialogue format needs it"))
         };
+        // Gemma 1–3 mark turns with <start_of_turn>/<end_of_turn>, Gemma 4
+        // with <|turn>/<turn|>: the end marker is where generation stops.
+        let either = |a: &str, b: &str| -> Result<i64> {
+            inner.token_to_id(a).or_else(|| inner.token_to_id(b)).map(i64::from).ok_or_else(|| {
+                anyhow!("the tokenizer has neither {a:?} nor {b:?}; Gemma's dialogue format needs a turn marker")
+            })
+        };
         let special = SpecialIds {
             pad: id("<pad>")?,
             eos: id("<eos>")?,
             bos: id("<bos>")?,
-            start_of_turn: id("<start_of_turn>")?,
-            end_of_turn: id("<end_of_turn>")?,
+            start_of_turn: either("<start_of_turn>", "<|turn>")?,
+            end_of_turn: either("<end_of_turn>", "<turn|>")?,
         };
         Ok(Tokenizer {
             inner,
@@ -231,5 +238,31 @@ impl Tokenizer {
             .map_err(|e| anyhow!("{e}"))?;
         tok.with_post_processor(Some(post));
         Self::new(tok)
+    }
+}
+
+#[cfg(test)]
+mod turn_marker_tests {
+    use super::*;
+
+    fn word_level(tokens: &[&str]) -> Result<Tokenizer> {
+        let vocab: std::collections::HashMap<String, u32> =
+            tokens.iter().enumerate().map(|(i, t)| (t.to_string(), i as u32)).collect();
+        let model = tokenizers::models::wordlevel::WordLevel::builder()
+            .vocab(vocab.into_iter().collect())
+            .unk_token("<unk>".into())
+            .build()
+            .map_err(|e| anyhow!("{e}"))?;
+        Tokenizer::new(tokenizers::Tokenizer::new(model))
+    }
+
+    /// A Gemma 4 vocabulary marks turns with <|turn>/<turn|>: generation
+    /// stops at <turn|>; a vocabulary with neither is refused naming both.
+    #[test]
+    fn gemma4_turn_markers_are_found() {
+        let t = word_level(&["<pad>", "<eos>", "<bos>", "<unk>", "<|turn>", "<turn|>"]).unwrap();
+        assert_eq!((t.special.start_of_turn, t.special.end_of_turn), (4, 5));
+        let e = word_level(&["<pad>", "<eos>", "<bos>", "<unk>"]).err().unwrap().to_string();
+        assert!(e.contains("\"<start_of_turn>\" nor \"<|turn>\""), "{e}");
     }
 }
