@@ -579,8 +579,13 @@ pub struct TrainerState {
     /// Where the data iterator stands: epoch and batch index within it.
     pub epoch: u64,
     pub batch_in_epoch: u64,
-    /// Word position of the stage's ChaCha RNG.
+    /// Word position of the stage's ChaCha RNG (rank 0's
+    /// [`session::RankRng`]).
     pub rng_word_pos: String,
+    /// Each rank's [`session::RankRng`] position, by rank (empty in
+    /// checkpoints written before they were recorded).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub rank_rng: Vec<String>,
     /// Hash of the resolved stage config; resuming under another config is refused.
     pub config_hash: String,
     /// Any stage-specific values (a KL controller, best eval loss, …).

@@ -45,7 +45,8 @@ pub struct RlConfig {
     /// RL steps (rollout batches).
     #[serde(default = "default_steps")]
     pub steps: u64,
-    /// Prompts per step (B).
+    /// Prompts per step (B), per rank in a data-parallel run (a step then
+    /// takes B × world prompts).
     #[serde(default = "default_batch_size")]
     pub batch_size: usize,
     /// Samples per prompt (k ≥ 2, for the leave-one-out baseline).

@@ -101,6 +101,24 @@ pub const FLAT_GROUP_STD: f64 = 1e-6;
 /// this is [`rloo_advantages`]; `group_mean` with `group_std` is GRPO:
 /// A_i = (R_i − mean_g R) / std_g R.
 pub fn advantages(rewards: &Tensor, k: i64, baseline: Baseline, scale: AdvantageScale) -> Result<Tensor> {
+    advantages_in(rewards, k, baseline, scale, &|v| Ok(v.to_vec()))
+}
+
+/// Sums of per-process values over the processes of a data-parallel run
+/// (the values themselves in one process).
+pub type GlobalSum<'a> = dyn Fn(&[f64]) -> Result<Vec<f64>> + 'a;
+
+/// [`advantages`] of one process's share of a batch (whole groups of `k`):
+/// the baselines and group scales stay within each group; whitening
+/// (`batch_std`) uses the mean and std of the whole batch, from the sums
+/// over processes that `sum` gives ([`whiten_in`]).
+pub fn advantages_in(
+    rewards: &Tensor,
+    k: i64,
+    baseline: Baseline,
+    scale: AdvantageScale,
+    sum: &GlobalSum,
+) -> Result<Tensor> {
     let centred = match baseline {
         Baseline::LeaveOneOut => rloo_advantages(rewards, k)?,
         Baseline::GroupMean => {
@@ -121,16 +139,30 @@ pub fn advantages(rewards: &Tensor, k: i64, baseline: Baseline, scale: Advantage
             let s = std.clamp_min(FLAT_GROUP_STD).expand([n / k, k], false).reshape([n]);
             centred / s.to_kind(rewards.kind()).to_device(rewards.device())
         }
-        AdvantageScale::BatchStd => whiten(&centred),
+        AdvantageScale::BatchStd => whiten_in(&centred, sum)?,
     };
     Ok(scaled.masked_fill(&flat, 0.0))
 }
 
-/// Whitens advantages over the batch: (A − mean) / (std + 1e-8).
+/// Whitens advantages over the batch: (A − mean) / (std + 1e-8), with the
+/// population std.
 pub fn whiten(a: &Tensor) -> Tensor {
     let mean = a.mean(Kind::Float);
     let std = a.std(false);
     (a - mean) / (std + 1e-8)
+}
+
+/// [`whiten`] of one process's share `a` of the batch: the mean and the
+/// population std are the whole batch's, summed in f64 over the processes
+/// by `sum` (two passes: the count and sum, then the squared deviations).
+pub fn whiten_in(a: &Tensor, sum: &GlobalSum) -> Result<Tensor> {
+    let v = Vec::<f64>::try_from(a.to_kind(Kind::Double).to_device(tch::Device::Cpu).flatten(0, -1))?;
+    let s = sum(&[v.len() as f64, v.iter().sum::<f64>()])?;
+    ensure!(s.len() == 2 && s[0] > 0.0, "whitening an empty batch");
+    let mean = s[1] / s[0];
+    let q = sum(&[v.iter().map(|x| (x - mean) * (x - mean)).sum::<f64>()])?;
+    let std = (q[0] / s[0]).sqrt();
+    Ok((a - mean) / (std + 1e-8))
 }
 
 /// How the per-token terms of the loss (the policy-gradient term and, in

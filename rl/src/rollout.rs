@@ -91,11 +91,13 @@ pub fn splitmix64(mut z: u64) -> u64 {
     z ^ (z >> 31)
 }
 
-/// The generation seed of one call: a pure function of the run's seed, the
-/// step, a salt (training or evaluation) and the chunk within the step, so a
-/// resumed run draws exactly what an uninterrupted one does.
-pub fn generation_seed(seed: u64, step: u64, salt: u64, chunk: u64) -> u64 {
-    splitmix64(seed ^ splitmix64(step ^ splitmix64(salt ^ splitmix64(chunk))))
+/// The generation seed of one sample: a pure function of the run's seed,
+/// the step, a salt (training or evaluation) and the sample's index in the
+/// step's global batch (prompt by prompt, k samples each), so a resumed run
+/// draws exactly what an uninterrupted one does, and a sample draws the
+/// same tokens whichever rank, or generation chunk, it falls in.
+pub fn generation_seed(seed: u64, step: u64, salt: u64, index: u64) -> u64 {
+    splitmix64(seed ^ splitmix64(step ^ splitmix64(salt ^ splitmix64(index))))
 }
 
 /// Salt of training rollouts' seeds.
@@ -105,8 +107,8 @@ pub const SALT_EVAL: u64 = 0x4556_414c;
 
 /// Samples `k` responses to each prompt (laid out prompt by prompt: the k
 /// samples of prompt 0, then of prompt 1, …) with the policy, in chunks of
-/// `sampling.batch_size` sequences, each chunk seeded by
-/// [`generation_seed`]`(seed, step, salt, chunk)`.
+/// `sampling.batch_size` sequences; sample `j` is seeded by
+/// [`generation_seed`]`(seed, step, salt, j)`.
 #[allow(clippy::too_many_arguments)]
 pub fn sample(
     policy: &Gemma,
@@ -119,7 +121,27 @@ pub fn sample(
     step: u64,
     salt: u64,
 ) -> Result<Vec<Rollout>> {
+    sample_from(policy, prompts, k, sampling, specials, tok, (seed, step, salt), 0)
+}
+
+/// [`sample`] for a share of a larger batch whose first sample has the
+/// global index `first` (a data-parallel rank's prompts): sample `j` of
+/// this share is seeded by [`generation_seed`]`(seed, step, salt, first +
+/// j)`, so the shares of all ranks draw what one process draws for the
+/// whole batch. `key` is `(seed, step, salt)`.
+#[allow(clippy::too_many_arguments)]
+pub fn sample_from(
+    policy: &Gemma,
+    prompts: &[Arc<Prompt>],
+    k: usize,
+    sampling: &Sampling,
+    specials: Specials,
+    tok: Option<&Tokenizer>,
+    key: (u64, u64, u64),
+    first: u64,
+) -> Result<Vec<Rollout>> {
     ensure!(k >= 1, "k must be at least 1");
+    let (seed, step, salt) = key;
     let n = prompts.len() * k;
     let chunk = if sampling.batch_size == 0 { n.max(1) } else { sampling.batch_size };
     let mut out = Vec::with_capacity(n);
@@ -127,18 +149,21 @@ pub fn sample(
         prompts.iter().enumerate().flat_map(|(g, p)| std::iter::repeat_n((g, p), k)).collect();
     for (c, rows) in flat.chunks(chunk).enumerate() {
         let ids: Vec<Vec<i64>> = rows.iter().map(|(_, p)| p.ids.clone()).collect();
+        let start = first + (c * chunk) as u64;
+        let seeds: Vec<u64> =
+            (0..rows.len() as u64).map(|j| generation_seed(seed, step, salt, start + j)).collect();
         let gcfg = GenerationConfig {
             max_new_tokens: sampling.max_new_tokens,
             temperature: sampling.temperature,
             top_k: sampling.top_k,
             top_p: sampling.top_p,
-            seed: generation_seed(seed, step, salt, c as u64),
+            seed: 0,
             eos_id: specials.eos,
             end_of_turn_id: Some(specials.end_of_turn),
             pad_id: specials.pad,
         };
-        let gens =
-            lm::generate(policy, &ids, &gcfg).with_context(|| format!("sampling rollouts of step {step}"))?;
+        let gens = lm::generate::generate_seeded(policy, &ids, &gcfg, &seeds)
+            .with_context(|| format!("sampling rollouts of step {step}"))?;
         for ((g, p), gen) in rows.iter().zip(gens) {
             let mut r = Rollout {
                 group: *g,

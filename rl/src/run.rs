@@ -203,8 +203,9 @@ fn run_claimed(
         true => (None, None),
         false => run.finish(&mut tr, &metrics_path)?,
     };
+    let main = run.s.dist.is_main();
     let summary = run.summary(&tr, resumed_from, done, model_dir, plot);
-    if !summary.stopped_early {
+    if !summary.stopped_early && main {
         fsio::write_atomic(
             &cfg.stage.output_dir.join("summary.json"),
             serde_json::to_string_pretty(&summary)?.as_bytes(),
@@ -295,8 +296,13 @@ impl Run<'_> {
                 stopped_early = true;
                 break;
             }
-            let batch = self.prompts.next_batch(&mut self.s.state, cfg.batch_size)?;
-            let (st, _) = tr.step(self.s.state.step, &batch)?;
+            // The step's global batch, in one process's order: `batch_size`
+            // prompts per rank, rank r taking the r-th share (its samples
+            // seeded by their global indices, see Trainer::rollouts).
+            let (rank, world) = (self.s.dist.rank, self.s.dist.world);
+            let batch = self.prompts.next_batch(&mut self.s.state, cfg.batch_size * world)?;
+            let mine = &batch[rank * cfg.batch_size..(rank + 1) * cfg.batch_size];
+            let (st, _) = tr.step(self.s.state.step, mine)?;
             self.s.state.step += 1;
             let mut row = serde_json::to_value(&st)?;
             row["epoch"] = serde_json::json!(self.s.state.epoch);
@@ -320,7 +326,9 @@ impl Run<'_> {
             return Ok(());
         }
         let (rep, samples) = tr.evaluate(step, &self.prompts.eval)?;
-        write_samples(&self.cfg.stage.output_dir, step, &samples, self.cfg.eval_samples)?;
+        if self.s.dist.is_main() {
+            write_samples(&self.cfg.stage.output_dir, step, &samples, self.cfg.eval_samples)?;
+        }
         // Logged once: not again when a run resumed at its last step redoes it.
         if self.s.log.kept_value(step, "eval_reward").is_none() {
             self.s.log.write(&eval_row(&rep))?;
@@ -353,6 +361,9 @@ impl Run<'_> {
         let tok = tr.tokenizer.as_ref().context("the trainer has no tokenizer to save")?;
         let adapter_dir = self.cfg.stage.output_dir.join("adapter");
         self.s.write_model(&tr.policy_weights, &tr.policy, &dir, &adapter_dir, &tr.policy.cfg, tok)?;
+        if !self.s.dist.is_main() {
+            return Ok((Some(dir), None));
+        }
         let png = self.cfg.stage.output_dir.join("rl.png");
         let plot = match plot_metrics(metrics_path, &png) {
             Ok(()) => Some(png),

@@ -4,7 +4,8 @@
 //! One step (see [`Trainer::step`]):
 //!
 //! 1. B prompts, k samples each from the policy (batched generation with the
-//!    KV cache; the seed is a pure function of the run's seed and the step);
+//!    KV cache; each sample's seed is a pure function of the run's seed, the
+//!    step and the sample's index in the step's global batch);
 //! 2. the reward r_i of each sample ([`RewardFn`]), optionally normalised by
 //!    a stored mean/std and clipped;
 //! 3. per-token log-probabilities of each response under the policy and the
@@ -30,6 +31,14 @@
 //!    and backpropagates the leaf's gradient through the chunks
 //!    ([`lm::chunked::token_logprobs_backward`]) and the model;
 //! 7. the adaptive KL controller, when a target KL is set.
+//!
+//! Data-parallel (launched by torchrun, [`lm::dist`]): each rank runs the
+//! step on its own share of the prompts (whole groups of k samples, seeded
+//! by their global indices); the reward, reference and old-policy passes
+//! see only its samples; whitening, the loss denominators, the clipped
+//! fraction, the KL the controller sees and every metric are sums (or
+//! maxima) over ranks; the gradients are summed by [`Updater::step`]. So
+//! N ranks with B prompts each compute the update of one process with N·B.
 
 use crate::config::{KlMode, RlConfig};
 use crate::control::KlController;
@@ -39,7 +48,8 @@ use crate::loss::{
 };
 use crate::reward::RewardFn;
 use crate::rollout::{self, Prompt, Rollout, Specials, TeacherBatch, SALT_EVAL, SALT_TRAIN};
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, ensure, Context, Result};
+use lm::dist::Dist;
 use lm::peft::TaskType;
 use lm::train::session::{Precision, Trainable, Updater};
 use lm::{chunked, Gemma, StopReason, Tokenizer};
@@ -203,8 +213,6 @@ struct Advantages {
     /// Advantages (baseline and scale as configured; zero in a flat
     /// group), (N,).
     adv: Tensor,
-    /// Whether each response ended with `<end_of_turn>`.
-    ended: Vec<bool>,
     /// Σ of the policy's per-token entropy over the response tokens, and
     /// their number.
     ent_sum: f64,
@@ -236,8 +244,13 @@ struct Times {
 }
 
 impl StepStats {
-    /// The metrics row of step `step` (0-based; recorded as `step + 1`).
+    /// The metrics row of step `step` (0-based; recorded as `step + 1`)
+    /// and the number of samples: over the whole batch of every rank in a
+    /// data-parallel run (sums, maxima and squared deviations summed over
+    /// ranks; the phase times are the slowest rank's).
+    #[allow(clippy::too_many_arguments)]
     fn of(
+        dist: &Dist,
         step: u64,
         rollouts: &[Rollout],
         raw: &[f64],
@@ -245,43 +258,71 @@ impl StepStats {
         beta: f64,
         upd: &UpdateStats,
         times: &Times,
-    ) -> Result<Self> {
-        let n = rollouts.len() as f64;
-        let rollout_tokens: usize = rollouts.iter().map(|r| r.response_ids.len()).sum();
+    ) -> Result<(Self, usize)> {
         let kl_v = to_vec(&adv.kl_seq)?;
-        let (reward_mean, reward_std, reward_min, reward_max) = stats(raw);
-        let (adv_mean, adv_std, adv_min, adv_max) = stats(&to_vec(&adv.adv)?);
+        let adv_v = to_vec(&adv.adv)?;
         let total_v = to_vec(&adv.total)?;
-        Ok(StepStats {
+        let sum = |v: &[f64]| v.iter().sum::<f64>();
+        let count = |f: &dyn Fn(&Rollout) -> bool| rollouts.iter().filter(|r| f(r)).count() as f64;
+        let local = [
+            rollouts.len() as f64,
+            sum(raw),
+            sum(&adv.processed),
+            sum(&total_v),
+            sum(&kl_v),
+            adv.tok_count,
+            adv.ent_sum,
+            rollouts.iter().map(|r| r.response_ids.len()).sum::<usize>() as f64,
+            count(&|r| r.ended()),
+            count(&|r| r.stop_reason == StopReason::Length),
+            sum(&adv_v),
+        ];
+        let g = dist.sum(&local)?;
+        let n = g[0].max(1.0);
+        let (reward_mean, adv_mean) = (g[1] / n, g[10] / n);
+        let fold = |v: &[f64], f: fn(f64, f64) -> f64, init: f64| v.iter().copied().fold(init, f);
+        let m = dist.max(&[
+            fold(raw, f64::max, f64::NEG_INFINITY),
+            -fold(raw, f64::min, f64::INFINITY),
+            fold(&adv_v, f64::max, f64::NEG_INFINITY),
+            -fold(&adv_v, f64::min, f64::INFINITY),
+            times.generate,
+            times.score,
+            times.update,
+        ])?;
+        let sq = |v: &[f64], mean: f64| v.iter().map(|x| (x - mean) * (x - mean)).sum::<f64>();
+        let q = dist.sum(&[sq(raw, reward_mean), sq(&adv_v, adv_mean)])?;
+        let rollout_tokens = g[7] as usize;
+        let st = StepStats {
             step: step + 1,
             reward_mean,
-            reward_std,
-            reward_min,
-            reward_max,
-            score_mean: adv.processed.iter().sum::<f64>() / n,
-            total_reward_mean: total_v.iter().sum::<f64>() / n,
-            kl: kl_v.iter().sum::<f64>() / n,
-            kl_per_token: kl_v.iter().sum::<f64>() / adv.tok_count.max(1.0),
+            reward_std: (q[0] / n).sqrt(),
+            reward_min: -m[1],
+            reward_max: m[0],
+            score_mean: g[2] / n,
+            total_reward_mean: g[3] / n,
+            kl: g[4] / n,
+            kl_per_token: g[4] / g[5].max(1.0),
             beta,
-            entropy: adv.ent_sum / adv.tok_count.max(1.0),
-            response_len: rollout_tokens as f64 / n,
-            ended_frac: adv.ended.iter().filter(|&&e| e).count() as f64 / n,
-            truncated_frac: rollouts.iter().filter(|r| r.stop_reason == StopReason::Length).count() as f64
-                / n,
+            entropy: g[6] / g[5].max(1.0),
+            response_len: g[7] / n,
+            ended_frac: g[8] / n,
+            truncated_frac: g[9] / n,
             adv_mean,
-            adv_std,
-            adv_min,
-            adv_max,
+            adv_std: (q[1] / n).sqrt(),
+            adv_min: -m[3],
+            adv_max: m[2],
             loss: upd.loss,
             grad_norm: upd.grad_norm,
             lr: upd.lr,
             clip_frac: upd.clip_frac,
-            time_generate: times.generate,
-            time_score: times.score,
-            time_update: times.update,
+            time_generate: m[4],
+            time_score: m[5],
+            time_update: m[6],
             rollout_tokens,
-            rollout_tokens_per_s: rollout_tokens as f64 / times.generate.max(1e-9),
-        })
+            rollout_tokens_per_s: rollout_tokens as f64 / m[4].max(1e-9),
+        };
+        Ok((st, g[0] as usize))
     }
 }
 
@@ -326,14 +367,6 @@ impl Trainer {
         };
         let mut policy_weights = Trainable::prepare(policy_vs, &mut policy, &cfg.stage, TaskType::CausalLm)?;
         let updater = Updater::new(&mut policy_weights, &cfg.stage.optim)?;
-        if updater.dist.world > 1 {
-            // Every rank would run the whole batch and the summed gradient
-            // would be world times the batch's (issue 14, item 3).
-            bail!(
-                "rl: data-parallel RL is not supported yet (launched with WORLD_SIZE={}); run the RL stage in one process (SFT and reward train data-parallel)",
-                updater.dist.world
-            );
-        }
         if cfg.kl_mode == KlMode::Loss && cfg.kl_estimator == KlEstimator::K1 && cfg.beta > 0.0 {
             eprintln!(
                 "warning: kl_mode = \"loss\" with the k1 estimator: its gradient is zero in expectation; use kl_estimator = \"k3\""
@@ -358,18 +391,27 @@ impl Trainer {
         Ok(Trainer { cfg, policy_weights, policy, reference, tokenizer, specials, updater, reward, kl, norm })
     }
 
-    /// Samples the step's rollouts (k per prompt) from the policy.
+    /// This process's place in a data-parallel run (one process unless
+    /// launched by torchrun).
+    pub fn dist(&self) -> &'static Dist {
+        self.updater.dist
+    }
+
+    /// Samples the step's rollouts (k per prompt) from the policy. In a
+    /// data-parallel run `prompts` is this rank's share of the step's
+    /// prompts (every rank has as many), and each sample is seeded by its
+    /// index in the global batch ([`rollout::sample_from`]).
     pub fn rollouts(&self, step: u64, prompts: &[Arc<Prompt>]) -> Result<Vec<Rollout>> {
-        rollout::sample(
+        let k = self.cfg.num_samples;
+        rollout::sample_from(
             &self.policy,
             prompts,
-            self.cfg.num_samples,
+            k,
             &self.cfg.sampling(),
             self.specials,
             self.tokenizer.as_ref(),
-            self.cfg.stage.seed,
-            step,
-            SALT_TRAIN,
+            (self.cfg.stage.seed, step, SALT_TRAIN),
+            (self.dist().rank * prompts.len() * k) as u64,
         )
     }
 
@@ -435,7 +477,16 @@ impl Trainer {
             // The update's forward gives the policy's log-probs, and the
             // advantages are computed there.
             true => None,
-            false => Some(advantages(&self.cfg, self.norm, &rollouts, &raw, &micro.batches, &lp, beta)?),
+            false => Some(advantages(
+                &self.cfg,
+                self.norm,
+                self.dist(),
+                &rollouts,
+                &raw,
+                &micro.batches,
+                &lp,
+                beta,
+            )?),
         };
         sync(device);
         let score = t1.elapsed().as_secs_f64();
@@ -447,8 +498,9 @@ impl Trainer {
         let adv = adv.context("the update computed no advantages")?;
 
         let times = Times { generate, score, update };
-        let st = StepStats::of(step, &rollouts, &raw, &adv, beta, &upd, &times)?;
-        self.kl.update(st.kl, rollouts.len());
+        let (st, samples) = StepStats::of(self.dist(), step, &rollouts, &raw, &adv, beta, &upd, &times)?;
+        // The whole batch's KL and size (every rank updates β alike).
+        self.kl.update(st.kl, samples);
         Ok((st, rollouts))
     }
 
@@ -501,12 +553,12 @@ impl Trainer {
         let total_opt_steps = self.cfg.steps * updates as u64;
         let (mut loss_sum, mut gnorm, mut lr) = (0.0, 0.0, 0.0);
         let mut clip = ClipCount::default();
-        // The whole batch's sizes: each micro-batch's loss is normalised by
-        // them, so the accumulated gradient is that of the whole batch.
-        let sizes = BatchSize {
-            sequences: micro.n as f64,
-            tokens: micro.batches.iter().map(|b| BatchSize::of(&b.mask).tokens).sum(),
-        };
+        // The whole batch's sizes (over every rank of a data-parallel run):
+        // each micro-batch's loss is normalised by them, so the accumulated
+        // (and summed over ranks) gradient is that of the whole batch.
+        let local = [micro.n as f64, micro.batches.iter().map(|b| BatchSize::of(&b.mask).tokens).sum()];
+        let global = self.updater.global_sums(&local)?;
+        let sizes = BatchSize { sequences: global[0], tokens: global[1] };
         // The adapters' dropout applies to the update's passes only.
         let _training = Training::on(&self.policy);
         for _ in 0..updates {
@@ -516,6 +568,7 @@ impl Trainer {
                 beta: self.kl.beta,
                 norm: self.norm,
                 sizes,
+                dist: self.updater.dist,
             };
             let r = self.updater.step(micro.batches.len(), total_opt_steps, step, |i| {
                 micro_step(&ctx, micro, i, scored, lp, adv, &mut clip)
@@ -523,11 +576,12 @@ impl Trainer {
             (lr, gnorm) = (r.lr, r.grad_norm);
             loss_sum += r.loss;
         }
+        let c = self.updater.global_sums(&[clip.clipped, clip.counted])?;
         Ok(UpdateStats {
             loss: loss_sum / updates as f64,
             grad_norm: gnorm,
             lr,
-            clip_frac: if clip.counted > 0.0 { clip.clipped / clip.counted } else { 0.0 },
+            clip_frac: if c[1] > 0.0 { c[0] / c[1] } else { 0.0 },
         })
     }
 
@@ -541,18 +595,27 @@ impl Trainer {
     ) -> Result<(EvalReport, Vec<(Rollout, f64)>)> {
         let mut sampling = self.cfg.sampling();
         sampling.temperature = self.cfg.eval_temperature.unwrap_or(self.cfg.temperature);
-        let rollouts = rollout::sample(
+        // A data-parallel run splits the prompts into contiguous shares, one
+        // per rank, and gathers every rank's samples and rewards.
+        let dist = self.dist();
+        let share = prompts.len().div_ceil(dist.world);
+        let lo = (dist.rank * share).min(prompts.len());
+        let hi = (lo + share).min(prompts.len());
+        let rollouts = rollout::sample_from(
             &self.policy,
-            prompts,
+            &prompts[lo..hi],
             1,
             &sampling,
             self.specials,
             self.tokenizer.as_ref(),
-            self.cfg.stage.seed,
-            0,
-            SALT_EVAL,
+            (self.cfg.stage.seed, 0, SALT_EVAL),
+            lo as u64,
         )?;
         let rewards = if rollouts.is_empty() { vec![] } else { self.score(&rollouts)? };
+        let (rollouts, rewards) = match dist.world {
+            1 => (rollouts, rewards),
+            _ => self.gather_eval(prompts, share, &rollouts, &rewards)?,
+        };
         let n = rollouts.len().max(1) as f64;
         let (reward_mean, reward_std, _, _) = stats(&rewards);
         let mut cats: BTreeMap<String, (f64, usize)> = BTreeMap::new();
@@ -575,6 +638,66 @@ impl Trainer {
             per_category: cats.into_iter().map(|(c, (s, m))| (c, s / m as f64)).collect(),
         };
         Ok((report, rollouts.into_iter().zip(rewards).collect()))
+    }
+}
+
+impl Trainer {
+    /// Every rank's evaluation samples and rewards, in prompt order: rank
+    /// r's `rollouts` answer `prompts[r·share..]`. Each sample travels as
+    /// one row of numbers (reward, stop reason, length, token ids) and is
+    /// rebuilt, its text decoded, on every rank (without the sampling
+    /// log-probs, which evaluation does not use).
+    fn gather_eval(
+        &self,
+        prompts: &[Arc<Prompt>],
+        share: usize,
+        rollouts: &[Rollout],
+        rewards: &[f64],
+    ) -> Result<(Vec<Rollout>, Vec<f64>)> {
+        const HEAD: usize = 4; // valid, reward, stop reason, length
+        let width = HEAD + self.cfg.max_new_tokens;
+        let mut rows = vec![0f64; share.max(1) * width];
+        for (j, (r, &x)) in rollouts.iter().zip(rewards).enumerate() {
+            let row = &mut rows[j * width..(j + 1) * width];
+            let stop = match r.stop_reason {
+                StopReason::Eos => 0.0,
+                StopReason::EndOfTurn => 1.0,
+                StopReason::Length => 2.0,
+            };
+            ensure!(r.response_ids.len() <= self.cfg.max_new_tokens, "a response longer than max_new_tokens");
+            row[..HEAD].copy_from_slice(&[1.0, x, stop, r.response_ids.len() as f64]);
+            for (d, &id) in row[HEAD..].iter_mut().zip(&r.response_ids) {
+                *d = id as f64;
+            }
+        }
+        let local = Tensor::from_slice(&rows).view([share.max(1) as i64, width as i64]);
+        let all = self.dist().all_gather_cat(&local)?; // (world · share, width)
+        let all = Vec::<f64>::try_from(all.to_kind(Kind::Double).flatten(0, -1))?;
+        let (mut out, mut out_rewards) = (vec![], vec![]);
+        for (i, row) in all.chunks(width).enumerate() {
+            if row[0] != 1.0 || i >= prompts.len() {
+                continue;
+            }
+            let len = row[3] as usize;
+            let mut r = Rollout {
+                group: i,
+                prompt: Arc::clone(&prompts[i]),
+                response_ids: row[HEAD..HEAD + len].iter().map(|&v| v as i64).collect(),
+                sample_logprobs: vec![],
+                text: String::new(),
+                stop_reason: match row[2] as i64 {
+                    0 => StopReason::Eos,
+                    1 => StopReason::EndOfTurn,
+                    _ => StopReason::Length,
+                },
+            };
+            if let Some(t) = &self.tokenizer {
+                r.text = rollout::decode(t, r.content())?;
+            }
+            out.push(r);
+            out_rewards.push(row[1]);
+        }
+        Ok((out, out_rewards))
     }
 }
 
@@ -614,9 +737,11 @@ fn process(cfg: &RlConfig, norm: Option<(f64, f64)>, raw: &[f64]) -> Vec<f64> {
 /// Per-sample KL, sequence rewards R = score − β_r·KL − penalty, and the
 /// advantages over each prompt's k samples (`baseline`, then `scale`;
 /// zero for a group of equal rewards), all (N,).
+#[allow(clippy::too_many_arguments)]
 fn advantages(
     cfg: &RlConfig,
     norm: Option<(f64, f64)>,
+    dist: &Dist,
     rollouts: &[Rollout],
     raw: &[f64],
     batches: &[TeacherBatch],
@@ -641,8 +766,10 @@ fn advantages(
     let beta_r = if cfg.kl_mode == KlMode::Reward { beta } else { 0.0 };
     let total = sequence_rewards(&score, &kl_seq.unsqueeze(-1), beta_r, &ended_t, cfg.missing_eot_penalty); // (N,)
     let k = cfg.num_samples as i64;
-    let adv = loss::advantages(&total, k, cfg.baseline, cfg.advantage_scale())?; // (N,)
-    Ok(Advantages { kl_seq, processed, total, adv, ended, ent_sum, tok_count })
+    // Baselines within each group (a group's k samples are on one rank);
+    // whitening over the whole batch of every rank.
+    let adv = loss::advantages_in(&total, k, cfg.baseline, cfg.advantage_scale(), &|v| dist.sum(v))?; // (N,)
+    Ok(Advantages { kl_seq, processed, total, adv, ent_sum, tok_count })
 }
 
 /// What every micro-batch of an update shares.
@@ -655,6 +782,8 @@ struct MicroContext<'a> {
     norm: Option<(f64, f64)>,
     /// The whole batch's sizes, which every micro-batch's loss is normalised by.
     sizes: BatchSize,
+    /// The data-parallel context (whitening over every rank's samples).
+    dist: &'a Dist,
 }
 
 /// Micro-batch `i`'s forward and backward: [`Gemma::forward_backward`]
@@ -689,7 +818,7 @@ fn micro_step(
         if first {
             lp.old.push(logp.detach());
             lp.entropy.push(b.scatter(&ent.context("entropy requested")?)?);
-            *adv = Some(advantages(cfg, ctx.norm, rollouts, raw, &micro.batches, lp, ctx.beta)?);
+            *adv = Some(advantages(cfg, ctx.norm, ctx.dist, rollouts, raw, &micro.batches, lp, ctx.beta)?);
         }
         let a = adv.as_ref().context("no advantages")?.adv.narrow(0, range.start as i64, range.len() as i64); // (n,)
         let leaf = logp.detach().set_requires_grad(true);

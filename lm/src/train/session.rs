@@ -27,6 +27,8 @@ use crate::safetensors_io::WeightReader;
 use crate::stage_settings::StageSettings;
 use crate::tokenizer::Tokenizer;
 use anyhow::{bail, Context, Result};
+use rand::{RngCore, SeedableRng};
+use rand_chacha::ChaCha8Rng;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use tch::{nn, Kind, Tensor};
@@ -136,8 +138,9 @@ impl Trainable {
             vs.set_kind(precision.base);
         }
         let adapters = nn::VarStore::new(vs.device());
-        // LoRA dropout draws per rank (rank 0's are a single process's).
-        model.attach_lora(&adapters.root(), &cfg, rank_seed(s.seed, crate::dist::env_rank()))?;
+        // The adapters start alike on every rank (a data-parallel run trains
+        // one model); LoRA dropout draws per rank (see Updater::step).
+        model.attach_lora(&adapters.root(), &cfg, s.seed)?;
         if let (Some(f), Some(dir)) = (&start, &s.adapter) {
             model.load_adapter_tensors(&f.tensors, dir)?;
             // A SEQ_CLS adapter carries the reward head (PEFT's modules_to_save).
@@ -195,10 +198,45 @@ impl Trainable {
     }
 }
 
-/// `seed` for rank `rank`'s own randomness (LoRA dropout, RL sampling):
-/// `seed` itself on rank 0 (and in a single process), distinct per rank.
+/// `seed` for rank `rank`'s own randomness (its [`RankRng`] stream: LoRA
+/// dropout): `seed` itself on rank 0 (and in a single process), distinct
+/// per rank.
 pub fn rank_seed(seed: u64, rank: usize) -> u64 {
     seed ^ (rank as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15)
+}
+
+/// One rank's random stream for what an update draws from torch's
+/// generator (LoRA dropout): a ChaCha8 stream keyed by the stage's seed and
+/// the rank ([`rank_seed`]). Before each update, [`Updater::step`] reseeds
+/// torch's generator with the stream's next word, so the masks are a
+/// function of the stream's position alone. torch's own generator state
+/// cannot be saved through tch; this position can: checkpoints record each
+/// rank's ([`TrainerState::rank_rng`]) and a resumed run continues from it,
+/// drawing the masks an uninterrupted run draws.
+pub struct RankRng {
+    rng: ChaCha8Rng,
+}
+
+impl RankRng {
+    /// Rank `rank`'s stream for a stage seeded by `seed`, at its start.
+    pub fn new(seed: u64, rank: usize) -> Self {
+        RankRng { rng: ChaCha8Rng::seed_from_u64(rank_seed(seed, rank)) }
+    }
+
+    /// The stream's position (ChaCha words drawn).
+    pub fn word_pos(&self) -> u128 {
+        self.rng.get_word_pos()
+    }
+
+    /// Moves the stream to `pos` ([`RankRng::word_pos`]).
+    pub fn set_word_pos(&mut self, pos: u128) {
+        self.rng.set_word_pos(pos);
+    }
+
+    /// Reseeds torch's generator with the stream's next word.
+    fn reseed_torch(&mut self) {
+        tch::manual_seed((self.rng.next_u64() >> 1) as i64);
+    }
 }
 
 /// What the session needs to know about the stage.
@@ -239,6 +277,9 @@ pub struct Updater {
     /// This process's place in a data-parallel run (one process unless
     /// launched by torchrun).
     pub dist: &'static Dist,
+    /// This rank's random stream (set by [`Session::start`]; without it
+    /// torch's generator is left as it is).
+    pub rng: Option<RankRng>,
 }
 
 impl Updater {
@@ -247,7 +288,7 @@ impl Updater {
         let mut opt = AdamW::from_vars(t.trained(), optim)?;
         opt.set_masters(std::mem::take(&mut t.exact))?;
         let dist = crate::dist::init(t.base.device())?;
-        Ok(Updater { opt, optim: optim.clone(), ckpt_root: None, dist })
+        Ok(Updater { opt, optim: optim.clone(), ckpt_root: None, dist, rng: None })
     }
 
     /// The sum of `v` over the ranks of a data-parallel run (`v` in one
@@ -285,6 +326,9 @@ impl Updater {
         mut f: impl FnMut(usize) -> Result<f64>,
     ) -> Result<StepResult> {
         self.opt.zero_grad();
+        if let Some(r) = &mut self.rng {
+            r.reseed_torch();
+        }
         let mut loss = 0.0;
         let non_finite = |v: f64, root: &Option<PathBuf>| match root {
             Some(root) => super::non_finite_loss(v, step + 1, root),
@@ -348,6 +392,7 @@ impl Session {
             epoch: 0,
             batch_in_epoch: 0,
             rng_word_pos: "0".into(),
+            rank_rng: vec![],
             config_hash: spec.config_hash,
             extra: spec.extra,
         };
@@ -356,6 +401,7 @@ impl Session {
             Some(_) => resume_lora(&ckpt_root, t, model, &mut up.opt, fresh)?,
         };
         let dist = up.dist;
+        up.rng = Some(rank_rng(&state, s.seed, dist, resumed_from.is_some())?);
         let metrics = s.output_dir.join("metrics.jsonl");
         let (log, progress) = if dist.is_main() {
             std::fs::create_dir_all(&s.output_dir)?;
@@ -397,10 +443,16 @@ impl Session {
         tok: &Tokenizer,
         extra_files: &[(&str, Vec<u8>)],
     ) -> Result<PathBuf> {
+        // Each rank's random stream position, in rank order.
+        let pos = up.rng.as_ref().map_or(0, RankRng::word_pos);
+        let all = self.dist.all_gather_cat(&Tensor::from_slice(&[i64::try_from(pos)?]))?;
+        let mut state = self.state.clone();
+        state.rank_rng = Vec::<i64>::try_from(all)?.iter().map(|p| p.to_string()).collect();
+        state.rng_word_pos = pos.to_string();
         // Rank 0 writes (every rank holds the same weights and state); the
         // others wait for the checkpoint to be complete.
         let dir = if self.dist.is_main() {
-            self.save_here(t, up, cfg, tok, extra_files)?
+            self.save_here(&state, t, up, cfg, tok, extra_files)?
         } else {
             super::step_dir(&self.ckpt_root, self.state.step)
         };
@@ -410,6 +462,7 @@ impl Session {
 
     fn save_here(
         &self,
+        state: &TrainerState,
         t: &Trainable,
         up: &Updater,
         cfg: &GemmaConfig,
@@ -423,7 +476,7 @@ impl Session {
                 cfg,
                 tok,
                 &up.opt,
-                &self.state,
+                state,
                 self.architecture,
                 self.settings.keep_last,
                 extra_files,
@@ -432,14 +485,7 @@ impl Session {
         super::check_finite_weights(&l.vs)?;
         let dir = super::step_dir(&self.ckpt_root, self.state.step);
         t.save_adapter(l, &dir)?;
-        super::finish_checkpoint(
-            &self.ckpt_root,
-            &dir,
-            &up.opt,
-            &self.state,
-            self.settings.keep_last,
-            extra_files,
-        )
+        super::finish_checkpoint(&self.ckpt_root, &dir, &up.opt, state, self.settings.keep_last, extra_files)
     }
 
     /// Writes the trained model as a complete Hugging Face checkpoint in
@@ -478,6 +524,33 @@ impl Session {
         checkpoint::save_source(dir, &merged, cfg, tok, &opts)?;
         t.save_adapter(l, adapter_dir)
     }
+}
+
+/// This rank's random stream: at the position the checkpoint of `state`
+/// recorded for it when the run `resumed`, else at its start. A checkpoint
+/// written by another number of ranks (or before positions were recorded)
+/// restarts the streams, with a note.
+fn rank_rng(state: &TrainerState, seed: u64, dist: &Dist, resumed: bool) -> Result<RankRng> {
+    let mut r = RankRng::new(seed, dist.rank);
+    if !resumed {
+        return Ok(r);
+    }
+    if state.rank_rng.len() != dist.world {
+        if dist.is_main() {
+            eprintln!(
+                "note: the checkpoint records the random streams of {} rank(s), this run has {}; the streams (LoRA dropout) restart",
+                state.rank_rng.len(),
+                dist.world
+            );
+        }
+        return Ok(r);
+    }
+    let text = &state.rank_rng[dist.rank];
+    let pos = text.parse::<u128>().with_context(|| {
+        format!("the checkpoint's rank_rng[{}] ({text:?}) is not a stream position", dist.rank)
+    })?;
+    r.set_word_pos(pos);
+    Ok(r)
 }
 
 /// Resumes a LoRA run from the newest checkpoint under `root` (a PEFT
