@@ -52,24 +52,27 @@ pub fn seeded_uniform(shape: &[i64], bound: f64, seed: u64, name: &str) -> Tenso
     Tensor::from_slice(&out).reshape(shape)
 }
 
-/// Whether a Gemma variable is an RMSNorm scale (initialised to zero, since
-/// the norm multiplies by `1 + weight`).
+/// Whether a Gemma variable is an RMSNorm scale (initialised to the norm's
+/// identity: 0 for Gemma 1–3's `1 + weight`, 1 for Gemma 4's `weight`).
 fn is_norm(name: &str) -> bool {
     name.ends_with("norm.weight")
 }
 
-/// Re-initialises every variable of `vs` from `seed`: RMSNorm scales to
-/// zero, every other tensor (embeddings, projections, heads) from
-/// normal(0, `std`) — what [`crate::Gemma::new`] does, made reproducible.
+/// Re-initialises the variables of a freshly built model `vs` from `seed`:
+/// every tensor (embeddings, projections, heads) from normal(0, `std`) but
+/// the RMSNorm scales and the buffers (Gemma 4's `layer_scalar`, not
+/// trained), which keep the identity the model's constructor gave them (0
+/// for `1 + w` norms; 1 for Gemma 4's `w` norms and layer scalars, as
+/// transformers initialises them) — what [`crate::Gemma::new`] does, made
+/// reproducible.
 pub fn init_seeded(vs: &nn::VarStore, std: f64, seed: u64) -> Result<()> {
     let vars = vs.variables();
     let _guard = tch::no_grad_guard();
     for (name, mut var) in vars {
-        let fresh = if is_norm(&name) {
-            var.zeros_like()
-        } else {
-            seeded_normal(&var.size(), std, seed, &name).to_device(var.device()).to_kind(var.kind())
-        };
+        if is_norm(&name) || !var.requires_grad() {
+            continue;
+        }
+        let fresh = seeded_normal(&var.size(), std, seed, &name).to_device(var.device()).to_kind(var.kind());
         var.f_copy_(&fresh).with_context(|| format!("initialising {name}"))?;
     }
     Ok(())
@@ -121,5 +124,27 @@ mod tests {
                 assert_eq!(t.abs().sum(Kind::Float).double_value(&[]), 0.0, "{name}");
             }
         }
+    }
+
+    #[test]
+    fn gemma4_norms_and_layer_scalars_start_at_one() {
+        // transformers: Gemma 4's norms multiply by w, initialised to 1, and
+        // layer_scalar is a buffer of ones (modeling_gemma4.py's _init_weights).
+        let cfg = crate::GemmaConfig::preset("tiny-gemma4").unwrap();
+        let vs = nn::VarStore::new(tch::Device::Cpu);
+        let _m = crate::Gemma::new(&vs.root(), &cfg).unwrap();
+        init_seeded(&vs, cfg.initializer_range, 3).unwrap();
+        let vars = vs.variables();
+        let (mut norms, mut scalars) = (0, 0);
+        for (name, t) in &vars {
+            if is_norm(name) || name.ends_with("layer_scalar") {
+                assert!(t.eq(1.0).all().int64_value(&[]) == 1, "{name}");
+                norms += is_norm(name) as usize;
+                scalars += name.ends_with("layer_scalar") as usize;
+            }
+        }
+        assert!(norms > 0 && scalars == 6, "{norms} norms, {scalars} layer scalars");
+        let emb = &vars["model.embed_tokens.weight"];
+        assert!((emb.std(true).double_value(&[]) - 0.02).abs() < 2e-3);
     }
 }
