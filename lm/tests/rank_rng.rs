@@ -34,8 +34,7 @@ fn train(out: &Path, until: u64) -> (Vec<(String, Tensor)>, Option<u64>) {
     let s = settings(out);
     let loaded = load_causal_lm(&s.model, Device::Cpu, Kind::Float).unwrap();
     let mut model = loaded.model;
-    let t = Trainable::prepare(loaded.vs, &mut model, &s, TaskType::CausalLm).unwrap();
-    let mut t = t;
+    let mut t = Trainable::prepare(loaded.vs, &mut model, &s, TaskType::CausalLm).unwrap();
     let mut up = Updater::new(&mut t, &s.optim).unwrap();
     let spec = SessionSpec {
         name: "test",
@@ -48,7 +47,6 @@ fn train(out: &Path, until: u64) -> (Vec<(String, Tensor)>, Option<u64>) {
     };
     let mut session = Session::start(spec, &t, &model, &mut up).unwrap();
     let resumed = session.resumed_from;
-    up.opt.t = session.state.step;
     let ids = Tensor::from_slice(&[2i64, 17, 9, 41, 5, 33, 8, 12]).view([2, 4]);
     let pos = Tensor::arange(4, (Kind::Int64, Device::Cpu)).unsqueeze(0).expand([2, 4], true);
     model.set_training(true);
@@ -63,7 +61,7 @@ fn train(out: &Path, until: u64) -> (Vec<(String, Tensor)>, Option<u64>) {
         })
         .unwrap();
         session.state.step += 1;
-        if session.state.step % 2 == 0 {
+        if session.state.step.is_multiple_of(2) {
             session.save(&t, &up, &model.cfg, &loaded.tokenizer, &[]).unwrap();
         }
     }
