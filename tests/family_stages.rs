@@ -88,6 +88,8 @@ fn loads_back(dir: &Path, model_type: &str) {
     let logits = loaded.model.forward(&ids).unwrap();
     assert_eq!(logits.size()[..2], [1, 40]);
     assert_eq!(logits.isfinite().all().int64_value(&[]), 1, "{}", dir.display());
+    // Not a dead model (norm scales of 0 in Gemma 4's `w` norms make every logit 0).
+    assert!(logits.std(true).double_value(&[]) > 1e-4, "{}: constant logits", dir.display());
 }
 
 /// A running `align serve`, killed and reaped when dropped.
