@@ -8,6 +8,7 @@ use lm::reference::Reference;
 use lm::{GemmaConfig, GenerationConfig};
 use std::time::Instant;
 
+mod family;
 mod lora;
 mod util;
 
@@ -16,15 +17,24 @@ use util::{median, peak_rss_mib, scripts_dir};
 
 #[derive(Args, Clone, Debug)]
 pub struct GenerateBench {
-    /// Model preset (random weights).
-    #[arg(long, default_value = "small-20m")]
-    pub preset: String,
-    #[arg(long, default_value_t = 8)]
-    pub batch: i64,
-    #[arg(long, default_value_t = 32)]
-    pub prompt_len: i64,
-    #[arg(long, default_value_t = 64)]
-    pub new_tokens: usize,
+    /// The family member: `gemma` (a preset, a random model on each side),
+    /// or `gemma2` / `gemma3`: their bench shapes (sliding windows of 512),
+    /// the weights align makes loaded by transformers, greedy ids compared,
+    /// KV-cache bytes reported.
+    #[arg(long, default_value = "gemma")]
+    pub family: String,
+    /// Model preset for `--family gemma` (random weights; default small-20m).
+    #[arg(long)]
+    pub preset: Option<String>,
+    /// Default: 8 (gemma), 1 (gemma2, gemma3).
+    #[arg(long)]
+    pub batch: Option<i64>,
+    /// Default: 32 (gemma), 2048 (gemma2, gemma3).
+    #[arg(long)]
+    pub prompt_len: Option<i64>,
+    /// Default: 64 (gemma), 256 (gemma2, gemma3).
+    #[arg(long)]
+    pub new_tokens: Option<i64>,
     /// Timed runs after one warm-up, alternating with the reference's; the
     /// medians are reported.
     #[arg(long, default_value_t = 5)]
@@ -37,6 +47,11 @@ pub struct GenerateBench {
     /// project venv, then python3). `--python none` skips the reference.
     #[arg(long)]
     pub python: Option<String>,
+    /// gemma2 / gemma3: before the rounds, time align's parts apart (the
+    /// inference layout, the prefill whole and in window-sized chunks, one
+    /// decoding step).
+    #[arg(long)]
+    pub profile: bool,
 }
 
 #[derive(Args, Clone, Debug)]
@@ -320,7 +335,14 @@ struct MatmulFloor {
 }
 
 impl MatmulFloor {
-    fn new(cfg: &GemmaConfig, b: &GenerateBench, device: tch::Device, kind: tch::Kind) -> Self {
+    fn new(
+        cfg: &GemmaConfig,
+        batch: i64,
+        prompt_len: i64,
+        new_tokens: usize,
+        device: tch::Device,
+        kind: tch::Kind,
+    ) -> Self {
         let o = (kind, device);
         let (h, i, d) = (cfg.hidden_size, cfg.intermediate_size, cfg.head_dim());
         let (nh, nkv) = (cfg.num_attention_heads, cfg.num_kv_heads());
@@ -344,11 +366,11 @@ impl MatmulFloor {
         MatmulFloor {
             layers,
             head: tch::Tensor::randn([h, cfg.vocab_size], o),
-            prefill: inputs(b.batch * b.prompt_len),
-            step: inputs(b.batch),
+            prefill: inputs(batch * prompt_len),
+            step: inputs(batch),
             device,
-            batch: b.batch,
-            new_tokens: b.new_tokens,
+            batch,
+            new_tokens,
         }
     }
 
@@ -380,21 +402,31 @@ impl MatmulFloor {
 }
 
 fn bench_generate(b: &GenerateBench) -> Result<()> {
+    if b.family != "gemma" {
+        return family::run(b, &b.family);
+    }
+    let preset = b.preset.as_deref().unwrap_or("small-20m");
+    let (batch, prompt_len, new_tokens) =
+        (b.batch.unwrap_or(8), b.prompt_len.unwrap_or(32), b.new_tokens.unwrap_or(64));
+    if new_tokens < 0 {
+        bail!("--new-tokens must not be negative");
+    }
+    let new_tokens = new_tokens as usize;
     let device = parse_device(&b.device)?;
     let kind = parse_dtype(&b.dtype)?;
-    let cfg = GemmaConfig::preset(&b.preset)?;
-    if b.repeats == 0 || b.batch < 1 || b.prompt_len < 1 {
+    let cfg = GemmaConfig::preset(preset)?;
+    if b.repeats == 0 || batch < 1 || prompt_len < 1 {
         bail!("--repeats, --batch and --prompt-len must be at least 1");
     }
     tch::manual_seed(0);
     let mut vs = tch::nn::VarStore::new(device);
     let model = lm::Gemma::new(&vs.root(), &cfg)?;
     vs.set_kind(kind);
-    let prompts: Vec<Vec<i64>> = (0..b.batch)
-        .map(|r| (0..b.prompt_len).map(|i| 10 + (r * 7919 + i * 104729) % (cfg.vocab_size - 10)).collect())
+    let prompts: Vec<Vec<i64>> = (0..batch)
+        .map(|r| (0..prompt_len).map(|i| 10 + (r * 7919 + i * 104729) % (cfg.vocab_size - 10)).collect())
         .collect();
     let gcfg = GenerationConfig {
-        max_new_tokens: b.new_tokens,
+        max_new_tokens: new_tokens,
         temperature: 0.0,
         top_k: None,
         top_p: None,
@@ -403,12 +435,12 @@ fn bench_generate(b: &GenerateBench) -> Result<()> {
         end_of_turn_id: None,
         pad_id: 0,
     };
-    let tokens = (b.batch as usize * b.new_tokens) as f64;
+    let tokens = (batch as usize * new_tokens) as f64;
     let mut reference = match b.python.as_deref() {
         Some("none") => None,
         other => {
             let args = serde_json::json!({
-                "config": cfg, "batch": b.batch, "prompt_len": b.prompt_len, "new_tokens": b.new_tokens,
+                "config": cfg, "batch": batch, "prompt_len": prompt_len, "new_tokens": new_tokens,
                 "device": if device.is_cuda() { "cuda" } else { "cpu" },
                 "dtype": b.dtype, "threads": tch::get_num_threads(),
             });
@@ -416,7 +448,7 @@ fn bench_generate(b: &GenerateBench) -> Result<()> {
         }
     };
     lm::generate(&model, &prompts, &gcfg)?; // warm-up
-    let floor = MatmulFloor::new(&cfg, b, device, kind);
+    let floor = MatmulFloor::new(&cfg, batch, prompt_len, new_tokens, device, kind);
     floor.time()?; // warm-up
 
     // Interleaved (align, the matmuls alone, transformers, again), so that
@@ -426,7 +458,7 @@ fn bench_generate(b: &GenerateBench) -> Result<()> {
         let t0 = Instant::now();
         let out = lm::generate(&model, &prompts, &gcfg)?;
         times.push(t0.elapsed().as_secs_f64());
-        debug_assert!(out.iter().all(|g| g.tokens.len() == b.new_tokens));
+        debug_assert!(out.iter().all(|g| g.tokens.len() == new_tokens));
         floor_times.push(floor.time()?);
         if let Some(r) = reference.as_mut() {
             ref_times.push(r.time()?);
@@ -436,11 +468,11 @@ fn bench_generate(b: &GenerateBench) -> Result<()> {
     let floor_tps = tokens / median(floor_times);
     println!(
         "model {} ({:.1}M params), batch {}, prompt {}, new {}, {:?} {}, threads {}, {} interleaved rounds",
-        b.preset,
+        preset,
         cfg.num_parameters() as f64 / 1e6,
-        b.batch,
-        b.prompt_len,
-        b.new_tokens,
+        batch,
+        prompt_len,
+        new_tokens,
         device,
         b.dtype,
         tch::get_num_threads(),

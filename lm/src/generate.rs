@@ -262,6 +262,57 @@ pub fn generate_seeded(
     generate_core(model, wt.as_ref(), prompts, cfg, 0, Some(seeds), |_, _| true)
 }
 
+/// The prompt through the model into `cache`; the final hidden states
+/// (B, C, H) of its last C positions. With sliding-window layers and a
+/// prompt longer than the smallest window W, the prompt goes in chunks of
+/// W positions: each chunk's sliding layers then attend over W cached and W
+/// new keys (2·W per query instead of the whole prompt and the empty
+/// ring), and the full layers over the positions so far, aligned
+/// bottom-right. The same attention as one pass (keys outside a query's
+/// window or in its future are masked either way), less of it computed:
+/// a 2048-token prompt with windows of 512 (`align bench generate --family
+/// gemma3 --profile`) prefilled 1.2–1.7× faster than in one pass on the
+/// 2-core machine.
+/// `mask` (B, 1, P, P) or None, as for one pass.
+fn prefill(
+    model: &Gemma,
+    ids: &Tensor,
+    positions: &Tensor,
+    mask: Option<&Tensor>,
+    cache: &mut KvCache,
+    wt: Option<&InferenceWeights>,
+) -> Result<Tensor> {
+    let plen = ids.size()[1];
+    let specs = crate::family::layer_specs(&model.cfg, model.cfg.family()?)?;
+    let window = specs
+        .iter()
+        .filter_map(|s| match s.span {
+            crate::family::Span::Sliding(w) => Some(w),
+            crate::family::Span::Full => None,
+        })
+        .min();
+    let chunk = match window {
+        Some(w) if w >= 1 && plen > w => w,
+        _ => return model.forward_hidden_with(ids, positions, mask, Some(cache), wt),
+    };
+    let mut hidden = None;
+    let mut c0 = 0;
+    while c0 < plen {
+        let n = chunk.min(plen - c0);
+        // The chunk's rows of the prompt's mask, over every position so far.
+        let m = mask.map(|m| m.narrow(2, c0, n).narrow(3, 0, c0 + n));
+        hidden = Some(model.forward_hidden_with(
+            &ids.narrow(1, c0, n),
+            &positions.narrow(1, c0, n),
+            m.as_ref(),
+            Some(cache),
+            wt,
+        )?);
+        c0 += n;
+    }
+    hidden.ok_or_else(|| anyhow::anyhow!("empty prompt"))
+}
+
 /// [`generate_detailed`], with per-row random streams when `seeds` is given
 /// (one stream seeded by `cfg.seed` for the whole batch otherwise).
 fn generate_core<F>(
@@ -322,9 +373,9 @@ where
     // to every cached key) needs no mask: the fast path.
     let padded = prompts.iter().any(|p| p.len() as i64 != plen);
     let mask = if padded { Some(padded_causal_mask(&valid_p, plen)?) } else { None }; // (B, 1, P, P)
-    let hidden = model.forward_hidden_with(&ids, &positions, mask.as_ref(), Some(&mut cache), wt)?;
-    let mut logits =
-        model.logits_with(&hidden.narrow(1, plen - 1, 1), wt).squeeze_dim(1).to_kind(Kind::Float); // (B, V)
+    let hidden = prefill(model, &ids, &positions, mask.as_ref(), &mut cache, wt)?; // (B, C, H)
+    let last = hidden.size()[1] - 1;
+    let mut logits = model.logits_with(&hidden.narrow(1, last, 1), wt).squeeze_dim(1).to_kind(Kind::Float); // (B, V)
 
     let top_n_count = (top_logprobs as i64).min(vocab);
     // One stream for the batch, or one per row.
