@@ -8,7 +8,9 @@
 //!   with whitened advantages, an adaptive KL coefficient, micro-batches,
 //!   two updates per batch and an evaluation split across the ranks;
 //! - a 2-rank run stopped after a checkpoint and resumed ends bit-identical
-//!   to an uninterrupted 2-rank run.
+//!   to an uninterrupted 2-rank run;
+//! - a dead peer stops the other rank with an error naming it, within the
+//!   timeout, leaving no half-written checkpoint.
 
 mod common;
 
@@ -82,11 +84,24 @@ struct Rank {
 }
 
 fn spawn(dir: &Path, config: &Path, rank: usize, world: usize, port: u16) -> Rank {
-    let log = dir.join(format!("rank{rank}-{port}.log"));
+    spawn_as(dir, "rl", config, rank, world, port, &[])
+}
+
+fn spawn_as(
+    dir: &Path,
+    role: &str,
+    config: &Path,
+    rank: usize,
+    world: usize,
+    port: u16,
+    env: &[(&str, &str)],
+) -> Rank {
+    let log = dir.join(format!("{role}-rank{rank}-{port}.log"));
     let out = std::fs::File::create(&log).unwrap();
     let child = Command::new(std::env::current_exe().unwrap())
         .args(["--exact", "rank_process", "--nocapture", "--test-threads=1"])
-        .env(ROLE, "rl")
+        .envs(env.iter().copied())
+        .env(ROLE, role)
         .env(CONFIG, config)
         .env("RANK", rank.to_string())
         .env("WORLD_SIZE", world.to_string())
@@ -149,7 +164,12 @@ fn max_diff(a: &[(String, Tensor)], b: &[(String, Tensor)]) -> f64 {
 /// One rank of a test run (a no-op when the harness runs it directly).
 #[test]
 fn rank_process() {
-    let Ok(_role) = std::env::var(ROLE) else { return };
+    let Ok(role) = std::env::var(ROLE) else { return };
+    if role == "die" {
+        // Joins the group, then dies before the first collective.
+        lm::dist::init(tch::Device::Cpu).unwrap();
+        std::process::exit(3);
+    }
     let path = PathBuf::from(std::env::var(CONFIG).unwrap());
     let cfg = rl::RlConfig::from_toml_file(&path).unwrap();
     if let Err(e) = rl::run_with_reward(&cfg, path.parent().unwrap(), Box::new(LowIds { below: 128 })) {
@@ -292,6 +312,44 @@ fn a_two_rank_run_resumes_bit_identically() {
     for (x, y) in ma.iter().zip(&mb) {
         for key in ["reward_mean", "kl", "beta", "loss", "entropy", "adv_std", "clip_frac"] {
             assert_eq!(x[key], y[key], "step {} {key}", x["step"]);
+        }
+    }
+}
+
+#[test]
+fn a_dead_peer_stops_the_rl_stage_within_the_timeout() {
+    if !gloo_or_skip("a_dead_peer_stops_the_rl_stage_within_the_timeout") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = setup(&dir.path().join("dead"), 2, "");
+    let port = free_port();
+    let env = [("ALIGN_DIST_TIMEOUT", "5")];
+    let start = Instant::now();
+    let mut r0 = spawn_as(dir.path(), "rl", &cfg, 0, 2, port, &env);
+    let mut r1 = spawn_as(dir.path(), "die", &cfg, 1, 2, port, &env);
+    let _ = r1.child.wait();
+    let status = loop {
+        if let Some(s) = r0.child.try_wait().unwrap() {
+            break s;
+        }
+        if start.elapsed() > Duration::from_secs(120) {
+            let _ = r0.child.kill();
+            panic!("rank 0 hung without its peer");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let log = std::fs::read_to_string(&r0.log).unwrap();
+    assert!(!status.success(), "rank 0 went on without its peer:\n{log}");
+    let err = log.lines().find(|l| l.starts_with("rank error")).unwrap_or_default();
+    assert!(err.contains("rank 0 of 2 lost its peers"), "the error does not say which rank:\n{log}");
+    assert!(start.elapsed() < Duration::from_secs(90), "rank 0 took {:?} to fail", start.elapsed());
+    // No checkpoint was half-written.
+    let ckpts = dir.path().join("dead/out/checkpoints");
+    if ckpts.exists() {
+        for e in std::fs::read_dir(&ckpts).unwrap() {
+            let p = e.unwrap().path();
+            assert!(p.join("trainer_state.json").exists(), "a partial checkpoint {}", p.display());
         }
     }
 }
