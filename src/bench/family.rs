@@ -350,7 +350,10 @@ fn profile(model: &lm::Gemma, prompts: &[Vec<i64>], new_tokens: i64, window: i64
     let ids = Tensor::from_slice(&prompts.concat()).view([b, p]).to_device(dev);
     let pos = Tensor::arange(p, (Kind::Int64, dev)).unsqueeze(0).expand([b, p], true);
     let cap = p + new_tokens;
-    let t_wt = best_of_3(|| Ok(drop(lm::InferenceWeights::for_model(model))))?;
+    let t_wt = best_of_3(|| {
+        drop(lm::InferenceWeights::for_model(model));
+        Ok(())
+    })?;
     let wt = lm::InferenceWeights::for_model(model);
     let wt = wt.as_ref();
     let last = |h: &Tensor| model.logits_with(&h.narrow(1, h.size()[1] - 1, 1), wt).to_kind(Kind::Float);
