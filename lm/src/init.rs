@@ -22,25 +22,52 @@ fn stream_key(seed: u64, name: &str) -> u64 {
     h ^ seed.wrapping_mul(0x9e37_79b9_7f4a_7c15)
 }
 
+/// normal(0, `std`) draws, Box–Muller over a ChaCha8 stream keyed by
+/// `seed` and `name`, in order (each pair of uniforms gives two draws).
+struct NormalStream {
+    rng: ChaCha8Rng,
+    std: f64,
+    spare: Option<f32>,
+}
+
+impl NormalStream {
+    fn new(std: f64, seed: u64, name: &str) -> Self {
+        NormalStream { rng: ChaCha8Rng::seed_from_u64(stream_key(seed, name)), std, spare: None }
+    }
+
+    /// The next `n` draws, in `out` (cleared first).
+    fn fill(&mut self, out: &mut Vec<f32>, n: usize) {
+        out.clear();
+        out.reserve(n);
+        while out.len() < n {
+            if let Some(s) = self.spare.take() {
+                out.push(s);
+                continue;
+            }
+            // u1 in (0, 1] so that ln(u1) is finite.
+            let u1 = 1.0 - self.rng.random::<f64>();
+            let u2 = self.rng.random::<f64>();
+            let r = (-2.0 * u1.ln()).sqrt() * self.std;
+            let (s, c) = (std::f64::consts::TAU * u2).sin_cos();
+            out.push((r * c) as f32);
+            self.spare = Some((r * s) as f32);
+        }
+    }
+}
+
 /// A CPU f32 tensor of `shape` drawn from normal(0, `std`) (Box–Muller over
 /// a ChaCha8 stream keyed by `seed` and `name`).
 pub fn seeded_normal(shape: &[i64], std: f64, seed: u64, name: &str) -> Tensor {
     let n: i64 = shape.iter().product();
-    let mut rng = ChaCha8Rng::seed_from_u64(stream_key(seed, name));
-    let mut out = Vec::with_capacity(n as usize);
-    while (out.len() as i64) < n {
-        // u1 in (0, 1] so that ln(u1) is finite.
-        let u1 = 1.0 - rng.random::<f64>();
-        let u2 = rng.random::<f64>();
-        let r = (-2.0 * u1.ln()).sqrt() * std;
-        let (s, c) = (std::f64::consts::TAU * u2).sin_cos();
-        out.push((r * c) as f32);
-        if (out.len() as i64) < n {
-            out.push((r * s) as f32);
-        }
-    }
+    let mut out = Vec::new();
+    NormalStream::new(std, seed, name).fill(&mut out, n as usize);
     Tensor::from_slice(&out).reshape(shape)
 }
+
+/// Elements drawn at a time by [`init_seeded`] (64 MiB of f32): a tensor is
+/// filled chunk by chunk, so initialising needs the weights' memory and
+/// little more (a 256k × 2k embedding drawn whole would add two f32 copies).
+const INIT_CHUNK: i64 = 16 << 20;
 
 /// A CPU f32 tensor of `shape` drawn from uniform(−`bound`, `bound`) over a
 /// ChaCha8 stream keyed by `seed` and `name` (LoRA's A: PEFT's
@@ -68,12 +95,30 @@ fn is_norm(name: &str) -> bool {
 pub fn init_seeded(vs: &nn::VarStore, std: f64, seed: u64) -> Result<()> {
     let vars = vs.variables();
     let _guard = tch::no_grad_guard();
-    for (name, mut var) in vars {
+    for (name, var) in vars {
         if is_norm(&name) || !var.requires_grad() {
             continue;
         }
-        let fresh = seeded_normal(&var.size(), std, seed, &name).to_device(var.device()).to_kind(var.kind());
-        var.f_copy_(&fresh).with_context(|| format!("initialising {name}"))?;
+        fill_normal(&var, std, seed, &name, INIT_CHUNK)?;
+    }
+    Ok(())
+}
+
+/// Writes the draws of `seeded_normal(var's shape, std, seed, name)` into
+/// `var`, `chunk` elements at a time (converted to its kind and device).
+fn fill_normal(var: &Tensor, std: f64, seed: u64, name: &str, chunk: i64) -> Result<()> {
+    let n = var.numel() as i64;
+    let flat = var.f_view([n]).with_context(|| format!("initialising {name}"))?;
+    let mut stream = NormalStream::new(std, seed, name);
+    let mut buf = Vec::new();
+    let mut off = 0;
+    while off < n {
+        let len = chunk.min(n - off);
+        stream.fill(&mut buf, len as usize);
+        let fresh = Tensor::from_slice(&buf).to_device(var.device()).to_kind(var.kind());
+        let mut part = flat.narrow(0, off, len);
+        part.f_copy_(&fresh).with_context(|| format!("initialising {name}"))?;
+        off += len;
     }
     Ok(())
 }
@@ -123,6 +168,15 @@ mod tests {
             if is_norm(&name) {
                 assert_eq!(t.abs().sum(Kind::Float).double_value(&[]), 0.0, "{name}");
             }
+        }
+    }
+
+    #[test]
+    fn chunked_fills_draw_what_seeded_normal_draws() {
+        for (shape, chunk) in [([5i64, 9i64], 7i64), ([4, 4], 16), ([3, 1], 1), ([2, 5], 3)] {
+            let var = Tensor::zeros(shape, (Kind::Float, tch::Device::Cpu));
+            fill_normal(&var, 0.5, 11, "x.weight", chunk).unwrap();
+            assert!(var.equal(&seeded_normal(&shape, 0.5, 11, "x.weight")), "{shape:?} by {chunk}");
         }
     }
 
