@@ -738,7 +738,8 @@ impl GemmaConfig {
         self.hidden_activation.as_deref().unwrap_or(&self.hidden_act)
     }
 
-    /// Number of parameters (tied head counted once).
+    /// Number of parameters (tied head counted once; buffers such as Gemma
+    /// 4's `layer_scalar` not counted), as transformers' `num_parameters()`.
     pub fn num_parameters(&self) -> i64 {
         let h = self.hidden_size;
         let specs = self.family().and_then(|f| crate::family::layer_specs(self, f)).unwrap_or_default();
@@ -753,7 +754,8 @@ impl GemmaConfig {
                     return h * q + 2 * h * kv + q * h + 3 * h * self.intermediate_size + norms + qk_norms;
                 };
                 // Gemma 4: no k/v projections (nor k_norm) on reusing layers,
-                // no v_proj with k = v; per-layer inputs; layer_scalar.
+                // no v_proj with k = v; per-layer inputs. `layer_scalar` is a
+                // buffer, not a parameter, as transformers counts.
                 let reuse = matches!(g.kv, crate::family::KvSharing::Reuse(_));
                 let kv_mats = if reuse {
                     0
@@ -771,7 +773,6 @@ impl GemmaConfig {
                     + norms
                     + qk_norms
                     + per_layer
-                    + 1
             })
             .sum();
         let per_layer_model = match crate::family::gemma4::per_layer_embedding(self).ok().flatten() {

@@ -30,11 +30,9 @@ fn family_presets_are_valid_and_as_large_as_transformers_makes_them() {
         assert_eq!(c.family().unwrap(), family, "{name}");
         assert_eq!(c.architectures.as_deref(), Some(&[arch.to_string()][..]), "{name}");
         // Gemma 4's `layer_scalar` (one per layer) is a buffer in
-        // transformers (modeling_gemma4.py:1343), not counted there;
-        // num_parameters may count it.
-        let scalars = if family == Family::Gemma4 { c.num_hidden_layers } else { 0 };
+        // transformers (modeling_gemma4.py:1343), not counted there nor here.
         let n = c.num_parameters();
-        assert!(n == params || n == params + scalars, "{name}: {n} parameters, transformers has {params}");
+        assert_eq!(n, params, "{name}: {n} parameters, transformers has {params}");
         // The config written reads back the same.
         let again: GemmaConfig = serde_json::from_str(&c.to_json().unwrap()).unwrap();
         assert_eq!(again, c, "{name}");
@@ -71,9 +69,8 @@ fn test_presets_build_with_windows_and_soft_caps() {
         let model = lm::Gemma::new(&vs.root(), &c).unwrap_or_else(|e| panic!("{name}: {e:#}"));
         // Trained tensors; Gemma 4's layer_scalars are not (buffers in transformers).
         let n: i64 = vs.trainable_variables().iter().map(|t| t.numel() as i64).sum();
-        let scalars = if family == Family::Gemma4 { c.num_hidden_layers } else { 0 };
         let m = c.num_parameters();
-        assert!(m == n || m == n + scalars, "{name}: {m} parameters, {n} trained");
+        assert_eq!(m, n, "{name}: {m} parameters, {n} trained");
         let ids = tch::Tensor::arange(40, (tch::Kind::Int64, tch::Device::Cpu)).unsqueeze(0);
         let logits = model.forward(&ids).unwrap();
         assert_eq!(logits.size(), [1, 40, 640]);
