@@ -706,16 +706,21 @@ impl Attention {
                 // still in the window) and the new ones, with their positions.
                 let (k_all, v_all, key_pos) = match &cache {
                     Some((kv, _)) => {
+                        // Slots 0..filled hold positions (all of them once
+                        // the ring has wrapped): empty ones are left out.
                         let slots = kv.0.size()[2];
-                        let held = ring_positions(start, slots);
-                        let k_all = Tensor::f_cat(&[&kv.0, &k], 2)?; // (B, KVH, slots + T, D)
-                        let v_all = Tensor::f_cat(&[&kv.1, &v], 2)?;
+                        let filled = start.min(slots);
+                        let mut held = ring_positions(start, slots);
+                        held.truncate(filled as usize);
+                        let k_all = Tensor::f_cat(&[&kv.0.f_narrow(2, 0, filled)?, &k], 2)?; // (B, KVH, filled + T, D)
+                        let v_all = Tensor::f_cat(&[&kv.1.f_narrow(2, 0, filled)?, &v], 2)?;
                         let pos: Vec<i64> = held.into_iter().chain(start..start + t).collect();
                         (k_all, v_all, pos)
                     }
                     None => (k.shallow_clone(), v.shallow_clone(), (0..t).collect()),
                 };
-                let plain_causal = mask.is_none() && cache.is_none() && t <= window;
+                // No earlier keys and the window covers every query: plain causal.
+                let plain_causal = mask.is_none() && start == 0 && t <= window;
                 let m = (!plain_causal).then(|| band_mask(start, t, key_pos, Some((window, mask)), device));
                 if let Some((kv, start)) = cache {
                     // Keep the last `slots` new positions: position p in slot p mod slots.
