@@ -337,6 +337,7 @@ impl GemmaConfig {
         self.architectures = Some(vec!["Gemma2ForCausalLM".into()]);
         self.hidden_activation = Some("gelu_pytorch_tanh".into()); // cfg2:74
         self.max_position_embeddings = 8192; // cfg2:75
+
         // rms_norm_eps 1e-6, pad/eos/bos 0/1/2, tied embeddings, initializer
         // 0.02 as base(): cfg2:76-82.
         // rope_theta: transformers' default_theta (modeling_rope_utils.py:760).
@@ -360,6 +361,7 @@ impl GemmaConfig {
         self.architectures = Some(vec!["Gemma3ForCausalLM".into()]);
         self.hidden_activation = Some("gelu_pytorch_tanh".into()); // cfg3:80
         self.max_position_embeddings = 131_072; // cfg3:81
+
         // rms_norm_eps, pad/eos/bos, tied embeddings, initializer as base(): cfg3:82-88.
         self.rope_theta = None;
         let full = match full_factor {
@@ -368,8 +370,11 @@ impl GemmaConfig {
         };
         // default_theta cfg3:98, filled in cfg3:137-155.
         self.rope_parameters = Some(RopeConfig::PerLayerType(
-            [("full_attention".to_string(), full), ("sliding_attention".into(), rope_block("default", 10_000.0))]
-                .into(),
+            [
+                ("full_attention".to_string(), full),
+                ("sliding_attention".into(), rope_block("default", 10_000.0)),
+            ]
+            .into(),
         ));
         self.query_pre_attn_scalar = Some(query_pre_attn_scalar);
         self.sliding_window = Some(sliding_window);
@@ -388,13 +393,18 @@ impl GemmaConfig {
         self.architectures = Some(vec!["Gemma4ForCausalLM".into()]);
         self.hidden_activation = Some("gelu_pytorch_tanh".into()); // cfg4:157
         self.max_position_embeddings = 131_072; // cfg4:158
+
         // initializer, rms_norm_eps, pad/eos/bos, tied embeddings as base(): cfg4:159-165.
         self.rope_theta = None;
         // conv4:164-174 (the same blocks as cfg4:201-204's defaults).
-        let full = RopeParameters { partial_rotary_factor: Some(0.25), ..rope_block("proportional", 1_000_000.0) };
+        let full =
+            RopeParameters { partial_rotary_factor: Some(0.25), ..rope_block("proportional", 1_000_000.0) };
         self.rope_parameters = Some(RopeConfig::PerLayerType(
-            [("full_attention".to_string(), full), ("sliding_attention".into(), rope_block("default", 10_000.0))]
-                .into(),
+            [
+                ("full_attention".to_string(), full),
+                ("sliding_attention".into(), rope_block("default", 10_000.0)),
+            ]
+            .into(),
         ));
         self.sliding_window = Some(s.sliding_window);
         let types = sliding_pattern(self.num_hidden_layers, s.full_every);
@@ -435,7 +445,10 @@ impl GemmaConfig {
         let mut cfg = Self::preset(name)?;
         if PUBLISHED_PRESETS.contains(&name) {
             if tokenizer_vocab > cfg.vocab_size {
-                bail!("the tokenizer has {tokenizer_vocab} tokens, more than {name}'s vocab_size {}", cfg.vocab_size);
+                bail!(
+                    "the tokenizer has {tokenizer_vocab} tokens, more than {name}'s vocab_size {}",
+                    cfg.vocab_size
+                );
             }
         } else {
             cfg.vocab_size = (tokenizer_vocab + 63) / 64 * 64;
@@ -463,15 +476,17 @@ impl GemmaConfig {
             // conv2:66-77 (gemma_27b_config).
             "gemma2-27b" => Self::base(256_000, 4608, 36864, 46, 32, 16, 128).gemma2(144.0),
             // conv3:150-165 (_VARIANT_GEMMA_3_270M).
-            "gemma3-270m" => {
-                Self::base(262_144, 640, 2048, 18, 4, 1, 256).gemma3(512, 256.0, None).with_max_positions(32_768)
-            }
+            "gemma3-270m" => Self::base(262_144, 640, 2048, 18, 4, 1, 256)
+                .gemma3(512, 256.0, None)
+                .with_max_positions(32_768),
             // conv3:166-183 (_VARIANT_GEMMA_3_1B).
-            "gemma3-1b" => {
-                Self::base(262_144, 1152, 6 * 1152, 26, 4, 1, 256).gemma3(512, 256.0, None).with_max_positions(32_768)
-            }
+            "gemma3-1b" => Self::base(262_144, 1152, 6 * 1152, 26, 4, 1, 256)
+                .gemma3(512, 256.0, None)
+                .with_max_positions(32_768),
             // conv3:184-204 (_VARIANT_GEMMA_3_4B; max_position_embeddings cfg3:81).
-            "gemma3-4b" => Self::base(262_144, 2560, 2560 * 8 / 2, 34, 8, 4, 256).gemma3(1024, 256.0, Some(8.0)),
+            "gemma3-4b" => {
+                Self::base(262_144, 2560, 2560 * 8 / 2, 34, 8, 4, 256).gemma3(1024, 256.0, Some(8.0))
+            }
             // conv3:205-225 (_VARIANT_GEMMA_3_12B).
             "gemma3-12b" => {
                 Self::base(262_144, 30 * 128, 30 * 128 * 8 / 2, 48, 16, 8, 256).gemma3(1024, 256.0, Some(8.0))
@@ -530,7 +545,9 @@ impl GemmaConfig {
                 c
             }
             "tiny-gemma3" => {
-                let mut c = Self::base(1024, 64, 128, 6, 4, 2, 16).gemma3(16, 16.0, Some(8.0)).with_max_positions(1024);
+                let mut c = Self::base(1024, 64, 128, 6, 4, 2, 16)
+                    .gemma3(16, 16.0, Some(8.0))
+                    .with_max_positions(1024);
                 c.final_logit_softcapping = Some(30.0);
                 c
             }
@@ -766,13 +783,7 @@ impl GemmaConfig {
                 };
                 let qk_norms = if reuse { s.head_dim } else { 2 * s.head_dim };
                 let per_layer = g.per_layer_input.map_or(0, |p| 2 * h * p + h);
-                h * q
-                    + kv_mats * h * kv
-                    + q * h
-                    + 3 * h * s.intermediate_size
-                    + norms
-                    + qk_norms
-                    + per_layer
+                h * q + kv_mats * h * kv + q * h + 3 * h * s.intermediate_size + norms + qk_norms + per_layer
             })
             .sum();
         let per_layer_model = match crate::family::gemma4::per_layer_embedding(self).ok().flatten() {

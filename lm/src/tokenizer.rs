@@ -129,7 +129,9 @@ impl Tokenizer {
         // with <|turn>/<turn|>: the end marker is where generation stops.
         let either = |a: &str, b: &str| -> Result<i64> {
             inner.token_to_id(a).or_else(|| inner.token_to_id(b)).map(i64::from).ok_or_else(|| {
-                anyhow!("the tokenizer has neither {a:?} nor {b:?}; Gemma's dialogue format needs a turn marker")
+                anyhow!(
+                    "the tokenizer has neither {a:?} nor {b:?}; Gemma's dialogue format needs a turn marker"
+                )
             })
         };
         let special = SpecialIds {
