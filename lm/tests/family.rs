@@ -13,36 +13,6 @@ use tch::{nn, Device, Kind, Tensor};
 
 const FAMILIES: &[&str] = &["gemma2", "gemma3"];
 
-fn mat(v: &serde_json::Value) -> Vec<Vec<i64>> {
-    v.as_array().unwrap().iter().map(ids).collect()
-}
-
-fn tensor2(v: &serde_json::Value) -> Tensor {
-    let rows = mat(v);
-    let (b, t) = (rows.len() as i64, rows[0].len() as i64);
-    Tensor::from_slice(&rows.concat()).view([b, t])
-}
-
-/// The causal mask of a packed row: position ids that restart at 0 start a
-/// new example, and no token sees another example's (transformers finds the
-/// packing the same way). (1, 1, T, T) bool.
-fn packed_mask(positions: &[i64]) -> Tensor {
-    let mut doc = Vec::with_capacity(positions.len());
-    let mut d = -1i64;
-    for (i, &p) in positions.iter().enumerate() {
-        if p == 0 || i == 0 {
-            d += 1;
-        }
-        doc.push(d);
-    }
-    let t = positions.len() as i64;
-    let docs = Tensor::from_slice(&doc);
-    let same = docs.view([t, 1]).eq_tensor(&docs.view([1, t]));
-    let ar = Tensor::arange(t, (Kind::Int64, Device::Cpu));
-    let causal = ar.view([1, t]).le_tensor(&ar.view([t, 1]));
-    same.logical_and(&causal).view([1, 1, t, t])
-}
-
 #[test]
 fn family_configs_need_windows_shorter_than_the_prompts() {
     for name in FAMILIES {

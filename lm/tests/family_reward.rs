@@ -9,12 +9,6 @@ use lm::checkpoint;
 use lm::reward_model;
 use tch::{Device, Kind, Tensor};
 
-fn tensor2(v: &serde_json::Value) -> Tensor {
-    let rows: Vec<Vec<i64>> = v.as_array().unwrap().iter().map(ids).collect();
-    let (b, t) = (rows.len() as i64, rows[0].len() as i64);
-    Tensor::from_slice(&rows.concat()).view([b, t])
-}
-
 #[test]
 fn family_reward_models_give_transformers_rewards_and_round_trip() {
     for (name, arch) in [

@@ -16,10 +16,6 @@ use tch::{Device, Kind, Tensor};
 /// separate projections): each lands about that far from the f32 logits, so
 /// the two are at most about twice that apart. A bf16 path that lost a
 /// rounding step or used a wrong kernel is further off.
-fn mat(v: &serde_json::Value) -> Vec<Vec<i64>> {
-    v.as_array().unwrap().iter().map(ids).collect()
-}
-
 fn bf16_tolerances(name: &str) -> Vec<f64> {
     let f32_logits = expected(name)["last_logits"].clone();
     let bf16_logits = fixture_json(name, "bf16.json")["last_logits"].clone();
@@ -94,12 +90,6 @@ fn bf16_logits_and_greedy_ids_match_transformers_bf16_mqa() {
 #[test]
 fn bf16_logits_and_greedy_ids_match_transformers_bf16_gqa() {
     check_bf16("gqa");
-}
-
-fn tensor2(v: &serde_json::Value) -> Tensor {
-    let rows = mat(v);
-    let (b, t) = (rows.len() as i64, rows[0].len() as i64);
-    Tensor::from_slice(&rows.concat()).view([b, t])
 }
 
 fn check_padded(name: &str) {

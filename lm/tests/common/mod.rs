@@ -101,3 +101,35 @@ pub fn rel_diff(a: &Tensor, b: &Tensor) -> f64 {
     let d = (a - b).abs().max().double_value(&[]);
     d / b.abs().max().double_value(&[]).max(1.0)
 }
+
+/// Rows of ids from a JSON array of arrays.
+pub fn mat(v: &serde_json::Value) -> Vec<Vec<i64>> {
+    v.as_array().unwrap().iter().map(ids).collect()
+}
+
+/// A JSON array of equal-length id rows as a (B, T) int64 tensor.
+pub fn tensor2(v: &serde_json::Value) -> Tensor {
+    let rows = mat(v);
+    let (b, t) = (rows.len() as i64, rows[0].len() as i64);
+    Tensor::from_slice(&rows.concat()).view([b, t])
+}
+
+/// The causal mask of a packed row: position ids that restart at 0 start a
+/// new example, and no token sees another example's (transformers finds the
+/// packing the same way). (1, 1, T, T) bool.
+pub fn packed_mask(positions: &[i64]) -> Tensor {
+    let mut doc = Vec::with_capacity(positions.len());
+    let mut d = -1i64;
+    for (i, &p) in positions.iter().enumerate() {
+        if p == 0 || i == 0 {
+            d += 1;
+        }
+        doc.push(d);
+    }
+    let t = positions.len() as i64;
+    let docs = Tensor::from_slice(&doc);
+    let same = docs.view([t, 1]).eq_tensor(&docs.view([1, t]));
+    let ar = Tensor::arange(t, (Kind::Int64, Device::Cpu));
+    let causal = ar.view([1, t]).le_tensor(&ar.view([t, 1]));
+    same.logical_and(&causal).view([1, 1, t, t])
+}
