@@ -38,6 +38,13 @@ pub const PEFT_PREFIX: &str = "base_model.model.";
 /// Where transformers 5 puts a multimodal Gemma's text model among its
 /// modules (`Gemma3ForConditionalGeneration`, `Gemma4ForConditionalGeneration`).
 pub const MULTIMODAL_TEXT: &str = "model.language_model.";
+
+/// `exclude_modules` of an adapter over a multimodal model's text model: the
+/// other towers' modules, whose names (`q_proj`, …) a list of target
+/// modules would otherwise match too in peft (Gemma 4's vision tower).
+pub const MULTIMODAL_EXCLUDE: &str =
+    r".*\.(vision_tower|audio_tower|embed_vision|embed_audio|multi_modal_projector)\..*";
+
 /// The PEFT release whose `adapter_config.json` fields align writes.
 pub const PEFT_VERSION: &str = "0.21.2";
 /// A sequence classifier's head, saved with a `SEQ_CLS` adapter.
@@ -352,7 +359,11 @@ fn read_adapter_config(dir: &Path) -> Result<(LoraConfig, TaskType, Option<Strin
         "velora_config",
         "megatron_config",
     ] {
-        if !unset(o.get(key)) {
+        // The other towers excluded (what align writes for a multimodal
+        // base) change nothing on the text model align adapts.
+        let towers =
+            key == "exclude_modules" && o.get(key).and_then(|v| v.as_str()) == Some(MULTIMODAL_EXCLUDE);
+        if !unset(o.get(key)) && !towers {
             bail!("{}: {key} = {} is not supported by align's LoRA", at(), o[key]);
         }
     }
@@ -579,7 +590,10 @@ pub fn save_adapter(
             bail!("{name} is both in the adapters' VarStore and in the extra tensors");
         }
     }
-    let config = adapter_config_json(cfg, base_model, task_type)?;
+    let mut config = adapter_config_json(cfg, base_model, task_type)?;
+    if multimodal {
+        config["exclude_modules"] = serde_json::json!(MULTIMODAL_EXCLUDE);
+    }
     fsio::write_dir_atomic(dir, |tmp| {
         checkpoint::write_tensors_file(&tmp.join(ADAPTER_WEIGHTS), &tensors)?;
         fsio::write_atomic(&tmp.join(ADAPTER_CONFIG), serde_json::to_string_pretty(&config)?.as_bytes())

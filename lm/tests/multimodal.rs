@@ -93,6 +93,12 @@ fn a_lora_adapter_of_a_multimodal_text_model_uses_peft_names() {
             keys.iter().all(|k| k.starts_with("base_model.model.model.language_model.layers.")),
             "{name}: {keys:?}"
         );
+        // peft's list of target names would also match the vision tower's
+        // modules (Gemma 4's q_proj …): the other towers are excluded.
+        let config: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(adir.join("adapter_config.json")).unwrap())
+                .unwrap();
+        assert_eq!(config["exclude_modules"], peft::MULTIMODAL_EXCLUDE, "{name}");
         let file = peft::load_adapter(&adir).unwrap();
         let mut again = load(name);
         let vs2 = nn::VarStore::new(Device::Cpu);
