@@ -8,51 +8,17 @@ use lm::reference::Reference;
 use lm::{GemmaConfig, GenerationConfig};
 use std::time::Instant;
 
+mod args;
 mod family;
+mod floor;
 mod lora;
 mod util;
 
+pub use args::GenerateBench;
+use floor::MatmulFloor;
+
 pub use util::python;
 use util::{median, peak_rss_mib, scripts_dir};
-
-#[derive(Args, Clone, Debug)]
-pub struct GenerateBench {
-    /// The family member: `gemma` (a preset, a random model on each side),
-    /// or `gemma2` / `gemma3`: their bench shapes (sliding windows of 512),
-    /// the weights align makes loaded by transformers, greedy ids compared,
-    /// KV-cache bytes reported.
-    #[arg(long, default_value = "gemma")]
-    pub family: String,
-    /// Model preset for `--family gemma` (random weights; default small-20m).
-    #[arg(long)]
-    pub preset: Option<String>,
-    /// Default: 8 (gemma), 1 (gemma2, gemma3).
-    #[arg(long)]
-    pub batch: Option<i64>,
-    /// Default: 32 (gemma), 2048 (gemma2, gemma3).
-    #[arg(long)]
-    pub prompt_len: Option<i64>,
-    /// Default: 64 (gemma), 256 (gemma2, gemma3).
-    #[arg(long)]
-    pub new_tokens: Option<i64>,
-    /// Timed runs after one warm-up, alternating with the reference's; the
-    /// medians are reported.
-    #[arg(long, default_value_t = 5)]
-    pub repeats: usize,
-    #[arg(long, default_value = "cpu")]
-    pub device: String,
-    #[arg(long, default_value = "f32")]
-    pub dtype: String,
-    /// Python with torch + transformers for the reference (default: the
-    /// project venv, then python3). `--python none` skips the reference.
-    #[arg(long)]
-    pub python: Option<String>,
-    /// gemma2 / gemma3: before the rounds, time align's parts apart (the
-    /// inference layout, the prefill whole and in window-sized chunks, one
-    /// decoding step).
-    #[arg(long)]
-    pub profile: bool,
-}
 
 #[derive(Args, Clone, Debug)]
 pub struct SftBench {
@@ -313,92 +279,6 @@ fn bench_sft(b: &SftBench) -> Result<()> {
     );
     println!("ratio        {:>9.2}x", tps / ref_tps);
     Ok(())
-}
-
-/// The matrix multiplications alone of one generate call of a
-/// [`GenerateBench`]: the prefill's projections over batch × prompt rows and
-/// the head over the last position, then `new_tokens − 1` decoding steps of
-/// batch rows through every layer's projections and the head, with distinct
-/// random weights of the model's shapes. No attention, norms or sampling:
-/// what is left when all other work costs nothing, with libtorch's kernels.
-struct MatmulFloor {
-    layers: Vec<[tch::Tensor; 4]>,
-    head: tch::Tensor,
-    /// The projections' inputs (H, NH·D and I wide) for the prefill's rows,
-    /// then for one decoding step's, made once so that timing covers only
-    /// the matmuls.
-    prefill: [tch::Tensor; 3],
-    step: [tch::Tensor; 3],
-    device: tch::Device,
-    batch: i64,
-    new_tokens: usize,
-}
-
-impl MatmulFloor {
-    fn new(
-        cfg: &GemmaConfig,
-        batch: i64,
-        prompt_len: i64,
-        new_tokens: usize,
-        device: tch::Device,
-        kind: tch::Kind,
-    ) -> Self {
-        let o = (kind, device);
-        let (h, i, d) = (cfg.hidden_size, cfg.intermediate_size, cfg.head_dim());
-        let (nh, nkv) = (cfg.num_attention_heads, cfg.num_kv_heads());
-        let layers = (0..cfg.num_hidden_layers)
-            .map(|_| {
-                [
-                    tch::Tensor::randn([h, (nh + 2 * nkv) * d], o), // q|k|v
-                    tch::Tensor::randn([nh * d, h], o),             // o
-                    tch::Tensor::randn([h, 2 * i], o),              // gate|up
-                    tch::Tensor::randn([i, h], o),                  // down
-                ]
-            })
-            .collect();
-        let inputs = |rows: i64| {
-            [
-                tch::Tensor::randn([rows, h], o),
-                tch::Tensor::randn([rows, nh * d], o),
-                tch::Tensor::randn([rows, i], o),
-            ]
-        };
-        MatmulFloor {
-            layers,
-            head: tch::Tensor::randn([h, cfg.vocab_size], o),
-            prefill: inputs(batch * prompt_len),
-            step: inputs(batch),
-            device,
-            batch,
-            new_tokens,
-        }
-    }
-
-    /// Every layer's projections on `inputs`' rows, then the head on batch rows.
-    fn pass(&self, [x, a, m]: &[tch::Tensor; 3]) -> Result<()> {
-        for [qkv, out, gate_up, down] in &self.layers {
-            let _ = x.f_matmul(qkv)?;
-            let _ = a.f_matmul(out)?;
-            let _ = x.f_matmul(gate_up)?;
-            let _ = m.f_matmul(down)?;
-        }
-        let _ = x.f_narrow(0, 0, self.batch)?.f_matmul(&self.head)?;
-        Ok(())
-    }
-
-    /// Seconds for one generate call's matmuls.
-    fn time(&self) -> Result<f64> {
-        let _g = tch::no_grad_guard();
-        let t0 = Instant::now();
-        self.pass(&self.prefill)?;
-        for _ in 1..self.new_tokens {
-            self.pass(&self.step)?;
-        }
-        if let tch::Device::Cuda(i) = self.device {
-            tch::Cuda::synchronize(i as i64);
-        }
-        Ok(t0.elapsed().as_secs_f64())
-    }
 }
 
 fn bench_generate(b: &GenerateBench) -> Result<()> {

@@ -34,22 +34,11 @@ use std::ops::Range;
 
 pub mod template;
 
-/// Gemma's chat template (Jinja), as transformers' `apply_chat_template` runs it.
-pub const CHAT_TEMPLATE: &str = include_str!("chat_template.jinja");
-
 /// One turn of a conversation, as in the `messages` column of HF datasets:
 /// the readers' type, which the formatter takes as it is.
 pub use datasets::Message;
 
-/// A conversation rendered to text, with the byte ranges the loss trains on
-/// and those of the template's own control tokens (`<bos>`,
-/// `<start_of_turn>`, `<end_of_turn>`), in order; everything else is text.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Rendered {
-    pub text: String,
-    pub trained: Vec<Range<usize>>,
-    pub controls: Vec<Range<usize>>,
-}
+pub use template::Rendered;
 
 /// Appends a control token's string to `text` and records its range.
 fn push_control(text: &mut String, controls: &mut Vec<Range<usize>>, token: &str) {

@@ -11,7 +11,7 @@
 //! file + rename), and a whole directory is assembled beside its
 //! destination and renamed into place (both in [`crate::fsio`]).
 
-use crate::chat::CHAT_TEMPLATE;
+use crate::chat::template::CHAT_TEMPLATE;
 use crate::config::{Family, GemmaConfig};
 use crate::fsio::{write_atomic, write_dir_atomic};
 use crate::model::{Gemma, WeightInit};
@@ -137,7 +137,10 @@ pub fn read_config(dir: &Path) -> Result<GemmaConfig> {
     if !dir.is_dir() {
         bail!("model directory {} does not exist", dir.display());
     }
-    GemmaConfig::from_file(&dir.join(CONFIG))
+    let path = dir.join(CONFIG);
+    let cfg = GemmaConfig::from_file(&path)?;
+    cfg.validate().with_context(|| format!("invalid model config {}", path.display()))?;
+    Ok(cfg)
 }
 
 /// Streams the weights of the checkpoint `dir` (opened as `reader`) into

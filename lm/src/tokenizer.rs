@@ -95,7 +95,7 @@ impl Tokenizer {
             Some(found) => {
                 let bos_is_builtin = found.variables.get("bos_token").is_none_or(|b| b == "<bos>");
                 self.template_origin = found.origin.clone();
-                self.chat_template = if found.source == crate::chat::CHAT_TEMPLATE && bos_is_builtin {
+                self.chat_template = if found.source == template::CHAT_TEMPLATE && bos_is_builtin {
                     None
                 } else {
                     Some(Arc::new(ChatTemplate::new(found, &self.inner)?))

@@ -174,7 +174,7 @@ fn the_template_is_found_where_transformers_looks() {
     assert_eq!(render_for(&tok, &msgs, true).unwrap().text, folded);
 
     // The built-in template's own text, as align writes it: the built-in formatter renders.
-    let d = dir_with(&[("chat_template.jinja", lm::chat::CHAT_TEMPLATE)]);
+    let d = dir_with(&[("chat_template.jinja", lm::chat::template::CHAT_TEMPLATE)]);
     let tok = Tokenizer::from_file(&d.path().join("tokenizer.json")).unwrap();
     assert!(tok.chat_template.is_none());
     assert!(matches!(tok.template_origin, TemplateOrigin::File(_)));

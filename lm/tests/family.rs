@@ -302,7 +302,7 @@ fn bad_family_configs_are_errors_naming_the_field() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("config.json");
         std::fs::write(&path, serde_json::to_string(&v).unwrap()).unwrap();
-        let e = format!("{:#}", lm::GemmaConfig::from_file(&path).unwrap_err());
+        let e = format!("{:#}", lm::checkpoint::read_config(dir.path()).unwrap_err());
         for w in want {
             assert!(e.contains(w), "{e}\nshould say {w:?}");
         }

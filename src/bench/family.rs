@@ -12,8 +12,10 @@
 //! window, full layers the whole sequence), and checks that align's greedy
 //! ids, decoded over its ring cache, are transformers' ids.
 
+use super::args::GenerateBench;
+use super::floor::MatmulFloor;
+use super::util::python;
 use super::util::{median, scripts_dir};
-use super::{python, GenerateBench, MatmulFloor};
 use anyhow::{bail, Context, Result};
 use lm::device::{parse_device, parse_dtype};
 use lm::family::{layer_specs, Span};

@@ -12,8 +12,8 @@
 //! transformers' `sanitize_control_tokens=True` marks it, so a control-token
 //! string typed in a message stays text.
 
-use super::{Message, Rendered};
 use anyhow::{anyhow, bail, Context, Result};
+use datasets::Message;
 use minijinja::value::{Kwargs, Value, ValueKind};
 use minijinja::{Environment, Error, ErrorKind, State};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -21,6 +21,20 @@ use std::fmt::Write as _;
 use std::ops::Range;
 use std::panic::AssertUnwindSafe;
 use std::path::{Path, PathBuf};
+
+/// A conversation rendered to text, with the byte ranges the loss trains on
+/// and those of the template's own control tokens (`<bos>`,
+/// `<start_of_turn>`, `<end_of_turn>`), in order; everything else is text.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rendered {
+    pub text: String,
+    pub trained: Vec<Range<usize>>,
+    pub controls: Vec<Range<usize>>,
+}
+
+/// Gemma's chat template (Jinja), as transformers' `apply_chat_template`
+/// runs it: align's built-in formatter renders the same text.
+pub const CHAT_TEMPLATE: &str = include_str!("../chat_template.jinja");
 
 /// The file that holds a checkpoint's template, as transformers 5 saves it
 /// (it takes precedence over `tokenizer_config.json`'s `chat_template`).

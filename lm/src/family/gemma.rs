@@ -6,7 +6,7 @@
 //! - full causal attention, scale `head_dim^-1/2`, one RoPE (`rope_theta`);
 //! - MLP `down(gelu_tanh(gate(x)) · up(x))`; the head tied to the embeddings.
 
-use super::{rope_spec, LayerSpec, NormStyle, Span};
+use super::spec::{rope_spec, LayerSpec, NormStyle, Span};
 use crate::config::GemmaConfig;
 use anyhow::Result;
 

@@ -12,17 +12,16 @@
 //!   keys wide counted in sequence positions, the query's own included;
 //! - final-logit soft-capping on the LM head (`final_logit_softcapping`).
 
-use super::{rope_spec, spans, LayerSpec, NormStyle};
+use super::spec::{rope_spec, spans, LayerSpec, NormStyle};
 use crate::config::GemmaConfig;
 use anyhow::Result;
 
-/// transformers' `Gemma2Config` defaults for keys a config leaves out.
+/// transformers' `Gemma2Config` defaults for keys a config leaves out (the
+/// soft-caps' are applied as the config is read:
+/// [`crate::config::GEMMA2_DEFAULT_ATTN_SOFTCAP`],
+/// [`crate::config::GEMMA2_DEFAULT_FINAL_SOFTCAP`]).
 pub const DEFAULT_QUERY_PRE_ATTN_SCALAR: f64 = 256.0;
 pub const DEFAULT_SLIDING_WINDOW: i64 = 4096;
-/// Used when `config.json` has no `attn_logit_softcapping` key (null: off).
-pub const DEFAULT_ATTN_SOFTCAP: f64 = 50.0;
-/// Used when `config.json` has no `final_logit_softcapping` key (null: off).
-pub const DEFAULT_FINAL_SOFTCAP: f64 = 30.0;
 
 pub fn layer_specs(cfg: &GemmaConfig) -> Result<Vec<LayerSpec>> {
     let d = cfg.head_dim();

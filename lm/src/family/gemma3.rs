@@ -13,7 +13,7 @@
 //!   pass `attn_logit_softcapping` to its kernel, so a value in the config
 //!   changes nothing, here as there; final-logit soft-capping when set.
 
-use super::{rope_spec, spans, LayerSpec, NormStyle, Span};
+use super::spec::{rope_spec, spans, LayerSpec, NormStyle, Span};
 use crate::config::{GemmaConfig, RopeParameters};
 use anyhow::Result;
 

@@ -32,7 +32,7 @@
 //!
 //! MoE blocks (`enable_moe_block`) are refused.
 
-use super::{spans, Gemma4Layer, KvSharing, LayerSpec, NormStyle, RopeSpec, Span};
+use super::spec::{spans, Gemma4Layer, KvSharing, LayerSpec, NormStyle, RopeSpec, Span};
 use crate::config::{Family, GemmaConfig, RopeConfig, RopeParameters};
 use anyhow::{bail, ensure, Result};
 
