@@ -15,7 +15,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 path, prompt, max_new = sys.argv[1], sys.argv[2], int(sys.argv[3])
 tok = AutoTokenizer.from_pretrained(path)
 model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-assert type(model).__name__ == "GemmaForCausalLM", type(model).__name__
+# The class config.json names (GemmaForCausalLM, Gemma2ForCausalLM, Gemma3ForCausalLM, ...).
+assert type(model).__name__ == model.config.architectures[0], type(model).__name__
 ids = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True)
 if hasattr(ids, "keys"):
     ids = ids["input_ids"]
