@@ -19,6 +19,10 @@ STAMPS  := .stamps
 TORCH_VERSION := 2.11.0
 CARGO   ?= cargo
 BIN     := target/release/align
+# Free disk needed, in GB: torch with its CUDA libraries from PyPI; the release
+# build of the workspace and its tests.
+TORCH_DISK_GB := 6
+BUILD_DISK_GB := 6
 
 # Which python provides torch: recorded once in $(STAMPS)/python.
 HAVE_SYS_TORCH := $(shell python3 -c "import sys, torch; sys.exit(0 if torch.__version__.split('+')[0] == '$(TORCH_VERSION)' else 1)" >/dev/null 2>&1 && echo yes)
@@ -34,7 +38,7 @@ ORIG_LD_LIBRARY_PATH := $(LD_LIBRARY_PATH)
 export LD_LIBRARY_PATH = $(LIBTORCH)/lib:$(ORIG_LD_LIBRARY_PATH)
 export ALIGN_PYTHON := $(PYTHON)
 
-.PHONY: all build test quickstart bench bench-lora gpu-check fixtures pydeps fonts chromium gloo fmt clippy clean verify-hf verify-family verify-family
+.PHONY: all build test quickstart bench bench-lora gpu-check fixtures pydeps fonts chromium gloo fmt clippy clean verify-hf verify-family
 
 all: build
 
@@ -43,8 +47,13 @@ $(STAMPS)/torch:
 	if [ "$(HAVE_SYS_TORCH)" != yes ]; then
 	  if ! $(PYTHON) -c "import torch" >/dev/null 2>&1; then
 	    echo ">> creating $(VENV) with torch==$(TORCH_VERSION) (about a minute, 4.6 GB)"
+	    scripts/check_disk.sh . $(TORCH_DISK_GB) "the venv with torch==$(TORCH_VERSION)"
 	    python3 -m venv $(VENV)
-	    $(VENV)/bin/pip install --quiet --disable-pip-version-check torch==$(TORCH_VERSION)
+	    # No pip cache: the wheels would otherwise take their size twice. Temporary
+	    # files go next to the venv, not to a possibly small /tmp.
+	    mkdir -p $(VENV)/tmp
+	    TMPDIR=$(CURDIR)/$(VENV)/tmp $(VENV)/bin/pip install --quiet --no-cache-dir --disable-pip-version-check torch==$(TORCH_VERSION)
+	    rm -rf $(VENV)/tmp
 	  fi
 	fi
 	$(PYTHON) -c "import torch, os; print(os.path.dirname(torch.__file__))" 2>/dev/null > $(STAMPS)/libtorch
@@ -98,6 +107,7 @@ build: $(STAMPS)/torch fonts
 	$(CARGO) build --release --bin align
 
 test: $(STAMPS)/torch fonts gloo
+	scripts/check_disk.sh target $$([ -d target/release ] && echo 1 || echo $(BUILD_DISK_GB)) "the release build and its tests"
 	$(CARGO) test --release --workspace
 
 QS_MODEL := runs/quickstart/rl/seed-0/model
@@ -166,12 +176,6 @@ verify-hf: build $(STAMPS)/pydeps
 
 # transformers loads align's saves of every Gemma-family fixture (causal LMs,
 # multimodal wrappers, reward models) with the fixtures' outputs (by hand).
-verify-family: $(STAMPS)/pydeps
-	rm -rf runs/verify-family && mkdir -p runs/verify-family
-	ALIGN_SAVE_DIR=$(CURDIR)/runs/verify-family cargo test --release -p lm --test family_reward write_family -- --ignored
-	set -e; for f in $$(ls runs/verify-family); do \
-	  $(PYTHON) scripts/check_family_load.py runs/verify-family/$$f lm/tests/fixtures/$$f/expected.json; done
-
 # align's saves of the Gemma-family fixtures (written by an ignored test of
 # lm/tests/family_reward.rs) load in transformers with the fixtures' logits,
 # greedy ids, rewards and untouched vision tensors (scripts/check_family_load.py).
