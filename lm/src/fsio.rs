@@ -22,7 +22,8 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
 pub fn write_atomic_with(path: &Path, fill: impl FnOnce(&mut dyn Write) -> Result<()>) -> Result<()> {
     let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create directory {}", dir.display()))?;
-    let tmp = tempfile::NamedTempFile::new_in(dir)
+    let tmp = with_default_mode(&mut tempfile::Builder::new(), 0o666)
+        .tempfile_in(dir)
         .with_context(|| format!("cannot create a temp file in {}", dir.display()))?;
     {
         let mut w = std::io::BufWriter::with_capacity(1 << 20, tmp.as_file());
@@ -46,7 +47,7 @@ pub fn write_dir_atomic(dir: &Path, fill: impl FnOnce(&Path) -> Result<()>) -> R
     std::fs::create_dir_all(parent)
         .with_context(|| format!("cannot create directory {}", parent.display()))?;
     let name = dir.file_name().ok_or_else(|| anyhow!("{} is not a directory name", dir.display()))?;
-    let tmp = tempfile::Builder::new()
+    let tmp = with_default_mode(&mut tempfile::Builder::new(), 0o777)
         .prefix(&format!(".{}.partial-", name.to_string_lossy()))
         .tempdir_in(parent)
         .with_context(|| format!("cannot create a temp directory in {}", parent.display()))?;
@@ -66,6 +67,23 @@ pub fn write_dir_atomic(dir: &Path, fill: impl FnOnce(&Path) -> Result<()>) -> R
         std::fs::rename(&staged, dir).with_context(|| format!("cannot move {} into place", dir.display()))?;
     }
     Ok(())
+}
+
+/// Gives temp files and directories the mode a plain `File::create` or
+/// `create_dir` would (`mode` less the umask) instead of tempfile's private
+/// 0600/0700, so the renamed output is as readable as any other file the
+/// user writes (a checkpoint shared with a group, served by another user).
+fn with_default_mode<'b, 'p, 's>(builder: &'b mut tempfile::Builder<'p, 's>, mode: u32) -> &'b mut tempfile::Builder<'p, 's> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        builder.permissions(std::fs::Permissions::from_mode(mode))
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = mode;
+        builder
+    }
 }
 
 /// Atomically swaps two paths (Linux `renameat2(RENAME_EXCHANGE)`).
@@ -135,4 +153,33 @@ pub fn refuse_overwriting_input(out: &Path, out_flag: &str, input: &Path, input_
         );
     }
     Ok(())
+}
+
+#[cfg(all(test, unix))]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    fn mode(p: &Path) -> u32 {
+        std::fs::metadata(p).unwrap().permissions().mode() & 0o777
+    }
+
+    #[test]
+    fn outputs_get_the_same_mode_as_plain_files_and_directories() {
+        let root = tempfile::tempdir().unwrap();
+        let plain_file = root.path().join("plain.txt");
+        std::fs::write(&plain_file, b"x").unwrap();
+        let plain_dir = root.path().join("plain-dir");
+        std::fs::create_dir(&plain_dir).unwrap();
+
+        let file = root.path().join("atomic.txt");
+        write_atomic(&file, b"x").unwrap();
+        assert_eq!(mode(&file), mode(&plain_file), "write_atomic's file mode");
+        let dir = root.path().join("atomic-dir");
+        write_dir_atomic(&dir, |d| write_atomic(&d.join("f"), b"y")).unwrap();
+        assert_eq!(mode(&dir), mode(&plain_dir), "write_dir_atomic's directory mode");
+        assert_eq!(mode(&dir.join("f")), mode(&plain_file));
+        // Not the private modes tempfile would give (0600 / 0700) unless the umask says so.
+        assert_eq!(mode(&file) & 0o600, 0o600);
+    }
 }

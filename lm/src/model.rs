@@ -419,11 +419,31 @@ pub struct Pass<'a> {
     /// attend, or None for plain causal attention.
     pub mask: Option<&'a Tensor>,
     pub shared: SharedKv,
+    /// What every layer of one kind would build the same: made once per pass.
+    memo: PassMemo,
 }
 
 impl<'a> Pass<'a> {
     pub fn new(rope: &'a RopeTables, mask: Option<&'a Tensor>) -> Self {
-        Pass { rope, mask, shared: SharedKv::default() }
+        Pass { rope, mask, shared: SharedKv::default(), memo: PassMemo::default() }
+    }
+}
+
+/// The masks and ring indices of one forward pass, by layer kind. Every
+/// sliding layer with the same window (and ring size) attends with the same
+/// mask, and every full layer with the same one, so a pass (a decoding step
+/// included) builds each once instead of once per layer.
+#[derive(Default)]
+struct PassMemo {
+    /// By (window, or 0 for a full layer; ring slots, or −1 without a cache).
+    masks: std::collections::BTreeMap<(i64, i64), Option<Tensor>>,
+    /// The ring slots the new positions go to, by ring size.
+    ring_idx: std::collections::BTreeMap<i64, Tensor>,
+}
+
+impl PassMemo {
+    fn mask(&mut self, key: (i64, i64), make: impl FnOnce() -> Option<Tensor>) -> Option<Tensor> {
+        self.masks.entry(key).or_insert_with(make).as_ref().map(Tensor::shallow_clone)
     }
 }
 
@@ -613,7 +633,7 @@ impl Attention {
                 })?;
                 (e.k.shallow_clone(), e.v.shallow_clone(), e.mask.as_ref().map(Tensor::shallow_clone))
             }
-            Some((k, v)) => self.keys_and_mask(x.device(), k, v, mask, cache, t)?,
+            Some((k, v)) => self.keys_and_mask(x.device(), k, v, mask, cache, t, &mut pass.memo)?,
         };
         if self.kv == KvSharing::Store {
             let entry = SharedEntry {
@@ -665,7 +685,10 @@ impl Attention {
     /// its cache entry, and the keys, values and mask its queries attend
     /// over: with a cache, the cached positions and the new ones (a sliding
     /// layer's ring read as it is, each slot masked by the position it
-    /// holds), `mask` narrowed to the window on a sliding layer.
+    /// holds), `mask` narrowed to the window on a sliding layer. The mask
+    /// and ring indices come from `memo` when a layer of the same kind made
+    /// them earlier in the pass.
+    #[allow(clippy::too_many_arguments)]
     fn keys_and_mask(
         &self,
         device: Device,
@@ -674,6 +697,7 @@ impl Attention {
         mask: Option<&Tensor>,
         cache: Option<(&mut (Tensor, Tensor), i64)>,
         t: i64,
+        memo: &mut PassMemo,
     ) -> Result<(Tensor, Tensor, Option<Tensor>)> {
         let start = cache.as_ref().map_or(0, |c| c.1);
         let s_all = start + t;
@@ -695,7 +719,7 @@ impl Attention {
                 let mask = match mask {
                     Some(m) => Some(m.shallow_clone()),
                     None if t > 1 && s_all > t => {
-                        Some(band_mask(start, t, (0..s_all).collect(), None, device))
+                        memo.mask((0, -1), || Some(band_mask(start, t, (0..s_all).collect(), None, device)))
                     }
                     None => None,
                 };
@@ -704,33 +728,36 @@ impl Attention {
             Span::Sliding(window) => {
                 // The keys: what the ring holds (positions before `start`
                 // still in the window) and the new ones, with their positions.
-                let (k_all, v_all, key_pos) = match &cache {
-                    Some((kv, _)) => {
-                        // Slots 0..filled hold positions (all of them once
-                        // the ring has wrapped): empty ones are left out.
-                        let slots = kv.0.size()[2];
-                        let filled = start.min(slots);
-                        let mut held = ring_positions(start, slots);
-                        held.truncate(filled as usize);
-                        let k_all = Tensor::f_cat(&[&kv.0.f_narrow(2, 0, filled)?, &k], 2)?; // (B, KVH, filled + T, D)
-                        let v_all = Tensor::f_cat(&[&kv.1.f_narrow(2, 0, filled)?, &v], 2)?;
-                        let pos: Vec<i64> = held.into_iter().chain(start..start + t).collect();
-                        (k_all, v_all, pos)
-                    }
-                    None => (k.shallow_clone(), v.shallow_clone(), (0..t).collect()),
+                // Slots 0..filled hold positions (all of them once the ring
+                // has wrapped): empty ones are left out.
+                let slots = cache.as_ref().map_or(-1, |(kv, _)| kv.0.size()[2]);
+                let filled = start.min(slots).max(0);
+                let (k_all, v_all) = match &cache {
+                    Some((kv, _)) => (
+                        Tensor::f_cat(&[&kv.0.f_narrow(2, 0, filled)?, &k], 2)?, // (B, KVH, filled + T, D)
+                        Tensor::f_cat(&[&kv.1.f_narrow(2, 0, filled)?, &v], 2)?,
+                    ),
+                    None => (k.shallow_clone(), v.shallow_clone()),
+                };
+                let key_pos = || {
+                    let mut held = if slots < 0 { vec![] } else { ring_positions(start, slots) };
+                    held.truncate(filled as usize);
+                    held.into_iter().chain(start..start + t).collect::<Vec<i64>>()
                 };
                 // No earlier keys and the window covers every query: plain causal.
                 let plain_causal = mask.is_none() && start == 0 && t <= window;
-                let m = (!plain_causal).then(|| band_mask(start, t, key_pos, Some((window, mask)), device));
+                let m = memo.mask((window, slots), || {
+                    (!plain_causal).then(|| band_mask(start, t, key_pos(), Some((window, mask)), device))
+                });
                 if let Some((kv, start)) = cache {
                     // Keep the last `slots` new positions: position p in slot p mod slots.
-                    let slots = kv.0.size()[2];
                     let keep = t.min(slots);
                     let first = start + t - keep;
-                    let idx = Tensor::from_slice(&(first..start + t).map(|p| p % slots).collect::<Vec<_>>())
-                        .to_device(device);
-                    let _ = kv.0.f_index_copy_(2, &idx, &k.f_narrow(2, t - keep, keep)?)?;
-                    let _ = kv.1.f_index_copy_(2, &idx, &v.f_narrow(2, t - keep, keep)?)?;
+                    let idx = memo.ring_idx.entry(slots).or_insert_with(|| {
+                        Tensor::from_slice(&(first..start + t).map(|p| p % slots).collect::<Vec<_>>()).to_device(device)
+                    });
+                    let _ = kv.0.f_index_copy_(2, idx, &k.f_narrow(2, t - keep, keep)?)?;
+                    let _ = kv.1.f_index_copy_(2, idx, &v.f_narrow(2, t - keep, keep)?)?;
                 }
                 (k_all, v_all, m)
             }
