@@ -212,29 +212,6 @@ fn default_init_range() -> f64 {
     0.02
 }
 
-/// Names of the presets `GemmaConfig::preset` knows.
-pub const PRESETS: &[&str] = &[
-    "gemma-2b",
-    "gemma-7b",
-    "gemma2-9b",
-    "gemma2-27b",
-    "gemma3-270m",
-    "gemma3-1b",
-    "gemma3-4b",
-    "gemma3-12b",
-    "gemma3-27b",
-    "gemma4-e2b",
-    "gemma4-e4b",
-    "gemma4-31b",
-    "tiny",
-    "tiny-gemma2",
-    "tiny-gemma3",
-    "tiny-gemma4",
-    "small-20m",
-    "bench-50m",
-    "test-mqa",
-];
-
 /// The presets of published sizes: they keep their own `vocab_size` (a
 /// tokenizer must fit in it); the others take the tokenizer's
 /// ([`GemmaConfig::preset_for_tokenizer`]).
@@ -252,6 +229,17 @@ pub const PUBLISHED_PRESETS: &[&str] = &[
     "gemma4-e4b",
     "gemma4-31b",
 ];
+
+/// The presets of made-up sizes, for tests and benchmarks: they take the
+/// tokenizer's `vocab_size`.
+pub const TEST_PRESETS: &[&str] =
+    &["tiny", "tiny-gemma2", "tiny-gemma3", "tiny-gemma4", "small-20m", "bench-50m", "test-mqa"];
+
+/// Every preset [`GemmaConfig::preset`] knows: the published sizes, then
+/// the test sizes.
+pub fn preset_names() -> impl Iterator<Item = &'static str> {
+    PUBLISHED_PRESETS.iter().chain(TEST_PRESETS).copied()
+}
 
 /// `n` layers, every `every`-th `full_attention`, the others
 /// `sliding_attention`: the default `layer_types` of transformers'
@@ -575,7 +563,10 @@ impl GemmaConfig {
             "bench-50m" => Self::base(8192, 576, 2304, 10, 9, 3, 64).with_max_positions(2048),
             // MQA with head_dim != hidden/heads: the parity fixtures.
             "test-mqa" => Self::base(512, 64, 128, 2, 4, 1, 32).with_max_positions(256),
-            other => bail!("unknown model preset {other:?}; known presets: {}", PRESETS.join(", ")),
+            other => bail!(
+                "unknown model preset {other:?}; known presets: {}",
+                preset_names().collect::<Vec<_>>().join(", ")
+            ),
         })
     }
 

@@ -73,7 +73,10 @@ pub fn write_dir_atomic(dir: &Path, fill: impl FnOnce(&Path) -> Result<()>) -> R
 /// `create_dir` would (`mode` less the umask) instead of tempfile's private
 /// 0600/0700, so the renamed output is as readable as any other file the
 /// user writes (a checkpoint shared with a group, served by another user).
-fn with_default_mode<'b, 'p, 's>(builder: &'b mut tempfile::Builder<'p, 's>, mode: u32) -> &'b mut tempfile::Builder<'p, 's> {
+fn with_default_mode<'b, 'p, 's>(
+    builder: &'b mut tempfile::Builder<'p, 's>,
+    mode: u32,
+) -> &'b mut tempfile::Builder<'p, 's> {
     #[cfg(unix)]
     {
         use std::os::unix::fs::PermissionsExt;

@@ -754,7 +754,8 @@ impl Attention {
                     let keep = t.min(slots);
                     let first = start + t - keep;
                     let idx = memo.ring_idx.entry(slots).or_insert_with(|| {
-                        Tensor::from_slice(&(first..start + t).map(|p| p % slots).collect::<Vec<_>>()).to_device(device)
+                        Tensor::from_slice(&(first..start + t).map(|p| p % slots).collect::<Vec<_>>())
+                            .to_device(device)
                     });
                     let _ = kv.0.f_index_copy_(2, idx, &k.f_narrow(2, t - keep, keep)?)?;
                     let _ = kv.1.f_index_copy_(2, idx, &v.f_narrow(2, t - keep, keep)?)?;
