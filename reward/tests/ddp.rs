@@ -9,97 +9,12 @@
 mod common;
 
 use common::*;
-use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
 use tch::Tensor;
-
-const ROLE: &str = "ALIGN_DDP_TEST_ROLE";
-const CONFIG: &str = "ALIGN_DDP_TEST_CONFIG";
-
-fn gloo_or_skip(test: &str) -> bool {
-    if lm::dist::backends().gloo {
-        return true;
-    }
-    let _ = writeln!(
-        std::io::stderr(),
-        "SKIPPED {test}: align-native was built without Gloo (libgloo-dev's headers were missing at build time; \
-         `make test` installs them)"
-    );
-    false
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
-struct Rank {
-    child: Child,
-    log: PathBuf,
-}
-
-fn spawn(
-    dir: &Path,
-    role: &str,
-    config: &Path,
-    rank: usize,
-    world: usize,
-    port: u16,
-    env: &[(&str, &str)],
-) -> Rank {
-    let log = dir.join(format!("{role}-rank{rank}-{port}.log"));
-    let out = std::fs::File::create(&log).unwrap();
-    let mut cmd = Command::new(std::env::current_exe().unwrap());
-    cmd.args(["--exact", "rank_process", "--nocapture", "--test-threads=1"])
-        .env(ROLE, role)
-        .env(CONFIG, config)
-        .env("RANK", rank.to_string())
-        .env("WORLD_SIZE", world.to_string())
-        .env("LOCAL_RANK", rank.to_string())
-        .env("MASTER_ADDR", "127.0.0.1")
-        .env("MASTER_PORT", port.to_string())
-        .env("OMP_NUM_THREADS", "1")
-        .stdout(out.try_clone().unwrap())
-        .stderr(out)
-        .stdin(Stdio::null());
-    for (k, v) in env {
-        cmd.env(k, v);
-    }
-    Rank { child: cmd.spawn().unwrap(), log }
-}
-
-/// Waits for every rank (killing all after `deadline`): each rank's exit
-/// success, log and time.
-fn join(ranks: Vec<Rank>, deadline: Duration) -> Vec<(bool, String, Duration)> {
-    let start = Instant::now();
-    let mut out = vec![];
-    for mut r in ranks {
-        let status = loop {
-            if let Some(s) = r.child.try_wait().unwrap() {
-                break s;
-            }
-            if start.elapsed() > deadline {
-                let _ = r.child.kill();
-                let _ = r.child.wait();
-                panic!(
-                    "a rank hung for {deadline:?}:\n{}",
-                    std::fs::read_to_string(&r.log).unwrap_or_default()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        };
-        out.push((status.success(), std::fs::read_to_string(&r.log).unwrap_or_default(), start.elapsed()));
-    }
-    out
-}
+use testkit::ddp::{self, gloo_or_skip, max_diff, read_sorted};
 
 fn run_ranks(dir: &Path, config: &Path, world: usize) {
-    let port = free_port();
-    let ranks = (0..world).map(|r| spawn(dir, "reward", config, r, world, port, &[])).collect();
-    for (ok, log, _) in join(ranks, Duration::from_secs(300)) {
-        assert!(ok, "a rank failed:\n{log}");
-    }
+    ddp::run_ranks(dir, "reward", config, world);
 }
 
 /// A run directory `dir/name` (model, pairs and config).
@@ -112,28 +27,14 @@ fn setup(dir: &Path, name: &str, grad_accum: usize, extra: &str) -> PathBuf {
 }
 
 fn weights(config: &Path) -> Vec<(String, Tensor)> {
-    let out = config.parent().unwrap().join("out/model/model.safetensors");
-    let mut w = Tensor::read_safetensors(out).unwrap();
-    w.sort_by(|a, b| a.0.cmp(&b.0));
-    w
-}
-
-fn max_diff(a: &[(String, Tensor)], b: &[(String, Tensor)]) -> f64 {
-    assert_eq!(a.len(), b.len());
-    a.iter()
-        .zip(b)
-        .map(|((na, ta), (nb, tb))| {
-            assert_eq!(na, nb);
-            (ta - tb).abs().max().double_value(&[])
-        })
-        .fold(0.0, f64::max)
+    read_sorted(&config.parent().unwrap().join("out/model/model.safetensors"))
 }
 
 /// One rank of a test run (a no-op when the harness runs it directly).
 #[test]
 fn rank_process() {
-    let Ok(_role) = std::env::var(ROLE) else { return };
-    let path = PathBuf::from(std::env::var(CONFIG).unwrap());
+    let Some(_role) = ddp::role() else { return };
+    let path = ddp::config_path();
     let cfg = load_config(&path);
     if let Err(e) = reward::run(&cfg, path.parent().unwrap()) {
         eprintln!("rank error: {e:#}");

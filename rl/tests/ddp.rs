@@ -15,14 +15,10 @@
 mod common;
 
 use common::{config, steps, write_prompts, LowIds};
-use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use tch::Tensor;
-
-const ROLE: &str = "ALIGN_DDP_TEST_ROLE";
-const CONFIG: &str = "ALIGN_DDP_TEST_CONFIG";
+use testkit::ddp::{self, gloo_or_skip, join, max_diff, read_sorted, Group};
 
 /// The run: 4 steps, 4 samples per prompt, an epoch boundary (12 training
 /// prompts, 4 per step), whitening, an adaptive β, micro-batches of 3
@@ -49,18 +45,6 @@ fn with_lr(text: &str, lr: &str) -> String {
         .join("\n")
 }
 
-fn gloo_or_skip(test: &str) -> bool {
-    if lm::dist::backends().gloo {
-        return true;
-    }
-    let _ = writeln!(
-        std::io::stderr(),
-        "SKIPPED {test}: align-native was built without Gloo (libgloo-dev's headers were missing at build time; \
-         `make test` installs them)"
-    );
-    false
-}
-
 /// The config of a run in `dir` (`dir/out`) with `batch_size` prompts per
 /// rank; its TOML is `dir/rl.toml`.
 fn setup(dir: &Path, batch_size: usize, extra: &str) -> PathBuf {
@@ -74,75 +58,14 @@ fn setup(dir: &Path, batch_size: usize, extra: &str) -> PathBuf {
     path
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
-struct Rank {
-    child: Child,
-    log: PathBuf,
-}
-
-fn spawn(dir: &Path, config: &Path, rank: usize, world: usize, port: u16) -> Rank {
-    spawn_as(dir, "rl", config, rank, world, port, &[])
-}
-
-fn spawn_as(
-    dir: &Path,
-    role: &str,
-    config: &Path,
-    rank: usize,
-    world: usize,
-    port: u16,
-    env: &[(&str, &str)],
-) -> Rank {
-    let log = dir.join(format!("{role}-rank{rank}-{port}.log"));
-    let out = std::fs::File::create(&log).unwrap();
-    let child = Command::new(std::env::current_exe().unwrap())
-        .args(["--exact", "rank_process", "--nocapture", "--test-threads=1"])
-        .envs(env.iter().copied())
-        .env(ROLE, role)
-        .env(CONFIG, config)
-        .env("RANK", rank.to_string())
-        .env("WORLD_SIZE", world.to_string())
-        .env("LOCAL_RANK", rank.to_string())
-        .env("MASTER_ADDR", "127.0.0.1")
-        .env("MASTER_PORT", port.to_string())
-        .env("OMP_NUM_THREADS", "1")
-        .stdout(out.try_clone().unwrap())
-        .stderr(out)
-        .stdin(Stdio::null())
-        .spawn()
-        .unwrap();
-    Rank { child, log }
-}
-
 /// Runs `config` on `world` ranks and waits for all of them (killing all
 /// after 5 minutes); each must succeed.
 fn run_ranks(dir: &Path, config: &Path, world: usize) {
-    let port = free_port();
-    let ranks: Vec<Rank> = (0..world).map(|r| spawn(dir, config, r, world, port)).collect();
-    let start = Instant::now();
-    for mut r in ranks {
-        let status = loop {
-            if let Some(s) = r.child.try_wait().unwrap() {
-                break s;
-            }
-            if start.elapsed() > Duration::from_secs(300) {
-                let _ = r.child.kill();
-                let _ = r.child.wait();
-                panic!("a rank hung:\n{}", std::fs::read_to_string(&r.log).unwrap_or_default());
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        };
-        assert!(status.success(), "a rank failed:\n{}", std::fs::read_to_string(&r.log).unwrap_or_default());
-    }
+    ddp::run_ranks(dir, "rl", config, world);
 }
 
 fn weights(out: &Path) -> Vec<(String, Tensor)> {
-    let mut w = Tensor::read_safetensors(out.join("model/model.safetensors")).unwrap();
-    w.sort_by(|a, b| a.0.cmp(&b.0));
-    w
+    read_sorted(&out.join("model/model.safetensors"))
 }
 
 fn base_of(name: &str) -> Tensor {
@@ -150,27 +73,15 @@ fn base_of(name: &str) -> Tensor {
     w.into_iter().find(|(n, _)| n == name).map(|(_, t)| t).unwrap_or_else(|| Tensor::from(0.0))
 }
 
-fn max_diff(a: &[(String, Tensor)], b: &[(String, Tensor)]) -> f64 {
-    assert_eq!(a.len(), b.len());
-    a.iter()
-        .zip(b)
-        .map(|((na, ta), (nb, tb))| {
-            assert_eq!(na, nb);
-            (ta - tb).abs().max().double_value(&[])
-        })
-        .fold(0.0, f64::max)
-}
-
 /// One rank of a test run (a no-op when the harness runs it directly).
 #[test]
 fn rank_process() {
-    let Ok(role) = std::env::var(ROLE) else { return };
-    if role == "die" {
+    let Some(role) = ddp::role() else { return };
+    if role == ddp::DIE {
         // Joins the group, then dies before the first collective.
-        lm::dist::init(tch::Device::Cpu).unwrap();
-        std::process::exit(3);
+        ddp::die_after_joining();
     }
-    let path = PathBuf::from(std::env::var(CONFIG).unwrap());
+    let path = ddp::config_path();
     let cfg = rl::RlConfig::from_toml_file(&path).unwrap();
     if let Err(e) = rl::run_with_reward(&cfg, path.parent().unwrap(), Box::new(LowIds { below: 128 })) {
         eprintln!("rank error: {e:#}");
@@ -207,12 +118,8 @@ fn two_ranks_train_as_one_process_with_twice_the_batch() {
     if std::env::var("DDP_DEBUG").is_err() {
         assert!(d < 1e-6, "2 ranks differ from 1 process by {d}");
     }
-    let base = {
-        let mut w = Tensor::read_safetensors(common::fixture().join("model.safetensors")).unwrap();
-        w.retain(|(n, _)| a.iter().any(|(m, _)| m == n));
-        w.sort_by(|x, y| x.0.cmp(&y.0));
-        w
-    };
+    let mut base = read_sorted(&common::fixture().join("model.safetensors"));
+    base.retain(|(n, _)| a.iter().any(|(m, _)| m == n));
     assert!(max_diff(&a, &base) > 1e-4, "training did not move the weights");
 
     // The same samples (global statistics of the same rewards), β and
@@ -323,27 +230,15 @@ fn a_dead_peer_stops_the_rl_stage_within_the_timeout() {
     }
     let dir = tempfile::tempdir().unwrap();
     let cfg = setup(&dir.path().join("dead"), 2, "");
-    let port = free_port();
+    let group = Group::new(dir.path(), &cfg, 2);
     let env = [("ALIGN_DIST_TIMEOUT", "5")];
-    let start = Instant::now();
-    let mut r0 = spawn_as(dir.path(), "rl", &cfg, 0, 2, port, &env);
-    let mut r1 = spawn_as(dir.path(), "die", &cfg, 1, 2, port, &env);
-    let _ = r1.child.wait();
-    let status = loop {
-        if let Some(s) = r0.child.try_wait().unwrap() {
-            break s;
-        }
-        if start.elapsed() > Duration::from_secs(120) {
-            let _ = r0.child.kill();
-            panic!("rank 0 hung without its peer");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    let log = std::fs::read_to_string(&r0.log).unwrap();
-    assert!(!status.success(), "rank 0 went on without its peer:\n{log}");
+    let ranks = vec![group.spawn("rl", 0, &env), group.spawn(ddp::DIE, 1, &env)];
+    let out = join(ranks, Duration::from_secs(120));
+    let (ok, log, t) = &out[0];
+    assert!(!ok, "rank 0 went on without its peer:\n{log}");
     let err = log.lines().find(|l| l.starts_with("rank error")).unwrap_or_default();
     assert!(err.contains("rank 0 of 2 lost its peers"), "the error does not say which rank:\n{log}");
-    assert!(start.elapsed() < Duration::from_secs(90), "rank 0 took {:?} to fail", start.elapsed());
+    assert!(*t < Duration::from_secs(90), "rank 0 took {t:?} to fail");
     // No checkpoint was half-written.
     let ckpts = dir.path().join("dead/out/checkpoints");
     if ckpts.exists() {

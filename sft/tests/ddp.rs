@@ -7,26 +7,10 @@
 //!   (the same global batches in the same order);
 //! - a dead peer is an error naming the lost rank within the timeout.
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use tch::Tensor;
-
-const ROLE: &str = "ALIGN_DDP_TEST_ROLE";
-const CONFIG: &str = "ALIGN_DDP_TEST_CONFIG";
-
-fn gloo_or_skip(test: &str) -> bool {
-    if lm::dist::backends().gloo {
-        return true;
-    }
-    let _ = writeln!(
-        std::io::stderr(),
-        "SKIPPED {test}: align-native was built without Gloo (libgloo-dev's headers were missing at build time; \
-         `make test` installs them)"
-    );
-    false
-}
+use testkit::ddp::{self, free_port, gloo_or_skip, join, max_diff, read_sorted, Group};
 
 fn fixture() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../lm/tests/fixtures/mqa")
@@ -82,105 +66,23 @@ path = "{}"
     p
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
-struct Rank {
-    child: Child,
-    log: PathBuf,
-}
-
-fn spawn(
-    dir: &Path,
-    role: &str,
-    config: &Path,
-    rank: usize,
-    world: usize,
-    port: u16,
-    env: &[(&str, &str)],
-) -> Rank {
-    let log = dir.join(format!("{role}-rank{rank}-{port}.log"));
-    let out = std::fs::File::create(&log).unwrap();
-    let mut cmd = Command::new(std::env::current_exe().unwrap());
-    cmd.args(["--exact", "rank_process", "--nocapture", "--test-threads=1"])
-        .env(ROLE, role)
-        .env(CONFIG, config)
-        .env("RANK", rank.to_string())
-        .env("WORLD_SIZE", world.to_string())
-        .env("LOCAL_RANK", rank.to_string())
-        .env("MASTER_ADDR", "127.0.0.1")
-        .env("MASTER_PORT", port.to_string())
-        .env("OMP_NUM_THREADS", "1")
-        .stdout(out.try_clone().unwrap())
-        .stderr(out)
-        .stdin(Stdio::null());
-    for (k, v) in env {
-        cmd.env(k, v);
-    }
-    Rank { child: cmd.spawn().unwrap(), log }
-}
-
-/// Waits for every rank (killing all after `deadline`): each rank's exit
-/// success, log and time.
-fn join(ranks: Vec<Rank>, deadline: Duration) -> Vec<(bool, String, Duration)> {
-    let start = Instant::now();
-    let mut out = vec![];
-    for mut r in ranks {
-        let status = loop {
-            if let Some(s) = r.child.try_wait().unwrap() {
-                break s;
-            }
-            if start.elapsed() > deadline {
-                let _ = r.child.kill();
-                let _ = r.child.wait();
-                panic!(
-                    "a rank hung for {deadline:?}:\n{}",
-                    std::fs::read_to_string(&r.log).unwrap_or_default()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        };
-        out.push((status.success(), std::fs::read_to_string(&r.log).unwrap_or_default(), start.elapsed()));
-    }
-    out
-}
-
 fn run_ranks(dir: &Path, config: &Path, world: usize) {
-    let port = free_port();
-    let ranks = (0..world).map(|r| spawn(dir, "sft", config, r, world, port, &[])).collect();
-    for (ok, log, _) in join(ranks, Duration::from_secs(300)) {
-        assert!(ok, "a rank failed:\n{log}");
-    }
+    ddp::run_ranks(dir, "sft", config, world);
 }
 
 fn weights(out: &Path) -> Vec<(String, Tensor)> {
-    let mut w = Tensor::read_safetensors(out.join("model/model.safetensors")).unwrap();
-    w.sort_by(|a, b| a.0.cmp(&b.0));
-    w
-}
-
-fn max_diff(a: &[(String, Tensor)], b: &[(String, Tensor)]) -> f64 {
-    assert_eq!(a.len(), b.len());
-    a.iter()
-        .zip(b)
-        .map(|((na, ta), (nb, tb))| {
-            assert_eq!(na, nb);
-            (ta - tb).abs().max().double_value(&[])
-        })
-        .fold(0.0, f64::max)
+    read_sorted(&out.join("model/model.safetensors"))
 }
 
 /// One rank of a test run (a no-op when the harness runs it directly).
 #[test]
 fn rank_process() {
-    let Ok(role) = std::env::var(ROLE) else { return };
-    if role == "die" {
+    let Some(role) = ddp::role() else { return };
+    if role == ddp::DIE {
         // Joins the group, then dies before the first collective.
-        lm::dist::init(tch::Device::Cpu).unwrap();
-        std::process::exit(3);
+        ddp::die_after_joining();
     }
-    let path = PathBuf::from(std::env::var(CONFIG).unwrap());
+    let path = ddp::config_path();
     let cfg = sft::SftConfig::from_toml_file(&path).unwrap();
     if let Err(e) = sft::stage::run(&cfg, path.parent().unwrap()) {
         eprintln!("rank error: {e:#}");
@@ -205,12 +107,8 @@ fn two_ranks_train_as_one_process_with_the_same_global_batch() {
     let d = max_diff(&a, &b);
     assert!(d < 1e-5, "2 ranks differ from 1 process by {d}");
     // The base moved, and the logged (global) losses agree.
-    let base = {
-        let mut w = Tensor::read_safetensors(fixture().join("model.safetensors")).unwrap();
-        w.retain(|(n, _)| a.iter().any(|(m, _)| m == n));
-        w.sort_by(|x, y| x.0.cmp(&y.0));
-        w
-    };
+    let mut base = read_sorted(&fixture().join("model.safetensors"));
+    base.retain(|(n, _)| a.iter().any(|(m, _)| m == n));
     assert!(max_diff(&a, &base) > 1e-4, "training did not move the weights");
     let summary: serde_json::Value =
         serde_json::from_slice(&std::fs::read(dir.path().join("two/summary.json")).unwrap()).unwrap();
@@ -232,12 +130,9 @@ fn a_dead_peer_is_an_error_within_the_timeout() {
     }
     let dir = tempfile::tempdir().unwrap();
     let cfg = config(dir.path(), "dead", 2, "");
-    let port = free_port();
+    let group = Group::new(dir.path(), &cfg, 2);
     let env = [("ALIGN_DIST_TIMEOUT", "5")];
-    let ranks = vec![
-        spawn(dir.path(), "sft", &cfg, 0, 2, port, &env),
-        spawn(dir.path(), "die", &cfg, 1, 2, port, &env),
-    ];
+    let ranks = vec![group.spawn("sft", 0, &env), group.spawn(ddp::DIE, 1, &env)];
     let out = join(ranks, Duration::from_secs(120));
     let (ok, log, t) = &out[0];
     assert!(!ok, "rank 0 went on without its peer:\n{log}");
@@ -269,7 +164,7 @@ fn bad_setups_are_clear_errors() {
         (&[("MASTER_PORT", closed.as_str()), ("ALIGN_DIST_TIMEOUT", "3")], "rendezvous"),
     ];
     for (env, want) in cases {
-        let rank = spawn(dir.path(), "sft", &cfg, 1, 2, free_port(), env);
+        let rank = Group::new(dir.path(), &cfg, 2).spawn("sft", 1, env);
         let out = join(vec![rank], Duration::from_secs(60));
         let (ok, log, _) = &out[0];
         assert!(!ok, "{env:?} was accepted:\n{log}");
