@@ -1,6 +1,6 @@
 //! The stage learns: with β = 0 the mean reward of a toy reward (the share
 //! of response tokens with an id below 128, about 0.22 for the untrained
-//! fixture) rises within a few dozen CPU steps; with a large β the policy
+//! fixture) rises within 60 CPU steps; with a large β the policy
 //! stays much closer to the reference.
 
 mod common;
@@ -23,26 +23,27 @@ fn train(lr: &str, extra: &str) -> (Vec<serde_json::Value>, rl::RlSummary, tempf
 
 #[test]
 fn with_beta_zero_the_mean_reward_rises() {
-    // Seed 1: the reward of this toy run rises by 0.3 in 30 steps for most
-    // seeds (seeds 1, 2: +0.34, +0.30) but not all (seed 7: +0.09, since
-    // samples are seeded per sample).
+    // 60 steps: after 30 the reward of this toy run had risen by 0.10 to
+    // 0.75 depending on the seed (seeds 1-10; samples are seeded per
+    // sample, and another CPU's kernels round differently, which acts like
+    // another seed); after 60, every one of those seeds is at 0.98-1.0.
     let (rows, s, dir) = train(
         "5e-3",
-        "steps = 30\nbatch_size = 8\nbeta = 0.0\nwhiten_advantages = true\neval_every = 15\nseed = 1",
+        "steps = 60\nbatch_size = 8\nbeta = 0.0\nwhiten_advantages = true\neval_every = 30\nseed = 1",
     );
-    assert_eq!(rows.len(), 30);
+    assert_eq!(rows.len(), 60);
     let first = mean(&rows[..3], "reward_mean");
     let last = mean(&rows[rows.len() - 3..], "reward_mean");
-    eprintln!("beta 0: mean reward {first:.3} (steps 1-3) -> {last:.3} (steps 28-30)");
+    eprintln!("beta 0: mean reward {first:.3} (steps 1-3) -> {last:.3} (steps 58-60)");
     assert!(first < 0.35, "the untrained policy scores about 0.22, got {first}");
-    assert!(last > first + 0.3, "reward {first} -> {last}: it should rise clearly");
+    assert!(last > first + 0.5, "reward {first} -> {last}: it should rise clearly");
     // Held-out prompts, evaluated before, half way and after.
     let ev: Vec<(u64, f64)> = s.eval.iter().map(|e| (e.step, e.reward_mean)).collect();
     eprintln!("eval reward by step: {ev:?}");
-    assert_eq!(ev.iter().map(|e| e.0).collect::<Vec<_>>(), vec![0, 15, 30]);
-    assert!(ev[2].1 > ev[0].1 + 0.2, "held-out reward {ev:?}");
+    assert_eq!(ev.iter().map(|e| e.0).collect::<Vec<_>>(), vec![0, 30, 60]);
+    assert!(ev[2].1 > ev[0].1 + 0.3, "held-out reward {ev:?}");
     assert!(s.plot.as_ref().is_some_and(|p| p.exists()), "rl.png is written");
-    let samples = std::fs::read_to_string(dir.path().join("out/samples-step-30.jsonl")).unwrap();
+    let samples = std::fs::read_to_string(dir.path().join("out/samples-step-60.jsonl")).unwrap();
     assert_eq!(samples.lines().count(), 4);
     if let Ok(keep) = std::env::var("RL_KEEP_PLOT") {
         std::fs::copy(s.plot.as_ref().unwrap(), keep).unwrap();
@@ -51,7 +52,11 @@ fn with_beta_zero_the_mean_reward_rises() {
 
 #[test]
 fn with_large_beta_the_kl_to_the_reference_stays_small() {
-    let common = "steps = 30\nbatch_size = 8\nwhiten_advantages = true";
+    // 60 steps: the unpenalised policy keeps drifting (KL 12-14 over seeds
+    // 1-7 against 6-11 after 30 steps) while the penalised ones level off
+    // (loss term 1.7-1.9, in the reward 4.5-5.0), so the ratios (at most
+    // 0.14 and 0.39 over those seeds) sit well inside the bounds.
+    let common = "steps = 60\nbatch_size = 8\nwhiten_advantages = true";
     let kl = |extra: &str| {
         let (rows, _, _) = train("1e-3", &format!("{common}\n{extra}"));
         (mean(&rows[rows.len() - 5..], "kl"), mean(&rows[rows.len() - 3..], "reward_mean"))
