@@ -152,6 +152,7 @@ fixtures: $(STAMPS)/pydeps
 	$(PYTHON) -c "import peft" >/dev/null 2>&1 || \
 	  $(PYTHON) -m pip install --quiet --disable-pip-version-check peft
 	$(PYTHON) scripts/make_peft_fixture.py
+	$(PYTHON) scripts/make_gemma4_lora_fixture.py
 
 fmt:
 	$(CARGO) fmt --all

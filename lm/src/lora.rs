@@ -10,12 +10,37 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use tch::{Kind, Tensor};
 
-/// The HF names of the projections an adapter may wrap.
+/// The HF names of the projections every Gemma's decoder layers have
+/// (Gemma 4 lacks k/v on some layers, but not in all).
 pub const LINEAR_MODULES: [&str; 7] =
     ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"];
 
+/// Gemma 4's per-layer-input projections (models with
+/// `hidden_size_per_layer_input`): `model.layers.{i}.per_layer_input_gate`,
+/// `model.layers.{i}.per_layer_projection` and the model's
+/// `model.per_layer_model_projection`. All `nn.Linear` in transformers, so
+/// PEFT's `"all-linear"` adapts them too.
+pub const PER_LAYER_INPUT_MODULES: [&str; 3] =
+    ["per_layer_input_gate", "per_layer_projection", "per_layer_model_projection"];
+
+/// Every module name an adapter may wrap: [`LINEAR_MODULES`] then
+/// [`PER_LAYER_INPUT_MODULES`] (the order align lists them in).
+pub const ALL_LINEAR_MODULES: [&str; 10] = [
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "o_proj",
+    "gate_proj",
+    "up_proj",
+    "down_proj",
+    "per_layer_input_gate",
+    "per_layer_projection",
+    "per_layer_model_projection",
+];
+
 /// Which projections get an adapter: `"all-linear"` (PEFT's name: every
-/// projection of the decoder layers, not the LM head) or a list of HF names.
+/// linear module of the text model except the LM head, so on Gemma 4 with
+/// per-layer inputs also [`PER_LAYER_INPUT_MODULES`]) or a list of HF names.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(untagged)]
 pub enum TargetModules {
@@ -31,25 +56,70 @@ impl Default for TargetModules {
 }
 
 impl TargetModules {
-    /// The projection names this selects, in [`LINEAR_MODULES`] order.
+    /// Whether this is `"all-linear"`.
+    pub fn is_all_linear(&self) -> bool {
+        matches!(self, TargetModules::Preset(p) if p == "all-linear")
+    }
+
+    /// The names this selects without a model: a list's names (each one of
+    /// [`ALL_LINEAR_MODULES`]), in [`ALL_LINEAR_MODULES`] order, or for
+    /// `"all-linear"` the projections every Gemma has, [`LINEAR_MODULES`].
+    /// What a given model adapts is [`TargetModules::resolve_for`] (on
+    /// Gemma 4 with per-layer inputs, `"all-linear"` adds
+    /// [`PER_LAYER_INPUT_MODULES`]).
     pub fn resolve(&self) -> Result<Vec<&'static str>> {
         match self {
             TargetModules::Preset(p) if p == "all-linear" => Ok(LINEAR_MODULES.to_vec()),
             TargetModules::Preset(p) => {
-                bail!("lora.target_modules: {p:?} is not \"all-linear\" or a list of {LINEAR_MODULES:?}")
+                bail!("lora.target_modules: {p:?} is not \"all-linear\" or a list of {ALL_LINEAR_MODULES:?}")
             }
             TargetModules::List(names) => {
                 if names.is_empty() {
-                    bail!("lora.target_modules is empty; name at least one of {LINEAR_MODULES:?} or use \"all-linear\"");
+                    bail!("lora.target_modules is empty; name at least one of {ALL_LINEAR_MODULES:?} or use \"all-linear\"");
                 }
                 for n in names {
-                    if !LINEAR_MODULES.contains(&n.as_str()) {
-                        bail!("lora.target_modules: unknown module {n:?}; the projections are {LINEAR_MODULES:?}");
+                    if !ALL_LINEAR_MODULES.contains(&n.as_str()) {
+                        bail!("lora.target_modules: unknown module {n:?}; the projections are {ALL_LINEAR_MODULES:?}");
                     }
                 }
-                Ok(LINEAR_MODULES.iter().copied().filter(|m| names.iter().any(|n| n == m)).collect())
+                Ok(ALL_LINEAR_MODULES.iter().copied().filter(|m| names.iter().any(|n| n == m)).collect())
             }
         }
+    }
+
+    /// The names an adapter file with these target modules may hold
+    /// tensors of, before it meets a model: a list's names, or for
+    /// `"all-linear"` any of [`ALL_LINEAR_MODULES`].
+    pub fn allowed(&self) -> Result<Vec<&'static str>> {
+        if self.is_all_linear() {
+            return Ok(ALL_LINEAR_MODULES.to_vec());
+        }
+        self.resolve()
+    }
+
+    /// The module names this selects on a model whose linear modules are
+    /// `available` (module names, e.g. from `Gemma::lora_modules`), in
+    /// [`ALL_LINEAR_MODULES`] order: `"all-linear"` takes all of them, as
+    /// PEFT does; a list must name modules the model has (an error names
+    /// those it lacks).
+    pub fn resolve_for(&self, available: &[&str]) -> Result<Vec<&'static str>> {
+        let names = self.allowed()?;
+        if !self.is_all_linear() {
+            let lacking: Vec<&str> = names.iter().copied().filter(|n| !available.contains(n)).collect();
+            if !lacking.is_empty() {
+                let why = if lacking.iter().any(|n| PER_LAYER_INPUT_MODULES.contains(n)) {
+                    " (the per-layer-input projections exist on Gemma 4 models with hidden_size_per_layer_input only)"
+                } else {
+                    ""
+                };
+                bail!(
+                    "lora.target_modules: the model has no {} module{}{why}; its linear modules are {available:?}",
+                    lacking.iter().map(|n| format!("{n:?}")).collect::<Vec<_>>().join(", "),
+                    if lacking.len() == 1 { "" } else { "s" },
+                );
+            }
+        }
+        Ok(names.into_iter().filter(|n| available.contains(n)).collect())
     }
 }
 

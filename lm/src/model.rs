@@ -981,16 +981,11 @@ impl DecoderLayer {
     }
 
     /// The layer's tensors besides its norms ([`DecoderLayer::norms`]) and
-    /// the projections LoRA adapts ([`Gemma::linears`]), with their names
-    /// under the layer: Gemma 4's per-layer-input projections and `layer_scalar`.
+    /// the linear modules LoRA may adapt ([`Gemma::linears`], Gemma 4's
+    /// per-layer-input projections included), with their names under the
+    /// layer: Gemma 4's `layer_scalar`.
     pub fn other_tensors(&self) -> Vec<(&'static str, &Tensor)> {
         let mut out = vec![];
-        if let Some(l) = &self.per_layer_input_gate {
-            out.push(("per_layer_input_gate.weight", &l.weight));
-        }
-        if let Some(l) = &self.per_layer_projection {
-            out.push(("per_layer_projection.weight", &l.weight));
-        }
         if let Some(t) = &self.layer_scalar {
             out.push(("layer_scalar", t));
         }
@@ -1296,11 +1291,13 @@ impl Gemma {
 /// LoRA's view of the model: its projections by name, and a second model
 /// over the same base weights (the adapters themselves are in [`crate::lora`]).
 impl Gemma {
-    /// Every projection of the decoder layers with its checkpoint name
-    /// without `.weight` (`model.layers.{i}.self_attn.q_proj`, …), in layer
-    /// order and, within a layer, in [`crate::lora::LINEAR_MODULES`] order.
+    /// Every linear module LoRA may adapt (PEFT's `"all-linear"`: all but
+    /// the head) with its checkpoint name without `.weight`
+    /// (`model.layers.{i}.self_attn.q_proj`, …), in layer order and, within
+    /// a layer, in [`crate::lora::ALL_LINEAR_MODULES`] order; Gemma 4's
+    /// `model.per_layer_model_projection` last.
     pub fn linears(&self) -> Vec<(String, &Linear)> {
-        let mut out = Vec::with_capacity(self.model.layers.len() * 7);
+        let mut out = Vec::with_capacity(self.model.layers.len() * 9 + 1);
         for (i, l) in self.model.layers.iter().enumerate() {
             let (a, m) = (&l.self_attn, &l.mlp);
             // Gemma 4: no k_proj / v_proj on KV-sharing layers, no v_proj with k = v.
@@ -1314,13 +1311,24 @@ impl Gemma {
             let mlp = [("gate_proj", &m.gate_proj), ("up_proj", &m.up_proj), ("down_proj", &m.down_proj)];
             out.extend(attn.map(|(n, p)| (format!("model.layers.{i}.self_attn.{n}"), p)));
             out.extend(mlp.into_iter().map(|(n, p)| (format!("model.layers.{i}.mlp.{n}"), p)));
+            // Gemma 4's per-layer-input projections.
+            let ple = [
+                ("per_layer_input_gate", &l.per_layer_input_gate),
+                ("per_layer_projection", &l.per_layer_projection),
+            ];
+            out.extend(
+                ple.into_iter().filter_map(|(n, p)| Some((format!("model.layers.{i}.{n}"), p.as_ref()?))),
+            );
+        }
+        if let Some(p) = &self.model.per_layer_model_projection {
+            out.push(("model.per_layer_model_projection".to_string(), p));
         }
         out
     }
 
     /// [`Gemma::linears`], mutable.
     pub fn linears_mut(&mut self) -> Vec<(String, &mut Linear)> {
-        let mut out = Vec::with_capacity(self.model.layers.len() * 7);
+        let mut out = Vec::with_capacity(self.model.layers.len() * 9 + 1);
         for (i, l) in self.model.layers.iter_mut().enumerate() {
             let (a, m) = (&mut l.self_attn, &mut l.mlp);
             let attn = [
@@ -1337,6 +1345,16 @@ impl Gemma {
             ];
             out.extend(attn.map(|(n, p)| (format!("model.layers.{i}.self_attn.{n}"), p)));
             out.extend(mlp.into_iter().map(|(n, p)| (format!("model.layers.{i}.mlp.{n}"), p)));
+            let ple = [
+                ("per_layer_input_gate", &mut l.per_layer_input_gate),
+                ("per_layer_projection", &mut l.per_layer_projection),
+            ];
+            out.extend(
+                ple.into_iter().filter_map(|(n, p)| Some((format!("model.layers.{i}.{n}"), p.as_mut()?))),
+            );
+        }
+        if let Some(p) = &mut self.model.per_layer_model_projection {
+            out.push(("model.per_layer_model_projection".to_string(), p));
         }
         out
     }
@@ -1370,17 +1388,16 @@ impl Gemma {
     }
 
     /// The model's tensors besides the embeddings, the norms
-    /// ([`DecoderLayer::norms`], `model.norm`), the projections LoRA adapts
-    /// ([`Gemma::linears`]) and the head, by checkpoint name: Gemma 4's
-    /// per-layer-input tensors and `layer_scalar`s. Shallow clones.
+    /// ([`DecoderLayer::norms`], `model.norm`), the linear modules LoRA may
+    /// adapt ([`Gemma::linears`], Gemma 4's per-layer-input projections
+    /// included) and the head, by checkpoint name: Gemma 4's
+    /// `embed_tokens_per_layer`, `per_layer_projection_norm` and
+    /// `layer_scalar`s. Shallow clones.
     pub fn other_tensors(&self) -> Vec<(String, Tensor)> {
         let m = &self.model;
         let mut out = vec![];
         if let Some(t) = &m.embed_tokens_per_layer {
             out.push(("model.embed_tokens_per_layer.weight".to_string(), t.shallow_clone()));
-        }
-        if let Some(l) = &m.per_layer_model_projection {
-            out.push(("model.per_layer_model_projection.weight".to_string(), l.weight.shallow_clone()));
         }
         if let Some(n) = &m.per_layer_projection_norm {
             out.push(("model.per_layer_projection_norm.weight".to_string(), n.weight.shallow_clone()));

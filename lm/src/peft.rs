@@ -18,7 +18,10 @@ use crate::checkpoint::{self, SaveOptions, TensorEntry, TensorSource};
 use crate::config::GemmaConfig;
 use crate::fsio;
 use crate::init::seeded_uniform;
-use crate::lora::{AdapterSwitch, AdaptersDisabled, LoraAdapter, LoraConfig, TargetModules, LINEAR_MODULES};
+use crate::lora::{
+    AdapterSwitch, AdaptersDisabled, LoraAdapter, LoraConfig, TargetModules, ALL_LINEAR_MODULES,
+    PER_LAYER_INPUT_MODULES,
+};
 use crate::model::{Gemma, Linear, WeightInit};
 use crate::reward_model::{self, RewardModel};
 use crate::safetensors_io::WeightReader;
@@ -87,8 +90,30 @@ fn path_at<'a>(p: &nn::Path<'a>, name: &str) -> nn::Path<'a> {
 }
 
 impl Gemma {
-    /// Attaches LoRA adapters to the projections `cfg` targets, in every
-    /// decoder layer: variables `{proj}.lora_A.weight` (r, in), drawn
+    /// The names of the linear modules LoRA may adapt on this model
+    /// ([`Gemma::linears`]' last segments, once each), in
+    /// [`ALL_LINEAR_MODULES`] order: the seven projections, plus on Gemma 4
+    /// with per-layer inputs `per_layer_input_gate`, `per_layer_projection`
+    /// and `per_layer_model_projection`.
+    pub fn lora_modules(&self) -> Vec<&'static str> {
+        let names: BTreeSet<String> = self
+            .linears()
+            .into_iter()
+            .map(|(n, _)| n.rsplit('.').next().unwrap_or_default().to_string())
+            .collect();
+        ALL_LINEAR_MODULES.iter().copied().filter(|m| names.contains(*m)).collect()
+    }
+
+    /// The module names `targets` selects on this model
+    /// ([`TargetModules::resolve_for`] over [`Gemma::lora_modules`]):
+    /// `"all-linear"` is every linear module but the head, as in PEFT.
+    pub fn lora_targets(&self, targets: &TargetModules) -> Result<Vec<&'static str>> {
+        targets.resolve_for(&self.lora_modules())
+    }
+
+    /// Attaches LoRA adapters to the linear modules `cfg` targets
+    /// ([`Gemma::lora_targets`]), in every decoder layer (and Gemma 4's
+    /// `model.per_layer_model_projection`): variables `{proj}.lora_A.weight` (r, in), drawn
     /// uniform(±1/√in) (PEFT's kaiming-uniform with a = √5) from a stream
     /// keyed by `seed` and the name, and `{proj}.lora_B.weight` (out, r),
     /// zero — so the model computes exactly the base until B moves. Both f32
@@ -104,7 +129,7 @@ impl Gemma {
         if p.device() != self.device() {
             bail!("the adapters' VarStore is on {:?}, the model on {:?}", p.device(), self.device());
         }
-        let targets = cfg.target_modules.resolve()?;
+        let targets = self.lora_targets(&cfg.target_modules)?;
         let switch = AdapterSwitch::default();
         let (r, device) = (cfg.rank, p.device());
         for (name, lin) in self.linears_mut() {
@@ -229,8 +254,10 @@ impl Gemma {
                 msg.push_str(&format!("\n  unexpected tensors: {}", unexpected.join(", ")));
             }
             msg.push_str(
-                "\n  align adapts every decoder layer's target modules; check the adapter's target_modules \
-                 and that it was made for this base model",
+                "\n  align adapts the target modules in every decoder layer (\"all-linear\": every linear module \
+                 but the head, on Gemma 4 with per-layer inputs also per_layer_input_gate, per_layer_projection \
+                 and per_layer_model_projection); check the adapter's target_modules and that it was made for \
+                 this base model",
             );
             bail!(msg);
         }
@@ -282,31 +309,37 @@ fn unset(v: Option<&serde_json::Value>) -> bool {
     }
 }
 
-/// The projection a PEFT `target_modules` entry names: a bare name
+/// The linear module a PEFT `target_modules` entry names: a bare name
 /// (`q_proj`) or a module path (`model.layers.3.self_attn.q_proj`, as peft
-/// writes for `"all-linear"` on a sequence classifier).
+/// writes for `"all-linear"` on a sequence classifier;
+/// `model.layers.3.per_layer_input_gate`, `model.per_layer_model_projection`
+/// for Gemma 4's per-layer-input projections).
 fn target_name(entry: &str) -> Result<&'static str> {
     let last = entry.rsplit('.').next().unwrap_or(entry);
-    let Some(m) = LINEAR_MODULES.iter().find(|m| **m == last) else {
+    let Some(m) = ALL_LINEAR_MODULES.iter().find(|m| **m == last) else {
         bail!(
-            "target module {entry:?} is not one of Gemma's projections {LINEAR_MODULES:?} \
+            "target module {entry:?} is not one of Gemma's linear modules {ALL_LINEAR_MODULES:?} \
              (an adapter for another architecture, or one that adapts the head or embeddings?)"
         );
     };
     if entry != last {
         let parts: Vec<&str> = entry.split('.').collect();
-        let group = if m.ends_with("_proj") && ["gate_proj", "up_proj", "down_proj"].contains(m) {
-            "mlp"
-        } else {
-            "self_attn"
+        let layer = |n: usize| {
+            parts.len() == n
+                && parts[0] == "model"
+                && parts[1] == "layers"
+                && parts[2].parse::<usize>().is_ok()
         };
-        let ok = parts.len() == 5
-            && parts[0] == "model"
-            && parts[1] == "layers"
-            && parts[2].parse::<usize>().is_ok()
-            && parts[3] == group;
+        let (ok, path) = if *m == "per_layer_model_projection" {
+            (parts == ["model", *m], format!("model.{m}"))
+        } else if PER_LAYER_INPUT_MODULES.contains(m) {
+            (layer(4), format!("model.layers.N.{m}"))
+        } else {
+            let group = if ["gate_proj", "up_proj", "down_proj"].contains(m) { "mlp" } else { "self_attn" };
+            (layer(5) && parts[3] == group, format!("model.layers.N.{group}.{m}"))
+        };
         if !ok {
-            bail!("target module {entry:?} is not a Gemma projection path (model.layers.N.{group}.{m})");
+            bail!("target module {entry:?} is not a Gemma module path ({path})");
         }
     }
     Ok(m)
@@ -413,7 +446,9 @@ fn read_adapter_config(dir: &Path) -> Result<(LoraConfig, TaskType, Option<Strin
                 let e = e.as_str().ok_or_else(|| anyhow!("{}: target_modules entries must be strings", at()))?;
                 names.insert(target_name(e).with_context(at)?);
             }
-            TargetModules::List(LINEAR_MODULES.iter().filter(|m| names.contains(*m)).map(|m| m.to_string()).collect())
+            TargetModules::List(
+                ALL_LINEAR_MODULES.iter().filter(|m| names.contains(*m)).map(|m| m.to_string()).collect(),
+            )
         }
         other => bail!("{}: target_modules must be a list of names or \"all-linear\", got {other:?}", at()),
     };
@@ -442,7 +477,9 @@ pub fn load_adapter(dir: &Path) -> Result<AdapterFile> {
         );
     }
     let raw = checkpoint::read_tensors_file(&wpath)?;
-    let targets = config.target_modules.resolve()?;
+    // Which modules the model has is checked when the tensors meet it
+    // (`Gemma::load_adapter_tensors`).
+    let targets = config.target_modules.allowed()?;
     let (mut tensors, mut score, mut unknown) = (BTreeMap::new(), None, vec![]);
     for (key, t) in raw {
         let Some(name) = key.strip_prefix(PEFT_PREFIX) else {
@@ -470,7 +507,7 @@ pub fn load_adapter(dir: &Path) -> Result<AdapterFile> {
     }
     if !unknown.is_empty() {
         bail!(
-            "{}: tensors align does not know: {} (align reads LoRA A/B of Gemma's projections {:?} named in target_modules{}; is it an adapter for another architecture?)",
+            "{}: tensors align does not know: {} (align reads LoRA A/B of Gemma's linear modules {:?} named in target_modules{}; is it an adapter for another architecture?)",
             wpath.display(),
             unknown.join(", "),
             targets,
@@ -484,7 +521,9 @@ pub fn load_adapter(dir: &Path) -> Result<AdapterFile> {
 }
 
 /// `adapter_config.json` as peft writes it (every field of peft
-/// [`PEFT_VERSION`]), for `cfg`.
+/// [`PEFT_VERSION`]), for `cfg`; `target_modules` lists
+/// [`TargetModules::resolve`]'s names ([`save_adapter`] writes the modules
+/// the model adapted instead, as peft does for `"all-linear"`).
 pub fn adapter_config_json(
     cfg: &LoraConfig,
     base_model: &str,
@@ -591,6 +630,20 @@ pub fn save_adapter(
         }
     }
     let mut config = adapter_config_json(cfg, base_model, task_type)?;
+    // The modules adapted, as peft writes `"all-linear"` resolved on the
+    // model (on Gemma 4 with per-layer inputs it adds the per-layer-input
+    // projections to the seven).
+    let adapted: BTreeSet<&str> = tensors
+        .keys()
+        .filter_map(|k| k.strip_suffix(".lora_A.weight").or_else(|| k.strip_suffix(".lora_B.weight")))
+        .filter_map(|m| m.rsplit('.').next())
+        .collect();
+    let unknown: Vec<&&str> = adapted.iter().filter(|m| !ALL_LINEAR_MODULES.contains(*m)).collect();
+    if !unknown.is_empty() {
+        bail!("the adapters' VarStore adapts {unknown:?}, not Gemma linear modules {ALL_LINEAR_MODULES:?}");
+    }
+    config["target_modules"] =
+        serde_json::json!(ALL_LINEAR_MODULES.iter().filter(|m| adapted.contains(*m)).collect::<Vec<_>>());
     if multimodal {
         config["exclude_modules"] = serde_json::json!(MULTIMODAL_EXCLUDE);
     }

@@ -87,6 +87,7 @@ impl Gemma {
         let seed = self.dropout_seed()?;
         let rope = tch::no_grad(|| self.rope_tables(positions));
         let mut x = self.embed(ids)?; // (B, T, H)
+        reseed(seed, self.model.layers.len()); // an adapter on per_layer_model_projection
         let per_layer = self.per_layer_inputs(ids, &x)?; // (B, T, L, P)
         let mut pass = Pass::new(&rope, mask);
         for (i, layer) in self.model.layers.iter().enumerate() {
@@ -123,6 +124,7 @@ impl Gemma {
         let mut inputs = Vec::with_capacity(layers.len());
         let (mut x, per_layer) = tch::no_grad(|| -> Result<_> {
             let e = self.embed(ids)?; // (B, T, H)
+            reseed(seed, layers.len()); // an adapter on per_layer_model_projection
             let p = self.per_layer_inputs(ids, &e)?; // (B, T, L, P)
             Ok((e, p))
         })?;
@@ -205,6 +207,7 @@ impl Gemma {
         }
         // The embedding (and the per-layer inputs made from it), recomputed with a graph.
         let e = self.embed(ids)?;
+        reseed(seed, layers.len()); // the same dropout as in the forward
         let per_layer = self.per_layer_inputs(ids, &e)?;
         let mut outs = vec![];
         if let Some(p) = per_layer.filter(Tensor::requires_grad) {

@@ -89,8 +89,10 @@ fn a_lora_adapter_of_a_multimodal_text_model_uses_peft_names() {
             .unwrap()
             .into_keys()
             .collect();
+        // (Gemma 4's per_layer_model_projection sits beside the layers.)
         assert!(
-            keys.iter().all(|k| k.starts_with("base_model.model.model.language_model.layers.")),
+            keys.iter().all(|k| k.starts_with("base_model.model.model.language_model.layers.")
+                || k.starts_with("base_model.model.model.language_model.per_layer_model_projection.")),
             "{name}: {keys:?}"
         );
         // peft's list of target names would also match the vision tower's

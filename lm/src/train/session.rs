@@ -111,7 +111,8 @@ impl Trainable {
             (Some(c), None) => c.clone(),
             (None, Some(f)) => f.config.clone(),
             (Some(c), Some(f)) => {
-                let (a, b) = (c.target_modules.resolve()?, f.config.target_modules.resolve()?);
+                let (a, b) =
+                    (model.lora_targets(&c.target_modules)?, model.lora_targets(&f.config.target_modules)?);
                 if c.rank != f.config.rank || a != b {
                     bail!(
                         "[lora] asks for rank {} on {a:?} but the adapter {} has rank {} on {b:?};                          drop the [lora] table to continue the adapter as it is",
