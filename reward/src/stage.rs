@@ -383,6 +383,7 @@ pub fn run(cfg: &RewardConfig, base: &Path) -> Result<RewardSummary> {
         let denom = counts[0].max(1.0);
         let (mut correct, mut margin_sum) = (0.0, 0.0);
         let checkpointing = cfg.stage.gradient_checkpointing;
+        let t_step = std::time::Instant::now();
         let r = up.step(micro.len(), total_steps, s.state.step, |i| {
             let b = &micro[i];
             let (positions, mask) = lm::reward_model::RewardModel::inputs(&b.valid)?;
@@ -420,6 +421,7 @@ pub fn run(cfg: &RewardConfig, base: &Path) -> Result<RewardSummary> {
         s.log.write(&serde_json::json!({
             "step": step, "loss": loss_sum, "accuracy": last_acc, "margin": margin_sum / denom,
             "lr": lr, "grad_norm": r.grad_norm, "pairs_per_s": pps, "tokens_per_s": tps, "epoch": s.state.epoch,
+            "step_s": t_step.elapsed().as_secs_f64(), "allreduce_s": r.comm_s,
         }))?;
         s.progress.set_position(step);
         s.progress.set_message(format!("loss {loss_sum:.4} acc {last_acc:.2} lr {lr:.2e} {pps:.1} pairs/s"));

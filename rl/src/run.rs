@@ -38,6 +38,9 @@ pub struct RlSummary {
     pub time_generate: f64,
     pub time_score: f64,
     pub time_update: f64,
+    /// Of `time_update`, the gradients' all-reduce (0 in one process).
+    #[serde(default)]
+    pub time_allreduce: f64,
     pub rollout_tokens_per_s: f64,
     pub model_dir: Option<PathBuf>,
     pub plot: Option<PathBuf>,
@@ -405,6 +408,7 @@ impl Run<'_> {
             time_generate: tg,
             time_score: total(|s| s.time_score),
             time_update: total(|s| s.time_update),
+            time_allreduce: total(|s| s.time_allreduce),
             rollout_tokens_per_s: gen_tokens as f64 / tg.max(1e-9),
             model_dir,
             plot,

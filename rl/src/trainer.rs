@@ -104,6 +104,10 @@ pub struct StepStats {
     /// Reward, reference and (when separate) old-policy passes.
     pub time_score: f64,
     pub time_update: f64,
+    /// Of `time_update`, the seconds in the gradients' all-reduce (0 in
+    /// one process; the slowest rank's).
+    #[serde(default)]
+    pub time_allreduce: f64,
     /// Generated tokens and their rate.
     pub rollout_tokens: usize,
     pub rollout_tokens_per_s: f64,
@@ -234,6 +238,8 @@ struct UpdateStats {
     grad_norm: f64,
     lr: f64,
     clip_frac: f64,
+    /// Seconds in the updates' collectives over the gradients.
+    comm_s: f64,
 }
 
 /// Seconds spent in each phase of a step.
@@ -241,6 +247,7 @@ struct Times {
     generate: f64,
     score: f64,
     update: f64,
+    allreduce: f64,
 }
 
 impl StepStats {
@@ -289,6 +296,7 @@ impl StepStats {
             times.generate,
             times.score,
             times.update,
+            times.allreduce,
         ])?;
         let sq = |v: &[f64], mean: f64| v.iter().map(|x| (x - mean) * (x - mean)).sum::<f64>();
         let q = dist.sum(&[sq(raw, reward_mean), sq(&adv_v, adv_mean)])?;
@@ -319,6 +327,7 @@ impl StepStats {
             time_generate: m[4],
             time_score: m[5],
             time_update: m[6],
+            time_allreduce: m[7],
             rollout_tokens,
             rollout_tokens_per_s: rollout_tokens as f64 / m[4].max(1e-9),
         };
@@ -497,7 +506,7 @@ impl Trainer {
         let update = t2.elapsed().as_secs_f64();
         let adv = adv.context("the update computed no advantages")?;
 
-        let times = Times { generate, score, update };
+        let times = Times { generate, score, update, allreduce: upd.comm_s };
         let (st, samples) = StepStats::of(self.dist(), step, &rollouts, &raw, &adv, beta, &upd, &times)?;
         // The whole batch's KL and size (every rank updates β alike).
         self.kl.update(st.kl, samples);
@@ -551,7 +560,7 @@ impl Trainer {
     ) -> Result<UpdateStats> {
         let updates = self.cfg.updates_per_batch;
         let total_opt_steps = self.cfg.steps * updates as u64;
-        let (mut loss_sum, mut gnorm, mut lr) = (0.0, 0.0, 0.0);
+        let (mut loss_sum, mut gnorm, mut lr, mut comm_s) = (0.0, 0.0, 0.0, 0.0);
         let mut clip = ClipCount::default();
         // The whole batch's sizes (over every rank of a data-parallel run):
         // each micro-batch's loss is normalised by them, so the accumulated
@@ -575,6 +584,7 @@ impl Trainer {
             })?;
             (lr, gnorm) = (r.lr, r.grad_norm);
             loss_sum += r.loss;
+            comm_s += r.comm_s;
         }
         let c = self.updater.global_sums(&[clip.clipped, clip.counted])?;
         Ok(UpdateStats {
@@ -582,6 +592,7 @@ impl Trainer {
             grad_norm: gnorm,
             lr,
             clip_frac: if c[1] > 0.0 { c[0] / c[1] } else { 0.0 },
+            comm_s,
         })
     }
 

@@ -526,6 +526,7 @@ pub fn run(cfg: &SftConfig, base: &Path) -> Result<SftSummary> {
             micro.iter().map(|b| b.tokens).sum::<usize>() as f64,
         ])?;
         let denom = counts[0].max(1.0);
+        let t_step = std::time::Instant::now();
         let r = up.step(micro.len(), total_steps, s.state.step, |i| {
             micro_step(&model, &micro[i], denom, cfg.stage.gradient_checkpointing)
         })?;
@@ -537,7 +538,10 @@ pub fn run(cfg: &SftConfig, base: &Path) -> Result<SftSummary> {
             first_losses.push(loss_sum);
         }
         let tps = tok_count as f64 / t0.elapsed().as_secs_f64().max(1e-9);
-        s.log.write(&serde_json::json!({"step": step, "loss": loss_sum, "lr": lr, "grad_norm": r.grad_norm, "tokens_per_s": tps, "epoch": s.state.epoch}))?;
+        // step_s: this optimiser step's forward, backward, all-reduce and
+        // update; allreduce_s: its collectives (0 in one process).
+        let step_s = t_step.elapsed().as_secs_f64();
+        s.log.write(&serde_json::json!({"step": step, "loss": loss_sum, "lr": lr, "grad_norm": r.grad_norm, "tokens_per_s": tps, "epoch": s.state.epoch, "step_s": step_s, "allreduce_s": r.comm_s}))?;
         s.progress.set_position(step);
         s.progress.set_message(format!("loss {loss_sum:.4} lr {lr:.2e} {tps:.0} tok/s"));
         // The last step's evaluation is the final one, below (logged once).

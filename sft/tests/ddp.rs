@@ -120,7 +120,18 @@ fn two_ranks_train_as_one_process_with_the_same_global_batch() {
     }
     // Rank 0 alone wrote: one metrics log with one row per step.
     let rows = lm::train::read_metrics(&dir.path().join("two/metrics.jsonl")).unwrap();
-    assert_eq!(rows.iter().filter(|r| r.get("loss").is_some()).count(), 4);
+    let steps: Vec<_> = rows.iter().filter(|r| r.get("loss").is_some()).collect();
+    assert_eq!(steps.len(), 4);
+    // Each row times the step and, within it, the all-reduce (none in one process).
+    let one_rows = lm::train::read_metrics(&dir.path().join("one/metrics.jsonl")).unwrap();
+    assert!(one_rows
+        .iter()
+        .filter(|r| r.get("loss").is_some())
+        .all(|r| r["allreduce_s"].as_f64() == Some(0.0)));
+    for r in &steps {
+        let (step_s, comm_s) = (r["step_s"].as_f64().unwrap(), r["allreduce_s"].as_f64().unwrap());
+        assert!(comm_s > 0.0 && comm_s < step_s, "step_s {step_s}, allreduce_s {comm_s}");
+    }
 }
 
 #[test]

@@ -266,6 +266,10 @@ pub struct StepResult {
     pub lr: f64,
     /// The global gradient norm before clipping.
     pub grad_norm: f64,
+    /// Seconds this rank spent in the step's collectives over the loss and
+    /// the gradients (the bucketed all-reduce): 0 in one process. Waiting
+    /// for a slower rank counts here too.
+    pub comm_s: f64,
 }
 
 /// The optimiser over what a [`Trainable`] trains, and the guarded update:
@@ -346,18 +350,21 @@ impl Updater {
             self.opt.accumulate()?;
             loss += v;
         }
+        let mut comm_s = 0.0;
         if distributed {
+            let t0 = std::time::Instant::now();
             loss = self.global_sum(loss)?;
             if !loss.is_finite() {
                 return Err(non_finite(loss, &self.ckpt_root));
             }
             let grads = self.opt.gradients()?;
             self.dist.all_reduce_sum(&grads)?;
+            comm_s = t0.elapsed().as_secs_f64();
         }
         let lr = super::lr_at(self.opt.t, total_updates, &self.optim);
         let grad_norm =
             self.opt.clip_and_step(self.optim.grad_clip, lr, step + 1, self.ckpt_root.as_deref())?;
-        Ok(StepResult { loss, lr, grad_norm })
+        Ok(StepResult { loss, lr, grad_norm, comm_s })
     }
 }
 
