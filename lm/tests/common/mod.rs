@@ -133,3 +133,110 @@ pub fn packed_mask(positions: &[i64]) -> Tensor {
     let causal = ar.view([1, t]).le_tensor(&ar.view([t, 1]));
     same.logical_and(&causal).view([1, 1, t, t])
 }
+
+/// A fixture model in f64 (the gradient checks), with its variables.
+pub fn load_f64(name: &str) -> (lm::Gemma, tch::nn::VarStore) {
+    let l = checkpoint::load_causal_lm(&fixture_dir(name), Device::Cpu, Kind::Double).unwrap();
+    (l.model, l.vs)
+}
+
+/// One row to learn: its ids (1, T), positions 0..T (1, T) and next-token
+/// targets (T; the last is −100, ignored).
+pub fn next_token_example(prompt: &[i64]) -> (Tensor, Tensor, Tensor) {
+    let t = prompt.len() as i64;
+    let targets: Vec<i64> = prompt[1..].iter().copied().chain([-100]).collect();
+    (
+        Tensor::from_slice(prompt).unsqueeze(0),
+        Tensor::arange(t, (Kind::Int64, Device::Cpu)).unsqueeze(0),
+        Tensor::from_slice(&targets),
+    )
+}
+
+/// The summed next-token NLL of `logits` (B, T, V) against `targets` (B·T;
+/// −100 is ignored), in f64.
+pub fn summed_nll(logits: &Tensor, targets: &Tensor) -> Tensor {
+    let lp = logits.flatten(0, 1).log_softmax(-1, Kind::Double); // (B·T, V)
+    let picked = lp.gather(1, &targets.view([-1, 1]).clamp_min(0), false).view([-1]);
+    let keep = targets.view([-1]).ge(0).to_kind(Kind::Double);
+    -(picked * keep).sum(Kind::Double)
+}
+
+/// The summed NLL of `targets` and every trainable tensor's gradient, by
+/// name (sorted): a plain pass (`checkpointing` None) or
+/// `forward_backward` with activation checkpointing off or on.
+pub fn loss_and_grads(
+    model: &lm::Gemma,
+    vs: &tch::nn::VarStore,
+    ids: &Tensor,
+    pos: &Tensor,
+    mask: Option<&Tensor>,
+    targets: &Tensor,
+    checkpointing: Option<bool>,
+) -> (f64, Vec<(String, Tensor)>) {
+    for (_, mut v) in vs.variables() {
+        v.zero_grad();
+    }
+    let loss_of = |h: &Tensor| summed_nll(&model.logits(h), targets);
+    let loss = match checkpointing {
+        None => {
+            let loss = loss_of(&model.forward_hidden(ids, pos, mask, None).unwrap());
+            loss.backward();
+            loss.double_value(&[])
+        }
+        Some(c) => model
+            .forward_backward(ids, pos, mask, c, |h| {
+                let loss = loss_of(h);
+                loss.backward();
+                Ok(loss.double_value(&[]))
+            })
+            .unwrap(),
+    };
+    // Trainable tensors only (Gemma 4's layer_scalars are buffers), named.
+    let vars = vs.variables();
+    let mut grads: Vec<(String, Tensor)> = vs
+        .trainable_variables()
+        .iter()
+        .map(|v| {
+            let name =
+                vars.iter().find(|(_, x)| x.data_ptr() == v.data_ptr()).map(|(n, _)| n.clone()).unwrap();
+            (name, v.grad().detach().copy())
+        })
+        .collect();
+    grads.sort_by(|a, b| a.0.cmp(&b.0));
+    (loss, grads)
+}
+
+/// In f64, autograd's gradient of the summed NLL of the fixture's
+/// every-position prompt equals central finite differences, for each named
+/// parameter: at its first and largest entries, entry 7 and the last.
+pub fn assert_gradients_equal_finite_differences(fixture: &str, params: &[&str]) {
+    let (model, vs) = load_f64(fixture);
+    let (x, pos, targets) = next_token_example(&ids(&expected(fixture)["full_logits"]["prompt"]));
+    let (_, grads) = loss_and_grads(&model, &vs, &x, &pos, None, &targets, None);
+    let vars = vs.variables();
+    for &name in params {
+        let g = &grads.iter().find(|(n, _)| n == name).unwrap_or_else(|| panic!("{fixture}: no {name}")).1;
+        let v = &vars[name];
+        let flat = g.view([-1]);
+        let top = flat.abs().argmax(0, false).int64_value(&[]);
+        for idx in [0, top, 7, flat.size()[0] - 1] {
+            let eps = 1e-6;
+            let shift = |d: f64| {
+                tch::no_grad(|| {
+                    let _ = v.view([-1]).get(idx).g_add_(&Tensor::from(d).to_kind(Kind::Double));
+                    let h = model.forward_hidden(&x, &pos, None, None).unwrap();
+                    summed_nll(&model.logits(&h), &targets).double_value(&[])
+                })
+            };
+            let up = shift(eps);
+            let down = shift(-2.0 * eps);
+            shift(eps);
+            let fd = (up - down) / (2.0 * eps);
+            let ad = flat.double_value(&[idx]);
+            assert!(
+                (fd - ad).abs() <= 1e-6 * ad.abs().max(1.0),
+                "{fixture}: {name}[{idx}]: autograd {ad}, finite differences {fd}"
+            );
+        }
+    }
+}
