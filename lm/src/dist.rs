@@ -170,6 +170,20 @@ impl Dist {
         Ok(())
     }
 
+    /// Copies rank `root`'s `t` into every other rank's `t` (same shape
+    /// and dtype on every rank); nothing to do on one process.
+    pub fn broadcast(&self, t: &mut Tensor, root: usize) -> Result<()> {
+        self.with_group("broadcast", |g| g.broadcast(t, root))?;
+        Ok(())
+    }
+
+    /// [`Dist::broadcast`] for many tensors, in place, in buckets (ZeRO-1's
+    /// updated weights, its optimiser state at a checkpoint).
+    pub fn broadcast_bucketed(&self, tensors: &[Tensor], root: usize) -> Result<()> {
+        self.with_group("broadcast", |g| g.broadcast_bucketed(tensors, root, BUCKET_BYTES))?;
+        Ok(())
+    }
+
     /// Returns when every rank has arrived.
     pub fn barrier(&self) -> Result<()> {
         self.with_group("barrier", |g| g.barrier())?;

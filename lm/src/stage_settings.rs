@@ -94,6 +94,9 @@ impl StageSettings {
     /// change them.
     pub fn clear_run_only(&mut self) {
         (self.eval_every, self.save_every, self.keep_last) = (0, 0, 0);
+        // ZeRO-1 shards the optimiser state, not the weights trained: a run
+        // resumes with or without it.
+        self.optim.zero = 0;
     }
 
     /// Whether the stage trains LoRA adapters (a `[lora]` table, or an

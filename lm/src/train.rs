@@ -12,6 +12,7 @@ pub mod session;
 
 use crate::checkpoint::{self, SaveOptions};
 use crate::config::GemmaConfig;
+use crate::dist::Dist;
 use crate::fsio;
 use crate::safetensors_io::WeightReader;
 use crate::tokenizer::Tokenizer;
@@ -82,6 +83,20 @@ pub struct OptimConfig {
     pub eps: f64,
     /// Global gradient-norm clip; 0 disables.
     pub grad_clip: f64,
+    /// Optimiser-state sharding in a data-parallel run: `0` (default) keeps
+    /// the whole AdamW state on every rank (DDP); `1` is ZeRO stage 1, as
+    /// PyTorch's `ZeroRedundancyOptimizer`: each rank keeps the moments (and
+    /// f32 masters) of its own share of the trained tensors ([`zero_partition`]),
+    /// updates only those, and broadcasts them to the other ranks. The
+    /// weights trained are the same; a no-op in one process. Left out of the
+    /// serialized form at 0, and of the checkpoint hash (a run may resume
+    /// with or without it).
+    #[serde(skip_serializing_if = "is_zero_u32")]
+    pub zero: u32,
+}
+
+fn is_zero_u32(v: &u32) -> bool {
+    *v == 0
 }
 
 impl Default for OptimConfig {
@@ -97,6 +112,7 @@ impl Default for OptimConfig {
             beta2: 0.999,
             eps: 1e-8,
             grad_clip: 1.0,
+            zero: 0,
         }
     }
 }
@@ -125,6 +141,13 @@ impl OptimConfig {
         }
         if self.weight_decay < 0.0 || self.grad_clip < 0.0 || self.eps <= 0.0 {
             bail!("optim.weight_decay and optim.grad_clip must be >= 0 and optim.eps > 0");
+        }
+        if self.zero > 1 {
+            bail!(
+                "optim.zero must be 0 (every rank keeps the whole optimiser state) or 1 (ZeRO-1: \
+                 the state sharded over ranks), got {}",
+                self.zero
+            );
         }
         Ok(())
     }
@@ -189,6 +212,10 @@ pub struct AdamW {
     /// moments; `false`, or `ALIGN_ADAMW=reference` in the environment,
     /// takes the reference step below (equal within 1e-6: lm/tests/fused_adamw.rs).
     pub fused: bool,
+    /// Under ZeRO-1 ([`AdamW::from_vars_sharded`]): the rank owning each
+    /// tensor, in the optimiser's (name) order; `None` when this rank holds
+    /// the whole state.
+    owners: Option<Vec<usize>>,
 }
 
 /// One `at::_fused_adamw_` call's tensors: weights, gradients, first and
@@ -207,15 +234,24 @@ struct Param {
     exp_avg: Tensor,
     exp_avg_sq: Tensor,
     decay: bool,
+    /// `var` is not f32: its gradient accumulates in f32 (`acc`), and where
+    /// this rank holds its state the update runs on the f32 `master`.
+    mixed: bool,
+    /// Whether this rank holds the tensor's optimiser state and updates it
+    /// (always, unless the state is sharded: [`AdamW::from_vars_sharded`]).
+    /// Without it the moments are empty and there is no master: the
+    /// tensor's owner updates it and broadcasts it.
+    owned: bool,
 }
 
 impl Param {
     /// The gradient the update uses: the f32 accumulator with a master,
     /// the variable's gradient otherwise; `None` when there is none.
     fn gradient(&self) -> Option<Tensor> {
-        match &self.master {
-            Some(_) => self.acc.as_ref().map(Tensor::shallow_clone),
-            None => Some(self.var.grad()).filter(Tensor::defined),
+        if self.mixed {
+            self.acc.as_ref().map(Tensor::shallow_clone)
+        } else {
+            Some(self.var.grad()).filter(Tensor::defined)
         }
     }
 }
@@ -234,6 +270,39 @@ impl AdamW {
     /// state in checkpoints and decide weight decay ([`decays`]). Every
     /// tensor must require gradients, and names must be unique.
     pub fn from_vars(vars: Vec<(String, Tensor)>, cfg: &OptimConfig) -> Result<Self> {
+        Self::from_vars_with(vars, cfg, |_| true)
+    }
+
+    /// [`AdamW::from_vars`] with the state sharded over the `world` ranks
+    /// of a data-parallel run (ZeRO-1): rank `rank` keeps moments and
+    /// masters only for the tensors [`zero_partition`] gives it, and
+    /// updates only those; every tensor's gradient is still accumulated,
+    /// summed and clipped as without sharding. After each update the owners
+    /// broadcast their tensors ([`AdamW::broadcast_owned`]).
+    pub fn from_vars_sharded(
+        vars: Vec<(String, Tensor)>,
+        cfg: &OptimConfig,
+        rank: usize,
+        world: usize,
+    ) -> Result<Self> {
+        if world == 0 || rank >= world {
+            bail!("AdamW::from_vars_sharded: rank {rank} of {world}");
+        }
+        let mut vars = vars;
+        // The order build_with keeps, so that index i is the same tensor.
+        vars.sort_by(|a, b| a.0.cmp(&b.0));
+        let sizes: Vec<(String, i64)> = vars.iter().map(|(n, t)| (n.clone(), t.numel() as i64)).collect();
+        let owners = zero_partition(&sizes, world);
+        let mut opt = Self::from_vars_with(vars, cfg, |i| owners[i] == rank)?;
+        opt.owners = Some(owners);
+        Ok(opt)
+    }
+
+    fn from_vars_with(
+        vars: Vec<(String, Tensor)>,
+        cfg: &OptimConfig,
+        owned: impl Fn(usize) -> bool,
+    ) -> Result<Self> {
         let mut seen = std::collections::BTreeSet::new();
         for (name, t) in &vars {
             if !t.requires_grad() {
@@ -243,23 +312,36 @@ impl AdamW {
                 bail!("AdamW::from_vars: {name} is given twice");
             }
         }
-        Ok(Self::build(vars, cfg))
+        Ok(Self::build_with(vars, cfg, owned))
     }
 
-    fn build(mut vars: Vec<(String, Tensor)>, cfg: &OptimConfig) -> Self {
+    fn build(vars: Vec<(String, Tensor)>, cfg: &OptimConfig) -> Self {
+        Self::build_with(vars, cfg, |_| true)
+    }
+
+    /// The optimiser over `vars` (sorted here by name), with state for the
+    /// `i`-th (in that order) when `owned(i)`.
+    fn build_with(mut vars: Vec<(String, Tensor)>, cfg: &OptimConfig, owned: impl Fn(usize) -> bool) -> Self {
         vars.sort_by(|a, b| a.0.cmp(&b.0));
         let params = vars
             .into_iter()
-            .map(|(name, var)| {
-                let master = (var.kind() != Kind::Float).then(|| var.detach().to_kind(Kind::Float));
-                let exp_avg = var.zeros_like().to_kind(Kind::Float);
-                let exp_avg_sq = var.zeros_like().to_kind(Kind::Float);
+            .enumerate()
+            .map(|(i, (name, var))| {
+                let owned = owned(i);
+                let mixed = var.kind() != Kind::Float;
+                let master = (owned && mixed).then(|| var.detach().to_kind(Kind::Float));
+                let (exp_avg, exp_avg_sq) = if owned {
+                    (var.zeros_like().to_kind(Kind::Float), var.zeros_like().to_kind(Kind::Float))
+                } else {
+                    let empty = || Tensor::zeros([0], (Kind::Float, var.device()));
+                    (empty(), empty())
+                };
                 let decay = decays(&name);
-                Param { name, var, master, acc: None, exp_avg, exp_avg_sq, decay }
+                Param { name, var, master, acc: None, exp_avg, exp_avg_sq, decay, mixed, owned }
             })
             .collect();
         let fused = std::env::var("ALIGN_ADAMW").map_or(true, |v| v.trim() != "reference");
-        AdamW { params, t: 0, cfg: cfg.clone(), fused }
+        AdamW { params, t: 0, cfg: cfg.clone(), fused, owners: None }
     }
 
     /// Number of tensors with optimiser state.
@@ -277,6 +359,28 @@ impl AdamW {
         self.params.iter().map(|p| p.var.numel() as i64).sum()
     }
 
+    /// Number of f32 values of optimiser state this rank holds: moments and
+    /// masters (under ZeRO-1 only those of the tensors it owns).
+    pub fn num_state_elements(&self) -> i64 {
+        self.params
+            .iter()
+            .map(|p| {
+                (p.exp_avg.numel() + p.exp_avg_sq.numel() + p.master.as_ref().map_or(0, Tensor::numel)) as i64
+            })
+            .sum()
+    }
+
+    /// Number of trained tensors whose state this rank holds (all of them
+    /// unless the state is sharded).
+    pub fn num_owned(&self) -> usize {
+        self.params.iter().filter(|p| p.owned).count()
+    }
+
+    /// Whether the state is sharded over ranks (ZeRO-1).
+    pub fn is_sharded(&self) -> bool {
+        self.owners.is_some()
+    }
+
     /// Replaces the fp32 masters with exact values (e.g. the f32 weights the
     /// model had before it was cast to bf16).
     pub fn set_masters(&mut self, mut exact: BTreeMap<String, Tensor>) -> Result<()> {
@@ -292,7 +396,7 @@ impl AdamW {
 
     /// Whether fp32 master weights are kept (the model is not f32).
     pub fn has_masters(&self) -> bool {
-        self.params.iter().any(|p| p.master.is_some())
+        self.params.iter().any(|p| p.mixed)
     }
 
     /// Clears the gradients: the variables' and the f32 accumulators.
@@ -313,7 +417,7 @@ impl AdamW {
     pub fn accumulate(&mut self) -> Result<()> {
         tch::no_grad(|| -> Result<()> {
             for p in &mut self.params {
-                if p.master.is_none() {
+                if !p.mixed {
                     continue;
                 }
                 let mut g = p.var.grad();
@@ -431,6 +535,9 @@ impl AdamW {
         // Per weight-decay group (0: none, 1: decayed): weights, gradients, moments.
         let mut groups: [FusedGroup; 2] = Default::default();
         for p in &self.params {
+            if !p.owned {
+                continue;
+            }
             let Some(g) = p.gradient() else { continue };
             let w = p.master.as_ref().unwrap_or(&p.var);
             let suits = |t: &Tensor| t.kind() == Kind::Float && t.is_contiguous() && t.device() == w.device();
@@ -455,6 +562,9 @@ impl AdamW {
                     continue;
                 }
                 p.acc = None;
+                if !p.owned {
+                    continue;
+                }
                 if let Some(m) = &p.master {
                     p.var.f_copy_(m)?;
                 }
@@ -474,6 +584,10 @@ impl AdamW {
         tch::no_grad(|| -> Result<()> {
             for p in &mut self.params {
                 let Some(g) = p.gradient() else { continue };
+                if !p.owned {
+                    p.acc = None;
+                    continue;
+                }
                 let g = g.to_kind(Kind::Float);
                 p.acc = None;
                 let w = p.master.as_mut().unwrap_or(&mut p.var);
@@ -501,10 +615,11 @@ impl AdamW {
     }
 
     /// The optimiser state as named tensors: `{name}.exp_avg`,
-    /// `{name}.exp_avg_sq` and, with masters, `{name}.master`.
+    /// `{name}.exp_avg_sq` and, with masters, `{name}.master` (under ZeRO-1
+    /// only this rank's share: [`AdamW::gather_state`] has it all).
     pub fn state_tensors(&self) -> BTreeMap<String, Tensor> {
         let mut out = BTreeMap::new();
-        for p in &self.params {
+        for p in self.params.iter().filter(|p| p.owned) {
             out.insert(format!("{}.exp_avg", p.name), p.exp_avg.shallow_clone());
             out.insert(format!("{}.exp_avg_sq", p.name), p.exp_avg_sq.shallow_clone());
             if let Some(m) = &p.master {
@@ -515,10 +630,11 @@ impl AdamW {
     }
 
     /// Restores the state saved by [`AdamW::state_tensors`] (the masters,
-    /// when present, also overwrite the variables).
+    /// when present, also overwrite the variables). Under ZeRO-1 only this
+    /// rank's share is read; the rest is ignored.
     pub fn load_state(&mut self, mut t: BTreeMap<String, Tensor>, steps: u64) -> Result<()> {
         tch::no_grad(|| -> Result<()> {
-            for p in &mut self.params {
+            for p in self.params.iter_mut().filter(|p| p.owned) {
                 let mut slots = vec![("exp_avg", &mut p.exp_avg), ("exp_avg_sq", &mut p.exp_avg_sq)];
                 if let Some(m) = p.master.as_mut() {
                     slots.push(("master", m));
@@ -544,9 +660,10 @@ impl AdamW {
     /// [`AdamW::load_state`] streamed from the optimizer file `reader`:
     /// each moment (and master) is copied from the mapped file into its
     /// tensor, one at a time, so a resume holds no second copy of the state.
+    /// Under ZeRO-1 each rank reads only the tensors it owns.
     pub fn load_state_from(&mut self, reader: &WeightReader, steps: u64) -> Result<()> {
         tch::no_grad(|| -> Result<()> {
-            for p in &mut self.params {
+            for p in self.params.iter_mut().filter(|p| p.owned) {
                 let mut slots = vec![("exp_avg", &p.exp_avg), ("exp_avg_sq", &p.exp_avg_sq)];
                 if let Some(m) = p.master.as_ref() {
                     slots.push(("master", m));
@@ -568,6 +685,124 @@ impl AdamW {
         self.t = steps;
         Ok(())
     }
+}
+
+impl AdamW {
+    /// The tensors rank `rank` owns (all of them unless sharded), in order.
+    fn owned_by(&self, rank: usize) -> Vec<&Param> {
+        match &self.owners {
+            None => self.params.iter().collect(),
+            Some(o) => self.params.iter().zip(o).filter(|(_, r)| **r == rank).map(|(p, _)| p).collect(),
+        }
+    }
+
+    fn check_world(&self, dist: &Dist) -> Result<()> {
+        if let Some(o) = &self.owners {
+            if let Some(r) = o.iter().find(|r| **r >= dist.world) {
+                bail!(
+                    "the optimiser state is sharded for more ranks (rank {r}) than the run's {}",
+                    dist.world
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// Under ZeRO-1, after an update: every tensor is broadcast from the
+    /// rank that owns (and updated) it, in buckets, so every rank ends with
+    /// the whole model. Nothing to do when the state is not sharded.
+    pub fn broadcast_owned(&self, dist: &Dist) -> Result<()> {
+        if self.owners.is_none() {
+            return Ok(());
+        }
+        self.check_world(dist)?;
+        for r in 0..dist.world {
+            let ts: Vec<Tensor> = self.owned_by(r).iter().map(|p| p.var.shallow_clone()).collect();
+            if !ts.is_empty() {
+                dist.broadcast_bucketed(&ts, r)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The whole optimiser state ([`AdamW::state_tensors`]'s names and
+    /// values) on rank 0 for a checkpoint, `None` on the other ranks. Under
+    /// ZeRO-1 every rank takes part: each owner broadcasts its share, in
+    /// bounded buckets, and rank 0 keeps it (the caller drops it once
+    /// written); other ranks hold at most a bucket at a time.
+    pub fn gather_state(&self, dist: &Dist) -> Result<Option<BTreeMap<String, Tensor>>> {
+        let Some(owners) = &self.owners else {
+            return Ok(dist.is_main().then(|| self.state_tensors()));
+        };
+        self.check_world(dist)?;
+        let mut out = BTreeMap::new();
+        let mut pending: Vec<(String, Tensor)> = vec![];
+        let mut pending_from = 0;
+        let mut pending_bytes = 0;
+        let flush = |pending: &mut Vec<(String, Tensor)>, from: usize, out: &mut BTreeMap<String, Tensor>| {
+            if pending.is_empty() {
+                return Ok::<(), anyhow::Error>(());
+            }
+            let ts: Vec<Tensor> = pending.iter().map(|(_, t)| t.shallow_clone()).collect();
+            dist.broadcast_bucketed(&ts, from)?;
+            for (k, t) in pending.drain(..) {
+                if dist.is_main() {
+                    out.insert(k, t);
+                }
+            }
+            Ok(())
+        };
+        for (p, &o) in self.params.iter().zip(owners) {
+            let mut slots =
+                vec![("exp_avg", p.exp_avg.shallow_clone()), ("exp_avg_sq", p.exp_avg_sq.shallow_clone())];
+            if p.mixed {
+                slots.push(("master", p.master.as_ref().map_or_else(Tensor::new, Tensor::shallow_clone)));
+            }
+            for (suffix, t) in slots {
+                let key = format!("{}.{suffix}", p.name);
+                if o == 0 {
+                    // Rank 0 has it.
+                    if dist.is_main() {
+                        out.insert(key, t);
+                    }
+                    continue;
+                }
+                if o != pending_from || pending_bytes >= crate::dist::BUCKET_BYTES {
+                    flush(&mut pending, pending_from, &mut out)?;
+                    (pending_from, pending_bytes) = (o, 0);
+                }
+                let t = if o == dist.rank {
+                    t
+                } else {
+                    Tensor::f_zeros(p.var.size(), (Kind::Float, p.var.device()))?
+                };
+                pending_bytes += p.var.numel() * 4;
+                pending.push((key, t));
+            }
+        }
+        flush(&mut pending, pending_from, &mut out)?;
+        Ok(dist.is_main().then_some(out))
+    }
+}
+
+/// ZeRO-1's partition of the trained tensors over `world` ranks, as
+/// PyTorch's `ZeroRedundancyOptimizer` makes it: whole tensors, largest
+/// first (ties by name), each to the rank with the fewest elements so far
+/// (ties to the lowest rank). `sizes` are `(name, elements)`; the result is
+/// the owning rank of each, in `sizes`' order. A pure function of names
+/// and sizes, so every rank computes the same partition.
+pub fn zero_partition(sizes: &[(String, i64)], world: usize) -> Vec<usize> {
+    let world = world.max(1);
+    let mut order: Vec<usize> = (0..sizes.len()).collect();
+    order.sort_by(|&a, &b| sizes[b].1.cmp(&sizes[a].1).then_with(|| sizes[a].0.cmp(&sizes[b].0)));
+    let mut load = vec![0i64; world];
+    let mut owner = vec![0; sizes.len()];
+    for i in order {
+        let r = (0..world).min_by_key(|&r| (load[r], r)).unwrap_or(0);
+        owner[i] = r;
+        load[r] += sizes[i].1;
+    }
+    owner
 }
 
 /// What a training checkpoint records besides the weights and moments.
@@ -635,6 +870,29 @@ pub fn save_checkpoint(
     keep_last: usize,
     extra_files: &[(&str, Vec<u8>)],
 ) -> Result<PathBuf> {
+    if opt.is_sharded() {
+        bail!(
+            "save_checkpoint: the optimiser state is sharded (ZeRO-1); gather it first (AdamW::gather_state)"
+        );
+    }
+    let opt_state = opt.state_tensors();
+    save_checkpoint_state(root, vs, cfg, tok, &opt_state, state, architecture, keep_last, extra_files)
+}
+
+/// [`save_checkpoint`] with the optimiser state given as named tensors
+/// (under ZeRO-1, the state [`AdamW::gather_state`] brought to rank 0).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn save_checkpoint_state(
+    root: &Path,
+    vs: &nn::VarStore,
+    cfg: &GemmaConfig,
+    tok: &Tokenizer,
+    opt_state: &BTreeMap<String, Tensor>,
+    state: &TrainerState,
+    architecture: &str,
+    keep_last: usize,
+    extra_files: &[(&str, Vec<u8>)],
+) -> Result<PathBuf> {
     if let Err(e) = check_finite_weights(vs) {
         bail!(
             "non-finite weights after step {}: {e:#}; stopped without saving. The last good checkpoint is {}. Lower optim.lr or keep optim.grad_clip > 0",
@@ -645,7 +903,7 @@ pub fn save_checkpoint(
     let dir = step_dir(root, state.step);
     let opts = SaveOptions { architecture: architecture.to_string(), ..Default::default() };
     checkpoint::save(&dir, vs, cfg, tok, &opts)?;
-    finish_checkpoint(root, &dir, opt, state, keep_last, extra_files)
+    finish_checkpoint(root, &dir, opt_state, state, keep_last, extra_files)
 }
 
 /// Completes the checkpoint `dir` whose weights are written: the optimiser
@@ -654,14 +912,14 @@ pub fn save_checkpoint(
 pub(crate) fn finish_checkpoint(
     root: &Path,
     dir: &Path,
-    opt: &AdamW,
+    opt_state: &BTreeMap<String, Tensor>,
     state: &TrainerState,
     keep_last: usize,
     extra_files: &[(&str, Vec<u8>)],
 ) -> Result<PathBuf> {
     // Optimizer and state go in after the model; the state file is the
     // marker of a complete checkpoint, written last.
-    checkpoint::write_tensors_file(&dir.join(OPTIMIZER_FILE), &opt.state_tensors())?;
+    checkpoint::write_tensors_file(&dir.join(OPTIMIZER_FILE), opt_state)?;
     for (name, bytes) in extra_files {
         fsio::write_atomic(&dir.join(name), bytes)?;
     }
@@ -1283,5 +1541,146 @@ mod tests {
         assert_eq!(config_hash(&a).unwrap(), config_hash(&b).unwrap());
         b.lr = 2e-4;
         assert_ne!(config_hash(&a).unwrap(), config_hash(&b).unwrap());
+    }
+
+    #[test]
+    fn zero_partition_is_balanced_deterministic_and_owns_each_tensor_once() {
+        let sizes: Vec<(String, i64)> =
+            [("a", 100), ("b", 60), ("c", 50), ("d", 40), ("e", 10), ("f", 10), ("g", 0)]
+                .iter()
+                .map(|(n, s)| (n.to_string(), *s))
+                .collect();
+        let owners = zero_partition(&sizes, 2);
+        assert_eq!(owners.len(), sizes.len());
+        // Largest first to the least loaded rank: a→0 (100, 0), b→1 (100, 60),
+        // c→1 (100, 110), d→0 (140, 110), e→1 (140, 120), f→1 (140, 130), g→1.
+        assert_eq!(owners, vec![0, 1, 1, 0, 1, 1, 1]);
+        // The same partition, name for name, whatever the input order.
+        let mut rev = sizes.clone();
+        rev.reverse();
+        let owners_rev = zero_partition(&rev, 2);
+        for (i, (n, _)) in rev.iter().enumerate() {
+            let j = sizes.iter().position(|(m, _)| m == n).unwrap();
+            assert_eq!(owners_rev[i], owners[j], "{n}");
+        }
+        for world in 1..=5 {
+            let o = zero_partition(&sizes, world);
+            assert!(o.iter().all(|r| *r < world));
+            let mut load = vec![0i64; world];
+            for (r, (_, s)) in o.iter().zip(&sizes) {
+                load[*r] += s;
+            }
+            // Greedy balance: no two ranks differ by more than the largest tensor.
+            let (lo, hi) = (load.iter().min().unwrap(), load.iter().max().unwrap());
+            assert!(hi - lo <= 100, "world {world}: {load:?}");
+            assert_eq!(load.iter().sum::<i64>(), 270);
+        }
+        assert_eq!(zero_partition(&sizes, 1), vec![0; sizes.len()]);
+        // Many equal tensors spread evenly.
+        let even: Vec<(String, i64)> = (0..8).map(|i| (format!("w{i}"), 16)).collect();
+        let o = zero_partition(&even, 4);
+        for r in 0..4 {
+            assert_eq!(o.iter().filter(|x| **x == r).count(), 2);
+        }
+    }
+
+    /// Three tensors initialised from `seed` in `kind`, requiring grad.
+    fn zero_vars(kind: Kind) -> Vec<(String, Tensor)> {
+        tch::manual_seed(3);
+        [("embed_tokens.weight", vec![8, 4]), ("layer.weight", vec![4, 4]), ("norm.weight", vec![4])]
+            .into_iter()
+            .map(|(n, shape)| {
+                (
+                    n.to_string(),
+                    Tensor::randn(shape, (Kind::Float, tch::Device::Cpu))
+                        .to_kind(kind)
+                        .set_requires_grad(true),
+                )
+            })
+            .collect()
+    }
+
+    fn shallow(vars: &[(String, Tensor)]) -> Vec<(String, Tensor)> {
+        vars.iter().map(|(n, t)| (n.clone(), t.shallow_clone())).collect()
+    }
+
+    fn zero_loss(vars: &[(String, Tensor)], step: i64) -> Tensor {
+        vars.iter()
+            .map(|(_, v)| (v.to_kind(Kind::Float) * (step as f64 + 1.0)).sin().sum(Kind::Float))
+            .fold(Tensor::from(0.0f32), |a, b| a + b)
+    }
+
+    #[test]
+    fn sharded_adamw_updates_what_the_whole_one_does() {
+        for kind in [Kind::Float, Kind::BFloat16] {
+            let c = OptimConfig { lr: 1e-2, weight_decay: 0.1, ..Default::default() };
+            let full_vars = zero_vars(kind);
+            let mut full = AdamW::from_vars(shallow(&full_vars), &c).unwrap();
+            let ranks: Vec<Vec<(String, Tensor)>> = (0..2).map(|_| zero_vars(kind)).collect();
+            let mut shards: Vec<AdamW> = ranks
+                .iter()
+                .enumerate()
+                .map(|(r, v)| AdamW::from_vars_sharded(shallow(v), &c, r, 2).unwrap())
+                .collect();
+            // Every tensor's state lives on exactly one rank.
+            assert_eq!(
+                shards[0].num_state_elements() + shards[1].num_state_elements(),
+                full.num_state_elements()
+            );
+            assert!(shards.iter().all(|s| s.num_owned() > 0 && s.is_sharded()));
+            let owners = shards[0].owners.clone().unwrap();
+            for step in 0..4 {
+                full.zero_grad();
+                zero_loss(&full_vars, step).backward();
+                full.clip_and_step(0.5, 1e-2, step as u64 + 1, None).unwrap();
+                for (opt, vars) in shards.iter_mut().zip(&ranks) {
+                    opt.zero_grad();
+                    zero_loss(vars, step).backward();
+                    opt.clip_and_step(0.5, 1e-2, step as u64 + 1, None).unwrap();
+                }
+                // The owners' broadcast, by hand.
+                tch::no_grad(|| {
+                    for (i, o) in owners.iter().enumerate() {
+                        let src = ranks[*o][i].1.copy();
+                        ranks[1 - o][i].1.shallow_clone().copy_(&src);
+                    }
+                });
+            }
+            for r in &ranks {
+                for ((n, a), (_, b)) in full_vars.iter().zip(r) {
+                    assert!(a.equal(b), "{kind:?} {n}");
+                }
+            }
+            // The shards' states are the whole state, split.
+            let whole = full.state_tensors();
+            let mut keys = 0;
+            for s in &shards {
+                for (k, v) in s.state_tensors() {
+                    assert!(whole[&k].equal(&v), "{k}");
+                    keys += 1;
+                }
+            }
+            assert_eq!(keys, whole.len());
+            // Loading the whole state keeps each rank's share.
+            let mut again = AdamW::from_vars_sharded(zero_vars(kind), &c, 1, 2).unwrap();
+            again.load_state(whole, full.t).unwrap();
+            for (k, v) in again.state_tensors() {
+                assert!(v.equal(&shards[1].state_tensors()[&k]), "{k}");
+            }
+        }
+    }
+
+    #[test]
+    fn optim_zero_is_0_or_1_and_left_out_of_the_serialized_form_at_0() {
+        let c: OptimConfig = toml::from_str("zero = 1").unwrap();
+        assert_eq!(c.zero, 1);
+        c.validate().unwrap();
+        assert!(serde_json::to_string(&c).unwrap().contains("\"zero\":1"));
+        assert!(!serde_json::to_string(&OptimConfig::default()).unwrap().contains("zero"));
+        let e = OptimConfig { zero: 2, ..Default::default() }.validate().unwrap_err().to_string();
+        assert!(e.contains("optim.zero must be 0") && e.contains("got 2"), "{e}");
+        // One process: nothing to shard.
+        assert!(!AdamW::from_vars(zero_vars(Kind::Float), &c).unwrap().is_sharded());
+        assert!(AdamW::from_vars_sharded(zero_vars(Kind::Float), &c, 2, 2).is_err());
     }
 }

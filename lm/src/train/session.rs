@@ -267,8 +267,9 @@ pub struct StepResult {
     /// The global gradient norm before clipping.
     pub grad_norm: f64,
     /// Seconds this rank spent in the step's collectives over the loss and
-    /// the gradients (the bucketed all-reduce): 0 in one process. Waiting
-    /// for a slower rank counts here too.
+    /// the gradients (the bucketed all-reduce) and, under ZeRO-1, the
+    /// broadcast of the updated weights from their owners: 0 in one
+    /// process. Waiting for a slower rank counts here too.
     pub comm_s: f64,
 }
 
@@ -289,10 +290,27 @@ pub struct Updater {
 
 impl Updater {
     /// AdamW over what `t` trains, with `t`'s exact f32 values as masters.
+    /// Under `optim.zero = 1` in a data-parallel run the state is sharded
+    /// over the ranks (ZeRO-1, [`AdamW::from_vars_sharded`]).
     pub fn new(t: &mut Trainable, optim: &OptimConfig) -> Result<Self> {
-        let mut opt = AdamW::from_vars(t.trained(), optim)?;
-        opt.set_masters(std::mem::take(&mut t.exact))?;
         let dist = crate::dist::init(t.base.device())?;
+        let mut opt = match optim.zero {
+            1 if dist.world > 1 => AdamW::from_vars_sharded(t.trained(), optim, dist.rank, dist.world)?,
+            0 | 1 => AdamW::from_vars(t.trained(), optim)?,
+            z => bail!("optim.zero must be 0 or 1, got {z}"),
+        };
+        opt.set_masters(std::mem::take(&mut t.exact))?;
+        if opt.is_sharded() {
+            eprintln!(
+                "rank {} of {}: ZeRO-1 optimiser state for {} of {} tensors, {} state elements ({} trained)",
+                dist.rank,
+                dist.world,
+                opt.num_owned(),
+                opt.num_params(),
+                opt.num_state_elements(),
+                opt.num_elements()
+            );
+        }
         Ok(Updater { opt, optim: optim.clone(), ckpt_root: None, dist, rng: None })
     }
 
@@ -364,6 +382,12 @@ impl Updater {
         let lr = super::lr_at(self.opt.t, total_updates, &self.optim);
         let grad_norm =
             self.opt.clip_and_step(self.optim.grad_clip, lr, step + 1, self.ckpt_root.as_deref())?;
+        if self.opt.is_sharded() {
+            // ZeRO-1: each rank updated its own share; the owners send theirs.
+            let t0 = std::time::Instant::now();
+            self.opt.broadcast_owned(self.dist)?;
+            comm_s += t0.elapsed().as_secs_f64();
+        }
         Ok(StepResult { loss, lr, grad_norm, comm_s })
     }
 }
@@ -457,10 +481,13 @@ impl Session {
         let mut state = self.state.clone();
         state.rank_rng = Vec::<i64>::try_from(all)?.iter().map(|p| p.to_string()).collect();
         state.rng_word_pos = pos.to_string();
-        // Rank 0 writes (every rank holds the same weights and state); the
-        // others wait for the checkpoint to be complete.
-        let dir = if self.dist.is_main() {
-            self.save_here(&state, t, up, cfg, tok, extra_files)?
+        // The whole optimiser state on rank 0 (under ZeRO-1 each owner
+        // sends its share), dropped once written.
+        let opt_state = up.opt.gather_state(self.dist)?;
+        // Rank 0 writes (every rank holds the same weights); the others
+        // wait for the checkpoint to be complete.
+        let dir = if let Some(opt_state) = opt_state {
+            self.save_here(&state, t, &opt_state, cfg, tok, extra_files)?
         } else {
             super::step_dir(&self.ckpt_root, self.state.step)
         };
@@ -472,18 +499,18 @@ impl Session {
         &self,
         state: &TrainerState,
         t: &Trainable,
-        up: &Updater,
+        opt_state: &BTreeMap<String, Tensor>,
         cfg: &GemmaConfig,
         tok: &Tokenizer,
         extra_files: &[(&str, Vec<u8>)],
     ) -> Result<PathBuf> {
         let Some(l) = &t.lora else {
-            return super::save_checkpoint(
+            return super::save_checkpoint_state(
                 &self.ckpt_root,
                 &t.base,
                 cfg,
                 tok,
-                &up.opt,
+                opt_state,
                 state,
                 self.architecture,
                 self.settings.keep_last,
@@ -493,7 +520,14 @@ impl Session {
         super::check_finite_weights(&l.vs)?;
         let dir = super::step_dir(&self.ckpt_root, self.state.step);
         t.save_adapter(l, &dir)?;
-        super::finish_checkpoint(&self.ckpt_root, &dir, &up.opt, state, self.settings.keep_last, extra_files)
+        super::finish_checkpoint(
+            &self.ckpt_root,
+            &dir,
+            opt_state,
+            state,
+            self.settings.keep_last,
+            extra_files,
+        )
     }
 
     /// Writes the trained model as a complete Hugging Face checkpoint in
