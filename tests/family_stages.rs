@@ -6,15 +6,18 @@
 //! sequence-classification architecture), and its losses are finite.
 
 mod common;
-use common::{align, align_in, read_json, stderr};
+use common::{
+    align, align_command, align_in, read_json, recipe, stderr, tiny_corpus_tokenizer, write_recipe,
+};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Stdio};
 use std::time::Duration;
 
 /// The stages after the base model (`base`, written by `align init`).
-const RECIPE: &str = r#"
+fn stages_recipe() -> String {
+    let head = r#"
 name = "family"
 output_dir = "out"
 seed = 1
@@ -23,45 +26,28 @@ device = "cpu"
 checkpoint = "base"
 [tokenizer]
 file = "base/tokenizer.json"
-[data.sft]
-held_out = { fraction = 0.1 }
-[[data.sft.sources]]
-name = "tasks"
-path = "builtin:sft?n=60&seed=3"
-[data.prefs]
-held_out = { fraction = 0.2 }
-[[data.prefs.sources]]
-name = "tasks"
-path = "builtin:preferences?n=30&seed=4"
-[data.prompts]
-[[data.prompts.sources]]
-name = "tasks"
-path = "builtin:rl?n=8&seed=5"
-[[stages]]
-name = "sft"
-kind = "sft"
-data = "sft"
-config = { max_seq_len = 48, batch_size = 8, max_steps = 3 }
-[[stages]]
-name = "rm"
-kind = "reward"
-data = "prefs"
-from = "sft"
-config = { max_seq_len = 48, batch_size = 8, max_steps = 2 }
-[[stages]]
-name = "rl"
-kind = "rl"
-from = "sft"
-data = "prompts"
-reward = "rm"
-config = { steps = 2, batch_size = 4, num_samples = 2, max_new_tokens = 20, eval_every = 0 }
-[[stages]]
-name = "judge"
-kind = "judge"
-candidate = "rl"
-baseline = "sft"
-config = { prompts = "builtin:eval?n=6&seed=6", judge = "reward:rm", oracle = "tasks", max_new_tokens = 20 }
 "#;
+    [
+        head.to_string(),
+        recipe::data("sft", Some(0.1), "builtin:sft?n=60&seed=3"),
+        recipe::data("prefs", Some(0.2), "builtin:preferences?n=30&seed=4"),
+        recipe::data("prompts", None, "builtin:rl?n=8&seed=5"),
+        recipe::sft("max_seq_len = 48, batch_size = 8, max_steps = 3"),
+        recipe::reward("sft", "max_seq_len = 48, batch_size = 8, max_steps = 2"),
+        recipe::rl(
+            "sft",
+            &["reward = \"rm\""],
+            "steps = 2, batch_size = 4, num_samples = 2, max_new_tokens = 20, eval_every = 0",
+        ),
+        recipe::judge(
+            "rl",
+            "sft",
+            &[],
+            r#"prompts = "builtin:eval?n=6&seed=6", judge = "reward:rm", oracle = "tasks", max_new_tokens = 20"#,
+        ),
+    ]
+    .concat()
+}
 
 /// A model directory's config.json: `model_type` and its one architecture.
 fn family_of(dir: &Path) -> (String, String) {
@@ -105,8 +91,7 @@ impl Drop for Serve {
 /// `align serve --model dir` answers one chat completion.
 fn serve_one_request(dir: &Path) -> serde_json::Value {
     let mut serve = Serve(
-        Command::new(env!("CARGO_BIN_EXE_align"))
-            .args(["serve", "--model", dir.to_str().unwrap(), "--port", "0", "--device", "cpu"])
+        align_command(&["serve", "--model", dir.to_str().unwrap(), "--port", "0", "--device", "cpu"])
             .args(["--model-name", "m"])
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -144,18 +129,7 @@ fn stages_run(preset: &str, model_type: &str, causal: &str, classifier: &str) {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
     let tok = dir.join("tokenizer.json");
-    let corpus = common::root().join("recipes/data/tiny_corpus.txt");
-    let out = align(&[
-        "tokenizer",
-        "train",
-        "--input",
-        corpus.to_str().unwrap(),
-        "--vocab-size",
-        "600",
-        "--out",
-        tok.to_str().unwrap(),
-    ]);
-    assert!(out.status.success(), "{}", stderr(&out));
+    tiny_corpus_tokenizer(&tok);
 
     // The base model, of the preset's family.
     let base = dir.join("base");
@@ -176,7 +150,7 @@ fn stages_run(preset: &str, model_type: &str, causal: &str, classifier: &str) {
     loads_back(&base, model_type);
 
     // SFT → reward → RL → judge.
-    std::fs::write(dir.join("recipe.toml"), RECIPE).unwrap();
+    write_recipe(dir, &stages_recipe());
     let run = align_in(dir, &["run", "recipe.toml"]);
     let err = stderr(&run);
     assert!(run.status.success(), "{preset}: {err}");

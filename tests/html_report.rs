@@ -7,65 +7,39 @@
 //! installed (`make chromium`), the run's page is also opened in it.
 
 mod common;
-use common::{align_in, stderr};
+use common::{align_in, recipe, stderr, write_recipe};
 use serde_json::{json, Value};
 use std::io::{BufRead, BufReader, Read, Write};
-use std::path::Path;
 use std::process::{Command, Stdio};
 
-const RECIPE: &str = r#"
-name = "tiny <html> & co"
-output_dir = "out"
-seed = 1
-device = "cpu"
-[base_model]
-preset = "tiny"
-[tokenizer]
-train_on = ["builtin:pretrain?n=300&seed=1"]
-vocab_size = 300
-[data.text]
-text = ["builtin:pretrain?n=200&seed=2"]
-[data.sft]
-held_out = { fraction = 0.1 }
-[[data.sft.sources]]
-name = "tasks"
-path = "builtin:sft?n=100&seed=3"
-[[stages]]
-name = "tokenizer"
-kind = "tokenizer"
-[[stages]]
-name = "base"
-kind = "pretrain"
-data = "text"
-config = { max_seq_len = 48, batch_size = 8, max_steps = 3, packing = true }
-[[stages]]
-name = "sft"
-kind = "sft"
-data = "sft"
-config = { max_seq_len = 48, batch_size = 8, max_steps = 3 }
-[[stages]]
-name = "sweep"
-kind = "sweep"
-from = "base"
-data = "sft"
-baseline = "base"
-[stages.config]
-base = { max_seq_len = 48, batch_size = 8, max_steps = 2 }
-prompts = "builtin:eval?n=12&seed=6"
-judge = "oracle:tasks"
-max_new_tokens = 6
-variants = [{ name = "lr low", set = { "optim.lr" = 1e-4 } }, { name = "lr=high", set = { "optim.lr" = 3e-3 } }]
-[[stages]]
-name = "judge"
-kind = "judge"
-candidate = "sft"
-baseline = "base"
-config = { prompts = "builtin:eval?n=12&seed=6", judge = "JUDGE", oracle = "tasks", max_new_tokens = 6, max_in_flight = 1, retries = 0 }
-"#;
-
-/// The recipe with `judge` as the judge stage's judge, in `dir`.
-fn write_recipe(dir: &Path, judge: &str) {
-    std::fs::write(dir.join("recipe.toml"), RECIPE.replace("JUDGE", judge)).unwrap();
+/// Tokenizer → pretraining → SFT → (where `sweep`) a sweep of two
+/// variants → a judge stage with `judge` as its judge.
+fn html_recipe(judge: &str, sweep: bool) -> String {
+    let sweep = if sweep {
+        recipe::sweep(
+            "builtin:eval?n=12&seed=6",
+            6,
+            r#"[{ name = "lr low", set = { "optim.lr" = 1e-4 } }, { name = "lr=high", set = { "optim.lr" = 3e-3 } }]"#,
+        )
+    } else {
+        String::new()
+    };
+    [
+        recipe::tiny("tiny <html> & co", 1, 200),
+        recipe::data("sft", Some(0.1), "builtin:sft?n=100&seed=3"),
+        recipe::tokenizer_and_base("max_seq_len = 48, batch_size = 8, max_steps = 3, packing = true"),
+        recipe::sft("max_seq_len = 48, batch_size = 8, max_steps = 3"),
+        sweep,
+        recipe::judge(
+            "sft",
+            "base",
+            &[],
+            &format!(
+                r#"prompts = "builtin:eval?n=12&seed=6", judge = "{judge}", oracle = "tasks", max_new_tokens = 6, max_in_flight = 1, retries = 0"#
+            ),
+        ),
+    ]
+    .concat()
 }
 
 /// The `href`s of a page, in order.
@@ -113,7 +87,7 @@ fn chromium() -> Option<std::path::PathBuf> {
 #[test]
 fn a_recipe_run_writes_a_page_with_its_stages_judges_leaderboard_and_curves() {
     let dir = tempfile::tempdir().unwrap();
-    write_recipe(dir.path(), "oracle:tasks");
+    write_recipe(dir.path(), &html_recipe("oracle:tasks", true));
     let out = align_in(dir.path(), &["run", "recipe.toml"]);
     assert!(out.status.success(), "{}", stderr(&out));
     let run = dir.path().join("out");
@@ -208,12 +182,8 @@ fn fake_judge(ok: usize) -> String {
 fn a_judge_stage_failing_half_way_leaves_a_page_of_what_it_judged() {
     let dir = tempfile::tempdir().unwrap();
     // Chunks of 8 pairs (16 requests, one in flight); the 20th request fails.
-    write_recipe(dir.path(), &format!("http:{}", fake_judge(19)));
-    let text = std::fs::read_to_string(dir.path().join("recipe.toml")).unwrap();
     // Only what the judge stage needs: no sweep.
-    let start = text.find("[[stages]]\nname = \"sweep\"").unwrap();
-    let end = text.find("[[stages]]\nname = \"judge\"").unwrap();
-    std::fs::write(dir.path().join("recipe.toml"), format!("{}{}", &text[..start], &text[end..])).unwrap();
+    write_recipe(dir.path(), &html_recipe(&format!("http:{}", fake_judge(19)), false));
     let out = align_in(dir.path(), &["run", "recipe.toml"]);
     let err = stderr(&out);
     assert!(!out.status.success() && err.contains("quota exceeded"), "{err}");

@@ -5,95 +5,40 @@
 //! seeds lists refused before anything runs, naming the stage and the key.
 
 mod common;
-use common::{align, align_in, read_json, stderr, stdout};
-use std::path::Path;
+use common::{
+    align, align_in, names, read_json, recipe, refused, skipped, started, stderr, stdout, write_recipe,
+};
+use std::process::Stdio;
+use std::sync::LazyLock;
 
-const RECIPE: &str = r#"
-name = "seeds"
-output_dir = "out"
-seed = 7
-device = "cpu"
-[base_model]
-preset = "tiny"
-[tokenizer]
-train_on = ["builtin:pretrain?n=300&seed=1"]
-vocab_size = 300
-[data.text]
-text = ["builtin:pretrain?n=200&seed=2"]
-[data.prefs]
-held_out = { fraction = 0.2 }
-[[data.prefs.sources]]
-name = "tasks"
-path = "builtin:preferences?n=40&seed=4"
-[data.prompts]
-[[data.prompts.sources]]
-name = "tasks"
-path = "builtin:rl?n=16&seed=5"
-[[stages]]
-name = "tokenizer"
-kind = "tokenizer"
-[[stages]]
-name = "base"
-kind = "pretrain"
-data = "text"
-config = { max_seq_len = 48, batch_size = 8, max_steps = 3, packing = true }
-[[stages]]
-name = "rm"
-kind = "reward"
-data = "prefs"
-from = "base"
-config = { max_seq_len = 48, batch_size = 8, max_steps = 2 }
-[[stages]]
-name = "rl"
-kind = "rl"
-from = "base"
-data = "prompts"
-reward = "rm"
-seeds = [0, 1]
-config = { steps = 2, batch_size = 4, num_samples = 2, max_new_tokens = 6, eval_every = 0, save_every = 1 }
-[[stages]]
-name = "judge"
-kind = "judge"
-candidate = "rl"
-baseline = "base"
-seeds = [0, 1]
-config = { prompts = "builtin:eval?n=14&seed=6", judge = "reward:rm", oracle = "tasks", max_new_tokens = 8 }
-"#;
-
-fn write(dir: &Path, text: &str) -> String {
-    let p = dir.join("recipe.toml");
-    std::fs::write(&p, text).unwrap();
-    p.display().to_string()
-}
-
-/// The runs `align run` started: `rl seed 0`, `base`, … (its `== … → DIR`
-/// lines).
-fn started(err: &str) -> Vec<String> {
-    err.lines()
-        .filter_map(|l| l.strip_prefix("== "))
-        .filter_map(|l| l.split_once(" → ").map(|(head, _)| head))
-        .filter_map(|head| head.rsplit_once(" (").map(|(name, _)| name.to_string()))
-        .collect()
-}
-
-/// The runs `align run` skipped as complete.
-fn skipped(err: &str) -> Vec<String> {
-    err.lines()
-        .filter_map(|l| l.strip_prefix("== "))
-        .filter(|l| l.ends_with("done, skipped"))
-        .filter_map(|l| l.rsplit_once(" (").map(|(name, _)| name.to_string()))
-        .collect()
-}
-
-fn names(v: &[&str]) -> Vec<String> {
-    v.iter().map(|s| s.to_string()).collect()
-}
+/// A reward model, then RL and its judge repeated over seeds 0 and 1.
+static RECIPE: LazyLock<String> = LazyLock::new(|| {
+    [
+        recipe::tiny("seeds", 7, 200),
+        recipe::data("prefs", Some(0.2), "builtin:preferences?n=40&seed=4"),
+        recipe::data("prompts", None, "builtin:rl?n=16&seed=5"),
+        recipe::tokenizer_and_base("max_seq_len = 48, batch_size = 8, max_steps = 3, packing = true"),
+        recipe::reward("base", "max_seq_len = 48, batch_size = 8, max_steps = 2"),
+        recipe::rl(
+            "base",
+            &["reward = \"rm\"", "seeds = [0, 1]"],
+            "steps = 2, batch_size = 4, num_samples = 2, max_new_tokens = 6, eval_every = 0, save_every = 1",
+        ),
+        recipe::judge(
+            "rl",
+            "base",
+            &["seeds = [0, 1]"],
+            r#"prompts = "builtin:eval?n=14&seed=6", judge = "reward:rm", oracle = "tasks", max_new_tokens = 8"#,
+        ),
+    ]
+    .concat()
+});
 
 #[test]
 fn a_stage_with_seeds_runs_per_seed_reports_mean_and_spread_and_skips_finished_seeds() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
-    write(dir, RECIPE);
+    write_recipe(dir, &RECIPE);
     let first = align_in(dir, &["run", "recipe.toml"]);
     let err = stderr(&first);
     assert!(first.status.success(), "{err}");
@@ -193,26 +138,13 @@ fn a_stage_with_seeds_runs_per_seed_reports_mean_and_spread_and_skips_finished_s
     assert!(once.status.success(), "{}", stderr(&once));
     assert!(started(&stderr(&once)).is_empty(), "{}", stderr(&once));
     let plain = RECIPE.replace("seeds = [0, 1]\n", "");
-    write(dir, &plain);
+    write_recipe(dir, &plain);
     let unseeded = align_in(dir, &["run", "recipe.toml"]);
     let err = stderr(&unseeded);
     assert!(unseeded.status.success(), "{err}");
     assert_eq!(started(&err), names(&["rl", "judge"]), "{err}");
     assert!(out.join("rl/model/model.safetensors").exists() && !out.join("rl/seed-0").exists());
     assert!(out.join("judge/summary.json").exists() && !out.join("judge/seed-1").exists());
-}
-
-/// Runs `text` as the recipe in `dir`: it must fail with every one of
-/// `needles` in its stderr before anything runs.
-fn refused(dir: &Path, text: &str, needles: &[&str]) {
-    let r = write(dir, text);
-    let out = align(&["run", &r]);
-    let err = stderr(&out);
-    assert!(!out.status.success(), "{needles:?}: it ran: {err}");
-    for n in needles {
-        assert!(err.contains(n), "{n}: {err}");
-    }
-    assert!(!dir.join("out").exists(), "nothing runs before the checks pass");
 }
 
 #[test]
@@ -252,7 +184,7 @@ fn bad_seeds_lists_are_refused_naming_the_stage_and_the_key() {
     let tok = RECIPE.replacen("kind = \"tokenizer\"\n", "kind = \"tokenizer\"\nseeds = [0, 1]\n", 1);
     refused(d, &tok, &["stages[0] \"tokenizer\".seeds: a tokenizer stage cannot be repeated over seeds"]);
     // `--set` names the stage's own key too.
-    let r = write(d, RECIPE);
+    let r = write_recipe(d, &RECIPE);
     let out = align(&["run", &r, "--set", "rl.seeds=[]"]);
     assert!(
         !out.status.success() && stderr(&out).contains("stages[3] \"rl\".seeds is empty"),
@@ -269,51 +201,30 @@ fn bad_seeds_lists_are_refused_naming_the_stage_and_the_key() {
     );
 }
 
+/// RL repeated over seeds 0 and 1, 40 steps each, a checkpoint a step.
+fn kill_recipe() -> String {
+    [
+        recipe::tiny("kill-seeds", 2, 200),
+        recipe::data("prompts", None, "builtin:rl?n=64&seed=5"),
+        recipe::tokenizer_and_base("max_seq_len = 48, batch_size = 8, max_steps = 3, packing = true"),
+        recipe::rl(
+            "base",
+            &["seeds = [0, 1]"],
+            r#"steps = 40, batch_size = 4, num_samples = 2, max_new_tokens = 6, save_every = 1, eval_every = 0, reward = { kind = "oracle" }"#,
+        ),
+    ]
+    .concat()
+}
+
 /// A run killed (SIGKILL) while a stage runs its second seed resumes that
 /// seed from its checkpoint and skips the finished first seed.
 #[test]
 fn a_run_killed_in_a_seed_resumes_that_seed_and_skips_the_finished_ones() {
-    let recipe = r#"
-name = "kill-seeds"
-output_dir = "out"
-seed = 2
-device = "cpu"
-[base_model]
-preset = "tiny"
-[tokenizer]
-train_on = ["builtin:pretrain?n=300&seed=1"]
-vocab_size = 300
-[data.text]
-text = ["builtin:pretrain?n=200&seed=2"]
-[data.prompts]
-[[data.prompts.sources]]
-name = "tasks"
-path = "builtin:rl?n=64&seed=5"
-[[stages]]
-name = "tokenizer"
-kind = "tokenizer"
-[[stages]]
-name = "base"
-kind = "pretrain"
-data = "text"
-config = { max_seq_len = 48, batch_size = 8, max_steps = 3, packing = true }
-[[stages]]
-name = "rl"
-kind = "rl"
-from = "base"
-data = "prompts"
-seeds = [0, 1]
-config = { steps = 40, batch_size = 4, num_samples = 2, max_new_tokens = 6, save_every = 1, eval_every = 0, reward = { kind = "oracle" } }
-"#;
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
-    let r = write(dir, recipe);
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_align"))
-        .args(["run", &r])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
+    let r = write_recipe(dir, &kill_recipe());
+    let mut child =
+        common::align_command(&["run", &r]).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
     let ckpts = dir.join("out/rl/seed-1/checkpoints");
     common::kill_once_checkpointed(
         &mut child,

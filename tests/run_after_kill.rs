@@ -4,62 +4,38 @@
 //! stages after it.
 
 mod common;
-use common::kill_once_checkpointed;
+use common::{align_command, kill_once_checkpointed, recipe, write_recipe};
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-const RECIPE: &str = r#"
-name = "kill"
-output_dir = "out"
-seed = 2
-device = "cpu"
-[base_model]
-preset = "tiny"
-[tokenizer]
-train_on = ["builtin:pretrain?n=300&seed=1"]
-vocab_size = 300
-[data.text]
-text = ["builtin:pretrain?n=300&seed=2"]
-[data.sft]
-held_out = { fraction = 0.1 }
-[[data.sft.sources]]
-name = "tasks"
-path = "builtin:sft?n=400&seed=3"
-[data.prompts]
-[[data.prompts.sources]]
-name = "tasks"
-path = "builtin:rl?n=64&seed=5"
-[[stages]]
-name = "tokenizer"
-kind = "tokenizer"
-[[stages]]
-name = "base"
-kind = "pretrain"
-data = "text"
-config = { max_seq_len = 48, batch_size = 8, max_steps = 4, packing = true }
-[[stages]]
-name = "sft"
-kind = "sft"
-data = "sft"
-config = { max_seq_len = 48, batch_size = 8, max_steps = 40, save_every = 2, keep_last = 2, eval_every = 0 }
-[[stages]]
-name = "rl"
-kind = "rl"
-from = "sft"
-data = "prompts"
-config = { steps = 4, batch_size = 4, num_samples = 2, max_new_tokens = 6, save_every = 1, eval_every = 0, reward = { kind = "oracle" } }
-"#;
+/// Pretraining, then a 40-step SFT with a checkpoint every 2 steps, then RL.
+fn kill_recipe() -> String {
+    [
+        recipe::tiny("kill", 2, 300),
+        recipe::data("sft", Some(0.1), "builtin:sft?n=400&seed=3"),
+        recipe::data("prompts", None, "builtin:rl?n=64&seed=5"),
+        recipe::tokenizer_and_base("max_seq_len = 48, batch_size = 8, max_steps = 4, packing = true"),
+        recipe::sft("max_seq_len = 48, batch_size = 8, max_steps = 40, save_every = 2, keep_last = 2, eval_every = 0"),
+        recipe::rl(
+            "sft",
+            &[],
+            r#"steps = 4, batch_size = 4, num_samples = 2, max_new_tokens = 6, save_every = 1, eval_every = 0, reward = { kind = "oracle" }"#,
+        ),
+    ]
+    .concat()
+}
 
+/// `align run` of `dir`'s recipe, its stderr piped.
 fn align(dir: &Path) -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_align"));
-    c.args(["run", dir.join("recipe.toml").to_str().unwrap()]).stdout(Stdio::null()).stderr(Stdio::piped());
+    let mut c = align_command(&["run", dir.join("recipe.toml").to_str().unwrap()]);
+    c.stdout(Stdio::null()).stderr(Stdio::piped());
     c
 }
 
 fn setup() -> tempfile::TempDir {
     let d = tempfile::tempdir().unwrap();
-    std::fs::write(d.path().join("recipe.toml"), RECIPE).unwrap();
+    write_recipe(d.path(), &kill_recipe());
     d
 }
 
