@@ -28,12 +28,13 @@ static RECIPE: LazyLock<String> = LazyLock::new(|| {
         recipe::data("prompts", None, "builtin:rl?n=16&seed=5"),
         recipe::tokenizer_and_base("max_seq_len = 48, batch_size = 8, max_steps = 3, packing = true"),
         recipe::sft("max_seq_len = 48, batch_size = 8, max_steps = 3"),
-        recipe::sweep(
-            "builtin:eval?n=14&seed=6",
-            8,
-VARIANTS),
+        recipe::sweep("builtin:eval?n=14&seed=6", 8, VARIANTS),
         recipe::reward("sft", "max_seq_len = 48, batch_size = 8, max_steps = 2"),
-        recipe::rl("sft", &["reward = \"rm\""], "steps = 2, batch_size = 4, num_samples = 2, max_new_tokens = 6, eval_every = 0"),
+        recipe::rl(
+            "sft",
+            &["reward = \"rm\""],
+            "steps = 2, batch_size = 4, num_samples = 2, max_new_tokens = 6, eval_every = 0",
+        ),
         recipe::judge(
             "rl",
             "sft",
