@@ -340,7 +340,9 @@ impl Updater {
     /// normalised by the global denominator, [`Updater::global_sum`]); the
     /// gradients are then summed over ranks (bucketed), before clipping,
     /// so the update, the norm and the loss returned are the global ones.
-    /// A non-finite loss on any rank stops every rank.
+    /// A non-finite loss on any rank stops every rank. Under ZeRO-1
+    /// (`optim.zero = 1`) each rank then updates only the tensors it owns
+    /// and every tensor is broadcast from its owner.
     pub fn step(
         &mut self,
         micro: usize,
