@@ -4,17 +4,29 @@
 //!
 //! - 2 ranks × grad_accum 2 end with the weights of 1 process × grad_accum 4;
 //! - a 2-rank run stopped half-way (stop_after) and resumed ends
-//!   bit-identical to an uninterrupted 2-rank run.
+//!   bit-identical to an uninterrupted 2-rank run;
+//! - 2 ranks with the optimiser state sharded (`[reward.optim] zero = 1`,
+//!   ZeRO-1) end with the 2-rank DDP run's weights, bit for bit.
 
 mod common;
 
 use common::*;
 use std::path::{Path, PathBuf};
 use tch::Tensor;
-use testkit::ddp::{self, gloo_or_skip, max_diff, read_sorted};
+use testkit::ddp::{self, gloo_or_skip, join, max_diff, read_sorted, Group, RUN_DEADLINE};
 
-fn run_ranks(dir: &Path, config: &Path, world: usize) {
-    ddp::run_ranks(dir, "reward", config, world);
+/// Runs `config` on `world` ranks and waits for all of them (killing all
+/// after [`RUN_DEADLINE`]); each must succeed. Returns their logs, by rank.
+fn run_ranks(dir: &Path, config: &Path, world: usize) -> Vec<String> {
+    let group = Group::new(dir, config, world);
+    let ranks = (0..world).map(|r| group.spawn("reward", r, &[])).collect();
+    join(ranks, RUN_DEADLINE)
+        .into_iter()
+        .map(|(ok, log, _)| {
+            assert!(ok, "a rank failed:\n{log}");
+            log
+        })
+        .collect()
 }
 
 /// A run directory `dir/name` (model, pairs and config).
@@ -69,4 +81,30 @@ fn two_ranks_train_a_reward_model_as_one_process() {
     run_ranks(dir.path(), &cut, 2);
     let d = max_diff(&weights(&two), &weights(&cut));
     assert_eq!(d, 0.0, "the resumed 2-rank run differs from the uninterrupted one by {d}");
+}
+
+#[test]
+fn zero1_trains_a_reward_model_as_ddp_bit_for_bit() {
+    if !gloo_or_skip("zero1_trains_a_reward_model_as_ddp_bit_for_bit") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let ddp_cfg = setup(dir.path(), "ddp", 2, "");
+    run_ranks(dir.path(), &ddp_cfg, 2);
+    // The same run with the optimiser state sharded over the 2 ranks.
+    let zero = setup(dir.path(), "zero", 2, "");
+    let text = std::fs::read_to_string(&zero).unwrap();
+    assert!(text.contains("[reward.optim]\n"), "{text}");
+    std::fs::write(&zero, text.replace("[reward.optim]\n", "[reward.optim]\nzero = 1\n")).unwrap();
+    assert_eq!(load_config(&zero).stage.optim.zero, 1);
+    let logs = run_ranks(dir.path(), &zero, 2);
+    assert!(
+        logs[0].contains("ZeRO-1 optimiser state for"),
+        "rank 0 did not shard its optimiser state:\n{}",
+        logs[0]
+    );
+
+    let d = max_diff(&weights(&ddp_cfg), &weights(&zero));
+    eprintln!("ZeRO-1 vs DDP, 2 ranks: max |Δw| = {d:e}");
+    assert_eq!(d, 0.0, "ZeRO-1 differs from DDP by {d}");
 }

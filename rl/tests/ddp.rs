@@ -10,7 +10,9 @@
 //! - a 2-rank run stopped after a checkpoint and resumed ends bit-identical
 //!   to an uninterrupted 2-rank run;
 //! - a dead peer stops the other rank with an error naming it, within the
-//!   timeout, leaving no half-written checkpoint.
+//!   timeout, leaving no half-written checkpoint;
+//! - 2 ranks with the optimiser state sharded (`[rl.optim] zero = 1`,
+//!   ZeRO-1) end with the 2-rank DDP run's weights, bit for bit.
 
 mod common;
 
@@ -18,7 +20,7 @@ use common::{config, steps, write_prompts, LowIds};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 use tch::Tensor;
-use testkit::ddp::{self, gloo_or_skip, join, max_diff, read_sorted, Group};
+use testkit::ddp::{self, gloo_or_skip, join, max_diff, read_sorted, Group, RUN_DEADLINE};
 
 /// The run: 4 steps, 4 samples per prompt, an epoch boundary (12 training
 /// prompts, 4 per step), whitening, an adaptive β, micro-batches of 3
@@ -59,9 +61,17 @@ fn setup(dir: &Path, batch_size: usize, extra: &str) -> PathBuf {
 }
 
 /// Runs `config` on `world` ranks and waits for all of them (killing all
-/// after 5 minutes); each must succeed.
-fn run_ranks(dir: &Path, config: &Path, world: usize) {
-    ddp::run_ranks(dir, "rl", config, world);
+/// after [`RUN_DEADLINE`]); each must succeed. Returns their logs, by rank.
+fn run_ranks(dir: &Path, config: &Path, world: usize) -> Vec<String> {
+    let group = Group::new(dir, config, world);
+    let ranks = (0..world).map(|r| group.spawn("rl", r, &[])).collect();
+    join(ranks, RUN_DEADLINE)
+        .into_iter()
+        .map(|(ok, log, _)| {
+            assert!(ok, "a rank failed:\n{log}");
+            log
+        })
+        .collect()
 }
 
 fn weights(out: &Path) -> Vec<(String, Tensor)> {
@@ -247,4 +257,34 @@ fn a_dead_peer_stops_the_rl_stage_within_the_timeout() {
             assert!(p.join("trainer_state.json").exists(), "a partial checkpoint {}", p.display());
         }
     }
+}
+
+#[test]
+fn zero1_trains_the_policy_as_ddp_bit_for_bit() {
+    if !gloo_or_skip("zero1_trains_the_policy_as_ddp_bit_for_bit") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let ddp_cfg = setup(&dir.path().join("ddp"), 2, "");
+    run_ranks(dir.path(), &ddp_cfg, 2);
+    // The same run with the optimiser state sharded over the 2 ranks.
+    let zero = setup(&dir.path().join("zero"), 2, "");
+    let text = std::fs::read_to_string(&zero).unwrap();
+    assert!(text.contains("[rl.optim]\n"), "{text}");
+    std::fs::write(&zero, text.replace("[rl.optim]\n", "[rl.optim]\nzero = 1\n")).unwrap();
+    assert_eq!(rl::RlConfig::from_toml_file(&zero).unwrap().stage.optim.zero, 1);
+    let logs = run_ranks(dir.path(), &zero, 2);
+    assert!(
+        logs[0].contains("ZeRO-1 optimiser state for"),
+        "rank 0 did not shard its optimiser state:\n{}",
+        logs[0]
+    );
+
+    let (a, b) = (weights(&dir.path().join("ddp/out")), weights(&dir.path().join("zero/out")));
+    let d = max_diff(&a, &b);
+    eprintln!("ZeRO-1 vs DDP, 2 ranks: max |Δw| = {d:e}");
+    assert_eq!(d, 0.0, "ZeRO-1 differs from DDP by {d}");
+    let mut base = read_sorted(&common::fixture().join("model.safetensors"));
+    base.retain(|(n, _)| b.iter().any(|(m, _)| m == n));
+    assert!(max_diff(&b, &base) > 1e-4, "training did not move the weights");
 }
