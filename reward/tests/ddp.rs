@@ -13,20 +13,11 @@ mod common;
 use common::*;
 use std::path::{Path, PathBuf};
 use tch::Tensor;
-use testkit::ddp::{self, gloo_or_skip, join, max_diff, read_sorted, Group, RUN_DEADLINE};
+use testkit::ddp::{self, gloo_or_skip, max_diff, read_sorted};
 
-/// Runs `config` on `world` ranks and waits for all of them (killing all
-/// after [`RUN_DEADLINE`]); each must succeed. Returns their logs, by rank.
+/// Runs `world` ranks of `config` ([`ddp::run_ranks`]); returns their logs, by rank.
 fn run_ranks(dir: &Path, config: &Path, world: usize) -> Vec<String> {
-    let group = Group::new(dir, config, world);
-    let ranks = (0..world).map(|r| group.spawn("reward", r, &[])).collect();
-    join(ranks, RUN_DEADLINE)
-        .into_iter()
-        .map(|(ok, log, _)| {
-            assert!(ok, "a rank failed:\n{log}");
-            log
-        })
-        .collect()
+    ddp::run_ranks(dir, "reward", config, world)
 }
 
 /// A run directory `dir/name` (model, pairs and config).

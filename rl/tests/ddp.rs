@@ -20,7 +20,7 @@ use common::{config, steps, write_prompts, LowIds};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 use tch::Tensor;
-use testkit::ddp::{self, gloo_or_skip, join, max_diff, read_sorted, Group, RUN_DEADLINE};
+use testkit::ddp::{self, gloo_or_skip, join, max_diff, read_sorted, Group};
 
 /// The run: 4 steps, 4 samples per prompt, an epoch boundary (12 training
 /// prompts, 4 per step), whitening, an adaptive β, micro-batches of 3
@@ -60,18 +60,9 @@ fn setup(dir: &Path, batch_size: usize, extra: &str) -> PathBuf {
     path
 }
 
-/// Runs `config` on `world` ranks and waits for all of them (killing all
-/// after [`RUN_DEADLINE`]); each must succeed. Returns their logs, by rank.
+/// Runs `world` ranks of `config` ([`ddp::run_ranks`]); returns their logs, by rank.
 fn run_ranks(dir: &Path, config: &Path, world: usize) -> Vec<String> {
-    let group = Group::new(dir, config, world);
-    let ranks = (0..world).map(|r| group.spawn("rl", r, &[])).collect();
-    join(ranks, RUN_DEADLINE)
-        .into_iter()
-        .map(|(ok, log, _)| {
-            assert!(ok, "a rank failed:\n{log}");
-            log
-        })
-        .collect()
+    ddp::run_ranks(dir, "rl", config, world)
 }
 
 fn weights(out: &Path) -> Vec<(String, Tensor)> {

@@ -12,7 +12,7 @@
 
 use std::path::{Path, PathBuf};
 use tch::Tensor;
-use testkit::ddp::{self, gloo_or_skip, join, max_diff, read_sorted, Group, RUN_DEADLINE};
+use testkit::ddp::{self, gloo_or_skip, max_diff, read_sorted};
 
 fn fixture() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../lm/tests/fixtures/mqa")
@@ -70,17 +70,9 @@ path = "{}"
     p
 }
 
-/// Runs `world` ranks of `config`; returns their logs, by rank.
+/// Runs `world` ranks of `config` ([`ddp::run_ranks`]); returns their logs, by rank.
 fn run_ranks(dir: &Path, config: &Path, world: usize) -> Vec<String> {
-    let group = Group::new(dir, config, world);
-    let ranks = (0..world).map(|r| group.spawn("sft", r, &[])).collect();
-    join(ranks, RUN_DEADLINE)
-        .into_iter()
-        .map(|(ok, log, _)| {
-            assert!(ok, "a rank failed:\n{log}");
-            log
-        })
-        .collect()
+    ddp::run_ranks(dir, "sft", config, world)
 }
 
 fn weights(out: &Path) -> Vec<(String, Tensor)> {

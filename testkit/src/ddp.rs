@@ -139,13 +139,18 @@ pub fn join(ranks: Vec<Rank>, deadline: Duration) -> Vec<(bool, String, Duration
 }
 
 /// Runs `config` as `role` on `world` ranks (logs in `dir`) and waits for
-/// all of them, up to [`RUN_DEADLINE`]; each must succeed.
-pub fn run_ranks(dir: &Path, role: &str, config: &Path, world: usize) {
+/// all of them, up to [`RUN_DEADLINE`]; each must succeed. Returns their
+/// logs, by rank.
+pub fn run_ranks(dir: &Path, role: &str, config: &Path, world: usize) -> Vec<String> {
     let group = Group::new(dir, config, world);
     let ranks = (0..world).map(|r| group.spawn(role, r, &[])).collect();
-    for (ok, log, _) in join(ranks, RUN_DEADLINE) {
-        assert!(ok, "a rank failed:\n{log}");
-    }
+    join(ranks, RUN_DEADLINE)
+        .into_iter()
+        .map(|(ok, log, _)| {
+            assert!(ok, "a rank failed:\n{log}");
+            log
+        })
+        .collect()
 }
 
 /// The named tensors of a safetensors file, sorted by name.
