@@ -7,31 +7,13 @@
 //!   (the same global batches in the same order);
 //! - a dead peer is an error naming the lost rank within the timeout.
 
+mod common;
+
+use common::{fixture, write_data};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 use tch::Tensor;
 use testkit::ddp::{self, free_port, gloo_or_skip, join, max_diff, read_sorted, Group};
-
-fn fixture() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../lm/tests/fixtures/mqa")
-}
-
-fn write_data(dir: &Path, n: usize) -> PathBuf {
-    let words = ["gemma", "align", "model", "reward", "policy", "judge", "token", "batch"];
-    let lines: Vec<String> = (0..n)
-        .map(|i| {
-            let w = format!("{}{}", words[i % words.len()], i % 5);
-            let r: String = w.chars().rev().collect();
-            serde_json::json!({"messages": [
-                {"role": "user", "content": format!("Reverse the word: {w}")},
-                {"role": "assistant", "content": r}]})
-            .to_string()
-        })
-        .collect();
-    let p = dir.join("train.jsonl");
-    std::fs::write(&p, lines.join("\n")).unwrap();
-    p
-}
 
 /// A full fine-tune in f32 writing to `dir/out_name`.
 fn config(dir: &Path, out_name: &str, grad_accum: usize, extra: &str) -> PathBuf {

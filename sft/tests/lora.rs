@@ -2,33 +2,15 @@
 //! training loop: what is trained, what is written (a PEFT adapter and the
 //! merged model), resume after an interruption, activation checkpointing.
 
+mod common;
+
+use common::{fixture, write_data};
 use lm::checkpoint;
 use lm::peft::TaskType;
 use lm::train::session::{Trainable, Updater};
 use sft::SftConfig;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use tch::{nn, Device, Kind, Tensor};
-
-fn fixture() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../lm/tests/fixtures/mqa")
-}
-
-fn write_data(dir: &Path, n: usize) -> PathBuf {
-    let words = ["gemma", "align", "model", "reward", "policy", "judge", "token", "batch"];
-    let lines: Vec<String> = (0..n)
-        .map(|i| {
-            let w = format!("{}{}", words[i % words.len()], i % 5);
-            let r: String = w.chars().rev().collect();
-            serde_json::json!({"messages": [
-                {"role": "user", "content": format!("Reverse the word: {w}")},
-                {"role": "assistant", "content": r}]})
-            .to_string()
-        })
-        .collect();
-    let p = dir.join("train.jsonl");
-    std::fs::write(&p, lines.join("\n")).unwrap();
-    p
-}
 
 /// A LoRA SFT config writing to `dir/out_name`; `extra` lines go at the top level.
 fn config(dir: &Path, out_name: &str, extra: &str) -> SftConfig {

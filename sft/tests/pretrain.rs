@@ -2,14 +2,13 @@
 //! long documents cut into `max_seq_len` windows (optionally overlapping by
 //! `stride`) instead of truncated, with the counts in `summary.json`.
 
+mod common;
+
+use common::fixture;
 use lm::Tokenizer;
 use sft::{load_data, SftConfig};
 use std::collections::BTreeSet;
-use std::path::{Path, PathBuf};
-
-fn fixture() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../lm/tests/fixtures/mqa")
-}
+use std::path::Path;
 
 fn tokenizer() -> Tokenizer {
     Tokenizer::from_file(&fixture().join("tokenizer.json")).unwrap()

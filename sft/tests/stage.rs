@@ -1,15 +1,14 @@
 //! The SFT stage on the tiny transformers fixture model: the loss against a
 //! hand computation, packing against padding, a smoke run, NaN handling.
 
+mod common;
+
+use common::fixture;
 use lm::checkpoint;
 use sft::batch::{make_batch, plan_epoch, Sequence};
 use sft::{batch_loss, Mode, SftConfig};
 use std::path::{Path, PathBuf};
 use tch::{Device, Kind, Tensor};
-
-fn fixture() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../lm/tests/fixtures/mqa")
-}
 
 /// Writes `n` reverse-the-word dialogues as JSONL.
 fn write_data(dir: &Path, n: usize) -> PathBuf {

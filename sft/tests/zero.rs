@@ -10,30 +10,12 @@
 //!   checkpoint holds the whole state (as a DDP run's) and resumes in one
 //!   process without sharding.
 
+mod common;
+
+use common::{fixture, write_data};
 use std::path::{Path, PathBuf};
 use tch::Tensor;
 use testkit::ddp::{self, gloo_or_skip, max_diff, read_sorted};
-
-fn fixture() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../lm/tests/fixtures/mqa")
-}
-
-fn write_data(dir: &Path, n: usize) -> PathBuf {
-    let words = ["gemma", "align", "model", "reward", "policy", "judge", "token", "batch"];
-    let lines: Vec<String> = (0..n)
-        .map(|i| {
-            let w = format!("{}{}", words[i % words.len()], i % 5);
-            let r: String = w.chars().rev().collect();
-            serde_json::json!({"messages": [
-                {"role": "user", "content": format!("Reverse the word: {w}")},
-                {"role": "assistant", "content": r}]})
-            .to_string()
-        })
-        .collect();
-    let p = dir.join("train.jsonl");
-    std::fs::write(&p, lines.join("\n")).unwrap();
-    p
-}
 
 /// A full fine-tune writing to `dir/out_name`, with `top` among the
 /// top-level keys and `optim` in `[optim]` (weight decay and warm-up on).
